@@ -1,0 +1,19 @@
+//! oqt-core: everything both worlds of oqt share and that needs no Burn —
+//! model config, GGUF / safetensors I/O, tokenizer and chat template,
+//! named datasets.
+
+pub mod chat;
+pub mod config;
+pub mod datasets;
+pub mod error;
+pub mod gguf;
+pub mod load;
+pub mod scoring;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use error::{CoreError, Result};
+pub use load::{LoadedModel, ModelFormat, load_model};
+pub use tokenizer::Tokenizer;
+pub use weights::{ModelWeights, TensorF32};

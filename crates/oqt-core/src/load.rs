@@ -1,0 +1,246 @@
+//! Load a model from disk — a GGUF file or a Hugging Face directory — into
+//! float weights, config and tokenizer.
+
+use crate::config::LlamaConfig;
+use crate::error::{CoreError, Result};
+use crate::gguf::GgufFile;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{ModelWeights, TensorF32, names, unpermute_rotary_rows};
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    Gguf,
+    Hf,
+}
+
+/// A model ready for any backend: config, float weights in canonical layout, tokenizer.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    pub name: String,
+    pub config: LlamaConfig,
+    pub weights: ModelWeights,
+    pub tokenizer: Tokenizer,
+}
+
+/// What kind of model `path` holds, judged by its contents.
+pub fn detect_format(path: &Path) -> Result<ModelFormat> {
+    if path.is_dir() {
+        return Ok(ModelFormat::Hf);
+    }
+    let mut magic = [0u8; 4];
+    let f = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+    use std::io::Read;
+    let n = f.take(4).read(&mut magic).map_err(|e| CoreError::io(path, e))?;
+    if n == 4 && &magic == crate::gguf::GGUF_MAGIC {
+        Ok(ModelFormat::Gguf)
+    } else {
+        Err(CoreError::Unsupported {
+            path: path.into(),
+            what: "model file",
+            detail: "not a GGUF file (bad magic) and not a directory; pass a .gguf file or a Hugging Face model directory"
+                .into(),
+        })
+    }
+}
+
+pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    match detect_format(path)? {
+        ModelFormat::Gguf => load_gguf(path),
+        ModelFormat::Hf => load_hf_dir(path),
+    }
+}
+
+/// GGUF tensor name → canonical name (None for tensors a Llama forward does not use).
+fn canonical_gguf_name(name: &str) -> Option<String> {
+    Some(match name {
+        "token_embd.weight" => names::EMBED.into(),
+        "output_norm.weight" => names::FINAL_NORM.into(),
+        "output.weight" => names::LM_HEAD.into(),
+        _ => {
+            let rest = name.strip_prefix("blk.")?;
+            let (idx, suffix) = rest.split_once('.')?;
+            let i: usize = idx.parse().ok()?;
+            let s = match suffix {
+                "attn_norm.weight" => names::ATTN_NORM,
+                "ffn_norm.weight" => names::MLP_NORM,
+                "attn_q.weight" => names::Q,
+                "attn_k.weight" => names::K,
+                "attn_v.weight" => names::V,
+                "attn_output.weight" => names::O,
+                "attn_q.bias" => names::Q_BIAS,
+                "attn_k.bias" => names::K_BIAS,
+                "attn_v.bias" => names::V_BIAS,
+                "ffn_gate.weight" => names::GATE,
+                "ffn_up.weight" => names::UP,
+                "ffn_down.weight" => names::DOWN,
+                _ => return None,
+            };
+            names::layer(i, s)
+        }
+    })
+}
+
+pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    let g = GgufFile::open(path)?;
+    let mut config = LlamaConfig::from_gguf(&g)?;
+    let tokenizer = Tokenizer::from_gguf(&g)?;
+    let mut weights = ModelWeights::default();
+    for info in &g.tensors {
+        if info.name == "rope_freqs.weight" {
+            config.rope_freq_factors = Some(g.dequantize(info).into_iter().map(f64::from).collect());
+            continue;
+        }
+        let Some(name) = canonical_gguf_name(&info.name) else {
+            tracing::debug!(tensor = %info.name, "ignoring tensor a Llama forward does not use");
+            continue;
+        };
+        let mut t = TensorF32::new(info.shape(), g.dequantize(info));
+        // llama.cpp's converter interleaved the rotary halves of Q and K rows.
+        if name.ends_with(names::Q) {
+            t = unpermute_rotary_rows(&t, config.num_heads);
+        } else if name.ends_with(names::K) {
+            t = unpermute_rotary_rows(&t, config.num_kv_heads);
+        }
+        weights.insert(name, t, info.ty.name());
+    }
+    if let Some(f) = &config.rope_freq_factors
+        && f.len() != config.head_dim / 2
+    {
+        return Err(CoreError::BadField {
+            path: path.into(),
+            field: "rope_freqs.weight".into(),
+            expected: format!("{} values (head_dim / 2)", config.head_dim / 2),
+            found: f.len().to_string(),
+        });
+    }
+    weights.validate(&config, path)?;
+    let name = g
+        .opt_str("general.name")?
+        .map(str::to_string)
+        .unwrap_or_else(|| file_stem(path));
+    Ok(LoadedModel {
+        path: path.into(),
+        format: crate::load::ModelFormat::Gguf,
+        name,
+        config,
+        weights,
+        tokenizer,
+    })
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The safetensors files of an HF directory: one file, or the shards named by the index.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(CoreError::Missing {
+            path: dir.into(),
+            what: "file",
+            name: "model.safetensors (or model.safetensors.index.json)".into(),
+        });
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| CoreError::io(&index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::Malformed {
+        path: index.clone(),
+        format: "safetensors index",
+        reason: e.to_string(),
+    })?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| CoreError::Missing {
+        path: index.clone(),
+        what: "field",
+        name: "weight_map".into(),
+    })?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| CoreError::BadField {
+            path: index.clone(),
+            field: format!("weight_map.{tensor}"),
+            expected: "a file name".into(),
+            found: file.to_string(),
+        })?;
+        let p = dir.join(file);
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Read every tensor of one safetensors file as f32 (F32, F16 and BF16 accepted).
+pub fn read_safetensors_f32(path: &Path) -> Result<BTreeMap<String, (TensorF32, String)>> {
+    let file = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+    // SAFETY: read-only map of a file oqt does not modify while reading.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CoreError::io(path, e))?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| CoreError::Malformed {
+        path: path.into(),
+        format: "safetensors",
+        reason: e.to_string(),
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let bytes = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => {
+                return Err(CoreError::Unsupported {
+                    path: path.into(),
+                    what: "tensor dtype",
+                    detail: format!("tensor `{name}` is {other:?}; oqt reads F32, F16 and BF16"),
+                });
+            }
+        };
+        let dtype = format!("{:?}", view.dtype());
+        out.insert(name, (TensorF32::new(view.shape().to_vec(), data), dtype));
+    }
+    Ok(out)
+}
+
+pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
+    let config = LlamaConfig::from_hf_json(&cfg_path, &text)?;
+    let tokenizer = Tokenizer::from_hf_dir(dir)?;
+    let mut weights = ModelWeights::default();
+    for file in safetensors_files(dir)? {
+        for (name, (t, dtype)) in read_safetensors_f32(&file)? {
+            if name.contains("rotary_emb.inv_freq") {
+                continue;
+            }
+            weights.insert(name, t, dtype);
+        }
+    }
+    // Some tied checkpoints also store lm_head; the model reads only the embedding then.
+    if config.tie_word_embeddings {
+        weights.take(names::LM_HEAD);
+    }
+    weights.validate(&config, dir)?;
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    Ok(LoadedModel {
+        path: dir.into(),
+        format: ModelFormat::Hf,
+        name,
+        config,
+        weights,
+        tokenizer,
+    })
+}

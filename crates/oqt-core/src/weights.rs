@@ -1,0 +1,186 @@
+//! Float weights under canonical (Hugging Face Llama) names, in Hugging Face
+//! layout: `[out, in]` matrices, Q/K rows in rotate-half order.
+
+use crate::config::LlamaConfig;
+use crate::error::{CoreError, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A dense row-major f32 tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorF32 {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl TensorF32 {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?} vs {} values", data.len());
+        Self { shape, data }
+    }
+}
+
+/// Canonical tensor names.
+pub mod names {
+    pub const EMBED: &str = "model.embed_tokens.weight";
+    pub const FINAL_NORM: &str = "model.norm.weight";
+    pub const LM_HEAD: &str = "lm_head.weight";
+
+    pub fn layer(i: usize, suffix: &str) -> String {
+        format!("model.layers.{i}.{suffix}")
+    }
+
+    /// Per-layer tensors: (suffix, shape as a function of the config).
+    pub const ATTN_NORM: &str = "input_layernorm.weight";
+    pub const MLP_NORM: &str = "post_attention_layernorm.weight";
+    pub const Q: &str = "self_attn.q_proj.weight";
+    pub const K: &str = "self_attn.k_proj.weight";
+    pub const V: &str = "self_attn.v_proj.weight";
+    pub const O: &str = "self_attn.o_proj.weight";
+    pub const Q_BIAS: &str = "self_attn.q_proj.bias";
+    pub const K_BIAS: &str = "self_attn.k_proj.bias";
+    pub const V_BIAS: &str = "self_attn.v_proj.bias";
+    pub const GATE: &str = "mlp.gate_proj.weight";
+    pub const UP: &str = "mlp.up_proj.weight";
+    pub const DOWN: &str = "mlp.down_proj.weight";
+}
+
+/// Weights of one model, with the storage type each tensor came from.
+#[derive(Debug, Default, Clone)]
+pub struct ModelWeights {
+    tensors: BTreeMap<String, TensorF32>,
+    source_types: BTreeMap<String, String>,
+}
+
+impl ModelWeights {
+    pub fn insert(&mut self, name: String, t: TensorF32, source_type: impl Into<String>) {
+        self.source_types.insert(name.clone(), source_type.into());
+        self.tensors.insert(name, t);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorF32> {
+        self.tensors.get(name)
+    }
+
+    pub fn take(&mut self, name: &str) -> Option<TensorF32> {
+        self.tensors.remove(name)
+    }
+
+    pub fn source_type(&self, name: &str) -> Option<&str> {
+        self.source_types.get(name).map(String::as_str)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Every tensor the config calls for, with the shape it must have.
+    pub fn expected(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+        use names::*;
+        let h = cfg.hidden_size;
+        let q = cfg.num_heads * cfg.head_dim;
+        let kv = cfg.num_kv_heads * cfg.head_dim;
+        let mut out = vec![(EMBED.to_string(), vec![cfg.vocab_size, h]), (FINAL_NORM.to_string(), vec![h])];
+        if !cfg.tie_word_embeddings {
+            out.push((LM_HEAD.to_string(), vec![cfg.vocab_size, h]));
+        }
+        for i in 0..cfg.num_layers {
+            let mut l = vec![
+                (ATTN_NORM, vec![h]),
+                (MLP_NORM, vec![h]),
+                (Q, vec![q, h]),
+                (K, vec![kv, h]),
+                (V, vec![kv, h]),
+                (O, vec![h, q]),
+                (GATE, vec![cfg.intermediate_size, h]),
+                (UP, vec![cfg.intermediate_size, h]),
+                (DOWN, vec![h, cfg.intermediate_size]),
+            ];
+            if cfg.attention_bias {
+                l.extend([(Q_BIAS, vec![q]), (K_BIAS, vec![kv]), (V_BIAS, vec![kv])]);
+            }
+            out.extend(l.into_iter().map(|(s, shape)| (layer(i, s), shape)));
+        }
+        out
+    }
+
+    /// Check that every expected tensor is present with the right shape.
+    pub fn validate(&self, cfg: &LlamaConfig, path: &Path) -> Result<()> {
+        for (name, shape) in Self::expected(cfg) {
+            match self.tensors.get(&name) {
+                None => {
+                    return Err(CoreError::Missing {
+                        path: PathBuf::from(path),
+                        what: "tensor",
+                        name,
+                    });
+                }
+                Some(t) if t.shape != shape => {
+                    return Err(CoreError::BadField {
+                        path: PathBuf::from(path),
+                        field: name,
+                        expected: format!("shape {shape:?}"),
+                        found: format!("shape {:?}", t.shape),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reorder the rows of a Q or K projection from llama.cpp's GGUF order
+/// (rotary pairs adjacent) to Hugging Face's rotate-half order.
+/// llama.cpp's converter maps HF row `(head, a, b)` to GGUF row `(head, b, a)`
+/// with `a ∈ {0,1}`, `b < head_dim/2`; this is the inverse.
+pub fn unpermute_rotary_rows(t: &TensorF32, n_heads: usize) -> TensorF32 {
+    permute_rows(t, n_heads, false)
+}
+
+/// The converter's forward permutation (HF → GGUF), for export.
+pub fn permute_rotary_rows(t: &TensorF32, n_heads: usize) -> TensorF32 {
+    permute_rows(t, n_heads, true)
+}
+
+fn permute_rows(t: &TensorF32, n_heads: usize, to_gguf: bool) -> TensorF32 {
+    let rows = t.shape[0];
+    let cols: usize = t.shape[1..].iter().product();
+    let hd = rows / n_heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; t.data.len()];
+    for h in 0..n_heads {
+        for a in 0..2 {
+            for b in 0..half {
+                let hf = h * hd + a * half + b;
+                let gg = h * hd + b * 2 + a;
+                let (dst, src) = if to_gguf { (gg, hf) } else { (hf, gg) };
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    TensorF32::new(t.shape.clone(), out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_permutation_round_trips_and_moves_pairs() {
+        // 2 heads of dim 4, 1 column: rows are their own indices.
+        let t = TensorF32::new(vec![8, 1], (0..8).map(|v| v as f32).collect());
+        let g = permute_rotary_rows(&t, 2);
+        // HF head 0 rows [0,1 | 2,3] (halves) become adjacent pairs [0,2,1,3].
+        assert_eq!(g.data, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(unpermute_rotary_rows(&g, 2), t);
+    }
+}

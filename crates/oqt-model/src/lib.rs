@@ -1,0 +1,12 @@
+//! oqt-model: the Llama-family decoder on Burn. One implementation serves
+//! every backend (Flex on CPU by default, wgpu behind the `wgpu` feature) and
+//! every later method (fake quantization, autodiff, zeroth-order training).
+
+pub mod device;
+pub mod import;
+pub mod llama;
+pub mod scoring;
+
+pub use device::{DeviceKind, select_device};
+pub use import::llama_from_loaded;
+pub use llama::{KvCache, Llama};

@@ -1,0 +1,241 @@
+//! Llama-family decoder: RMSNorm, rotate-half RoPE (with Llama 3 frequency
+//! scaling), grouped-query attention, SwiGLU MLP, tied or untied LM head,
+//! KV cache, batches of equal-length sequences.
+//!
+//! Weights use Hugging Face layout converted to Burn's: `Linear.weight` is
+//! `[d_in, d_out]`; Q/K rows are in rotate-half order (the GGUF loader undoes
+//! llama.cpp's permutation).
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use oqt_core::LlamaConfig;
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<Linear>,
+    /// Inverse RoPE frequencies, `head_dim / 2` values (not trained).
+    pub rope_inv_freq: Vec<f64>,
+}
+
+/// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, t, head_dim]`.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// cos/sin tables for positions `start..start+seq`: `[1, 1, seq, head_dim/2]`.
+fn rope_tables(inv_freq: &[f64], start: usize, seq: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(seq * half);
+    let mut sin = Vec::with_capacity(seq * half);
+    for p in start..start + seq {
+        for &f in inv_freq {
+            // f64 angles: positions in the thousands lose precision in f32.
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    let mk = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, half]), device);
+    (mk(cos), mk(sin))
+}
+
+/// Rotate-half RoPE on `[batch, heads, seq, head_dim]`.
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x.slice([0..b, 0..h, 0..s, half..d]);
+    let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+    let r2 = x2 * cos.clone() + x1 * sin.clone();
+    Tensor::cat(vec![r1, r2], 3)
+}
+
+/// `true` where query `i` (absolute position `start + i`) must not see key `j`.
+fn causal_mask(start: usize, seq: usize, total: usize, device: &Device) -> Tensor<4, Bool> {
+    let mut m = Vec::with_capacity(seq * total);
+    for i in 0..seq {
+        for j in 0..total {
+            m.push(j > start + i);
+        }
+    }
+    Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, seq, total]), device)
+}
+
+impl Attention {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<4, Bool>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2);
+        let q = apply_rope(q, cos, sin);
+        let mut k = apply_rope(k, cos, sin);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let t = k.dims()[2];
+        let group = h / kvh;
+        // Grouped-query attention without copying K/V: the `group` query heads
+        // that share a KV head are stacked along the sequence axis.
+        let qg = q.reshape([b, kvh, group * s, hd]);
+        let scores = qg.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
+        let scores = scores.reshape([b, h, s, t]).mask_fill(mask.clone(), f32::NEG_INFINITY);
+        let probs = softmax(scores, 3).reshape([b, kvh, group * s, t]);
+        let out = probs.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2).reshape([b, s, h * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let g = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(g * self.up_proj.forward(x))
+    }
+}
+
+impl Block {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<4, Bool>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let h = x.clone() + self.attn.forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+impl Llama {
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.weight.dims()[0]
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.device()
+    }
+
+    /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
+    /// With a cache, `tokens` continue the cached positions.
+    pub fn forward_hidden(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [_, s] = tokens.dims();
+        let device = tokens.device();
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        let (cos, sin) = rope_tables(&self.rope_inv_freq, start, s, &device);
+        let mask = causal_mask(start, s, start + s, &device);
+        let mut x = self.embed_tokens.forward(tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &cos, &sin, &mask, slot);
+        }
+        if let Some(c) = cache {
+            c.len += s;
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits for hidden states: `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, s, d] = hidden.dims();
+                let w = self.embed_tokens.weight.val(); // [vocab, d]
+                hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, self.vocab_size()])
+            }
+        }
+    }
+
+    pub fn forward(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.logits(self.forward_hidden(tokens, cache))
+    }
+}
+
+/// Build an uninitialized-shape-correct module from weights (used by the importer and tests).
+pub(crate) fn linear(weight_in_out: Tensor<2>, bias: Option<Tensor<1>>) -> Linear {
+    Linear {
+        weight: Param::from_tensor(weight_in_out),
+        bias: bias.map(Param::from_tensor),
+    }
+}
+
+pub(crate) fn rms_norm(gamma: Tensor<1>, eps: f64) -> RmsNorm {
+    RmsNorm {
+        gamma: Param::from_tensor(gamma),
+        epsilon: eps,
+    }
+}
+
+/// Config-derived constants the module keeps.
+pub(crate) fn inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
+    cfg.rope_inv_freq()
+}

@@ -1,0 +1,52 @@
+//! [`CausalLm`] for the Burn model: perplexity windows and fixture comparisons.
+
+use crate::llama::Llama;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use oqt_core::scoring::{CausalLm, WindowScores};
+use oqt_core::{CoreError, Result};
+
+impl Llama {
+    fn tokens_tensor(&self, tokens: &[u32]) -> Tensor<2, Int> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        Tensor::from_data(TensorData::new(ids, [1, tokens.len()]), &self.device())
+    }
+}
+
+fn to_vec(t: Tensor<3>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| CoreError::Other(format!("reading tensor data: {e:?}")))
+}
+
+impl CausalLm for Llama {
+    fn score_window(&self, tokens: &[u32], first: usize) -> Result<WindowScores> {
+        let n = tokens.len();
+        if n < 2 || first >= n - 1 {
+            return Err(CoreError::Other(format!("cannot score positions {first}.. of a {n}-token window")));
+        }
+        let hidden = self.forward_hidden(self.tokens_tensor(tokens), None);
+        let [b, _, d] = hidden.dims();
+        // Only the scored positions go through the LM head (half the head's cost in perplexity).
+        let hidden = hidden.slice([0..b, first..n - 1, 0..d]);
+        let lp = log_softmax(self.logits(hidden), 2);
+        let argmax = lp.clone().argmax(2).into_data().convert::<i64>().try_into_vec::<i64>();
+        let targets: Vec<i64> = tokens[first + 1..].iter().map(|&t| t as i64).collect();
+        let m = targets.len();
+        let idx = Tensor::<3, Int>::from_data(TensorData::new(targets, [1, m, 1]), &self.device());
+        let picked = to_vec(lp.gather(2, idx))?;
+        let argmax = argmax.map_err(|e| CoreError::Other(format!("reading argmax: {e:?}")))?;
+        Ok(WindowScores {
+            nll: picked.into_iter().map(|v| -v).collect(),
+            argmax: argmax.into_iter().map(|v| v as u32).collect(),
+        })
+    }
+
+    fn log_probs(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let logits = self.forward(self.tokens_tensor(tokens), None);
+        let v = self.vocab_size();
+        let flat = to_vec(log_softmax(logits, 2))?;
+        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+    }
+}
