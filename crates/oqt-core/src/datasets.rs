@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn named_datasets_resolve_from_shared_and_verify() {
         let d = resolve("wikitext2").expect("wikitext2 available from ../shared/datasets");
-        assert_eq!(d.manifest.unwrap().role, "eval");
+        assert_eq!(d.manifest.as_ref().unwrap().role, "eval");
         assert_eq!(d.read_text().unwrap().len(), 1_290_547);
     }
 

@@ -7,8 +7,12 @@ pub mod config;
 pub mod datasets;
 pub mod error;
 pub mod gguf;
+pub mod inspect;
 pub mod load;
+pub mod sampling;
 pub mod scoring;
+pub mod sys;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

@@ -251,6 +251,13 @@ impl Tokenizer {
             .map_err(|e| CoreError::Other(format!("decoding failed: {e}")))
     }
 
+    /// Write the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save_hf_json(&self, path: &Path) -> Result<()> {
+        self.with_special
+            .save(path, false)
+            .map_err(|e| CoreError::Other(format!("{}: writing tokenizer.json: {e}", path.display())))
+    }
+
     pub fn token_str(&self, id: u32) -> Option<String> {
         self.with_special.id_to_token(id)
     }

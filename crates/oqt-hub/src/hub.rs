@@ -22,18 +22,28 @@ fn cache() -> hf_hub_cache::Cache {
 }
 
 /// Resolve a hub repository to its local snapshot directory, downloading
-/// missing files unless offline.
+/// missing files unless offline. A snapshot already in the cache is used as it
+/// is: optional files are not fetched for it, so a machine without hub access
+/// never waits on the network for a cached model.
 pub fn resolve_hub_model(repo_id: &str, revision: &str) -> Result<PathBuf> {
     let mut getter = Getter::new(repo_id, revision)?;
+    let cached_snapshot = getter.cached("config.json").is_some();
     let config = getter.get("config.json", true)?.expect("required");
     for f in &HF_MODEL_FILES[1..] {
         getter.get(f, true)?;
     }
     for f in OPTIONAL_FILES {
-        getter.get(f, false)?;
+        if !cached_snapshot {
+            getter.get(f, false)?;
+        }
     }
     // Weights: one file, or the shards listed in the index.
-    if getter.get("model.safetensors", false)?.is_none() {
+    let single = match getter.cached("model.safetensors") {
+        Some(p) => Some(p),
+        None if getter.cached("model.safetensors.index.json").is_some() => None,
+        None => getter.get("model.safetensors", false)?,
+    };
+    if single.is_none() {
         let index = getter
             .get("model.safetensors.index.json", false)?
             .ok_or_else(|| getter.not_cached("model.safetensors (or model.safetensors.index.json)"))?;
@@ -166,10 +176,14 @@ impl Getter {
         self.not_cached_because(file, why)
     }
 
+    fn cached(&self, file: &str) -> Option<PathBuf> {
+        self.cache.repo(self.repo()).get(file)
+    }
+
     /// The local path of `file`: from the cache, else downloaded. `Ok(None)` when
     /// an optional file is not available.
     fn get(&mut self, file: &str, required: bool) -> Result<Option<PathBuf>> {
-        if let Some(p) = self.cache.repo(self.repo()).get(file) {
+        if let Some(p) = self.cached(file) {
             return Ok(Some(p));
         }
         #[cfg(feature = "hub")]

@@ -22,9 +22,23 @@ fn t2(t: TensorF32, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(t.data, [r, c]), device)
 }
 
-/// HF `[out, in]` → Burn `[in, out]`.
+/// HF `[out, in]` → Burn `[in, out]`, stored contiguously: a transposed *view*
+/// would be copied by every `Linear::forward` (Flex reshapes the weight).
 fn t2_transposed(t: TensorF32, device: &Device) -> Tensor<2> {
-    t2(t, device).transpose()
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut out = vec![0f32; t.data.len()];
+    // Blocked so both sides stay in cache.
+    const B: usize = 32;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = t.data[r * cols + c];
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [cols, rows]), device)
 }
 
 /// Build the model, consuming the weights (a 1B model's f32 copy is not kept twice).

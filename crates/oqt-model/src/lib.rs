@@ -3,10 +3,11 @@
 //! every later method (fake quantization, autodiff, zeroth-order training).
 
 pub mod device;
+pub mod generate;
 pub mod import;
 pub mod llama;
 pub mod scoring;
 
 pub use device::{DeviceKind, select_device};
-pub use import::llama_from_loaded;
+pub use import::{llama_from_loaded, llama_from_weights};
 pub use llama::{KvCache, Llama};

@@ -6,9 +6,11 @@
 
 mod dequant;
 mod ggml_type;
+mod writer;
 
 pub use dequant::dequantize;
 pub use ggml_type::{GgmlType, raw_type_name};
+pub use writer::{GgufTensorOut, GgufWriter};
 
 use crate::error::{CoreError, Result};
 use memmap2::Mmap;

@@ -1,0 +1,95 @@
+use super::{DeviceArgs, load_burn};
+use crate::output::print_json;
+use clap::Args;
+use oqt_core::chat::{ChatMessage, render_chat};
+use oqt_core::sampling::SamplingOptions;
+use std::io::Write;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model alias, GGUF file, HF directory or hub id.
+    pub model: String,
+    /// The user's message (or the raw text with --raw).
+    #[arg(short, long)]
+    pub prompt: String,
+    /// Optional system message for the chat template.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Continue the prompt as plain text instead of applying the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Maximum new tokens.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Print one JSON object with the text and timing instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let (loaded, model) = load_burn(&a.model, &a.device)?;
+    let tok = &loaded.tokenizer;
+    let prompt_ids = if a.raw {
+        tok.encode_document(&a.prompt)?
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", &a.prompt));
+        let text = render_chat(tok, &msgs)?;
+        tracing::debug!(prompt = %text, "rendered chat template");
+        // The template writes BOS itself when the model wants one.
+        tok.encode(&text, true)?
+    };
+    let sampling = SamplingOptions {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut ids = Vec::new();
+    let mut printed = 0;
+    let stdout = std::io::stdout();
+    let stats = oqt_model::generate::generate(&model, &prompt_ids, a.max_tokens, sampling, |t| tok.is_stop(t), |t| {
+        ids.push(t);
+        if !a.json {
+            // Decode everything so far and print the new suffix: multi-byte
+            // characters split across tokens come out whole.
+            if let Ok(text) = tok.decode(&ids, true)
+                && text.len() > printed
+                && text.is_char_boundary(printed)
+            {
+                let mut out = stdout.lock();
+                let _ = out.write_all(text[printed..].as_bytes());
+                let _ = out.flush();
+                printed = text.len();
+            }
+        }
+    })?;
+    let text = tok.decode(&ids, true)?;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "model": a.model,
+            "prompt": a.prompt,
+            "text": text,
+            "tokens": ids,
+            "stats": stats,
+        }));
+    }
+    println!();
+    eprintln!(
+        "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s decode]",
+        stats.prompt_tokens, stats.prefill_tok_s, stats.generated_tokens, stats.decode_tok_s
+    );
+    Ok(())
+}

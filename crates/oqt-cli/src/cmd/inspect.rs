@@ -1,0 +1,73 @@
+use crate::output::{mib, print_json};
+use anyhow::Context;
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Model alias, GGUF file, HF directory or hub id.
+    pub model: String,
+    /// List every tensor.
+    #[arg(long)]
+    pub tensors: bool,
+    /// Print all metadata keys.
+    #[arg(long)]
+    pub metadata: bool,
+    /// Print JSON (everything).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: InspectArgs) -> anyhow::Result<()> {
+    let r = oqt_hub::resolve_model(&a.model)?;
+    let s = oqt_core::inspect::inspect_model(&r.path).with_context(|| format!("inspecting {}", r.path.display()))?;
+    if a.json {
+        return print_json(&s);
+    }
+    let c = &s.config;
+    println!("{}  ({:?}, {})", s.path, s.format, mib(s.file_bytes));
+    println!(
+        "architecture: llama-family, {} layers, hidden {}, MLP {}, heads {} / kv {} of {}, vocab {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+    );
+    println!(
+        "rope theta {}{}, rms eps {:e}, context {}, {} embeddings{}",
+        c.rope_theta,
+        if c.rope_scaling.is_some() || c.rope_freq_factors.is_some() { " (llama3 scaling)" } else { "" },
+        c.rms_norm_eps,
+        c.max_position_embeddings,
+        if c.tie_word_embeddings { "tied" } else { "untied" },
+        if c.attention_bias { ", q/k/v biases" } else { "" }
+    );
+    println!(
+        "parameters: {:.1} M, {:.2} bits/weight",
+        s.parameters as f64 / 1e6,
+        s.bits_per_weight
+    );
+    println!("tensor types:");
+    for (ty, st) in &s.types {
+        println!("  {ty:<6} {:>4} tensors {:>12} values {:>12}", st.tensors, st.elements, mib(st.bytes));
+    }
+    let t = &s.tokenizer;
+    println!(
+        "tokenizer: {}, vocab {}, bos {}, eos {}, add_bos {}, chat template {}",
+        t.kind,
+        t.vocab_size,
+        t.bos.as_deref().unwrap_or("-"),
+        t.eos.as_deref().unwrap_or("-"),
+        t.add_bos,
+        if t.has_chat_template { "yes" } else { "no" }
+    );
+    if a.metadata {
+        println!("metadata:");
+        for (k, v) in &s.metadata {
+            println!("  {k} = {v}");
+        }
+    }
+    if a.tensors {
+        println!("tensors:");
+        for t in &s.tensors {
+            println!("  {:<40} {:<6} {:?} {}", t.name, t.dtype, t.shape, mib(t.bytes));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! `oqt`: the command line. Parses arguments, sets up logging, progress and
+//! threads, and hands work to the library crates; it does no numerics itself.
+
+mod cmd;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "oqt",
+    version,
+    about = "Make language models small and fast enough for phones — and prove they still work",
+    long_about = None,
+    after_help = "Models: an alias (smollm2-135m, llama-3.2-1b, …; see `oqt fetch --list`), a GGUF file, \
+                  a Hugging Face directory, or a hub id (org/name).\n\
+                  Logs: -v / -vv, or OQT_LOG=debug."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Worker threads for tensor math (default: all cores).
+    #[arg(long, global = true, env = "OQT_THREADS")]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Download a model (or find it in the cache) and print where it is.
+    Fetch(cmd::fetch::FetchArgs),
+    /// Show a model's architecture, tensor types, sizes and tokenizer.
+    Inspect(cmd::inspect::InspectArgs),
+    /// Measure perplexity on a dataset (llama.cpp's llama-perplexity protocol).
+    Eval(cmd::eval::EvalArgs),
+    /// Generate text from a prompt (chat template applied unless --raw).
+    Generate(cmd::generate::GenerateArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OQT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    if let Some(n) = cli.threads
+        && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
+    {
+        eprintln!("error: --threads {n}: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Fetch(a) => cmd::fetch::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Process measurements reported by benchmarks and `--json` outputs.
+
+/// Peak resident set size of this process so far, in MiB (Linux `VmHWM`); `None` elsewhere.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

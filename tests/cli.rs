@@ -1,0 +1,103 @@
+//! End-to-end: the `oqt` binary on the real SmolLM2 model and the shared datasets.
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use predicates::str::contains;
+use serde_json::Value;
+
+fn oqt() -> Command {
+    let mut c = Command::cargo_bin("oqt").unwrap();
+    c.env_remove("OQT_LOG");
+    c
+}
+
+fn json_of(cmd: &mut Command) -> Value {
+    let out = cmd.assert().success().get_output().stdout.clone();
+    serde_json::from_slice(&out).expect("stdout is one JSON object")
+}
+
+#[test]
+fn eval_16_chunks_matches_the_f32_reference_perplexity() {
+    let v = json_of(oqt().args([
+        "eval",
+        "smollm2-135m",
+        "--dataset",
+        "wikitext2",
+        "--ctx",
+        "512",
+        "--max-chunks",
+        "16",
+        "--json",
+    ]));
+    let ppl = v["perplexity"].as_f64().unwrap();
+    // Fixture README: f32 forward on the dequantized weights, first 16 chunks = 28.485.
+    let reference = 28.485;
+    assert!((ppl - reference).abs() / reference < 0.005, "perplexity {ppl} vs {reference}");
+    assert_eq!(v["chunks"], 16);
+    assert_eq!(v["scored_tokens"], 16 * 255);
+    assert_eq!(v["dataset_tokens"], 304_830);
+}
+
+#[test]
+fn generate_answers_a_simple_question() {
+    let v = json_of(oqt().args([
+        "generate",
+        "smollm2-135m",
+        "-p",
+        "What is the capital of France?",
+        "-n",
+        "24",
+        "--json",
+    ]));
+    let text = v["text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}
+
+#[test]
+fn inspect_reports_the_real_tensor_types() {
+    let v = json_of(oqt().args(["inspect", "smollm2-135m", "--json"]));
+    assert_eq!(v["types"]["Q4_1"]["tensors"], 210);
+    assert_eq!(v["types"]["Q8_0"]["tensors"], 1);
+    assert_eq!(v["config"]["num_layers"], 30);
+    assert_eq!(v["parameters"], 134_515_008u64);
+    assert_eq!(v["tokenizer"]["vocab_size"], 49152);
+}
+
+#[test]
+fn bad_inputs_fail_with_a_clear_message() {
+    oqt()
+        .args(["eval", "smollm2-135m", "--dataset", "no-such-dataset", "--json"])
+        .assert()
+        .failure()
+        .stderr(contains("no-such-dataset").and(contains("wikitext2")));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00").unwrap();
+    oqt()
+        .args(["eval", bad.to_str().unwrap(), "--max-chunks", "1"])
+        .assert()
+        .failure()
+        .stderr(contains("broken.gguf").and(contains("truncated")));
+    oqt()
+        .args(["inspect", "not-a-model-anywhere"])
+        .assert()
+        .failure()
+        .stderr(contains("smollm2-135m"));
+}
+
+#[cfg(not(feature = "wgpu"))]
+#[test]
+fn wgpu_without_the_feature_is_an_error_not_a_panic() {
+    oqt()
+        .args(["eval", "smollm2-135m", "--device", "wgpu", "--max-chunks", "1"])
+        .assert()
+        .failure()
+        .stderr(contains("--features wgpu"));
+}
+
+#[test]
+fn fetch_lists_aliases_and_resolves_the_default_model() {
+    oqt().args(["fetch", "--list"]).assert().success().stdout(contains("llama-3.2-1b"));
+    let v = json_of(oqt().args(["fetch", "smollm2-135m", "--json"]));
+    assert!(v["path"].as_str().unwrap().ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"));
+}
