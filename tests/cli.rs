@@ -32,7 +32,10 @@ fn eval_16_chunks_matches_the_f32_reference_perplexity() {
     let ppl = v["perplexity"].as_f64().unwrap();
     // Fixture README: f32 forward on the dequantized weights, first 16 chunks = 28.485.
     let reference = 28.485;
-    assert!((ppl - reference).abs() / reference < 0.005, "perplexity {ppl} vs {reference}");
+    assert!(
+        (ppl - reference).abs() / reference < 0.005,
+        "perplexity {ppl} vs {reference}"
+    );
     assert_eq!(v["chunks"], 16);
     assert_eq!(v["scored_tokens"], 16 * 255);
     assert_eq!(v["dataset_tokens"], 304_830);
@@ -97,7 +100,11 @@ fn wgpu_without_the_feature_is_an_error_not_a_panic() {
 
 #[test]
 fn fetch_lists_aliases_and_resolves_the_default_model() {
-    oqt().args(["fetch", "--list"]).assert().success().stdout(contains("llama-3.2-1b"));
+    oqt()
+        .args(["fetch", "--list"])
+        .assert()
+        .success()
+        .stdout(contains("llama-3.2-1b"));
     let v = json_of(oqt().args(["fetch", "smollm2-135m", "--json"]));
     assert!(v["path"].as_str().unwrap().ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"));
 }

@@ -56,11 +56,11 @@ fn missing_cached_file_says_which_and_how_to_provide_it() {
     let home = tempfile::tempdir().unwrap();
     let snap = hub_cache(home.path());
     std::fs::remove_file(snap.join("tokenizer.json")).unwrap();
-    oqt(home.path())
-        .args(["fetch", "org/tiny"])
-        .assert()
-        .failure()
-        .stderr(contains("`tokenizer.json`").and(contains("HF_HUB_OFFLINE")).and(contains("huggingface-cli download org/tiny")));
+    oqt(home.path()).args(["fetch", "org/tiny"]).assert().failure().stderr(
+        contains("`tokenizer.json`")
+            .and(contains("HF_HUB_OFFLINE"))
+            .and(contains("huggingface-cli download org/tiny")),
+    );
     oqt(home.path())
         .args(["fetch", "org/absent"])
         .assert()

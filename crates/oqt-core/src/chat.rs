@@ -27,9 +27,12 @@ pub fn render_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<String> 
         CoreError::Other("the model has no chat template; pass --raw to generate from plain text".into())
     })?;
     let mut env = minijinja::Environment::new();
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_template("chat", template)
         .map_err(|e| CoreError::Other(format!("chat template does not parse: {e}")))?;
     let tpl = env.get_template("chat").expect("just added");

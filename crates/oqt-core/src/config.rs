@@ -85,14 +85,14 @@ impl LlamaConfig {
                 return Err(bad(name, "a positive integer", "0".into()));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(
                 "num_key_value_heads",
                 &format!("a divisor of the {} attention heads", self.num_heads),
                 self.num_kv_heads.to_string(),
             ));
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return Err(bad("head_dim", "an even positive integer", self.head_dim.to_string()));
         }
         Ok(self)
@@ -111,7 +111,9 @@ impl LlamaConfig {
         let key = |k: &str| format!("{arch}.{k}");
         let hidden = g.get_u64(&key("embedding_length"))? as usize;
         let heads = g.get_u64(&key("attention.head_count"))? as usize;
-        let kv_heads = g.opt_u64(&key("attention.head_count_kv"))?.map_or(heads, |v| v as usize);
+        let kv_heads = g
+            .opt_u64(&key("attention.head_count_kv"))?
+            .map_or(heads, |v| v as usize);
         let head_dim = match g.opt_u64(&key("attention.key_length"))? {
             Some(v) => v as usize,
             None => hidden / heads.max(1),
@@ -292,7 +294,9 @@ mod tests {
     #[test]
     fn bad_gqa_ratio_is_rejected() {
         let text = SMOL.replace("\"num_key_value_heads\":3", "\"num_key_value_heads\":4");
-        let msg = LlamaConfig::from_hf_json(Path::new("c.json"), &text).unwrap_err().to_string();
+        let msg = LlamaConfig::from_hf_json(Path::new("c.json"), &text)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("num_key_value_heads"), "{msg}");
     }
 

@@ -135,7 +135,11 @@ pub fn resolve(spec: &str) -> Result<ResolvedDataset> {
             "dataset `{}` ({}) not found; looked in: {}. Put `{}/{}` under $OQT_DATA or pass a file path",
             m.name,
             m.description,
-            if looked.is_empty() { "(no search roots)".into() } else { looked.join(", ") },
+            if looked.is_empty() {
+                "(no search roots)".into()
+            } else {
+                looked.join(", ")
+            },
             m.dir,
             m.file
         )));
@@ -143,7 +147,10 @@ pub fn resolve(spec: &str) -> Result<ResolvedDataset> {
     let path = PathBuf::from(spec);
     if path.is_file() {
         return Ok(ResolvedDataset {
-            name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             path,
             manifest: None,
         });

@@ -153,7 +153,13 @@ pub fn inspect_model(path: &Path) -> Result<ModelSummary> {
 fn dir_or_file_size(path: &Path) -> u64 {
     if path.is_dir() {
         std::fs::read_dir(path)
-            .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     } else {
         std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)

@@ -44,8 +44,9 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat> {
         Err(CoreError::Unsupported {
             path: path.into(),
             what: "model file",
-            detail: "not a GGUF file (bad magic) and not a directory; pass a .gguf file or a Hugging Face model directory"
-                .into(),
+            detail:
+                "not a GGUF file (bad magic) and not a directory; pass a .gguf file or a Hugging Face model directory"
+                    .into(),
         })
     }
 }
@@ -136,7 +137,9 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
 }
 
 fn file_stem(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The safetensors files of an HF directory: one file, or the shards named by the index.
@@ -159,11 +162,14 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         format: "safetensors index",
         reason: e.to_string(),
     })?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| CoreError::Missing {
-        path: index.clone(),
-        what: "field",
-        name: "weight_map".into(),
-    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| CoreError::Missing {
+            path: index.clone(),
+            what: "field",
+            name: "weight_map".into(),
+        })?;
     let mut files: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| CoreError::BadField {
@@ -195,9 +201,18 @@ pub fn read_safetensors_f32(path: &Path) -> Result<BTreeMap<String, (TensorF32, 
     for (name, view) in st.tensors() {
         let bytes = view.data();
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => {
                 return Err(CoreError::Unsupported {
                     path: path.into(),

@@ -72,7 +72,10 @@ impl Sampler {
 }
 
 pub fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32)
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
 }
 
 #[cfg(test)]
@@ -104,6 +107,9 @@ mod tests {
         };
         assert_eq!(draw(3), draw(3));
         let d = draw(3);
-        assert!(d.iter().any(|&t| t != 1), "temperature 1 should not always pick the max");
+        assert!(
+            d.iter().any(|&t| t != 1),
+            "temperature 1 should not always pick the max"
+        );
     }
 }

@@ -47,7 +47,10 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> ModelWeights {
     for (i, (name, shape)) in ModelWeights::expected(cfg).into_iter().enumerate() {
         let n = shape.iter().product();
         let data = if shape.len() == 1 {
-            pseudo_random(n, seed + i as u64, 0.2).into_iter().map(|v| 1.0 + v).collect()
+            pseudo_random(n, seed + i as u64, 0.2)
+                .into_iter()
+                .map(|v| 1.0 + v)
+                .collect()
         } else {
             pseudo_random(n, seed + i as u64, 0.15)
         };
@@ -58,7 +61,10 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> ModelWeights {
 
 /// GPT-2's byte → printable-character table used by byte-level BPE vocabularies.
 pub fn byte_level_alphabet() -> Vec<String> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars = vec![0u32; 256];
     for &b in &printable {
         chars[b as usize] = b;
@@ -71,7 +77,10 @@ pub fn byte_level_alphabet() -> Vec<String> {
         }
     }
     printable.clear();
-    chars.into_iter().map(|c| char::from_u32(c).unwrap().to_string()).collect()
+    chars
+        .into_iter()
+        .map(|c| char::from_u32(c).unwrap().to_string())
+        .collect()
 }
 
 /// Vocabulary of the tiny model: 256 byte tokens, a few merges, two control tokens.
@@ -112,7 +121,10 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, w: &ModelWeights) -> crat
         .meta("llama.attention.head_count", u(cfg.num_heads))
         .meta("llama.attention.head_count_kv", u(cfg.num_kv_heads))
         .meta("llama.rope.freq_base", MetaValue::F32(cfg.rope_theta as f32))
-        .meta("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(cfg.rms_norm_eps as f32));
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(cfg.rms_norm_eps as f32),
+        );
     let (tokens, merges, types) = tiny_vocab(cfg.vocab_size);
     g.meta("tokenizer.ggml.model", s("gpt2"))
         .meta("tokenizer.ggml.pre", s("smollm"))
@@ -196,7 +208,12 @@ pub fn write_tiny_hf_dir(dir: &Path, cfg: &LlamaConfig, w: &ModelWeights, tokeni
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
-        .map(|(n, b, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     let p = dir.join("model.safetensors");
     safetensors::serialize_to_file(views, None, &p)

@@ -133,19 +133,23 @@ impl Tokenizer {
             });
         }
 
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
         let merges = merges
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| {
-                    CoreError::BadField {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| CoreError::BadField {
                         path: path.into(),
                         field: format!("tokenizer.ggml.merges[{i}]"),
                         expected: "two tokens separated by a space".into(),
                         found: format!("{m:?}"),
-                    }
-                })
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let bpe = BPE::builder()
@@ -156,8 +160,12 @@ impl Tokenizer {
         let mut tk = tokenizers::Tokenizer::new(bpe);
         let mut pre_tokenizers: Vec<PreTokenizerWrapper> = Vec::new();
         for re in regexes {
-            let split = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| tok_err(path, "pre-tokenizer regex", e))?;
+            let split = Split::new(
+                SplitPattern::Regex(re.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| tok_err(path, "pre-tokenizer regex", e))?;
             pre_tokenizers.push(split.into());
         }
         // Byte-level mapping only; the splitting was done by the regexes above.
@@ -181,7 +189,14 @@ impl Tokenizer {
         let eos = id("tokenizer.ggml.eos_token_id")?;
         let add_bos = g.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
         let template = g.opt_str("tokenizer.chat_template")?.map(str::to_string);
-        Ok(Self::finish(tk, bos, eos, add_bos, template, format!("gguf {model}/{pre}")))
+        Ok(Self::finish(
+            tk,
+            bos,
+            eos,
+            add_bos,
+            template,
+            format!("gguf {model}/{pre}"),
+        ))
     }
 
     /// Load `tokenizer.json` (and `tokenizer_config.json` when present) from a directory.
@@ -220,7 +235,14 @@ impl Tokenizer {
             }
         };
         let template = cfg.get("chat_template").and_then(|v| v.as_str()).map(str::to_string);
-        Ok(Self::finish(tk, bos, eos, add_bos, template, "hf tokenizer.json".into()))
+        Ok(Self::finish(
+            tk,
+            bos,
+            eos,
+            add_bos,
+            template,
+            "hf tokenizer.json".into(),
+        ))
     }
 
     /// Token ids of `text`, without BOS. With `parse_special`, special tokens

@@ -15,7 +15,12 @@ pub struct TensorF32 {
 
 impl TensorF32 {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?} vs {} values", data.len());
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?} vs {} values",
+            data.len()
+        );
         Self { shape, data }
     }
 }
@@ -88,7 +93,10 @@ impl ModelWeights {
         let h = cfg.hidden_size;
         let q = cfg.num_heads * cfg.head_dim;
         let kv = cfg.num_kv_heads * cfg.head_dim;
-        let mut out = vec![(EMBED.to_string(), vec![cfg.vocab_size, h]), (FINAL_NORM.to_string(), vec![h])];
+        let mut out = vec![
+            (EMBED.to_string(), vec![cfg.vocab_size, h]),
+            (FINAL_NORM.to_string(), vec![h]),
+        ];
         if !cfg.tie_word_embeddings {
             out.push((LM_HEAD.to_string(), vec![cfg.vocab_size, h]));
         }

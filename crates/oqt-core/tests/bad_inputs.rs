@@ -76,7 +76,10 @@ fn missing_metadata_key_is_named() {
     bytes[at..at + key.len()].copy_from_slice(b"llama.feed_forward_lengtX");
     std::fs::write(&p, &bytes).unwrap();
     let msg = err_of(&p);
-    assert!(msg.contains("missing metadata key `llama.feed_forward_length`"), "{msg}");
+    assert!(
+        msg.contains("missing metadata key `llama.feed_forward_length`"),
+        "{msg}"
+    );
 }
 
 fn tiny_hf(dir: &Path) -> PathBuf {
@@ -92,10 +95,15 @@ fn hf_config_missing_field_names_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let hf = tiny_hf(dir.path());
     let cfg_path = hf.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"num_hidden_layers\"", "\"n_layers\"");
+    let text = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("\"num_hidden_layers\"", "\"n_layers\"");
     std::fs::write(&cfg_path, text).unwrap();
     let msg = err_of(&hf);
-    assert!(msg.contains("config.json") && msg.contains("num_hidden_layers"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("num_hidden_layers"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -106,7 +114,10 @@ fn truncated_safetensors_names_file() {
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() - 1000]).unwrap();
     let msg = err_of(&hf);
-    assert!(msg.contains("model.safetensors") && msg.contains("malformed safetensors"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("malformed safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -131,7 +142,10 @@ fn wrong_tensor_shape_is_reported() {
     cfg.intermediate_size = 100; // config.json disagrees with the tensors
     write_tiny_hf_dir(&hf, &cfg, &w, &gguf).unwrap();
     let msg = err_of(&hf);
-    assert!(msg.contains("mlp.gate_proj.weight") && msg.contains("[100, 64]") && msg.contains("[96, 64]"), "{msg}");
+    assert!(
+        msg.contains("mlp.gate_proj.weight") && msg.contains("[100, 64]") && msg.contains("[96, 64]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -148,5 +162,8 @@ fn tiny_gguf_and_hf_load_to_identical_weights() {
     for name in a.weights.names() {
         assert_eq!(a.weights.get(name), b.weights.get(name), "{name}");
     }
-    assert_eq!(a.tokenizer.encode("the cat in the hat", false).unwrap(), b.tokenizer.encode("the cat in the hat", false).unwrap());
+    assert_eq!(
+        a.tokenizer.encode("the cat in the hat", false).unwrap(),
+        b.tokenizer.encode("the cat in the hat", false).unwrap()
+    );
 }

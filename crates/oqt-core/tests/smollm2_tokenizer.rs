@@ -15,7 +15,11 @@ fn fixture(name: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -36,7 +40,10 @@ fn special_tokens_parse_only_when_asked() {
     assert_eq!(ids.last(), Some(&2));
     assert!(!tok.add_bos);
     assert_eq!(tok.eos_id, Some(2));
-    assert_eq!(tok.decode(&tok.encode("Hello world", false).unwrap(), false).unwrap(), "Hello world");
+    assert_eq!(
+        tok.decode(&tok.encode("Hello world", false).unwrap(), false).unwrap(),
+        "Hello world"
+    );
 }
 
 #[test]
@@ -58,5 +65,8 @@ fn chat_template_renders_smollm2_prompt() {
     let tok = tokenizer();
     let prompt = oqt_core::chat::render_chat(&tok, &[oqt_core::chat::ChatMessage::new("user", "Hi")]).unwrap();
     assert!(prompt.starts_with("<|im_start|>system\n"), "{prompt}");
-    assert!(prompt.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
+    assert!(
+        prompt.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+        "{prompt}"
+    );
 }

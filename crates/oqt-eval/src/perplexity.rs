@@ -153,7 +153,9 @@ mod tests {
             bos: None,
         };
         assert_eq!(perplexity(&Coin, &tokens, &opts, |_| {}).unwrap().chunks, 2);
-        let msg = perplexity(&Coin, &tokens[..100], &opts, |_| {}).unwrap_err().to_string();
+        let msg = perplexity(&Coin, &tokens[..100], &opts, |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("fewer than one chunk"), "{msg}");
     }
 }

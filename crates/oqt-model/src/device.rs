@@ -25,7 +25,9 @@ impl std::str::FromStr for DeviceKind {
 pub enum DeviceError {
     #[error("this oqt was built without the `wgpu` feature; rebuild with `cargo build --features wgpu`")]
     WgpuNotBuilt,
-    #[error("no wgpu adapter is available: {0}. On a machine without a GPU install a software Vulkan driver (Debian: mesa-vulkan-drivers) or use --device cpu")]
+    #[error(
+        "no wgpu adapter is available: {0}. On a machine without a GPU install a software Vulkan driver (Debian: mesa-vulkan-drivers) or use --device cpu"
+    )]
     NoAdapter(String),
 }
 

@@ -9,7 +9,8 @@ use oqt_core::{LlamaConfig, LoadedModel};
 
 fn take(w: &mut ModelWeights, name: &str) -> TensorF32 {
     // Presence and shapes were validated when the weights were loaded.
-    w.take(name).unwrap_or_else(|| panic!("validated weights lack `{name}`"))
+    w.take(name)
+        .unwrap_or_else(|| panic!("validated weights lack `{name}`"))
 }
 
 fn t1(t: TensorF32, device: &Device) -> Tensor<1> {
@@ -48,7 +49,9 @@ pub fn llama_from_weights(cfg: &LlamaConfig, mut w: ModelWeights, device: &Devic
     for i in 0..cfg.num_layers {
         let mut lin = |s: &str, b: Option<&str>| {
             let weight = t2_transposed(take(&mut w, &names::layer(i, s)), device);
-            let bias = b.filter(|_| cfg.attention_bias).map(|b| t1(take(&mut w, &names::layer(i, b)), device));
+            let bias = b
+                .filter(|_| cfg.attention_bias)
+                .map(|b| t1(take(&mut w, &names::layer(i, b)), device));
             linear(weight, bias)
         };
         let attn = Attention {

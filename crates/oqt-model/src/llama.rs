@@ -145,7 +145,11 @@ impl Attention {
         let scores = qg.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
         let scores = scores.reshape([b, h, s, t]).mask_fill(mask.clone(), f32::NEG_INFINITY);
         let probs = softmax(scores, 3).reshape([b, kvh, group * s, t]);
-        let out = probs.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2).reshape([b, s, h * hd]);
+        let out = probs
+            .matmul(v)
+            .reshape([b, h, s, hd])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }
 }
@@ -166,7 +170,10 @@ impl Block {
         mask: &Tensor<4, Bool>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
     ) -> Tensor<3> {
-        let h = x.clone() + self.attn.forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
+        let h = x.clone()
+            + self
+                .attn
+                .forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -210,7 +217,10 @@ impl Llama {
             None => {
                 let [b, s, d] = hidden.dims();
                 let w = self.embed_tokens.weight.val(); // [vocab, d]
-                hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, self.vocab_size()])
+                hidden
+                    .reshape([b * s, d])
+                    .matmul(w.transpose())
+                    .reshape([b, s, self.vocab_size()])
             }
         }
     }

@@ -24,7 +24,9 @@ impl CausalLm for Llama {
     fn score_window(&self, tokens: &[u32], first: usize) -> Result<WindowScores> {
         let n = tokens.len();
         if n < 2 || first >= n - 1 {
-            return Err(CoreError::Other(format!("cannot score positions {first}.. of a {n}-token window")));
+            return Err(CoreError::Other(format!(
+                "cannot score positions {first}.. of a {n}-token window"
+            )));
         }
         let hidden = self.forward_hidden(self.tokens_tensor(tokens), None);
         let [b, _, d] = hidden.dims();

@@ -18,7 +18,12 @@ fn f32_forward_matches_reference_logits() {
     let model = llama_from_loaded(&mut loaded, &Device::flex());
 
     let fx = fixture("reference_f32_logits.json");
-    let tokens: Vec<u32> = fx["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let tokens: Vec<u32> = fx["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let positions = fx["positions"].as_array().unwrap();
     let lp = model.log_probs(&tokens).unwrap();
 
@@ -30,7 +35,9 @@ fn f32_forward_matches_reference_logits() {
         let ref_top = p["top10"][0][0].as_u64().unwrap() as usize;
         top1_same += (ours_top == ref_top) as usize;
         // The last position has no next token in the window: top-1 only.
-        let Some(theirs) = p["next_token_logprob"].as_f64() else { continue };
+        let Some(theirs) = p["next_token_logprob"].as_f64() else {
+            continue;
+        };
         let ours = row[tokens[pos + 1] as usize] as f64;
         scored += 1;
         abs_delta += (ours - theirs).abs();

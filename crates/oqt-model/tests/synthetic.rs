@@ -85,6 +85,7 @@ fn generation_is_deterministic_and_respects_limits() {
     assert_eq!(run(1), run(1));
     // Stopping on the first token produces nothing.
     let mut out = Vec::new();
-    let s = oqt_model::generate::generate(&m, &SEQ[..4], 6, SamplingOptions::default(), |_| true, |t| out.push(t)).unwrap();
+    let s =
+        oqt_model::generate::generate(&m, &SEQ[..4], 6, SamplingOptions::default(), |_| true, |t| out.push(t)).unwrap();
     assert_eq!((s.generated_tokens, out.len()), (0, 0));
 }

@@ -28,13 +28,18 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let dataset = oqt_core::datasets::resolve(&a.dataset)?;
     let (loaded, model) = load_burn(&a.model, &a.device)?;
     let text = dataset.read_text()?;
-    let tokens = loaded.tokenizer.encode(&text, false).context("tokenizing the dataset")?;
+    let tokens = loaded
+        .tokenizer
+        .encode(&text, false)
+        .context("tokenizing the dataset")?;
     let opts = PerplexityOptions {
         ctx: a.ctx,
         max_chunks: a.max_chunks,
         bos: loaded.tokenizer.add_bos.then_some(loaded.tokenizer.bos_id).flatten(),
     };
-    let chunks = opts.max_chunks.map_or(tokens.len() / a.ctx, |m| m.min(tokens.len() / a.ctx));
+    let chunks = opts
+        .max_chunks
+        .map_or(tokens.len() / a.ctx, |m| m.min(tokens.len() / a.ctx));
     let pb = crate::output::bar(chunks as u64, "perplexity");
     let report = perplexity(&model, &tokens, &opts, |p| {
         pb.set_position(p.chunk as u64);

@@ -60,22 +60,29 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut ids = Vec::new();
     let mut printed = 0;
     let stdout = std::io::stdout();
-    let stats = oqt_model::generate::generate(&model, &prompt_ids, a.max_tokens, sampling, |t| tok.is_stop(t), |t| {
-        ids.push(t);
-        if !a.json {
-            // Decode everything so far and print the new suffix: multi-byte
-            // characters split across tokens come out whole.
-            if let Ok(text) = tok.decode(&ids, true)
-                && text.len() > printed
-                && text.is_char_boundary(printed)
-            {
-                let mut out = stdout.lock();
-                let _ = out.write_all(text[printed..].as_bytes());
-                let _ = out.flush();
-                printed = text.len();
+    let stats = oqt_model::generate::generate(
+        &model,
+        &prompt_ids,
+        a.max_tokens,
+        sampling,
+        |t| tok.is_stop(t),
+        |t| {
+            ids.push(t);
+            if !a.json {
+                // Decode everything so far and print the new suffix: multi-byte
+                // characters split across tokens come out whole.
+                if let Ok(text) = tok.decode(&ids, true)
+                    && text.len() > printed
+                    && text.is_char_boundary(printed)
+                {
+                    let mut out = stdout.lock();
+                    let _ = out.write_all(&text.as_bytes()[printed..]);
+                    let _ = out.flush();
+                    printed = text.len();
+                }
             }
-        }
-    })?;
+        },
+    )?;
     let text = tok.decode(&ids, true)?;
     if a.json {
         return print_json(&serde_json::json!({

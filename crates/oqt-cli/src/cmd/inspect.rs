@@ -32,7 +32,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     println!(
         "rope theta {}{}, rms eps {:e}, context {}, {} embeddings{}",
         c.rope_theta,
-        if c.rope_scaling.is_some() || c.rope_freq_factors.is_some() { " (llama3 scaling)" } else { "" },
+        if c.rope_scaling.is_some() || c.rope_freq_factors.is_some() {
+            " (llama3 scaling)"
+        } else {
+            ""
+        },
         c.rms_norm_eps,
         c.max_position_embeddings,
         if c.tie_word_embeddings { "tied" } else { "untied" },
@@ -45,7 +49,12 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     );
     println!("tensor types:");
     for (ty, st) in &s.types {
-        println!("  {ty:<6} {:>4} tensors {:>12} values {:>12}", st.tensors, st.elements, mib(st.bytes));
+        println!(
+            "  {ty:<6} {:>4} tensors {:>12} values {:>12}",
+            st.tensors,
+            st.elements,
+            mib(st.bytes)
+        );
     }
     let t = &s.tokenizer;
     println!(

@@ -117,15 +117,10 @@ impl MetaValue {
         match self {
             Self::String(s) if s.len() > 80 => format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(77)], s.len()),
             Self::String(s) => format!("{s:?}"),
-            Self::Array(a) if a.len() > 8 => format!(
-                "[{} × {}]",
-                a.len(),
-                a.first().map(|v| v.type_name()).unwrap_or("?")
-            ),
-            Self::Array(a) => format!(
-                "[{}]",
-                a.iter().map(|v| v.summary()).collect::<Vec<_>>().join(", ")
-            ),
+            Self::Array(a) if a.len() > 8 => {
+                format!("[{} × {}]", a.len(), a.first().map(|v| v.type_name()).unwrap_or("?"))
+            }
+            Self::Array(a) => format!("[{}]", a.iter().map(|v| v.summary()).collect::<Vec<_>>().join(", ")),
             Self::F32(v) => format!("{v}"),
             Self::F64(v) => format!("{v}"),
             Self::Bool(v) => format!("{v}"),
@@ -292,7 +287,9 @@ impl GgufFile {
         };
         let magic = c.take(4, "magic")?;
         if magic != GGUF_MAGIC {
-            return Err(c.err(format!("bad magic {magic:02x?}, expected \"GGUF\"; this is not a GGUF file")));
+            return Err(c.err(format!(
+                "bad magic {magic:02x?}, expected \"GGUF\"; this is not a GGUF file"
+            )));
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
@@ -305,7 +302,9 @@ impl GgufFile {
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         if n_tensors > 1 << 24 || n_kv > 1 << 24 {
-            return Err(c.err(format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries")));
+            return Err(c.err(format!(
+                "implausible counts: {n_tensors} tensors, {n_kv} metadata entries"
+            )));
         }
 
         let mut metadata = BTreeMap::new();
@@ -338,12 +337,7 @@ impl GgufFile {
                 ),
             })?;
             let offset = c.u64(&format!("offset of tensor `{name}`"))?;
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ty,
-                offset,
-            });
+            tensors.push(TensorInfo { name, dims, ty, offset });
         }
 
         let alignment = match metadata.get("general.alignment") {
@@ -374,7 +368,7 @@ impl GgufFile {
                     t.ty.block_size()
                 ))
             })?;
-            if t.dims[0] as usize % t.ty.block_size() != 0 {
+            if !(t.dims[0] as usize).is_multiple_of(t.ty.block_size()) {
                 return Err(c.err(format!(
                     "tensor `{}`: row length {} is not a multiple of the {} block size {}",
                     t.name,
@@ -384,7 +378,10 @@ impl GgufFile {
                 )));
             }
             if t.offset % alignment != 0 {
-                return Err(c.err(format!("tensor `{}`: offset {} is not aligned to {alignment}", t.name, t.offset)));
+                return Err(c.err(format!(
+                    "tensor `{}`: offset {} is not aligned to {alignment}",
+                    t.name, t.offset
+                )));
             }
             if t.offset.saturating_add(bytes as u64) > data_len {
                 return Err(c.err(format!(
