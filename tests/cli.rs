@@ -108,3 +108,38 @@ fn fetch_lists_aliases_and_resolves_the_default_model() {
     let v = json_of(oqt().args(["fetch", "smollm2-135m", "--json"]));
     assert!(v["path"].as_str().unwrap().ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"));
 }
+
+#[test]
+fn gguf_and_hf_copies_of_one_model_score_identically() {
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf, write_tiny_hf_dir};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let w = random_weights(&cfg, 5);
+    let gguf = dir.path().join("tiny.gguf");
+    let hf = dir.path().join("tiny-hf");
+    write_tiny_gguf(&gguf, &cfg, &w).unwrap();
+    write_tiny_hf_dir(&hf, &cfg, &w, &gguf).unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "the cat in the hat sat on the mat; then the hat sat on the cat. ".repeat(20),
+    )
+    .unwrap();
+    let ppl = |model: &std::path::Path| {
+        let v = json_of(oqt().args([
+            "eval",
+            model.to_str().unwrap(),
+            "--dataset",
+            text.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--json",
+        ]));
+        assert!(v["chunks"].as_u64().unwrap() >= 4);
+        v["perplexity"].as_f64().unwrap()
+    };
+    let (a, b) = (ppl(&gguf), ppl(&hf));
+    assert!(a.is_finite() && a > 1.0);
+    // GGUF stores Q/K rows permuted and epsilon as f32; the loaders must undo both.
+    assert!((a - b).abs() / a < 1e-4, "gguf {a} vs hf {b}");
+}

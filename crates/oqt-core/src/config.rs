@@ -319,3 +319,30 @@ mod tests {
         assert!(v < mid && v > mid / 32.0);
     }
 }
+
+#[cfg(test)]
+mod rope_factor_tests {
+    use super::*;
+
+    /// llama.cpp stores Llama 3 scaling as per-pair divisors (`rope_freqs.weight`);
+    /// both forms must give the same frequencies.
+    #[test]
+    fn gguf_rope_factors_equal_llama3_scaling() {
+        let mut c = LlamaConfig::from_hf_json(
+            Path::new("config.json"),
+            r#"{"hidden_size":2048,"intermediate_size":8192,"num_hidden_layers":16,"num_attention_heads":32,
+                "num_key_value_heads":8,"vocab_size":128256,"rope_theta":500000.0,"rms_norm_eps":1e-5,
+                "rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+                "original_max_position_embeddings":8192}}"#,
+        )
+        .unwrap();
+        let scaled = c.rope_inv_freq();
+        c.rope_scaling = None;
+        let plain = c.rope_inv_freq();
+        c.rope_freq_factors = Some(plain.iter().zip(&scaled).map(|(p, s)| p / s).collect());
+        for (a, b) in c.rope_inv_freq().iter().zip(&scaled) {
+            assert!((a - b).abs() <= 1e-12 * b.abs());
+        }
+        assert!(scaled[0] == plain[0] && scaled[31] < plain[31] / 31.0);
+    }
+}

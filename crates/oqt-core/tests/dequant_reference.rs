@@ -16,7 +16,10 @@ fn ty(name: &str) -> GgmlType {
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 #[test]
@@ -27,11 +30,20 @@ fn block_formats_decode_exactly_like_gguf_py() {
     for case in cases {
         let t = ty(case["type"].as_str().unwrap());
         let raw = hex(case["bytes_hex"].as_str().unwrap());
-        let want: Vec<f32> = case["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let want: Vec<f32> = case["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         let mut got = vec![0f32; want.len()];
         dequantize(t, &raw, &mut got);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{} value {i}: {g} vs {w}", t.name());
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{} value {i}: {g} vs {w}",
+                t.name()
+            );
         }
     }
 }
