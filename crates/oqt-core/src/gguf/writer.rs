@@ -137,6 +137,12 @@ impl GgufWriter {
             w.flush().map_err(io)?;
         }
         tmp.as_file().sync_all().map_err(io)?;
+        // Temporary files are private (0600); the written model is an ordinary file.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+        }
         tmp.persist(path).map_err(|e| CoreError::io(path, e.error))?;
         Ok(())
     }
