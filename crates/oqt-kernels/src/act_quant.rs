@@ -1,0 +1,117 @@
+//! Dynamic per-row (per-token) asymmetric int8 activation quantization, as
+//! XNNPACK's qd8 and ExecuTorch's 8da4w do it. See the crate docs for the formula.
+
+use crate::Isa;
+use crate::pack::{BLOCK, padded_len};
+
+/// Rows of quantized activations, padded to a multiple of 32 columns with the
+/// row's zero point (so padded columns contribute `q − zp = 0`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedRows {
+    pub rows: usize,
+    pub k: usize,
+    pub k_pad: usize,
+    /// `rows × k_pad` values.
+    pub q: Vec<i8>,
+    pub scale: Vec<f32>,
+    pub zero_point: Vec<i32>,
+    /// `Σ q` per block of 32 (`rows × k_pad/32`): lets SIMD int4 kernels work on
+    /// unsigned offset weights and still produce the exact signed dot.
+    pub block_sums: Vec<i32>,
+}
+
+/// Scale and zero point of a row from its range (shared by every path).
+pub fn row_params(min: f32, max: f32) -> (f32, i32) {
+    let (min, max) = (min.min(0.0), max.max(0.0));
+    if max == min {
+        // All zeros: any scale represents them; q = zp exactly.
+        return (1.0, -128);
+    }
+    let scale = (max - min) / 255.0;
+    let zp = (-128.0 - min / scale).round_ties_even().clamp(-128.0, 127.0) as i32;
+    (scale, zp)
+}
+
+/// Quantize one row into `out` (same length); returns `(scale, zero_point)`.
+pub fn quantize_row(isa: Isa, x: &[f32], out: &mut [i8]) -> (f32, i32) {
+    assert_eq!(x.len(), out.len());
+    let (mut min, mut max) = (0f32, 0f32);
+    for &v in x {
+        min = min.min(v);
+        max = max.max(v);
+    }
+    let (scale, zp) = row_params(min, max);
+    let inv = 1.0 / scale;
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::quantize_avx2(x, inv, zp, out) },
+        _ => quantize_scalar(x, inv, zp, out),
+    }
+    (scale, zp)
+}
+
+/// The reference: `clamp(round_half_even(x · inv) + zp, −128, 127)`.
+pub fn quantize_scalar(x: &[f32], inv: f32, zp: i32, out: &mut [i8]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = ((v * inv).round_ties_even() as i32 + zp).clamp(-128, 127) as i8;
+    }
+}
+
+/// Quantize `rows × k` row-major activations.
+pub fn quantize_rows(isa: Isa, x: &[f32], rows: usize, k: usize) -> QuantizedRows {
+    assert_eq!(x.len(), rows * k);
+    let k_pad = padded_len(k);
+    let blocks = k_pad / BLOCK;
+    let mut q = vec![0i8; rows * k_pad];
+    let mut scale = Vec::with_capacity(rows);
+    let mut zero_point = Vec::with_capacity(rows);
+    let mut block_sums = vec![0i32; rows * blocks];
+    for r in 0..rows {
+        let dst = &mut q[r * k_pad..(r + 1) * k_pad];
+        let (s, zp) = quantize_row(isa, &x[r * k..(r + 1) * k], &mut dst[..k]);
+        dst[k..].fill(zp as i8);
+        for (b, sum) in block_sums[r * blocks..(r + 1) * blocks].iter_mut().enumerate() {
+            *sum = dst[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum();
+        }
+        scale.push(s);
+        zero_point.push(zp);
+    }
+    QuantizedRows {
+        rows,
+        k,
+        k_pad,
+        q,
+        scale,
+        zero_point,
+        block_sums,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 8 lanes at a time; same IEEE multiply and round-half-even as the scalar path.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_avx2(x: &[f32], inv: f32, zp: i32, out: &mut [i8]) {
+        let n = x.len();
+        let chunks = n / 8;
+        let vinv = _mm256_set1_ps(inv);
+        let vzp = _mm256_set1_epi32(zp);
+        let lo = _mm256_set1_epi32(-128);
+        let hi = _mm256_set1_epi32(127);
+        let mut lanes = [0i32; 8];
+        for c in 0..chunks {
+            // SAFETY: c * 8 + 8 <= n.
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(c * 8)) };
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(v, vinv));
+            let q = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), vzp), lo), hi);
+            // SAFETY: lanes holds 8 i32.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, q) };
+            for (o, &l) in out[c * 8..c * 8 + 8].iter_mut().zip(&lanes) {
+                *o = l as i8;
+            }
+        }
+        super::quantize_scalar(&x[chunks * 8..], inv, zp, &mut out[chunks * 8..]);
+    }
+}

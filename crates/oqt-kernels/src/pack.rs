@@ -1,0 +1,145 @@
+//! Weight layouts the kernels read.
+//!
+//! Rows are padded to a multiple of [`BLOCK`] (32) input columns with zero
+//! weights. int4 values are stored offset by +8 in `[0, 15]`, 16 bytes per
+//! block of 32: byte `i` holds value `i` in its low nibble and value `i + 16`
+//! in its high nibble (llama.cpp's Q4_0 order: one load, a mask and a shift
+//! give two contiguous runs of 16). Each (row, group) also stores `Σ q_w`,
+//! needed to remove the activation zero point exactly.
+
+pub const BLOCK: usize = 32;
+
+pub fn padded_len(k: usize) -> usize {
+    k.div_ceil(BLOCK) * BLOCK
+}
+
+/// int4 weights `[rows, k]` with one scale per (row, group).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedInt4 {
+    pub rows: usize,
+    /// Logical input width.
+    pub k: usize,
+    /// Padded input width (multiple of 32).
+    pub k_pad: usize,
+    /// Columns per scale; a multiple of 32 dividing `k_pad`.
+    pub group: usize,
+    /// `rows × k_pad / 2` bytes.
+    pub data: Vec<u8>,
+    /// `rows × groups` f32 scales.
+    pub scales: Vec<f32>,
+    /// `rows × groups` sums of the signed values.
+    pub sums: Vec<i32>,
+}
+
+/// int8 weights `[rows, k]` (padded like [`PackedInt4`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedInt8 {
+    pub rows: usize,
+    pub k: usize,
+    pub k_pad: usize,
+    pub group: usize,
+    pub data: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub sums: Vec<i32>,
+}
+
+/// The group size actually used: `None` means one group per row (per-channel).
+fn resolve_group(group: Option<usize>, k_pad: usize) -> usize {
+    let g = group.unwrap_or(k_pad);
+    assert!(
+        g > 0 && g.is_multiple_of(BLOCK) && k_pad.is_multiple_of(g),
+        "group {g} must be a multiple of {BLOCK} dividing the padded width {k_pad}"
+    );
+    g
+}
+
+impl PackedInt4 {
+    /// Pack signed values in `[−8, 7]`, row-major `[rows, k]`, with `scales` per (row, group).
+    pub fn pack(values: &[i8], rows: usize, k: usize, group: Option<usize>, scales: Vec<f32>) -> Self {
+        assert_eq!(values.len(), rows * k);
+        let k_pad = padded_len(k);
+        let group = resolve_group(group, k_pad);
+        let groups = k_pad / group;
+        assert_eq!(scales.len(), rows * groups, "one scale per (row, group)");
+        let mut data = vec![0u8; rows * k_pad / 2];
+        let mut sums = vec![0i32; rows * groups];
+        for r in 0..rows {
+            let src = &values[r * k..(r + 1) * k];
+            let at = |c: usize| -> i8 { if c < k { src[c] } else { 0 } };
+            for b in 0..k_pad / BLOCK {
+                let out = &mut data[(r * k_pad + b * BLOCK) / 2..][..BLOCK / 2];
+                for (i, byte) in out.iter_mut().enumerate() {
+                    let (lo, hi) = (at(b * BLOCK + i), at(b * BLOCK + 16 + i));
+                    assert!((-8..=7).contains(&lo) && (-8..=7).contains(&hi), "int4 value out of range");
+                    *byte = ((lo + 8) as u8) | (((hi + 8) as u8) << 4);
+                }
+            }
+            for g in 0..groups {
+                sums[r * groups + g] = (g * group..(g + 1) * group).map(|c| at(c) as i32).sum();
+            }
+        }
+        Self {
+            rows,
+            k,
+            k_pad,
+            group,
+            data,
+            scales,
+            sums,
+        }
+    }
+
+    pub fn groups(&self) -> usize {
+        self.k_pad / self.group
+    }
+
+    /// Bytes of one packed row.
+    pub fn row_bytes(&self) -> usize {
+        self.k_pad / 2
+    }
+
+    /// Signed value at (row, col), for tests and dequantization.
+    pub fn value(&self, r: usize, c: usize) -> i8 {
+        let b = c / BLOCK;
+        let i = c % BLOCK;
+        let byte = self.data[(r * self.k_pad + b * BLOCK) / 2 + i % 16];
+        let nib = if i < 16 { byte & 0x0F } else { byte >> 4 };
+        nib as i8 - 8
+    }
+}
+
+impl PackedInt8 {
+    /// Pack signed values in `[−127, 127]`, row-major `[rows, k]`.
+    pub fn pack(values: &[i8], rows: usize, k: usize, group: Option<usize>, scales: Vec<f32>) -> Self {
+        assert_eq!(values.len(), rows * k);
+        assert!(values.iter().all(|&v| v != i8::MIN), "int8 weights are symmetric: −128 is not allowed");
+        let k_pad = padded_len(k);
+        let group = resolve_group(group, k_pad);
+        let groups = k_pad / group;
+        assert_eq!(scales.len(), rows * groups, "one scale per (row, group)");
+        let mut data = vec![0i8; rows * k_pad];
+        let mut sums = vec![0i32; rows * groups];
+        for r in 0..rows {
+            data[r * k_pad..r * k_pad + k].copy_from_slice(&values[r * k..(r + 1) * k]);
+            for g in 0..groups {
+                sums[r * groups + g] = data[r * k_pad + g * group..r * k_pad + (g + 1) * group]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum();
+            }
+        }
+        Self {
+            rows,
+            k,
+            k_pad,
+            group,
+            data,
+            scales,
+            sums,
+        }
+    }
+
+    pub fn groups(&self) -> usize {
+        self.k_pad / self.group
+    }
+}

@@ -1,0 +1,136 @@
+//! Every SIMD path equals the scalar reference bit for bit, on randomized
+//! shapes: odd sizes, K not a multiple of the block, one row, many rows.
+
+use oqt_kernels::{Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_row, quantize_rows};
+use proptest::prelude::*;
+
+fn activations(len: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(
+        prop_oneof![
+            8 => -50.0f32..50.0,
+            1 => Just(0.0f32),
+            1 => -0.001f32..0.001,
+        ],
+        len,
+    )
+}
+
+/// Groups valid for width k: per-channel, or 32/64/128 when they divide the padded width.
+fn group_for(k: usize, choice: u8) -> Option<usize> {
+    let k_pad = k.div_ceil(32) * 32;
+    match choice % 4 {
+        0 => None,
+        c => {
+            let g = 32 << (c - 1);
+            k_pad.is_multiple_of(g).then_some(g)
+        }
+    }
+}
+
+/// Direct evaluation of the contract from the packed values, independent of the dot kernels.
+fn contract(a: &oqt_kernels::QuantizedRows, rows: usize, k_pad: usize, group: usize, w_at: impl Fn(usize, usize) -> i32, scales: &[f32]) -> Vec<f32> {
+    let groups = k_pad / group;
+    let mut out = vec![0f32; a.rows * rows];
+    for i in 0..a.rows {
+        for n in 0..rows {
+            let mut y = 0f32;
+            for g in 0..groups {
+                let dot: i32 = (g * group..(g + 1) * group)
+                    .map(|c| (a.q[i * k_pad + c] as i32 - a.zero_point[i]) * w_at(n, c))
+                    .sum();
+                y += (a.scale[i] * scales[n * groups + g]) * dot as f32;
+            }
+            out[i * rows + n] = y;
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn activation_quantization_agrees(x in (1usize..300).prop_flat_map(activations)) {
+        let mut want = vec![0i8; x.len()];
+        let p = quantize_row(Isa::Scalar, &x, &mut want);
+        for isa in Isa::available() {
+            let mut got = vec![0i8; x.len()];
+            prop_assert_eq!(quantize_row(isa, &x, &mut got), p);
+            prop_assert_eq!(&got, &want, "{}", isa.name());
+        }
+        // Zero is exactly representable and the range is covered.
+        let (scale, zp) = p;
+        prop_assert!((-128..=127).contains(&zp));
+        let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        prop_assert!(scale * 255.0 >= max * 0.999);
+    }
+
+    #[test]
+    fn int4_matmul_agrees(m in 1usize..5, n in 1usize..40, k in 1usize..300, gsel in 0u8..4, seed in any::<u64>()) {
+        let group = group_for(k, gsel);
+        let mut rng = seed;
+        let mut next = || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
+        let w: Vec<i8> = (0..n * k).map(|_| (next() % 16) as i8 - 8).collect();
+        let k_pad = k.div_ceil(32) * 32;
+        let groups = k_pad / group.unwrap_or(k_pad);
+        let scales: Vec<f32> = (0..n * groups).map(|_| (next() % 1000 + 1) as f32 * 1e-4).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| (next() % 2001) as f32 / 100.0 - 10.0).collect();
+        let packed = PackedInt4::pack(&w, n, k, group, scales.clone());
+        for c in 0..k { prop_assert_eq!(packed.value(0, c), w[c]); }
+        let a = quantize_rows(Isa::Scalar, &x, m, k);
+        let want = contract(&a, n, k_pad, packed.group, |r, c| if c < k { w[r * k + c] as i32 } else { 0 }, &scales);
+        for isa in Isa::available() {
+            let mut out = vec![0f32; m * n];
+            matmul_int4(isa, &a, &packed, &mut out);
+            prop_assert!(out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{} differs", isa.name());
+        }
+    }
+
+    #[test]
+    fn int8_matmul_agrees(m in 1usize..5, n in 1usize..40, k in 1usize..300, gsel in 0u8..4, seed in any::<u64>()) {
+        let group = group_for(k, gsel);
+        let mut rng = seed;
+        let mut next = || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
+        let w: Vec<i8> = (0..n * k).map(|_| ((next() % 255) as i32 - 127) as i8).collect();
+        let k_pad = k.div_ceil(32) * 32;
+        let groups = k_pad / group.unwrap_or(k_pad);
+        let scales: Vec<f32> = (0..n * groups).map(|_| (next() % 1000 + 1) as f32 * 1e-4).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| (next() % 2001) as f32 / 100.0 - 10.0).collect();
+        let packed = PackedInt8::pack(&w, n, k, group, scales.clone());
+        let a = quantize_rows(Isa::Scalar, &x, m, k);
+        let want = contract(&a, n, k_pad, packed.group, |r, c| if c < k { w[r * k + c] as i32 } else { 0 }, &scales);
+        for isa in Isa::available() {
+            let mut out = vec![0f32; m * n];
+            matmul_int8(isa, &a, &packed, &mut out);
+            prop_assert!(out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{} differs", isa.name());
+        }
+    }
+}
+
+#[test]
+fn this_machine_exercises_the_simd_paths() {
+    // On the project's x86-64 machines both SIMD paths must actually be tested.
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+        assert_eq!(Isa::available(), vec![Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]);
+    }
+}
+
+#[test]
+fn quantized_matmul_approximates_the_float_product() {
+    // 4-bit weights, 8-bit activations: the result tracks the f32 product of the dequantized weights.
+    let (m, n, k) = (3, 24, 200);
+    let w: Vec<i8> = (0..n * k).map(|i| ((i * 7 + 3) % 16) as i8 - 8).collect();
+    let scales = vec![0.01f32; n * (224 / 32)];
+    let packed = PackedInt4::pack(&w, n, k, Some(32), scales);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 13) % 97) as f32 / 10.0 - 4.8).collect();
+    let a = quantize_rows(Isa::detect(), &x, m, k);
+    let mut out = vec![0f32; m * n];
+    matmul_int4(Isa::detect(), &a, &packed, &mut out);
+    for i in 0..m {
+        for j in 0..n {
+            let exact: f32 = (0..k).map(|c| x[i * k + c] * w[j * k + c] as f32 * 0.01).sum();
+            assert!((out[i * n + j] - exact).abs() < 0.02 * (1.0 + exact.abs()), "{} vs {exact}", out[i * n + j]);
+        }
+    }
+}
