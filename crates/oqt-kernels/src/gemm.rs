@@ -1,41 +1,44 @@
-//! `out[m, n] = Σ_groups (s_a[m] · s_w[n, g]) · dot_g(m, n)`: quantized
-//! activations times packed weights, parallel over weight rows.
+//! `out[m, n]` = activation row `m` against weight row `n`, per the crate
+//! contract; parallel over weight rows.
 
 use crate::Isa;
 use crate::act_quant::QuantizedRows;
-use crate::dot::{dots_int4, dots_int8};
+use crate::dot::{ActRow, WeightRow, row_int4, row_int8};
 use crate::pack::{BLOCK, PackedInt4, PackedInt8};
 use rayon::prelude::*;
 
-/// The shared float epilogue: group dots → one output, in group order.
-#[inline]
-fn combine(s_a: f32, s_w: &[f32], dots: &[i32]) -> f32 {
-    let mut y = 0f32;
-    for (&s, &d) in s_w.iter().zip(dots) {
-        y += (s_a * s) * d as f32;
-    }
-    y
+/// Weight rows per parallel task: a couple of tasks per thread (load balance)
+/// but no smaller than 16 rows (scheduling costs microseconds, a row nanoseconds).
+fn rows_per_task(n: usize) -> usize {
+    (n / (2 * rayon::current_num_threads())).max(16)
 }
 
-/// Weight rows per parallel task: enough work to amortize scheduling.
-const ROWS_PER_TASK: usize = 16;
+/// `Σ q_a` per weight group, for every activation row (`rows × groups`).
+fn group_sums(a: &QuantizedRows, group: usize) -> Vec<i32> {
+    let per = group / BLOCK;
+    a.block_sums.chunks(per).map(|c| c.iter().sum()).collect()
+}
 
-/// Run `row_fn(n, out_column)` for every weight row in parallel, then
-/// transpose the `[n, m]` results into `out` (`[m, n]`, row-major).
-fn by_weight_rows(m: usize, n: usize, out: &mut [f32], row_fn: impl Fn(usize, &mut [f32]) + Sync) {
+/// Run `value(m, n)` for every output, tasks over weight rows, writing `[m, n]` row-major.
+fn by_weight_rows(m: usize, n: usize, out: &mut [f32], value: impl Fn(usize, usize) -> f32 + Sync) {
     assert_eq!(out.len(), m * n);
+    let per_task = rows_per_task(n);
     if m == 1 {
-        out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
+        out.par_chunks_mut(per_task).enumerate().for_each(|(t, chunk)| {
             for (i, o) in chunk.iter_mut().enumerate() {
-                row_fn(t * ROWS_PER_TASK + i, std::slice::from_mut(o));
+                *o = value(0, t * per_task + i);
             }
         });
         return;
     }
+    // Each task owns a band of weight rows and sweeps every activation row over it,
+    // so a weight row is read from cache, not memory, for all m.
     let mut by_n = vec![0f32; m * n];
-    by_n.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
-        for (i, col) in chunk.chunks_mut(m).enumerate() {
-            row_fn(t * ROWS_PER_TASK + i, col);
+    by_n.par_chunks_mut(m * per_task).enumerate().for_each(|(t, band)| {
+        for (j, col) in band.chunks_mut(m).enumerate() {
+            for (i, o) in col.iter_mut().enumerate() {
+                *o = value(i, t * per_task + j);
+            }
         }
     });
     for (j, col) in by_n.chunks(m).enumerate() {
@@ -48,32 +51,43 @@ fn by_weight_rows(m: usize, n: usize, out: &mut [f32], row_fn: impl Fn(usize, &m
 /// `a` (`[m, k]` quantized) × `w`ᵀ (`[n, k]` int4) → `out` `[m, n]`.
 pub fn matmul_int4(isa: Isa, a: &QuantizedRows, w: &PackedInt4, out: &mut [f32]) {
     assert_eq!(a.k_pad, w.k_pad, "activation and weight widths differ");
-    let (m, groups, blocks) = (a.rows, w.groups(), a.k_pad / BLOCK);
-    by_weight_rows(m, w.rows, out, |n, col| {
-        let mut dots = vec![0i32; groups];
-        let wrow = &w.data[n * w.row_bytes()..(n + 1) * w.row_bytes()];
-        let (ws, wsum) = (&w.scales[n * groups..(n + 1) * groups], &w.sums[n * groups..(n + 1) * groups]);
-        for (i, o) in col.iter_mut().enumerate() {
-            let arow = &a.q[i * a.k_pad..(i + 1) * a.k_pad];
-            let asums = &a.block_sums[i * blocks..(i + 1) * blocks];
-            dots_int4(isa, arow, asums, a.zero_point[i], wrow, wsum, w.group, &mut dots);
-            *o = combine(a.scale[i], ws, &dots);
-        }
+    let groups = w.groups();
+    let sums = group_sums(a, w.group);
+    by_weight_rows(a.rows, w.rows, out, |i, n| {
+        let act = ActRow {
+            q: &a.q[i * a.k_pad..(i + 1) * a.k_pad],
+            group_sums: &sums[i * groups..(i + 1) * groups],
+            zero_point: a.zero_point[i],
+            scale: a.scale[i],
+        };
+        let wr = WeightRow {
+            data: &w.data[n * w.row_bytes()..(n + 1) * w.row_bytes()],
+            sums: &w.sums[n * groups..(n + 1) * groups],
+            scales: &w.scales[n * groups..(n + 1) * groups],
+            group: w.group,
+        };
+        row_int4(isa, act, wr)
     });
 }
 
 /// `a` (`[m, k]` quantized) × `w`ᵀ (`[n, k]` int8) → `out` `[m, n]`.
 pub fn matmul_int8(isa: Isa, a: &QuantizedRows, w: &PackedInt8, out: &mut [f32]) {
     assert_eq!(a.k_pad, w.k_pad, "activation and weight widths differ");
-    let (m, groups) = (a.rows, w.groups());
-    by_weight_rows(m, w.rows, out, |n, col| {
-        let mut dots = vec![0i32; groups];
-        let wrow = &w.data[n * w.k_pad..(n + 1) * w.k_pad];
-        let (ws, wsum) = (&w.scales[n * groups..(n + 1) * groups], &w.sums[n * groups..(n + 1) * groups]);
-        for (i, o) in col.iter_mut().enumerate() {
-            let arow = &a.q[i * a.k_pad..(i + 1) * a.k_pad];
-            dots_int8(isa, arow, a.zero_point[i], wrow, wsum, w.group, &mut dots);
-            *o = combine(a.scale[i], ws, &dots);
-        }
+    let groups = w.groups();
+    let sums = group_sums(a, w.group);
+    by_weight_rows(a.rows, w.rows, out, |i, n| {
+        let act = ActRow {
+            q: &a.q[i * a.k_pad..(i + 1) * a.k_pad],
+            group_sums: &sums[i * groups..(i + 1) * groups],
+            zero_point: a.zero_point[i],
+            scale: a.scale[i],
+        };
+        let wr = WeightRow {
+            data: &w.data[n * w.k_pad..(n + 1) * w.k_pad],
+            sums: &w.sums[n * groups..(n + 1) * groups],
+            scales: &w.scales[n * groups..(n + 1) * groups],
+            group: w.group,
+        };
+        row_int8(isa, act, wr)
     });
 }

@@ -10,12 +10,14 @@
 //!   (what SIMD float→int conversion does).
 //! * Weights are symmetric int4 in `[−8, 7]` or int8 in `[−127, 127]`, one f32
 //!   scale per output row and group of `group` input columns.
-//! * Per group, the integer dot `Σ (q_a − zp) · q_w` is exact in i32; the row's
-//!   output is `Σ_groups (s_a · s_w) · dot` accumulated in f32 in group order.
+//! * Per group, the integer dot `Σ (q_a − zp) · q_w` is exact in i32, and
+//!   `v_g = (s_a · s_w[g]) · dot_g` in f32; the output sums the `v_g` in eight
+//!   interleaved partial sums (`p[g mod 8]`, group order) finished pairwise —
+//!   the order eight SIMD lanes produce (see [`dot`]).
 //!
-//! SIMD paths (AVX2, AVX-512 VNNI; chosen at run time) compute only the exact
-//! integer dots; the float combination is shared scalar code, so every path
-//! equals the scalar reference exactly. Property tests check it.
+//! SIMD paths (AVX2, AVX-512 VNNI; chosen at run time) follow that order
+//! exactly, so every path equals the scalar reference bit for bit. Property
+//! tests check it.
 
 pub mod act_quant;
 pub mod dot;
@@ -24,6 +26,7 @@ pub mod pack;
 pub mod requant;
 
 pub use act_quant::{QuantizedRows, quantize_row, quantize_rows};
+pub use dot::{ActRow, WeightRow};
 pub use gemm::{matmul_int4, matmul_int8};
 pub use pack::{BLOCK, PackedInt4, PackedInt8};
 

@@ -70,7 +70,10 @@ impl PackedInt4 {
                 let out = &mut data[(r * k_pad + b * BLOCK) / 2..][..BLOCK / 2];
                 for (i, byte) in out.iter_mut().enumerate() {
                     let (lo, hi) = (at(b * BLOCK + i), at(b * BLOCK + 16 + i));
-                    assert!((-8..=7).contains(&lo) && (-8..=7).contains(&hi), "int4 value out of range");
+                    assert!(
+                        (-8..=7).contains(&lo) && (-8..=7).contains(&hi),
+                        "int4 value out of range"
+                    );
                     *byte = ((lo + 8) as u8) | (((hi + 8) as u8) << 4);
                 }
             }
@@ -112,7 +115,10 @@ impl PackedInt8 {
     /// Pack signed values in `[−127, 127]`, row-major `[rows, k]`.
     pub fn pack(values: &[i8], rows: usize, k: usize, group: Option<usize>, scales: Vec<f32>) -> Self {
         assert_eq!(values.len(), rows * k);
-        assert!(values.iter().all(|&v| v != i8::MIN), "int8 weights are symmetric: −128 is not allowed");
+        assert!(
+            values.iter().all(|&v| v != i8::MIN),
+            "int8 weights are symmetric: −128 is not allowed"
+        );
         let k_pad = padded_len(k);
         let group = resolve_group(group, k_pad);
         let groups = k_pad / group;
