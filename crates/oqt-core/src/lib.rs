@@ -9,6 +9,7 @@ pub mod error;
 pub mod gguf;
 pub mod inspect;
 pub mod load;
+pub mod quant;
 pub mod sampling;
 pub mod scoring;
 pub mod sys;

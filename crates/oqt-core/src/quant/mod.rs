@@ -1,0 +1,13 @@
+//! The quantization vocabulary both worlds share: what a recipe asks for
+//! ([`spec`]), the named recipes ([`recipe`]) and the reference arithmetic that
+//! turns float weights into integers ([`weights`]). The fake quantizers on the
+//! Burn side and the integer kernels of the runtime both follow these
+//! definitions, so simulation and deployment cannot disagree.
+
+pub mod recipe;
+pub mod spec;
+pub mod weights;
+
+pub use recipe::{Recipe, builtin_recipe, builtin_recipe_names, load_recipe};
+pub use spec::{ActMode, ActSpec, Granularity, KvSpec, QuantSpec, Rounding, ScaleRule, TensorOverride, WeightSpec};
+pub use weights::{QuantizedWeight, dequantize_weight, quantize_weight};

@@ -1,0 +1,160 @@
+//! Named recipes (`recipes/*.toml`): what to do to a model and how to check it.
+
+use super::spec::QuantSpec;
+use crate::error::{CoreError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSpec {
+    /// A training-role dataset name or a text file; never an evaluation set.
+    pub dataset: String,
+    /// Number of windows of `seq_len` tokens.
+    pub samples: usize,
+    pub seq_len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    pub dataset: String,
+    pub ctx: usize,
+    pub chunks: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    pub description: String,
+    /// Where the result runs: `npu` (static integer graph), `cpu` (dynamic
+    /// activations), `weight-only`, or `llama.cpp`.
+    pub target: String,
+    /// The method `oqt quantize` uses when `--method` is not given.
+    pub default_method: String,
+    pub spec: QuantSpec,
+    pub calibration: CalibrationSpec,
+    pub eval: EvalSpec,
+}
+
+const BUILTIN: &[(&str, &str)] = &[
+    ("w4a8", include_str!("../../../../recipes/w4a8.toml")),
+    ("w4a8-dyn", include_str!("../../../../recipes/w4a8-dyn.toml")),
+    ("w8a8", include_str!("../../../../recipes/w8a8.toml")),
+    ("w4a16", include_str!("../../../../recipes/w4a16.toml")),
+    ("w4a16-g128", include_str!("../../../../recipes/w4a16-g128.toml")),
+    ("w8a16", include_str!("../../../../recipes/w8a16.toml")),
+];
+
+pub fn builtin_recipe_names() -> Vec<&'static str> {
+    BUILTIN.iter().map(|(n, _)| *n).collect()
+}
+
+fn parse(text: &str, origin: &Path) -> Result<Recipe> {
+    let recipe: Recipe = toml::from_str(text).map_err(|e| CoreError::Malformed {
+        path: origin.into(),
+        format: "recipe",
+        reason: e.to_string(),
+    })?;
+    let mut problems = recipe.spec.problems();
+    if let Some(m) = crate::datasets::manifest(&recipe.calibration.dataset)
+        && m.role == "eval"
+    {
+        problems.push(format!(
+            "calibration.dataset: `{}` is an evaluation set; calibrate on a training set (e.g. tinyshakespeare)",
+            m.name
+        ));
+    }
+    if recipe.calibration.samples == 0 || recipe.calibration.seq_len < 2 {
+        problems.push("calibration: samples must be ≥ 1 and seq_len ≥ 2".into());
+    }
+    match problems.first() {
+        None => Ok(recipe),
+        Some(_) => Err(CoreError::Other(format!(
+            "{}: invalid recipe: {}",
+            origin.display(),
+            problems.join("; ")
+        ))),
+    }
+}
+
+pub fn builtin_recipe(name: &str) -> Option<Result<Recipe>> {
+    BUILTIN
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, text)| parse(text, Path::new(&format!("recipes/{n}.toml"))))
+}
+
+/// A built-in recipe by name, or a recipe file by path.
+pub fn load_recipe(name_or_path: &str) -> Result<Recipe> {
+    if let Some(r) = builtin_recipe(name_or_path) {
+        return r;
+    }
+    let path = Path::new(name_or_path);
+    if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+        return parse(&text, path);
+    }
+    Err(CoreError::Other(format!(
+        "recipe `{name_or_path}` is neither built in ({}) nor a file",
+        builtin_recipe_names().join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::spec::{ActMode, Granularity};
+
+    #[test]
+    fn every_builtin_recipe_parses_and_validates() {
+        for name in builtin_recipe_names() {
+            let r = builtin_recipe(name).unwrap().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(r.name, name);
+        }
+    }
+
+    #[test]
+    fn recipes_say_what_the_layouts_are() {
+        let w4a8 = load_recipe("w4a8").unwrap();
+        assert_eq!(w4a8.spec.weights.bits, 4);
+        assert_eq!(w4a8.spec.weights.granularity, Granularity::PerChannel);
+        assert_eq!(w4a8.spec.activations.mode, ActMode::Static);
+        assert_eq!(w4a8.default_method, "mobilequant");
+        let dyn8 = load_recipe("w4a8-dyn").unwrap();
+        assert_eq!(dyn8.spec.weights.granularity, Granularity::PerGroup(32));
+        assert_eq!(dyn8.spec.activations.mode, ActMode::Dynamic);
+        // Embedding and head stay at 8 bits per channel by default.
+        for r in [&w4a8, &dyn8] {
+            let e = r.spec.weights_for("model.embed_tokens.weight");
+            assert_eq!((e.bits, e.granularity), (8, Granularity::PerChannel));
+            assert_eq!(r.spec.weights_for("model.layers.3.mlp.up_proj.weight").bits, 4);
+        }
+        assert_eq!(
+            load_recipe("w4a16-g128").unwrap().spec.weights.granularity,
+            Granularity::PerGroup(128)
+        );
+    }
+
+    #[test]
+    fn bad_recipes_name_the_field() {
+        let good = include_str!("../../../../recipes/w4a8-dyn.toml");
+        let p = Path::new("my.toml");
+        let e = parse(&good.replace("bits = 4", "bits = 5"), p).unwrap_err().to_string();
+        assert!(e.contains("my.toml") && e.contains("weights.bits"), "{e}");
+        let e = parse(
+            &good.replace("dataset = \"tinyshakespeare\"", "dataset = \"wikitext2\""),
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("calibration.dataset") && e.contains("evaluation set"), "{e}");
+        let e = parse(&good.replace("[calibration]", "[calibration]\nsamplez = 3"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("samplez"), "{e}");
+        let e = load_recipe("w5a5").unwrap_err().to_string();
+        assert!(e.contains("w4a8-dyn"), "{e}");
+    }
+}

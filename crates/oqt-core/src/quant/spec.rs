@@ -1,0 +1,191 @@
+//! Quantization specs: bits, granularity, symmetry, scale rule, rounding, and
+//! static or dynamic activations, written in recipes and bundle manifests.
+
+use serde::{Deserialize, Serialize};
+
+/// Which values share one scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Granularity {
+    PerTensor,
+    /// One scale per output row.
+    PerChannel,
+    /// One scale per `size` consecutive input columns of an output row.
+    PerGroup(usize),
+}
+
+/// How a symmetric grid's scale follows from the absolute maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScaleRule {
+    /// `amax / (2^(b−1) − 1)`: `−amax` and `+amax` both land on the grid (−8 unused at 4 bits).
+    AmaxOverQmax,
+    /// `amax / ((qmax − qmin) / 2)`, torchao's choice: `amax / 7.5` at 4 bits.
+    AmaxOverHalfRange,
+}
+
+/// Rounding of `x / scale` to the grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rounding {
+    /// What SIMD float→int conversion does; oqt's kernels use it.
+    HalfToEven,
+    /// C `roundf`, llama.cpp's scalar reference quantizers.
+    HalfAwayFromZero,
+}
+
+impl Rounding {
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Self::HalfToEven => x.round_ties_even(),
+            Self::HalfAwayFromZero => x.round(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightSpec {
+    /// 2, 3, 4 or 8.
+    pub bits: u8,
+    pub granularity: Granularity,
+    #[serde(default = "yes")]
+    pub symmetric: bool,
+    #[serde(default = "default_scale_rule")]
+    pub scale_rule: ScaleRule,
+    #[serde(default = "default_rounding")]
+    pub rounding: Rounding,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_scale_rule() -> ScaleRule {
+    ScaleRule::AmaxOverQmax
+}
+fn default_rounding() -> Rounding {
+    Rounding::HalfToEven
+}
+
+impl WeightSpec {
+    /// Integer range of the grid.
+    pub fn qrange(&self) -> (i32, i32) {
+        if self.symmetric {
+            (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1)
+        } else {
+            (0, (1 << self.bits) - 1)
+        }
+    }
+
+    /// Columns per scale for a row of `cols` inputs.
+    pub fn group_len(&self, cols: usize) -> usize {
+        match self.granularity {
+            Granularity::PerGroup(g) => g,
+            Granularity::PerChannel | Granularity::PerTensor => cols,
+        }
+    }
+}
+
+/// How activations are quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActMode {
+    /// Kept in floating point (weight-only recipes).
+    None,
+    /// One calibrated (scale, zero point) per tensor, fixed at export (NPU style).
+    Static,
+    /// Per token from the row's min/max at run time (CPU style).
+    Dynamic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActSpec {
+    pub mode: ActMode,
+    /// 8 or 16 (ignored when `mode` is `none`).
+    #[serde(default = "eight")]
+    pub bits: u8,
+    #[serde(default)]
+    pub symmetric: bool,
+}
+
+fn eight() -> u8 {
+    8
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvSpec {
+    /// 8 or 16.
+    pub bits: u8,
+}
+
+/// A different weight spec for tensors whose canonical name matches `pattern`
+/// (a regular expression, like llama.cpp's `--tensor-type`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorOverride {
+    pub pattern: String,
+    pub weights: WeightSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantSpec {
+    pub weights: WeightSpec,
+    pub activations: ActSpec,
+    /// Activation sites kept at 16 bits in static recipes (MobileQuant: the
+    /// residual stream, norm inputs, o/down outputs, softmax).
+    #[serde(default)]
+    pub act16_sites: Vec<String>,
+    #[serde(default)]
+    pub kv_cache: Option<KvSpec>,
+    /// Checked in order; the first match wins. Embedding and LM head default to
+    /// 8-bit per-channel through the recipe's overrides.
+    #[serde(default)]
+    pub overrides: Vec<TensorOverride>,
+}
+
+impl QuantSpec {
+    /// The weight spec of the tensor with canonical `name`.
+    pub fn weights_for(&self, name: &str) -> WeightSpec {
+        self.overrides
+            .iter()
+            .find(|o| regex::Regex::new(&o.pattern).is_ok_and(|re| re.is_match(name)))
+            .map_or(self.weights, |o| o.weights)
+    }
+
+    /// Problems with the spec, each naming its field.
+    pub fn problems(&self) -> Vec<String> {
+        fn check_weights(field: &str, w: &WeightSpec, out: &mut Vec<String>) {
+            if !matches!(w.bits, 2 | 3 | 4 | 8) {
+                out.push(format!("{field}.bits: expected 2, 3, 4 or 8, found {}", w.bits));
+            }
+            if let Granularity::PerGroup(g) = w.granularity
+                && (g == 0 || !g.is_multiple_of(32))
+            {
+                out.push(format!(
+                    "{field}.granularity: group size must be a positive multiple of 32, found {g}"
+                ));
+            }
+        }
+        let mut out = Vec::new();
+        check_weights("weights", &self.weights, &mut out);
+        for (i, o) in self.overrides.iter().enumerate() {
+            check_weights(&format!("overrides[{i}].weights"), &o.weights, &mut out);
+            if let Err(e) = regex::Regex::new(&o.pattern) {
+                out.push(format!("overrides[{i}].pattern: not a regular expression: {e}"));
+            }
+        }
+        let a = &self.activations;
+        if a.mode != ActMode::None && !matches!(a.bits, 8 | 16) {
+            out.push(format!("activations.bits: expected 8 or 16, found {}", a.bits));
+        }
+        if let Some(kv) = &self.kv_cache
+            && !matches!(kv.bits, 8 | 16)
+        {
+            out.push(format!("kv_cache.bits: expected 8 or 16, found {}", kv.bits));
+        }
+        out
+    }
+}

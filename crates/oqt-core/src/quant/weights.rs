@@ -1,0 +1,209 @@
+//! Reference weight quantization (round-to-nearest on a spec's grid).
+//! The fake quantizers and the bundle writer follow these formulas exactly.
+
+use super::spec::{Granularity, ScaleRule, WeightSpec};
+
+/// Integer weights `[rows, cols]` with one scale (and zero point, when
+/// asymmetric) per (row, group); per-tensor specs have a single scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedWeight {
+    pub rows: usize,
+    pub cols: usize,
+    /// Columns per scale (`cols` for per-channel and per-tensor).
+    pub group: usize,
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub zero_points: Option<Vec<i32>>,
+    pub spec: WeightSpec,
+}
+
+impl QuantizedWeight {
+    /// Index into `scales` of (row, col).
+    pub fn scale_index(&self, r: usize, c: usize) -> usize {
+        match self.spec.granularity {
+            Granularity::PerTensor => 0,
+            _ => r * self.cols.div_ceil(self.group) + c / self.group,
+        }
+    }
+}
+
+/// Scale and zero point of one group of values (after clipping by `clip` ∈ (0, 1]).
+pub fn group_params(values: impl Iterator<Item = f32> + Clone, spec: &WeightSpec, clip: f32) -> (f32, i32) {
+    let (qmin, qmax) = spec.qrange();
+    if spec.symmetric {
+        let amax = values.fold(0f32, |m, v| m.max(v.abs())) * clip;
+        if amax == 0.0 {
+            return (1.0, 0);
+        }
+        let scale = match spec.scale_rule {
+            ScaleRule::AmaxOverQmax => amax / qmax as f32,
+            ScaleRule::AmaxOverHalfRange => amax / ((qmax - qmin) as f32 / 2.0),
+        };
+        (scale, 0)
+    } else {
+        let (mut lo, mut hi) = (0f32, 0f32);
+        for v in values {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        let (lo, hi) = (lo * clip, hi * clip);
+        if hi == lo {
+            return (1.0, 0);
+        }
+        let scale = (hi - lo) / (qmax - qmin) as f32;
+        let zp = spec.rounding.round(-lo / scale).clamp(qmin as f32, qmax as f32) as i32;
+        (scale, zp)
+    }
+}
+
+/// `clamp(round(w / scale) + zp, qmin, qmax)`.
+#[inline]
+pub fn quantize_value(w: f32, scale: f32, zp: i32, spec: &WeightSpec) -> i8 {
+    let (qmin, qmax) = spec.qrange();
+    (spec.rounding.round(w / scale) as i32 + zp).clamp(qmin, qmax) as i8
+}
+
+/// Quantize `w` (`[rows, cols]`, row-major) on `spec`'s grid, with the range of
+/// every group shrunk by `clip` (1.0 = min/max; smaller values clip outliers).
+pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec, clip: f32) -> QuantizedWeight {
+    assert_eq!(
+        w.len(),
+        rows * cols,
+        "weight has {} values, not {rows} × {cols}",
+        w.len()
+    );
+    assert!(clip > 0.0 && clip <= 1.0, "clip ratio {clip} outside (0, 1]");
+    let group = spec.group_len(cols);
+    let mut q = vec![0i8; w.len()];
+    let mut scales = Vec::new();
+    let mut zps = Vec::new();
+    if spec.granularity == Granularity::PerTensor {
+        let (s, z) = group_params(w.iter().copied(), spec, clip);
+        for (o, &v) in q.iter_mut().zip(w) {
+            *o = quantize_value(v, s, z, spec);
+        }
+        scales.push(s);
+        zps.push(z);
+    } else {
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            for (g, chunk) in row.chunks(group).enumerate() {
+                let (s, z) = group_params(chunk.iter().copied(), spec, clip);
+                let out = &mut q[r * cols + g * group..][..chunk.len()];
+                for (o, &v) in out.iter_mut().zip(chunk) {
+                    *o = quantize_value(v, s, z, spec);
+                }
+                scales.push(s);
+                zps.push(z);
+            }
+        }
+    }
+    QuantizedWeight {
+        rows,
+        cols,
+        group,
+        q,
+        scales,
+        zero_points: (!spec.symmetric).then_some(zps),
+        spec: *spec,
+    }
+}
+
+/// `(q − zp) · scale`, row-major `[rows, cols]`.
+pub fn dequantize_weight(qw: &QuantizedWeight) -> Vec<f32> {
+    let mut out = vec![0f32; qw.q.len()];
+    for r in 0..qw.rows {
+        for c in 0..qw.cols {
+            let i = qw.scale_index(r, c);
+            let zp = qw.zero_points.as_ref().map_or(0, |z| z[i]);
+            out[r * qw.cols + c] = (qw.q[r * qw.cols + c] as i32 - zp) as f32 * qw.scales[i];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::spec::Rounding;
+    use crate::testing::pseudo_random;
+
+    fn spec(bits: u8, granularity: Granularity, symmetric: bool) -> WeightSpec {
+        WeightSpec {
+            bits,
+            granularity,
+            symmetric,
+            scale_rule: ScaleRule::AmaxOverQmax,
+            rounding: Rounding::HalfToEven,
+        }
+    }
+
+    #[test]
+    fn round_trip_error_is_at_most_half_a_step() {
+        let (rows, cols) = (7, 100);
+        let w = pseudo_random(rows * cols, 11, 0.5);
+        for s in [
+            spec(4, Granularity::PerGroup(32), true),
+            spec(4, Granularity::PerChannel, true),
+            spec(8, Granularity::PerChannel, true),
+            spec(4, Granularity::PerGroup(32), false),
+            spec(3, Granularity::PerTensor, false),
+        ] {
+            let qw = quantize_weight(&w, rows, cols, &s, 1.0);
+            let (qmin, qmax) = s.qrange();
+            assert!(qw.q.iter().all(|&v| (qmin..=qmax).contains(&(v as i32))));
+            let back = dequantize_weight(&qw);
+            for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+                let step = qw.scales[qw.scale_index(i / cols, i % cols)];
+                assert!((a - b).abs() <= step * 0.5001, "{s:?}: {a} vs {b} (step {step})");
+            }
+        }
+    }
+
+    #[test]
+    fn scale_counts_follow_granularity_including_a_short_last_group() {
+        let w = pseudo_random(3 * 70, 2, 1.0);
+        assert_eq!(
+            quantize_weight(&w, 3, 70, &spec(4, Granularity::PerGroup(32), true), 1.0)
+                .scales
+                .len(),
+            9
+        );
+        assert_eq!(
+            quantize_weight(&w, 3, 70, &spec(4, Granularity::PerChannel, true), 1.0)
+                .scales
+                .len(),
+            3
+        );
+        assert_eq!(
+            quantize_weight(&w, 3, 70, &spec(4, Granularity::PerTensor, true), 1.0)
+                .scales
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn symmetric_grid_maps_the_extremes_and_zero_exactly() {
+        let w = [-1.4, 0.0, 0.7, 1.4];
+        let qw = quantize_weight(&w, 1, 4, &spec(4, Granularity::PerChannel, true), 1.0);
+        assert_eq!(qw.q, vec![-7, 0, 4, 7]); // 0.7 / 0.2 = 3.5 rounds to even 4
+        assert_eq!(qw.scales, vec![1.4 / 7.0]);
+        let half_range = WeightSpec {
+            scale_rule: ScaleRule::AmaxOverHalfRange,
+            ..spec(4, Granularity::PerChannel, true)
+        };
+        let qw = quantize_weight(&w, 1, 4, &half_range, 1.0);
+        // −1.4 / (1.4 / 7.5) = −7.5, which rounds half to even onto the grid's bottom, −8.
+        assert_eq!(qw.q[0], -8);
+    }
+
+    #[test]
+    fn clipping_shrinks_the_scale() {
+        let w = pseudo_random(64, 5, 1.0);
+        let s = spec(4, Granularity::PerChannel, true);
+        let full = quantize_weight(&w, 1, 64, &s, 1.0);
+        let clipped = quantize_weight(&w, 1, 64, &s, 0.8);
+        assert!((clipped.scales[0] - 0.8 * full.scales[0]).abs() < 1e-7);
+    }
+}
