@@ -143,3 +143,51 @@ fn gguf_and_hf_copies_of_one_model_score_identically() {
     // GGUF stores Q/K rows permuted and epsilon as f32; the loaders must undo both.
     assert!((a - b).abs() / a < 1e-4, "gguf {a} vs hf {b}");
 }
+
+#[test]
+fn inspect_reads_bundles() {
+    use oqt_core::bundle::{BundleWriter, Manifest};
+    use oqt_core::quant::{load_recipe, quantize_weight};
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 2)).unwrap();
+    let m = oqt_core::load_model(&gguf).unwrap();
+    let recipe = load_recipe("w4a8-dyn").unwrap();
+    let mut w = BundleWriter::new(Manifest {
+        format_version: 1,
+        created_by: "test".into(),
+        model_name: m.name.clone(),
+        config: m.config.clone(),
+        tokenizer: m.tokenizer.to_stored().unwrap(),
+        recipe: Some(recipe.clone()),
+        method: Some("rtn".into()),
+        tensors: Default::default(),
+        inputs: vec![],
+        evaluation: vec![],
+    });
+    for name in m.weights.names() {
+        let t = m.weights.get(name).unwrap();
+        match t.shape.len() {
+            2 => w.add_quantized(
+                name,
+                &quantize_weight(&t.data, t.shape[0], t.shape[1], &recipe.spec.weights_for(name), 1.0),
+            ),
+            _ => w.add_f32(name, t.shape.clone(), &t.data),
+        }
+    }
+    let b = dir.path().join("tiny.oqt");
+    w.write(&b).unwrap();
+    let v = json_of(oqt().args(["inspect", b.to_str().unwrap(), "--json"]));
+    assert_eq!(v["format"], "oqt-bundle");
+    assert_eq!(v["recipe"]["name"], "w4a8-dyn");
+    // 2 layers × 7 projections at int4 g32; the tied embedding at int8 per-channel.
+    assert_eq!(v["tensor_kinds"]["int4 g32 sym"], 14);
+    assert_eq!(v["tensor_kinds"]["int8 per-channel sym"], 1);
+    oqt()
+        .args(["inspect", b.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(contains("method rtn, recipe w4a8-dyn"));
+}

@@ -2,6 +2,7 @@
 //! model config, GGUF / safetensors I/O, tokenizer and chat template,
 //! named datasets.
 
+pub mod bundle;
 pub mod chat;
 pub mod config;
 pub mod datasets;

@@ -34,6 +34,17 @@ fn pre_regexes(pre: &str) -> Option<Vec<&'static str>> {
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
+/// A tokenizer in serializable form (bundle manifests).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredTokenizer {
+    pub kind: String,
+    pub tokenizer_json: String,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Tokenizer {
     /// Recognizes special tokens written in the text (chat templates need this).
@@ -271,6 +282,36 @@ impl Tokenizer {
         self.with_special
             .decode(ids, skip_special)
             .map_err(|e| CoreError::Other(format!("decoding failed: {e}")))
+    }
+
+    /// Everything needed to rebuild this tokenizer, as stored in bundles.
+    pub fn to_stored(&self) -> Result<StoredTokenizer> {
+        Ok(StoredTokenizer {
+            kind: self.kind.clone(),
+            tokenizer_json: self
+                .with_special
+                .to_string(false)
+                .map_err(|e| CoreError::Other(format!("serializing the tokenizer: {e}")))?,
+            bos_id: self.bos_id,
+            eos_id: self.eos_id,
+            add_bos: self.add_bos,
+            chat_template: self.chat_template.clone(),
+        })
+    }
+
+    pub fn from_stored(s: &StoredTokenizer, origin: &Path) -> Result<Self> {
+        let tk: tokenizers::Tokenizer = s
+            .tokenizer_json
+            .parse()
+            .map_err(|e| tok_err(origin, "stored tokenizer.json", e))?;
+        Ok(Self::finish(
+            tk,
+            s.bos_id,
+            s.eos_id,
+            s.add_bos,
+            s.chat_template.clone(),
+            s.kind.clone(),
+        ))
     }
 
     /// Write the tokenizer as a Hugging Face `tokenizer.json`.

@@ -17,8 +17,75 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+/// Whether `path` is an oqt bundle (a safetensors file carrying the oqt manifest).
+fn is_bundle(path: &std::path::Path) -> bool {
+    path.is_file() && oqt_core::load::detect_format(path).is_err()
+}
+
+fn inspect_bundle(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use oqt_core::bundle::{Bundle, TensorEntry};
+    let b = Bundle::open(path)?;
+    let m = &b.manifest;
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in m.tensors.values() {
+        let k = match e {
+            TensorEntry::F32 { .. } => "f32".to_string(),
+            TensorEntry::Quantized { spec, group, cols, .. } => {
+                let g = if group == cols {
+                    "per-channel".to_string()
+                } else {
+                    format!("g{group}")
+                };
+                format!("int{} {} {}", spec.bits, g, if spec.symmetric { "sym" } else { "asym" })
+            }
+        };
+        *kinds.entry(k).or_default() += 1;
+    }
+    if json {
+        return print_json(&serde_json::json!({
+            "path": path,
+            "format": "oqt-bundle",
+            "format_version": m.format_version,
+            "created_by": m.created_by,
+            "model_name": m.model_name,
+            "method": m.method,
+            "recipe": m.recipe,
+            "config": m.config,
+            "tensor_kinds": kinds,
+            "data_bytes": b.data_bytes(),
+            "inputs": m.inputs,
+            "evaluation": m.evaluation,
+        }));
+    }
+    println!(
+        "{}  (oqt bundle v{}, {})",
+        path.display(),
+        m.format_version,
+        mib(b.data_bytes() as u64)
+    );
+    println!(
+        "model {}, method {}, recipe {}",
+        m.model_name,
+        m.method.as_deref().unwrap_or("-"),
+        m.recipe.as_ref().map_or("-", |r| r.name.as_str())
+    );
+    for (k, n) in &kinds {
+        println!("  {n:>4} tensors {k}");
+    }
+    for e in &m.evaluation {
+        println!(
+            "  {} ctx {} × {} chunks: perplexity {:.4} ({})",
+            e.dataset, e.ctx, e.chunks, e.perplexity, e.engine
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     let r = oqt_hub::resolve_model(&a.model)?;
+    if is_bundle(&r.path) {
+        return inspect_bundle(&r.path, a.json);
+    }
     let s = oqt_core::inspect::inspect_model(&r.path).with_context(|| format!("inspecting {}", r.path.display()))?;
     if a.json {
         return print_json(&s);

@@ -1,0 +1,234 @@
+use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest, TensorEntry};
+use crate::error::{CoreError, Result};
+use crate::quant::{Granularity, QuantizedWeight};
+use crate::tokenizer::Tokenizer;
+use memmap2::Mmap;
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
+use std::path::{Path, PathBuf};
+
+/// An opened bundle: the manifest plus memory-mapped tensor bytes.
+pub struct Bundle {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    mmap: Mmap,
+    header: Metadata,
+    data_start: usize,
+}
+
+/// A tensor's raw view.
+pub struct BundleTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("path", &self.path)
+            .field("tensors", &self.manifest.tensors.len())
+            .finish()
+    }
+}
+
+impl Bundle {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let malformed = |reason: String| CoreError::Malformed {
+            path: path.into(),
+            format: "oqt bundle",
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+        // SAFETY: read-only map; oqt never modifies a bundle in place (writes are temp + rename).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| CoreError::io(path, e))?;
+        let (header_len, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => malformed(format!(
+                "the file is truncated ({} bytes; its header describes more)",
+                mmap.len()
+            )),
+            e => malformed(format!("not a readable safetensors file: {e}")),
+        })?;
+        let data_start = 8 + header_len;
+        if mmap.len() < data_start + header.data_len() {
+            return Err(malformed(format!(
+                "the file is truncated: {} bytes, the header describes {}",
+                mmap.len(),
+                data_start + header.data_len()
+            )));
+        }
+        let json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(MANIFEST_KEY))
+            .ok_or_else(|| {
+                malformed(format!(
+                    "no `{MANIFEST_KEY}` metadata: a safetensors file, but not an oqt bundle"
+                ))
+            })?;
+        // Check the version before the rest of the manifest, so a newer bundle says so.
+        let version = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.get("format_version")?.as_u64())
+            .ok_or_else(|| malformed("manifest has no numeric `format_version`".into()))?;
+        if version > BUNDLE_FORMAT_VERSION as u64 {
+            return Err(CoreError::Unsupported {
+                path: path.into(),
+                what: "bundle format version",
+                detail: format!("{version}; this oqt reads up to version {BUNDLE_FORMAT_VERSION} — upgrade oqt"),
+            });
+        }
+        let manifest: Manifest = serde_json::from_str(json).map_err(|e| malformed(format!("manifest: {e}")))?;
+        let bundle = Self {
+            path: path.into(),
+            manifest,
+            mmap,
+            header,
+            data_start,
+        };
+        bundle.check_tensors()?;
+        Ok(bundle)
+    }
+
+    fn check_tensors(&self) -> Result<()> {
+        for (name, entry) in &self.manifest.tensors {
+            let need = |n: String, dtype: Dtype| -> Result<()> {
+                match self.header.info(&n) {
+                    None => Err(CoreError::Missing {
+                        path: self.path.clone(),
+                        what: "tensor",
+                        name: n,
+                    }),
+                    Some(i) if i.dtype != dtype => Err(CoreError::BadField {
+                        path: self.path.clone(),
+                        field: n,
+                        expected: format!("{dtype:?}"),
+                        found: format!("{:?}", i.dtype),
+                    }),
+                    Some(_) => Ok(()),
+                }
+            };
+            match entry {
+                TensorEntry::F32 { .. } => need(name.clone(), Dtype::F32)?,
+                TensorEntry::Quantized { spec, .. } => {
+                    need(
+                        format!("{name}.qweight"),
+                        if spec.bits <= 4 { Dtype::U8 } else { Dtype::I8 },
+                    )?;
+                    need(format!("{name}.scales"), Dtype::F32)?;
+                    if !spec.symmetric {
+                        need(format!("{name}.zero_points"), Dtype::I32)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<BundleTensor<'_>> {
+        let info = self.header.info(name)?;
+        let (a, b) = info.data_offsets;
+        Some(BundleTensor {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            bytes: &self.mmap[self.data_start + a..self.data_start + b],
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Tokenizer::from_stored(&self.manifest.tokenizer, &self.path)
+    }
+
+    pub fn f32_tensor(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self.tensor(name).ok_or_else(|| CoreError::Missing {
+            path: self.path.clone(),
+            what: "tensor",
+            name: name.into(),
+        })?;
+        Ok(t.bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// A quantized weight back in unpacked form (`q` row-major `[rows, cols]`).
+    pub fn quantized(&self, name: &str) -> Result<QuantizedWeight> {
+        let Some(TensorEntry::Quantized {
+            rows,
+            cols,
+            group,
+            spec,
+        }) = self.manifest.tensors.get(name)
+        else {
+            return Err(CoreError::Missing {
+                path: self.path.clone(),
+                what: "quantized tensor",
+                name: name.into(),
+            });
+        };
+        let (rows, cols, group, spec) = (*rows, *cols, *group, *spec);
+        let k_pad = cols.div_ceil(32) * 32;
+        let raw = self.tensor(&format!("{name}.qweight")).expect("checked at open");
+        let expected = if spec.bits <= 4 { rows * k_pad / 2 } else { rows * k_pad };
+        if raw.bytes.len() != expected {
+            return Err(CoreError::BadField {
+                path: self.path.clone(),
+                field: format!("{name}.qweight"),
+                expected: format!("{expected} bytes for [{rows}, {cols}] at {} bits", spec.bits),
+                found: format!("{} bytes", raw.bytes.len()),
+            });
+        }
+        let mut q = vec![0i8; rows * cols];
+        let offset = if spec.symmetric { 8 } else { 0 };
+        for r in 0..rows {
+            for c in 0..cols {
+                q[r * cols + c] = if spec.bits <= 4 {
+                    let byte = raw.bytes[(r * k_pad + c / 32 * 32) / 2 + c % 16];
+                    (if c % 32 < 16 { byte & 0x0F } else { byte >> 4 }) as i8 - offset
+                } else {
+                    raw.bytes[r * k_pad + c] as i8
+                };
+            }
+        }
+        let scales = self.f32_tensor(&format!("{name}.scales"))?;
+        let groups = if spec.granularity == Granularity::PerTensor {
+            1
+        } else {
+            rows * cols.div_ceil(group)
+        };
+        if scales.len() != groups {
+            return Err(CoreError::BadField {
+                path: self.path.clone(),
+                field: format!("{name}.scales"),
+                expected: format!("{groups} values"),
+                found: format!("{} values", scales.len()),
+            });
+        }
+        let zero_points = if spec.symmetric {
+            None
+        } else {
+            let z = self.tensor(&format!("{name}.zero_points")).expect("checked at open");
+            Some(
+                z.bytes
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
+        };
+        Ok(QuantizedWeight {
+            rows,
+            cols,
+            group,
+            q,
+            scales,
+            zero_points,
+            spec,
+        })
+    }
+
+    /// Total bytes of tensor data (what a device stores).
+    pub fn data_bytes(&self) -> usize {
+        self.header.data_len()
+    }
+}

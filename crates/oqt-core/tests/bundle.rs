@@ -1,0 +1,200 @@
+//! Bundles: round trips on the real model, size, and clear errors for
+//! truncated, foreign, or newer-format files.
+
+use oqt_core::bundle::{BUNDLE_FORMAT_VERSION, Bundle, BundleWriter, Manifest};
+use oqt_core::quant::{load_recipe, quantize_weight};
+use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
+use oqt_core::{LoadedModel, load_model};
+use std::path::Path;
+
+/// Quantize every 2-D weight with the recipe's spec (RTN, no clipping); keep the rest f32.
+fn write_bundle(m: &LoadedModel, recipe: &str, path: &Path) {
+    let recipe = load_recipe(recipe).unwrap();
+    let manifest = Manifest {
+        format_version: BUNDLE_FORMAT_VERSION,
+        created_by: "oqt tests".into(),
+        model_name: m.name.clone(),
+        config: m.config.clone(),
+        tokenizer: m.tokenizer.to_stored().unwrap(),
+        recipe: Some(recipe.clone()),
+        method: Some("rtn".into()),
+        tensors: Default::default(),
+        inputs: vec![],
+        evaluation: vec![],
+    };
+    let mut w = BundleWriter::new(manifest);
+    for name in m.weights.names() {
+        let t = m.weights.get(name).unwrap();
+        if t.shape.len() == 2 {
+            let spec = recipe.spec.weights_for(name);
+            w.add_quantized(name, &quantize_weight(&t.data, t.shape[0], t.shape[1], &spec, 1.0));
+        } else {
+            w.add_f32(name, t.shape.clone(), &t.data);
+        }
+    }
+    w.write(path).unwrap();
+}
+
+#[test]
+fn smollm2_w4a8_bundle_round_trips_and_is_under_a_third_of_f16() {
+    let path = oqt_hub::resolve_model("smollm2-135m").unwrap().path;
+    let m = load_model(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-w4a8.oqt");
+    write_bundle(&m, "w4a8", &out);
+
+    let size = std::fs::metadata(&out).unwrap().len() as f64;
+    let f16 = m.config.n_params() as f64 * 2.0;
+    eprintln!("bundle {:.1} MiB = {:.3} × f16", size / 1048576.0, size / f16);
+    assert!(size <= 0.33 * f16, "bundle is {:.3} × the f16 size", size / f16);
+
+    let b = Bundle::open(&out).unwrap();
+    assert_eq!(b.manifest.config, m.config);
+    assert_eq!(b.manifest.recipe.as_ref().unwrap().name, "w4a8");
+    let name = "model.layers.7.mlp.down_proj.weight";
+    let t = m.weights.get(name).unwrap();
+    let spec = b.manifest.recipe.as_ref().unwrap().spec.weights_for(name);
+    assert_eq!(
+        b.quantized(name).unwrap(),
+        quantize_weight(&t.data, t.shape[0], t.shape[1], &spec, 1.0)
+    );
+    let emb = b.quantized("model.embed_tokens.weight").unwrap();
+    assert_eq!(emb.spec.bits, 8);
+    assert_eq!(
+        b.f32_tensor("model.norm.weight").unwrap(),
+        m.weights.get("model.norm.weight").unwrap().data
+    );
+    // The stored tokenizer is the model's.
+    let tok = b.tokenizer().unwrap();
+    for text in [
+        "Hello world",
+        "Numbers: 3.14159, 2026",
+        "<|im_start|>user\nhi<|im_end|>",
+    ] {
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            m.tokenizer.encode(text, false).unwrap()
+        );
+        assert_eq!(tok.encode(text, true).unwrap(), m.tokenizer.encode(text, true).unwrap());
+    }
+    assert_eq!(tok.chat_template, m.tokenizer.chat_template);
+}
+
+fn tiny_bundle(dir: &Path) -> std::path::PathBuf {
+    let cfg = tiny_config();
+    let gguf = dir.join("tiny.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 4)).unwrap();
+    let out = dir.join("tiny.oqt");
+    write_bundle(&load_model(&gguf).unwrap(), "w4a8-dyn", &out);
+    out
+}
+
+#[test]
+fn asymmetric_and_odd_width_weights_round_trip() {
+    use oqt_core::quant::{Granularity, Rounding, ScaleRule, WeightSpec};
+    let cfg = tiny_config();
+    let gguf_dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_dir.path().join("t.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
+    let m = load_model(&gguf).unwrap();
+    let mut w = BundleWriter::new(Manifest {
+        format_version: 1,
+        created_by: "t".into(),
+        model_name: "t".into(),
+        config: m.config.clone(),
+        tokenizer: m.tokenizer.to_stored().unwrap(),
+        recipe: None,
+        method: None,
+        tensors: Default::default(),
+        inputs: vec![],
+        evaluation: vec![],
+    });
+    let data: Vec<f32> = oqt_core::testing::pseudo_random(5 * 45, 3, 1.0);
+    let asym = WeightSpec {
+        bits: 4,
+        granularity: Granularity::PerGroup(32),
+        symmetric: false,
+        scale_rule: ScaleRule::AmaxOverQmax,
+        rounding: Rounding::HalfToEven,
+    };
+    let q8 = WeightSpec {
+        bits: 8,
+        granularity: Granularity::PerTensor,
+        symmetric: true,
+        ..asym
+    };
+    let a = quantize_weight(&data, 5, 45, &asym, 1.0);
+    let b = quantize_weight(&data, 5, 45, &q8, 0.9);
+    w.add_quantized("a", &a);
+    w.add_quantized("b", &b);
+    let path = gguf_dir.path().join("x.oqt");
+    w.write(&path).unwrap();
+    let bundle = Bundle::open(&path).unwrap();
+    assert_eq!(bundle.quantized("a").unwrap(), a);
+    assert_eq!(bundle.quantized("b").unwrap(), b);
+}
+
+#[test]
+fn truncated_bundle_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_bundle(dir.path());
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let msg = Bundle::open(&p).unwrap_err().to_string();
+    assert!(msg.contains("tiny.oqt") && msg.contains("truncated"), "{msg}");
+    std::fs::write(&p, &bytes[..5]).unwrap();
+    let msg = Bundle::open(&p).unwrap_err().to_string();
+    assert!(msg.contains("tiny.oqt") && msg.contains("safetensors"), "{msg}");
+}
+
+#[test]
+fn newer_format_version_says_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_bundle(dir.path());
+    let bytes = std::fs::read(&p).unwrap();
+    // Same-length edit inside the JSON header: version 1 → 9.
+    let needle = b"\\\"format_version\\\":1";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("version in header");
+    let mut edited = bytes.clone();
+    edited[at + needle.len() - 1] = b'9';
+    std::fs::write(&p, &edited).unwrap();
+    let msg = Bundle::open(&p).unwrap_err().to_string();
+    assert!(
+        msg.contains("bundle format version") && msg.contains('9') && msg.contains("upgrade"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn plain_safetensors_is_not_a_bundle_and_failed_writes_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("plain.safetensors");
+    let data = vec![0u8; 16];
+    let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &data).unwrap();
+    safetensors::serialize_to_file(vec![("x", v)], None, &p).unwrap();
+    let msg = Bundle::open(&p).unwrap_err().to_string();
+    assert!(msg.contains("not an oqt bundle"), "{msg}");
+
+    let cfg = tiny_config();
+    let gguf = dir.path().join("t.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 1)).unwrap();
+    let missing_dir = dir.path().join("no-such-dir").join("x.oqt");
+    let m = load_model(&gguf).unwrap();
+    let w = BundleWriter::new(Manifest {
+        format_version: 1,
+        created_by: "t".into(),
+        model_name: "t".into(),
+        config: m.config.clone(),
+        tokenizer: m.tokenizer.to_stored().unwrap(),
+        recipe: None,
+        method: None,
+        tensors: Default::default(),
+        inputs: vec![],
+        evaluation: vec![],
+    });
+    assert!(w.write(&missing_dir).is_err());
+    assert!(!missing_dir.exists());
+}
