@@ -3,6 +3,7 @@
 //! every later method (fake quantization, autodiff, zeroth-order training).
 
 pub mod device;
+pub mod fake_quant;
 pub mod generate;
 pub mod import;
 pub mod llama;

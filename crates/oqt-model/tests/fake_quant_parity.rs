@@ -1,0 +1,87 @@
+//! The Burn fake quantizers compute exactly what the reference quantizer and
+//! the integer kernels compute — the seam where other toolkits lose accuracy.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use oqt_core::quant::{Granularity, Rounding, ScaleRule, WeightSpec, dequantize_weight, quantize_weight};
+use oqt_core::testing::pseudo_random;
+use oqt_kernels::{Isa, quantize_rows};
+use oqt_model::fake_quant::{fake_quant_dynamic_rows, fake_quant_weight};
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+#[test]
+fn dynamic_activation_fake_quant_equals_the_kernel_grid() {
+    let (rows, k) = (9, 77);
+    let mut x = pseudo_random(rows * k, 17, 6.0);
+    x[3 * k..4 * k].fill(0.0); // an all-zero row
+    for v in &mut x[5 * k..6 * k] {
+        *v = v.abs(); // a row with min > 0
+    }
+    let t = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, k]), &Device::flex());
+    let sim = values(fake_quant_dynamic_rows(t));
+    let q = quantize_rows(Isa::detect(), &x, rows, k);
+    for r in 0..rows {
+        for c in 0..k {
+            let kernel = (q.q[r * q.k_pad + c] as i32 - q.zero_point[r]) as f32 * q.scale[r];
+            assert_eq!(
+                sim[r * k + c].to_bits(),
+                kernel.to_bits(),
+                "row {r} col {c}: {} vs {kernel}",
+                sim[r * k + c]
+            );
+        }
+    }
+}
+
+#[test]
+fn weight_fake_quant_equals_the_reference_quantizer() {
+    let (out, inp) = (24, 96);
+    let w = pseudo_random(out * inp, 23, 0.3);
+    for (granularity, rule, clip) in [
+        (Granularity::PerGroup(32), ScaleRule::AmaxOverQmax, 1.0),
+        (Granularity::PerChannel, ScaleRule::AmaxOverQmax, 0.9),
+        (Granularity::PerGroup(32), ScaleRule::AmaxOverHalfRange, 1.0),
+    ] {
+        let spec = WeightSpec {
+            bits: 4,
+            granularity,
+            symmetric: true,
+            scale_rule: rule,
+            rounding: Rounding::HalfToEven,
+        };
+        let reference = dequantize_weight(&quantize_weight(&w, out, inp, &spec, clip)); // [out, in]
+        // Burn layout is [in, out].
+        let mut t = vec![0f32; w.len()];
+        for r in 0..out {
+            for c in 0..inp {
+                t[c * out + r] = w[r * inp + c];
+            }
+        }
+        let sim = values(fake_quant_weight(
+            Tensor::<2>::from_data(TensorData::new(t, [inp, out]), &Device::flex()),
+            &spec,
+            clip,
+        ));
+        for r in 0..out {
+            for c in 0..inp {
+                assert_eq!(
+                    sim[c * out + r].to_bits(),
+                    reference[r * inp + c].to_bits(),
+                    "{granularity:?} {rule:?} ({r},{c})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn straight_through_gradient_is_identity() {
+    let device = Device::flex().autodiff();
+    let x = Tensor::<2>::from_data(TensorData::new(pseudo_random(40, 3, 2.0), [4, 10]), &device).require_grad();
+    let y = fake_quant_dynamic_rows(x.clone()).sum();
+    let grads = y.backward();
+    let g = values(x.grad(&grads).unwrap());
+    assert!(g.iter().all(|&v| v == 1.0), "{g:?}");
+}
