@@ -155,17 +155,11 @@ fn inspect_reads_bundles() {
     write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 2)).unwrap();
     let m = oqt_core::load_model(&gguf).unwrap();
     let recipe = load_recipe("w4a8-dyn").unwrap();
-    let mut w = BundleWriter::new(Manifest {
-        format_version: 1,
-        created_by: "test".into(),
-        model_name: m.name.clone(),
-        config: m.config.clone(),
-        tokenizer: m.tokenizer.to_stored().unwrap(),
-        recipe: Some(recipe.clone()),
-        method: Some("rtn".into()),
-        tensors: Default::default(),
-        inputs: vec![],
-        evaluation: vec![],
+    let mut w = BundleWriter::new({
+        let mut manifest = Manifest::for_model(&m, "test").unwrap();
+        manifest.recipe = Some(recipe.clone());
+        manifest.method = Some("rtn".into());
+        manifest
     });
     for name in m.weights.names() {
         let t = m.weights.get(name).unwrap();

@@ -1,7 +1,7 @@
 //! Bundles: round trips on the real model, size, and clear errors for
 //! truncated, foreign, or newer-format files.
 
-use oqt_core::bundle::{BUNDLE_FORMAT_VERSION, Bundle, BundleWriter, Manifest};
+use oqt_core::bundle::{Bundle, BundleWriter, Manifest};
 use oqt_core::quant::{load_recipe, quantize_weight};
 use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
 use oqt_core::{LoadedModel, load_model};
@@ -10,18 +10,9 @@ use std::path::Path;
 /// Quantize every 2-D weight with the recipe's spec (RTN, no clipping); keep the rest f32.
 fn write_bundle(m: &LoadedModel, recipe: &str, path: &Path) {
     let recipe = load_recipe(recipe).unwrap();
-    let manifest = Manifest {
-        format_version: BUNDLE_FORMAT_VERSION,
-        created_by: "oqt tests".into(),
-        model_name: m.name.clone(),
-        config: m.config.clone(),
-        tokenizer: m.tokenizer.to_stored().unwrap(),
-        recipe: Some(recipe.clone()),
-        method: Some("rtn".into()),
-        tensors: Default::default(),
-        inputs: vec![],
-        evaluation: vec![],
-    };
+    let mut manifest = Manifest::for_model(m, "oqt tests").unwrap();
+    manifest.recipe = Some(recipe.clone());
+    manifest.method = Some("rtn".into());
     let mut w = BundleWriter::new(manifest);
     for name in m.weights.names() {
         let t = m.weights.get(name).unwrap();
@@ -97,18 +88,7 @@ fn asymmetric_and_odd_width_weights_round_trip() {
     let gguf = gguf_dir.path().join("t.gguf");
     write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
     let m = load_model(&gguf).unwrap();
-    let mut w = BundleWriter::new(Manifest {
-        format_version: 1,
-        created_by: "t".into(),
-        model_name: "t".into(),
-        config: m.config.clone(),
-        tokenizer: m.tokenizer.to_stored().unwrap(),
-        recipe: None,
-        method: None,
-        tensors: Default::default(),
-        inputs: vec![],
-        evaluation: vec![],
-    });
+    let mut w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
     let data: Vec<f32> = oqt_core::testing::pseudo_random(5 * 45, 3, 1.0);
     let asym = WeightSpec {
         bits: 4,
@@ -183,18 +163,7 @@ fn plain_safetensors_is_not_a_bundle_and_failed_writes_leave_nothing() {
     write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 1)).unwrap();
     let missing_dir = dir.path().join("no-such-dir").join("x.oqt");
     let m = load_model(&gguf).unwrap();
-    let w = BundleWriter::new(Manifest {
-        format_version: 1,
-        created_by: "t".into(),
-        model_name: "t".into(),
-        config: m.config.clone(),
-        tokenizer: m.tokenizer.to_stored().unwrap(),
-        recipe: None,
-        method: None,
-        tensors: Default::default(),
-        inputs: vec![],
-        evaluation: vec![],
-    });
+    let w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
     assert!(w.write(&missing_dir).is_err());
     assert!(!missing_dir.exists());
 }

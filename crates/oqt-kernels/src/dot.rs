@@ -45,12 +45,10 @@ pub fn combine_reference(s_a: f32, scales: &[f32], dots: &[i32]) -> f32 {
     ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))
 }
 
-/// Signed int4 value at column `c` of a packed row.
+/// Signed int4 value at column `c` of a packed (symmetric, offset-8) row.
 #[inline]
 fn nibble(w: &[u8], c: usize) -> i32 {
-    let (b, i) = (c / BLOCK, c % BLOCK);
-    let byte = w[b * BLOCK / 2 + i % 16];
-    (if i < 16 { byte & 0x0F } else { byte >> 4 }) as i32 - 8
+    oqt_core::quant::pack::int4_nibble(w, c) as i32 - 8
 }
 
 pub fn row_int4(isa: Isa, a: ActRow<'_>, w: WeightRow<'_, u8>) -> f32 {

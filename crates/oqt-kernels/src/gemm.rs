@@ -19,6 +19,16 @@ fn group_sums(a: &QuantizedRows, group: usize) -> Vec<i32> {
     a.block_sums.chunks(per).map(|c| c.iter().sum()).collect()
 }
 
+/// Activation row `i` as the row kernels read it.
+fn act_row<'a>(a: &'a QuantizedRows, sums: &'a [i32], groups: usize, i: usize) -> ActRow<'a> {
+    ActRow {
+        q: &a.q[i * a.k_pad..(i + 1) * a.k_pad],
+        group_sums: &sums[i * groups..(i + 1) * groups],
+        zero_point: a.zero_point[i],
+        scale: a.scale[i],
+    }
+}
+
 /// Run `value(m, n)` for every output, tasks over weight rows, writing `[m, n]` row-major.
 fn by_weight_rows(m: usize, n: usize, out: &mut [f32], value: impl Fn(usize, usize) -> f32 + Sync) {
     assert_eq!(out.len(), m * n);
@@ -54,12 +64,7 @@ pub fn matmul_int4(isa: Isa, a: &QuantizedRows, w: &PackedInt4, out: &mut [f32])
     let groups = w.groups();
     let sums = group_sums(a, w.group);
     by_weight_rows(a.rows, w.rows, out, |i, n| {
-        let act = ActRow {
-            q: &a.q[i * a.k_pad..(i + 1) * a.k_pad],
-            group_sums: &sums[i * groups..(i + 1) * groups],
-            zero_point: a.zero_point[i],
-            scale: a.scale[i],
-        };
+        let act = act_row(a, &sums, groups, i);
         let wr = WeightRow {
             data: &w.data[n * w.row_bytes()..(n + 1) * w.row_bytes()],
             sums: &w.sums[n * groups..(n + 1) * groups],
@@ -76,12 +81,7 @@ pub fn matmul_int8(isa: Isa, a: &QuantizedRows, w: &PackedInt8, out: &mut [f32])
     let groups = w.groups();
     let sums = group_sums(a, w.group);
     by_weight_rows(a.rows, w.rows, out, |i, n| {
-        let act = ActRow {
-            q: &a.q[i * a.k_pad..(i + 1) * a.k_pad],
-            group_sums: &sums[i * groups..(i + 1) * groups],
-            zero_point: a.zero_point[i],
-            scale: a.scale[i],
-        };
+        let act = act_row(a, &sums, groups, i);
         let wr = WeightRow {
             data: &w.data[n * w.k_pad..(n + 1) * w.k_pad],
             sums: &w.sums[n * groups..(n + 1) * groups],

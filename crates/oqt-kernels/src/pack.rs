@@ -1,17 +1,10 @@
-//! Weight layouts the kernels read.
-//!
-//! Rows are padded to a multiple of [`BLOCK`] (32) input columns with zero
-//! weights. int4 values are stored offset by +8 in `[0, 15]`, 16 bytes per
-//! block of 32: byte `i` holds value `i` in its low nibble and value `i + 16`
-//! in its high nibble (llama.cpp's Q4_0 order: one load, a mask and a shift
-//! give two contiguous runs of 16). Each (row, group) also stores `Σ q_w`,
-//! needed to remove the activation zero point exactly.
+//! Weight layouts the kernels read. The int4 byte layout is oqt-core's
+//! (`oqt_core::quant::pack`), shared with bundles so a bundle's bytes are used
+//! as they are; symmetric values are stored offset by 8. Each (row, group)
+//! also carries `Σ q_w`, needed to remove the activation zero point exactly.
 
-pub const BLOCK: usize = 32;
-
-pub fn padded_len(k: usize) -> usize {
-    k.div_ceil(BLOCK) * BLOCK
-}
+pub use oqt_core::quant::pack::{BLOCK, padded_len};
+use oqt_core::quant::pack::{int4_nibble, pack_int4_rows};
 
 /// int4 weights `[rows, k]` with one scale per (row, group).
 #[derive(Debug, Clone, PartialEq)]
@@ -57,28 +50,23 @@ impl PackedInt4 {
     /// Pack signed values in `[−8, 7]`, row-major `[rows, k]`, with `scales` per (row, group).
     pub fn pack(values: &[i8], rows: usize, k: usize, group: Option<usize>, scales: Vec<f32>) -> Self {
         assert_eq!(values.len(), rows * k);
+        Self::from_packed(pack_int4_rows(values, rows, k, 8), rows, k, group, scales)
+    }
+
+    /// Wrap bytes already in the shared layout (a bundle's `.qweight`), computing the group sums.
+    pub fn from_packed(data: Vec<u8>, rows: usize, k: usize, group: Option<usize>, scales: Vec<f32>) -> Self {
         let k_pad = padded_len(k);
+        assert_eq!(data.len(), rows * k_pad / 2, "packed bytes do not match [{rows}, {k}]");
         let group = resolve_group(group, k_pad);
         let groups = k_pad / group;
         assert_eq!(scales.len(), rows * groups, "one scale per (row, group)");
-        let mut data = vec![0u8; rows * k_pad / 2];
         let mut sums = vec![0i32; rows * groups];
         for r in 0..rows {
-            let src = &values[r * k..(r + 1) * k];
-            let at = |c: usize| -> i8 { if c < k { src[c] } else { 0 } };
-            for b in 0..k_pad / BLOCK {
-                let out = &mut data[(r * k_pad + b * BLOCK) / 2..][..BLOCK / 2];
-                for (i, byte) in out.iter_mut().enumerate() {
-                    let (lo, hi) = (at(b * BLOCK + i), at(b * BLOCK + 16 + i));
-                    assert!(
-                        (-8..=7).contains(&lo) && (-8..=7).contains(&hi),
-                        "int4 value out of range"
-                    );
-                    *byte = ((lo + 8) as u8) | (((hi + 8) as u8) << 4);
-                }
-            }
+            let row = &data[r * k_pad / 2..(r + 1) * k_pad / 2];
             for g in 0..groups {
-                sums[r * groups + g] = (g * group..(g + 1) * group).map(|c| at(c) as i32).sum();
+                sums[r * groups + g] = (g * group..(g + 1) * group)
+                    .map(|c| int4_nibble(row, c) as i32 - 8)
+                    .sum();
             }
         }
         Self {
@@ -103,11 +91,7 @@ impl PackedInt4 {
 
     /// Signed value at (row, col), for tests and dequantization.
     pub fn value(&self, r: usize, c: usize) -> i8 {
-        let b = c / BLOCK;
-        let i = c % BLOCK;
-        let byte = self.data[(r * self.k_pad + b * BLOCK) / 2 + i % 16];
-        let nib = if i < 16 { byte & 0x0F } else { byte >> 4 };
-        nib as i8 - 8
+        int4_nibble(&self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()], c) as i8 - 8
     }
 }
 

@@ -62,6 +62,24 @@ pub struct EvalRecord {
     pub engine: String,
 }
 
+impl Manifest {
+    /// A manifest for `model` with no tensors, recipe or records yet.
+    pub fn for_model(model: &crate::LoadedModel, created_by: &str) -> crate::Result<Self> {
+        Ok(Self {
+            format_version: BUNDLE_FORMAT_VERSION,
+            created_by: created_by.into(),
+            model_name: model.name.clone(),
+            config: model.config.clone(),
+            tokenizer: model.tokenizer.to_stored()?,
+            recipe: None,
+            method: None,
+            tensors: BTreeMap::new(),
+            inputs: Vec::new(),
+            evaluation: Vec::new(),
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,

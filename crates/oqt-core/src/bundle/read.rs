@@ -1,5 +1,6 @@
 use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest, TensorEntry};
 use crate::error::{CoreError, Result};
+use crate::quant::pack::{int4_nibble, padded_len};
 use crate::quant::{Granularity, QuantizedWeight};
 use crate::tokenizer::Tokenizer;
 use memmap2::Mmap;
@@ -168,7 +169,7 @@ impl Bundle {
             });
         };
         let (rows, cols, group, spec) = (*rows, *cols, *group, *spec);
-        let k_pad = cols.div_ceil(32) * 32;
+        let k_pad = padded_len(cols);
         let raw = self.tensor(&format!("{name}.qweight")).expect("checked at open");
         let expected = if spec.bits <= 4 { rows * k_pad / 2 } else { rows * k_pad };
         if raw.bytes.len() != expected {
@@ -184,8 +185,7 @@ impl Bundle {
         for r in 0..rows {
             for c in 0..cols {
                 q[r * cols + c] = if spec.bits <= 4 {
-                    let byte = raw.bytes[(r * k_pad + c / 32 * 32) / 2 + c % 16];
-                    (if c % 32 < 16 { byte & 0x0F } else { byte >> 4 }) as i8 - offset
+                    int4_nibble(&raw.bytes[r * k_pad / 2..(r + 1) * k_pad / 2], c) as i8 - offset
                 } else {
                     raw.bytes[r * k_pad + c] as i8
                 };

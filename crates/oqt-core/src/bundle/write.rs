@@ -1,6 +1,7 @@
 use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest, TensorEntry};
 use crate::error::{CoreError, Result};
 use crate::quant::QuantizedWeight;
+use crate::quant::pack::{pack_int4_rows, padded_len};
 use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::Path;
@@ -42,7 +43,7 @@ impl BundleWriter {
     /// Add quantized weights: int4 and narrower are packed two per byte in the
     /// kernels' layout, 8-bit as i8; rows are padded to a multiple of 32 columns.
     pub fn add_quantized(&mut self, name: &str, qw: &QuantizedWeight) {
-        let k_pad = qw.cols.div_ceil(32) * 32;
+        let k_pad = padded_len(qw.cols);
         let groups_per_row = qw.scales.len()
             / if qw.spec.granularity == crate::quant::Granularity::PerTensor {
                 1
@@ -54,7 +55,7 @@ impl BundleWriter {
             let offset = if qw.spec.symmetric { 8 } else { 0 };
             (
                 Dtype::U8,
-                pack_int4_rows(&qw.q, qw.rows, qw.cols, k_pad, offset),
+                pack_int4_rows(&qw.q, qw.rows, qw.cols, offset),
                 vec![qw.rows, k_pad / 2],
             )
         } else {
@@ -123,26 +124,4 @@ impl BundleWriter {
             source: std::io::Error::other(e.to_string()),
         })
     }
-}
-
-/// 4-bit values → the kernels' int4 layout (see `oqt-kernels::pack`): per block
-/// of 32, byte `i` holds value `i` (low nibble) and `i + 16` (high), each plus
-/// `offset`; padding columns hold the stored form of 0.
-pub fn pack_int4_rows(q: &[i8], rows: usize, cols: usize, k_pad: usize, offset: i8) -> Vec<u8> {
-    let mut out = vec![0u8; rows * k_pad / 2];
-    for r in 0..rows {
-        let at = |c: usize| -> u8 {
-            if c < cols {
-                (q[r * cols + c] + offset) as u8
-            } else {
-                offset as u8
-            }
-        };
-        for b in 0..k_pad / 32 {
-            for i in 0..16 {
-                out[(r * k_pad + b * 32) / 2 + i] = at(b * 32 + i) | (at(b * 32 + 16 + i) << 4);
-            }
-        }
-    }
-    out
 }

@@ -4,6 +4,7 @@
 //! Burn side and the integer kernels of the runtime both follow these
 //! definitions, so simulation and deployment cannot disagree.
 
+pub mod pack;
 pub mod recipe;
 pub mod spec;
 pub mod weights;
