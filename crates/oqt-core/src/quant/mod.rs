@@ -11,4 +11,4 @@ pub mod weights;
 
 pub use recipe::{Recipe, builtin_recipe, builtin_recipe_names, load_recipe};
 pub use spec::{ActMode, ActSpec, Granularity, KvSpec, QuantSpec, Rounding, ScaleRule, TensorOverride, WeightSpec};
-pub use weights::{QuantizedWeight, dequantize_weight, quantize_weight};
+pub use weights::{QuantizedWeight, dequantize_weight, quantize_weight, quantize_weight_mse};

@@ -109,6 +109,58 @@ pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec, c
     }
 }
 
+/// Clip ratios tried by [`quantize_weight_mse`]: 1.0 down to 0.50 in steps of 0.02.
+pub fn clip_grid() -> impl Iterator<Item = f32> {
+    (0..=25).map(|i| 1.0 - 0.02 * i as f32)
+}
+
+/// Round-to-nearest with the clip ratio chosen per output row from [`clip_grid`]
+/// to minimize that row's squared weight error. Returns the weight and the
+/// ratio chosen for each row. Per-tensor grids search one ratio for the tensor.
+pub fn quantize_weight_mse(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec) -> (QuantizedWeight, Vec<f32>) {
+    if spec.granularity == Granularity::PerTensor {
+        let best = clip_grid()
+            .map(|clip| {
+                let qw = quantize_weight(w, rows, cols, spec, clip);
+                let err: f64 = dequantize_weight(&qw)
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum();
+                (err, clip, qw)
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .expect("non-empty grid");
+        return (best.2, vec![best.1; rows]);
+    }
+    let mut out = quantize_weight(w, rows, cols, spec, 1.0);
+    let mut ratios = vec![1.0; rows];
+    let per_row = out.scales.len() / rows;
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        let mut best: Option<(f64, f32, QuantizedWeight)> = None;
+        for clip in clip_grid() {
+            let qw = quantize_weight(row, 1, cols, spec, clip);
+            let err: f64 = dequantize_weight(&qw)
+                .iter()
+                .zip(row)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            if best.as_ref().is_none_or(|b| err < b.0) {
+                best = Some((err, clip, qw));
+            }
+        }
+        let (_, clip, qw) = best.expect("non-empty grid");
+        ratios[r] = clip;
+        out.q[r * cols..(r + 1) * cols].copy_from_slice(&qw.q);
+        out.scales[r * per_row..(r + 1) * per_row].copy_from_slice(&qw.scales);
+        if let (Some(z), Some(zr)) = (out.zero_points.as_mut(), qw.zero_points) {
+            z[r * per_row..(r + 1) * per_row].copy_from_slice(&zr);
+        }
+    }
+    (out, ratios)
+}
+
 /// `(q − zp) · scale`, row-major `[rows, cols]`.
 pub fn dequantize_weight(qw: &QuantizedWeight) -> Vec<f32> {
     let mut out = vec![0f32; qw.q.len()];
@@ -196,6 +248,39 @@ mod tests {
         let qw = quantize_weight(&w, 1, 4, &half_range, 1.0);
         // −1.4 / (1.4 / 7.5) = −7.5, which rounds half to even onto the grid's bottom, −8.
         assert_eq!(qw.q[0], -8);
+    }
+
+    #[test]
+    fn mse_clip_search_beats_min_max_on_heavy_tailed_rows() {
+        // Laplace-distributed weights (like trained LLM weights): the largest values are
+        // rare, so a slightly clipped grid resolves the bulk better.
+        let (rows, cols) = (6, 256);
+        let u = pseudo_random(rows * cols, 9, 1.0);
+        let w: Vec<f32> = u
+            .iter()
+            .map(|&v| v.signum() * -(1.0 - v.abs()).max(1e-6).ln() * 0.05)
+            .collect();
+        let s = spec(4, Granularity::PerChannel, true);
+        let err = |qw: &QuantizedWeight| -> f64 {
+            dequantize_weight(qw)
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum()
+        };
+        let plain = quantize_weight(&w, rows, cols, &s, 1.0);
+        let (searched, ratios) = quantize_weight_mse(&w, rows, cols, &s);
+        assert!(
+            err(&searched) < 0.9 * err(&plain),
+            "{} vs {}",
+            err(&searched),
+            err(&plain)
+        );
+        assert!(ratios.iter().all(|&r| r < 1.0), "{ratios:?}");
+        // Each row's result is exactly the plain quantizer at the chosen ratio.
+        let row2 = quantize_weight(&w[2 * cols..3 * cols], 1, cols, &s, ratios[2]);
+        assert_eq!(&searched.q[2 * cols..3 * cols], &row2.q[..]);
+        assert_eq!(searched.scales[2], row2.scales[0]);
     }
 
     #[test]
