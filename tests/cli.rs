@@ -185,3 +185,71 @@ fn inspect_reads_bundles() {
         .success()
         .stdout(contains("method rtn, recipe w4a8-dyn"));
 }
+
+#[test]
+fn quantize_then_eval_the_bundle_with_the_runtime() {
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 6)).unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "the cat in the hat sat on the mat; then the hat sat on the cat. ".repeat(20),
+    )
+    .unwrap();
+    let eval = |args: &[&str]| -> f64 {
+        let mut all = vec!["eval"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--dataset", text.to_str().unwrap(), "--ctx", "64", "--json"]);
+        json_of(oqt().args(&all))["perplexity"].as_f64().unwrap()
+    };
+    let float = eval(&[gguf.to_str().unwrap()]);
+    for recipe in ["w8a16", "w4a8-dyn"] {
+        let out = dir.path().join(format!("{recipe}.oqt"));
+        let v = json_of(oqt().args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            recipe,
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ]));
+        assert_eq!(v["method"], "rtn");
+        let q = eval(&["--bundle", out.to_str().unwrap()]);
+        // 8-bit weights barely move the random tiny model; 4-bit moves it more, but stays close.
+        let tol = if recipe == "w8a16" { 0.01 } else { 0.25 };
+        assert!((q - float).abs() / float < tol, "{recipe}: {q} vs float {float}");
+    }
+    // Static recipes need calibration and MobileQuant by default: a clear refusal, no file.
+    let out = dir.path().join("w4a8.oqt");
+    oqt()
+        .args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            "w4a8",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .assert()
+        .failure()
+        .stderr(contains("mobilequant"));
+    oqt()
+        .args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            "w4a8",
+            "--method",
+            "rtn",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .assert()
+        .failure()
+        .stderr(contains("calibration"));
+    assert!(!out.exists());
+}

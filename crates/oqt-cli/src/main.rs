@@ -39,6 +39,8 @@ enum Command {
     Eval(cmd::eval::EvalArgs),
     /// Generate text from a prompt (chat template applied unless --raw).
     Generate(cmd::generate::GenerateArgs),
+    /// Quantize a model with a recipe into a bundle the runtime runs.
+    Quantize(cmd::quantize::QuantizeArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -70,6 +72,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

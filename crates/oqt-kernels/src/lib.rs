@@ -8,7 +8,7 @@
 //!   `min ≤ 0 ≤ max`; `zp = clamp(round(−128 − min / scale), −128, 127)`;
 //!   `q = clamp(round(x · (1/scale)) + zp, −128, 127)`, rounding half to even
 //!   (what SIMD float→int conversion does).
-//! * Weights are symmetric int4 in `[−8, 7]` or int8 in `[−127, 127]`, one f32
+//! * Weights are symmetric int4 in `[−8, 7]` or int8 in `[−128, 127]`, one f32
 //!   scale per output row and group of `group` input columns.
 //! * Per group, the integer dot `Σ (q_a − zp) · q_w` is exact in i32, and
 //!   `v_g = (s_a · s_w[g]) · dot_g` in f32; the output sums the `v_g` in eight

@@ -96,13 +96,9 @@ impl PackedInt4 {
 }
 
 impl PackedInt8 {
-    /// Pack signed values in `[−127, 127]`, row-major `[rows, k]`.
+    /// Pack signed values (the whole i8 range, −128 included: clipped grids reach it), row-major `[rows, k]`.
     pub fn pack(values: &[i8], rows: usize, k: usize, group: Option<usize>, scales: Vec<f32>) -> Self {
         assert_eq!(values.len(), rows * k);
-        assert!(
-            values.iter().all(|&v| v != i8::MIN),
-            "int8 weights are symmetric: −128 is not allowed"
-        );
         let k_pad = padded_len(k);
         let group = resolve_group(group, k_pad);
         let groups = k_pad / group;

@@ -99,7 +99,7 @@ proptest! {
         let group = group_for(k, gsel);
         let mut rng = seed;
         let mut next = || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
-        let w: Vec<i8> = (0..n * k).map(|_| ((next() % 255) as i32 - 127) as i8).collect();
+        let w: Vec<i8> = (0..n * k).map(|_| ((next() % 256) as i32 - 128) as i8).collect();
         let k_pad = k.div_ceil(32) * 32;
         let groups = k_pad / group.unwrap_or(k_pad);
         let scales: Vec<f32> = (0..n * groups).map(|_| (next() % 1000 + 1) as f32 * 1e-4).collect();

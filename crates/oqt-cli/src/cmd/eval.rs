@@ -6,8 +6,12 @@ use oqt_eval::{PerplexityOptions, perplexity};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Model alias, GGUF file, HF directory or hub id.
-    pub model: String,
+    /// Model alias, GGUF file, HF directory or hub id (run in f32 on Burn).
+    #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
+    pub model: Option<String>,
+    /// An oqt bundle, run by the integer runtime instead.
+    #[arg(long)]
+    pub bundle: Option<std::path::PathBuf>,
     /// Dataset name (wikitext2, tinyshakespeare) or a text file.
     #[arg(long, default_value = "wikitext2")]
     pub dataset: String,
@@ -24,24 +28,53 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+/// The model to score: the f32 Burn model or the runtime on a bundle.
+struct Scorer {
+    lm: Box<dyn oqt_core::scoring::CausalLm>,
+    tokenizer: oqt_core::Tokenizer,
+    name: String,
+    path: String,
+    engine: &'static str,
+}
+
+fn scorer(a: &EvalArgs) -> anyhow::Result<Scorer> {
+    if let Some(b) = &a.bundle {
+        let bundle = oqt_core::bundle::Bundle::open(b)?;
+        let rt = oqt_runtime::RuntimeModel::load(&bundle)?;
+        return Ok(Scorer {
+            tokenizer: rt.tokenizer.clone(),
+            name: bundle.manifest.model_name.clone(),
+            path: b.display().to_string(),
+            engine: "runtime",
+            lm: Box::new(rt),
+        });
+    }
+    let spec = a.model.as_deref().expect("clap requires a model or --bundle");
+    let (loaded, model) = load_burn(spec, &a.device)?;
+    Ok(Scorer {
+        tokenizer: loaded.tokenizer,
+        name: loaded.name,
+        path: loaded.path.display().to_string(),
+        engine: "burn-f32",
+        lm: Box::new(model),
+    })
+}
+
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let dataset = oqt_core::datasets::resolve(&a.dataset)?;
-    let (loaded, model) = load_burn(&a.model, &a.device)?;
+    let sc = scorer(&a)?;
     let text = dataset.read_text()?;
-    let tokens = loaded
-        .tokenizer
-        .encode(&text, false)
-        .context("tokenizing the dataset")?;
+    let tokens = sc.tokenizer.encode(&text, false).context("tokenizing the dataset")?;
     let opts = PerplexityOptions {
         ctx: a.ctx,
         max_chunks: a.max_chunks,
-        bos: loaded.tokenizer.add_bos.then_some(loaded.tokenizer.bos_id).flatten(),
+        bos: sc.tokenizer.add_bos.then_some(sc.tokenizer.bos_id).flatten(),
     };
     let chunks = opts
         .max_chunks
         .map_or(tokens.len() / a.ctx, |m| m.min(tokens.len() / a.ctx));
     let pb = crate::output::bar(chunks as u64, "perplexity");
-    let report = perplexity(&model, &tokens, &opts, |p| {
+    let report = perplexity(sc.lm.as_ref(), &tokens, &opts, |p| {
         pb.set_position(p.chunk as u64);
         pb.set_message(format!("ppl {:.4}", p.running_perplexity));
     })?;
@@ -50,16 +83,16 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         let o = v.as_object_mut().expect("report is an object");
-        o.insert("model".into(), a.model.clone().into());
-        o.insert("model_path".into(), loaded.path.display().to_string().into());
+        o.insert("model".into(), sc.name.clone().into());
+        o.insert("model_path".into(), sc.path.clone().into());
         o.insert("dataset".into(), dataset.name.clone().into());
-        o.insert("engine".into(), "burn-f32".into());
+        o.insert("engine".into(), sc.engine.into());
         o.insert("peak_rss_mib".into(), serde_json::json!(peak));
         return print_json(&v);
     }
     println!(
         "{} on {} (ctx {}, {} of {} chunks, {} predictions)",
-        loaded.name, dataset.name, report.ctx, report.chunks, report.chunks_available, report.scored_tokens
+        sc.name, dataset.name, report.ctx, report.chunks, report.chunks_available, report.scored_tokens
     );
     println!(
         "perplexity {:.4}   mean NLL {:.5}   top-1 {:.2}%",

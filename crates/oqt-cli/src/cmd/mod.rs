@@ -2,6 +2,7 @@ pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
+pub mod quantize;
 
 use anyhow::Context;
 use clap::Args;

@@ -1,0 +1,76 @@
+use super::load;
+use crate::output::{mib, print_json};
+use anyhow::{Context, bail};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Model alias, GGUF file, HF directory or hub id.
+    pub model: String,
+    /// Recipe name (w4a8-dyn, w4a16, w4a16-g128, w8a16, …) or a recipe file.
+    #[arg(long)]
+    pub recipe: String,
+    /// Method; defaults to the recipe's. Available today: rtn.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Search each row's clip ratio for the lowest weight MSE.
+    #[arg(long)]
+    pub clip_search: bool,
+    /// Where to write the bundle (default: exports/<model>-<recipe>.oqt).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
+    let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
+    let method = a.method.clone().unwrap_or_else(|| recipe.default_method.clone());
+    if method != "rtn" {
+        bail!(
+            "method `{method}` is not available yet (recipe `{}` defaults to it); pass --method rtn",
+            recipe.name
+        );
+    }
+    let start = std::time::Instant::now();
+    let model = load(&a.model)?;
+    let output = a.output.clone().unwrap_or_else(|| {
+        let stem = a.model.replace(['/', '\\'], "_");
+        PathBuf::from("exports").join(format!("{stem}-{}.oqt", recipe.name))
+    });
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let pb = crate::output::bar(model.weights.len() as u64, "quantizing");
+    let opts = oqt_compress::rtn::RtnOptions {
+        clip_search: a.clip_search,
+    };
+    let created_by = format!("oqt {}", env!("CARGO_PKG_VERSION"));
+    let writer = oqt_compress::rtn::quantize_rtn(&model, &recipe, opts, &created_by, |d, _| pb.set_position(d as u64))?;
+    pb.finish_and_clear();
+    writer
+        .write(&output)
+        .with_context(|| format!("writing {}", output.display()))?;
+    let bytes = std::fs::metadata(&output)?.len();
+    let f16 = model.config.n_params() as u64 * 2;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "output": output,
+            "recipe": recipe.name,
+            "method": method,
+            "bytes": bytes,
+            "ratio_to_f16": bytes as f64 / f16 as f64,
+            "seconds": start.elapsed().as_secs_f64(),
+        }));
+    }
+    println!(
+        "{} ({}, {:.3} × f16) in {:.1} s",
+        output.display(),
+        mib(bytes),
+        bytes as f64 / f16 as f64,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Round-to-nearest post-training quantization: every linear weight on the
+//! recipe's grid (per-tensor overrides applied), optionally with a per-row MSE
+//! search over clip ratios; norms stay f32.
+//!
+//! Only recipes whose activations need no calibration (dynamic or float) are
+//! handled here: static NPU-style grids need calibrated activation ranges.
+
+use oqt_core::bundle::{BundleWriter, InputRecord, Manifest};
+use oqt_core::quant::{ActMode, Recipe, quantize_weight, quantize_weight_mse};
+use oqt_core::{CoreError, LoadedModel, Result};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RtnOptions {
+    /// Search the clip ratio per output row (slower, lower weight error).
+    pub clip_search: bool,
+}
+
+/// Quantize `model` with `recipe`; `progress(done, total)` after each tensor.
+pub fn quantize_rtn(
+    model: &LoadedModel,
+    recipe: &Recipe,
+    opts: RtnOptions,
+    created_by: &str,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BundleWriter> {
+    if recipe.spec.activations.mode == ActMode::Static {
+        return Err(CoreError::Other(format!(
+            "recipe `{}` uses static activation grids, which need calibration; RTN here handles dynamic-activation \
+             and weight-only recipes (w4a8-dyn, w4a16, w4a16-g128, w8a16)",
+            recipe.name
+        )));
+    }
+    let mut manifest = Manifest::for_model(model, created_by)?;
+    manifest.recipe = Some(recipe.clone());
+    manifest.method = Some(if opts.clip_search { "rtn-mse-clip" } else { "rtn" }.into());
+    if let Ok(sha) = oqt_core::datasets::sha256_file(&model.path)
+        && model.path.is_file()
+    {
+        manifest.inputs.push(InputRecord {
+            role: "model".into(),
+            path: model.path.display().to_string(),
+            sha256: sha,
+        });
+    }
+    let mut w = BundleWriter::new(manifest);
+    let names: Vec<&String> = model.weights.names().collect();
+    let total = names.len();
+    for (done, name) in names.into_iter().enumerate() {
+        let t = model.weights.get(name).expect("listed");
+        if t.shape.len() == 2 {
+            let spec = recipe.spec.weights_for(name);
+            let per_tensor = spec.granularity == oqt_core::quant::Granularity::PerTensor;
+            let qw = if opts.clip_search && !per_tensor {
+                // Rows are independent: split the search across threads.
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
+                let parts: Vec<_> = t
+                    .data
+                    .par_chunks(chunk * cols)
+                    .map(|part| quantize_weight_mse(part, part.len() / cols, cols, &spec).0)
+                    .collect();
+                let mut all = parts[0].clone();
+                all.rows = rows;
+                for p in &parts[1..] {
+                    all.q.extend_from_slice(&p.q);
+                    all.scales.extend_from_slice(&p.scales);
+                    if let (Some(z), Some(pz)) = (all.zero_points.as_mut(), &p.zero_points) {
+                        z.extend_from_slice(pz);
+                    }
+                }
+                all
+            } else if opts.clip_search {
+                quantize_weight_mse(&t.data, t.shape[0], t.shape[1], &spec).0
+            } else {
+                quantize_weight(&t.data, t.shape[0], t.shape[1], &spec, 1.0)
+            };
+            w.add_quantized(name, &qw);
+        } else {
+            w.add_f32(name, t.shape.clone(), &t.data);
+        }
+        progress(done + 1, total);
+    }
+    Ok(w)
+}

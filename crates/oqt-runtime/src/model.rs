@@ -1,0 +1,313 @@
+//! The Llama-family forward pass over a bundle.
+
+use crate::linear::Linear;
+use oqt_core::bundle::{Bundle, TensorEntry};
+use oqt_core::quant::{ActMode, dequantize_weight};
+use oqt_core::scoring::{CausalLm, WindowScores, log_softmax_row};
+use oqt_core::weights::names;
+use oqt_core::{CoreError, LlamaConfig, Result, Tokenizer};
+use oqt_kernels::Isa;
+use rayon::prelude::*;
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    q_bias: Option<Vec<f32>>,
+    k_bias: Option<Vec<f32>>,
+    v_bias: Option<Vec<f32>>,
+}
+
+pub struct RuntimeModel {
+    pub config: LlamaConfig,
+    pub tokenizer: Tokenizer,
+    pub isa: Isa,
+    /// Embedding rows, dequantized on lookup: `(q, scale per row)` or f32.
+    embed: Linear,
+    embed_f32: Option<Vec<f32>>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// Separate head, or `None` to use the (tied) embedding.
+    head: Option<Linear>,
+    rope_inv_freq: Vec<f64>,
+    /// Bytes of weights held (what a device stores).
+    pub weight_bytes: usize,
+}
+
+/// Keys and values seen so far, per layer: `[t, kv_heads × head_dim]`.
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            k: vec![Vec::new(); n_layers],
+            v: vec![Vec::new(); n_layers],
+            len: 0,
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+    for (xr, or) in x.chunks(gamma.len()).zip(out.chunks_mut(gamma.len())) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / gamma.len() as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(gamma) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+impl RuntimeModel {
+    pub fn load(bundle: &Bundle) -> Result<Self> {
+        let m = &bundle.manifest;
+        let cfg = m.config.clone();
+        let acts = m.recipe.as_ref().map_or(ActMode::None, |r| r.spec.activations.mode);
+        if acts == ActMode::Static {
+            return Err(CoreError::Unsupported {
+                path: bundle.path.clone(),
+                what: "activation quantization",
+                detail: "static (NPU-style) activation grids are not run by the runtime yet; use a dynamic (w4a8-dyn) or weight-only recipe".into(),
+            });
+        }
+        let mut weight_bytes = 0usize;
+        let mut linear = |name: &str| -> Result<Linear> {
+            match m.tensors.get(name) {
+                Some(TensorEntry::Quantized { .. }) => {
+                    let qw = bundle.quantized(name)?;
+                    weight_bytes += qw.q.len() * qw.spec.bits as usize / 8 + qw.scales.len() * 4;
+                    Ok(Linear::from_quantized(&qw, acts))
+                }
+                Some(TensorEntry::F32 { shape }) => {
+                    let w = bundle.f32_tensor(name)?;
+                    weight_bytes += w.len() * 4;
+                    Ok(Linear::F32 {
+                        w,
+                        out: shape[0],
+                        inp: shape[1],
+                    })
+                }
+                None => Err(CoreError::Missing {
+                    path: bundle.path.clone(),
+                    what: "tensor",
+                    name: name.into(),
+                }),
+            }
+        };
+        let f32s = |name: &str| bundle.f32_tensor(name);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let l = |s: &str| names::layer(i, s);
+            let bias = |s: &str| -> Result<Option<Vec<f32>>> {
+                if cfg.attention_bias {
+                    f32s(&l(s)).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: f32s(&l(names::ATTN_NORM))?,
+                q: linear(&l(names::Q))?,
+                k: linear(&l(names::K))?,
+                v: linear(&l(names::V))?,
+                o: linear(&l(names::O))?,
+                mlp_norm: f32s(&l(names::MLP_NORM))?,
+                gate: linear(&l(names::GATE))?,
+                up: linear(&l(names::UP))?,
+                down: linear(&l(names::DOWN))?,
+                q_bias: bias(names::Q_BIAS)?,
+                k_bias: bias(names::K_BIAS)?,
+                v_bias: bias(names::V_BIAS)?,
+            });
+        }
+        // The embedding is looked up row by row in f32 (a gather, not a matmul); when
+        // the head is tied, the same weights also serve as the head through the kernels.
+        let embed_entry = m.tensors.get(names::EMBED).cloned();
+        let embed_f32 = match &embed_entry {
+            Some(TensorEntry::Quantized { .. }) => Some(dequantize_weight(&bundle.quantized(names::EMBED)?)),
+            _ => Some(f32s(names::EMBED)?),
+        };
+        let embed = linear(names::EMBED)?;
+        let head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(names::LM_HEAD)?)
+        };
+        Ok(Self {
+            rope_inv_freq: cfg.rope_inv_freq(),
+            tokenizer: bundle.tokenizer()?,
+            isa: Isa::detect(),
+            embed,
+            embed_f32,
+            layers,
+            norm: f32s(names::FINAL_NORM)?,
+            head,
+            weight_bytes,
+            config: cfg,
+        })
+    }
+
+    /// Rotate-half RoPE in place on `[s, heads × hd]` for positions `start..`.
+    fn rope(&self, x: &mut [f32], heads: usize, start: usize) {
+        let hd = self.config.head_dim;
+        let half = hd / 2;
+        for (p, row) in x.chunks_mut(heads * hd).enumerate() {
+            let pos = (start + p) as f64;
+            for head in row.chunks_mut(hd) {
+                for (i, &f) in self.rope_inv_freq.iter().enumerate() {
+                    let a = pos * f;
+                    let (c, s) = (a.cos() as f32, a.sin() as f32);
+                    let (x1, x2) = (head[i], head[i + half]);
+                    head[i] = x1 * c - x2 * s;
+                    head[i + half] = x2 * c + x1 * s;
+                }
+            }
+        }
+    }
+
+    /// Final hidden states `[s, hidden]` for `tokens`, continuing `cache`.
+    pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let (h, s) = (cfg.hidden_size, tokens.len());
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        let emb = self.embed_f32.as_ref().expect("embedding loaded");
+        let mut x = Vec::with_capacity(s * h);
+        for &t in tokens {
+            let t = t as usize;
+            if t >= cfg.vocab_size {
+                return Err(CoreError::Other(format!(
+                    "token id {t} is outside the vocabulary ({})",
+                    cfg.vocab_size
+                )));
+            }
+            x.extend_from_slice(&emb[t * h..(t + 1) * h]);
+        }
+        let start = cache.len;
+        let mut normed = vec![0f32; s * h];
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, eps, &mut normed);
+            let mut q = layer.q.forward(self.isa, &normed, s);
+            let mut k = layer.k.forward(self.isa, &normed, s);
+            let mut v = layer.v.forward(self.isa, &normed, s);
+            for (t, b) in [
+                (&mut q, &layer.q_bias),
+                (&mut k, &layer.k_bias),
+                (&mut v, &layer.v_bias),
+            ] {
+                if let Some(b) = b {
+                    for row in t.chunks_mut(b.len()) {
+                        row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            self.rope(&mut q, nh, start);
+            self.rope(&mut k, nkv, start);
+            cache.k[li].extend_from_slice(&k);
+            cache.v[li].extend_from_slice(&v);
+            let (kc, vc) = (&cache.k[li], &cache.v[li]);
+            let total = start + s;
+            let group = nh / nkv;
+            let scale = 1.0 / (hd as f32).sqrt();
+            let mut attn = vec![0f32; s * nh * hd];
+            attn.par_chunks_mut(nh * hd).enumerate().for_each(|(i, out_row)| {
+                let mut scores = vec![0f32; total];
+                for head in 0..nh {
+                    let kvh = head / group;
+                    let qv = &q[i * nh * hd + head * hd..][..hd];
+                    let visible = start + i + 1;
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in scores[..visible].iter_mut().enumerate() {
+                        let kv = &kc[j * nkv * hd + kvh * hd..][..hd];
+                        *sc = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        max = max.max(*sc);
+                    }
+                    let mut denom = 0f32;
+                    for sc in &mut scores[..visible] {
+                        *sc = (*sc - max).exp();
+                        denom += *sc;
+                    }
+                    let o = &mut out_row[head * hd..(head + 1) * hd];
+                    o.fill(0.0);
+                    for (j, &p) in scores[..visible].iter().enumerate() {
+                        let vv = &vc[j * nkv * hd + kvh * hd..][..hd];
+                        let w = p / denom;
+                        o.iter_mut().zip(vv).for_each(|(a, b)| *a += w * b);
+                    }
+                }
+            });
+            let o = layer.o.forward(self.isa, &attn, s);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            rms_norm(&x, &layer.mlp_norm, eps, &mut normed);
+            let mut g = layer.gate.forward(self.isa, &normed, s);
+            let u = layer.up.forward(self.isa, &normed, s);
+            g.iter_mut()
+                .zip(&u)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            let d = layer.down.forward(self.isa, &g, s);
+            x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+        }
+        cache.len += s;
+        let mut out = vec![0f32; s * h];
+        rms_norm(&x, &self.norm, eps, &mut out);
+        Ok(out)
+    }
+
+    /// Logits `[rows, vocab]` for hidden rows `[rows, hidden]`.
+    pub fn logits(&self, hidden: &[f32], rows: usize) -> Vec<f32> {
+        self.head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .forward(self.isa, hidden, rows)
+    }
+}
+
+impl CausalLm for RuntimeModel {
+    fn score_window(&self, tokens: &[u32], first: usize) -> Result<WindowScores> {
+        let n = tokens.len();
+        if n < 2 || first >= n - 1 {
+            return Err(CoreError::Other(format!(
+                "cannot score positions {first}.. of a {n}-token window"
+            )));
+        }
+        let h = self.config.hidden_size;
+        let hidden = self.forward_hidden(tokens, &mut KvCache::new(self.layers.len()))?;
+        let rows = n - 1 - first;
+        let logits = self.logits(&hidden[first * h..(n - 1) * h], rows);
+        let v = self.config.vocab_size;
+        let (nll, argmax) = logits
+            .par_chunks(v)
+            .enumerate()
+            .map(|(i, row)| {
+                let lp = log_softmax_row(row);
+                (-lp[tokens[first + i + 1] as usize], oqt_core::sampling::argmax(row))
+            })
+            .unzip();
+        Ok(WindowScores { nll, argmax })
+    }
+
+    fn log_probs(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.forward_hidden(tokens, &mut KvCache::new(self.layers.len()))?;
+        let v = self.config.vocab_size;
+        Ok(self
+            .logits(&hidden, tokens.len())
+            .chunks(v)
+            .map(log_softmax_row)
+            .collect())
+    }
+}
