@@ -49,7 +49,7 @@ impl Linear {
                 y.par_chunks_mut(*out).enumerate().for_each(|(i, row)| {
                     let xi = &x[i * inp..(i + 1) * inp];
                     for (o, wr) in row.iter_mut().zip(w.chunks(*inp)) {
-                        *o = xi.iter().zip(wr).map(|(a, b)| a * b).sum();
+                        *o = dot(xi, wr);
                     }
                 });
             }
@@ -58,4 +58,18 @@ impl Linear {
         }
         y
     }
+}
+
+/// f32 dot product in eight independent lanes (vectorizes; a plain `sum()` is
+/// one serial dependency chain).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail
 }

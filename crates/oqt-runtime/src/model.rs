@@ -234,7 +234,7 @@ impl RuntimeModel {
                     let mut max = f32::NEG_INFINITY;
                     for (j, sc) in scores[..visible].iter_mut().enumerate() {
                         let kv = &kc[j * nkv * hd + kvh * hd..][..hd];
-                        *sc = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        *sc = crate::linear::dot(qv, kv) * scale;
                         max = max.max(*sc);
                     }
                     let mut denom = 0f32;
