@@ -146,33 +146,23 @@ fn gguf_and_hf_copies_of_one_model_score_identically() {
 
 #[test]
 fn inspect_reads_bundles() {
-    use oqt_core::bundle::{BundleWriter, Manifest};
-    use oqt_core::quant::{load_recipe, quantize_weight};
     use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config();
     let gguf = dir.path().join("tiny.gguf");
     write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 2)).unwrap();
-    let m = oqt_core::load_model(&gguf).unwrap();
-    let recipe = load_recipe("w4a8-dyn").unwrap();
-    let mut w = BundleWriter::new({
-        let mut manifest = Manifest::for_model(&m, "test").unwrap();
-        manifest.recipe = Some(recipe.clone());
-        manifest.method = Some("rtn".into());
-        manifest
-    });
-    for name in m.weights.names() {
-        let t = m.weights.get(name).unwrap();
-        match t.shape.len() {
-            2 => w.add_quantized(
-                name,
-                &quantize_weight(&t.data, t.shape[0], t.shape[1], &recipe.spec.weights_for(name), 1.0),
-            ),
-            _ => w.add_f32(name, t.shape.clone(), &t.data),
-        }
-    }
     let b = dir.path().join("tiny.oqt");
-    w.write(&b).unwrap();
+    oqt()
+        .args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            "w4a8-dyn",
+            "--output",
+            b.to_str().unwrap(),
+        ])
+        .assert()
+        .success();
     let v = json_of(oqt().args(["inspect", b.to_str().unwrap(), "--json"]));
     assert_eq!(v["format"], "oqt-bundle");
     assert_eq!(v["recipe"]["name"], "w4a8-dyn");

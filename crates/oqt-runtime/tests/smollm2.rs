@@ -2,7 +2,7 @@
 //! reference figures; a w4a8-dyn bundle runs through the integer kernels.
 
 use oqt_core::bundle::{Bundle, BundleWriter, Manifest};
-use oqt_core::quant::{load_recipe, quantize_weight};
+use oqt_core::quant::load_recipe;
 use oqt_core::scoring::CausalLm;
 use oqt_core::{LoadedModel, load_model};
 use oqt_runtime::RuntimeModel;
@@ -14,21 +14,21 @@ fn model() -> LoadedModel {
 
 /// f32 bundle when `recipe` is None; else RTN on the recipe's grids.
 fn bundle(m: &LoadedModel, recipe: Option<&str>, path: &Path) -> Bundle {
-    let mut manifest = Manifest::for_model(m, "oqt tests").unwrap();
-    let recipe = recipe.map(|r| load_recipe(r).unwrap());
-    manifest.recipe = recipe.clone();
-    let mut w = BundleWriter::new(manifest);
-    for name in m.weights.names() {
-        let t = m.weights.get(name).unwrap();
-        match (&recipe, t.shape.len()) {
-            (Some(r), 2) => w.add_quantized(
-                name,
-                &quantize_weight(&t.data, t.shape[0], t.shape[1], &r.spec.weights_for(name), 1.0),
-            ),
-            _ => w.add_f32(name, t.shape.clone(), &t.data),
+    let writer = match recipe {
+        Some(r) => {
+            let opts = oqt_compress::rtn::RtnOptions { clip_search: false };
+            oqt_compress::rtn::quantize_rtn(m, &load_recipe(r).unwrap(), opts, "oqt tests", |_, _| {}).unwrap()
         }
-    }
-    w.write(path).unwrap();
+        None => {
+            let mut w = BundleWriter::new(Manifest::for_model(m, "oqt tests").unwrap());
+            for name in m.weights.names() {
+                let t = m.weights.get(name).unwrap();
+                w.add_f32(name, t.shape.clone(), &t.data);
+            }
+            w
+        }
+    };
+    writer.write(path).unwrap();
     Bundle::open(path).unwrap()
 }
 
@@ -99,9 +99,20 @@ fn w4a8_dyn_bundle_runs_on_the_integer_kernels() {
 
 #[test]
 fn static_recipes_are_refused_clearly() {
+    // RTN refuses static recipes itself; a bundle claiming one (as MobileQuant's will)
+    // must not be run with the wrong activation arithmetic.
     let m = model();
     let dir = tempfile::tempdir().unwrap();
-    let err = RuntimeModel::load(&bundle(&m, Some("w8a8"), &dir.path().join("s.oqt")))
+    let mut manifest = Manifest::for_model(&m, "oqt tests").unwrap();
+    manifest.recipe = Some(load_recipe("w8a8").unwrap());
+    let mut w = BundleWriter::new(manifest);
+    for name in m.weights.names() {
+        let t = m.weights.get(name).unwrap();
+        w.add_f32(name, t.shape.clone(), &t.data);
+    }
+    let path = dir.path().join("s.oqt");
+    w.write(&path).unwrap();
+    let err = RuntimeModel::load(&Bundle::open(&path).unwrap())
         .err()
         .unwrap()
         .to_string();
