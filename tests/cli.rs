@@ -213,6 +213,28 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
         let tol = if recipe == "w8a16" { 0.01 } else { 0.25 };
         assert!((q - float).abs() / float < tol, "{recipe}: {q} vs float {float}");
     }
+    // The runtime also generates from the bundle, deterministically under a seed.
+    let generate = |seed: &str| {
+        json_of(oqt().args([
+            "generate",
+            "--bundle",
+            dir.path().join("w4a8-dyn.oqt").to_str().unwrap(),
+            "--raw",
+            "-p",
+            "the cat",
+            "-n",
+            "8",
+            "--temperature",
+            "0.8",
+            "--seed",
+            seed,
+            "--json",
+        ]))["tokens"]
+            .clone()
+    };
+    let a = generate("3");
+    assert!(!a.as_array().unwrap().is_empty());
+    assert_eq!(a, generate("3"));
     // Static recipes need calibration and MobileQuant by default: a clear refusal, no file.
     let out = dir.path().join("w4a8.oqt");
     oqt()

@@ -7,8 +7,12 @@ use std::io::Write;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model alias, GGUF file, HF directory or hub id.
-    pub model: String,
+    /// Model alias, GGUF file, HF directory or hub id (run in f32 on Burn).
+    #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
+    pub model: Option<String>,
+    /// An oqt bundle, run by the integer runtime instead.
+    #[arg(long)]
+    pub bundle: Option<std::path::PathBuf>,
     /// The user's message (or the raw text with --raw).
     #[arg(short, long)]
     pub prompt: String,
@@ -36,9 +40,25 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+/// Which engine generates.
+enum Engine {
+    Burn(Box<oqt_model::Llama>),
+    Runtime(Box<oqt_runtime::RuntimeModel>),
+}
+
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let (loaded, model) = load_burn(&a.model, &a.device)?;
-    let tok = &loaded.tokenizer;
+    let (tok, engine) = match (&a.bundle, &a.model) {
+        (Some(b), _) => {
+            let rt = oqt_runtime::RuntimeModel::load(&oqt_core::bundle::Bundle::open(b)?)?;
+            (rt.tokenizer.clone(), Engine::Runtime(Box::new(rt)))
+        }
+        (None, Some(m)) => {
+            let (loaded, model) = load_burn(m, &a.device)?;
+            (loaded.tokenizer, Engine::Burn(Box::new(model)))
+        }
+        (None, None) => unreachable!("clap requires a model or --bundle"),
+    };
+    let tok = &tok;
     let prompt_ids = if a.raw {
         tok.encode_document(&a.prompt)?
     } else {
@@ -60,33 +80,46 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut ids = Vec::new();
     let mut printed = 0;
     let stdout = std::io::stdout();
-    let stats = oqt_model::generate::generate(
-        &model,
-        &prompt_ids,
-        a.max_tokens,
-        sampling,
-        |t| tok.is_stop(t),
-        |t| {
-            ids.push(t);
-            if !a.json {
-                // Decode everything so far and print the new suffix: multi-byte
-                // characters split across tokens come out whole.
-                if let Ok(text) = tok.decode(&ids, true)
-                    && text.len() > printed
-                    && text.is_char_boundary(printed)
-                {
-                    let mut out = stdout.lock();
-                    let _ = out.write_all(&text.as_bytes()[printed..]);
-                    let _ = out.flush();
-                    printed = text.len();
-                }
+    let on_token = |t: u32| {
+        ids.push(t);
+        if !a.json {
+            // Decode everything so far and print the new suffix: multi-byte
+            // characters split across tokens come out whole.
+            if let Ok(text) = tok.decode(&ids, true)
+                && text.len() > printed
+                && text.is_char_boundary(printed)
+            {
+                let mut out = stdout.lock();
+                let _ = out.write_all(&text.as_bytes()[printed..]);
+                let _ = out.flush();
+                printed = text.len();
             }
-        },
-    )?;
+        }
+    };
+    let stop = |t: u32| tok.is_stop(t);
+    let stats = match &engine {
+        Engine::Burn(m) => serde_json::to_value(oqt_model::generate::generate(
+            m,
+            &prompt_ids,
+            a.max_tokens,
+            sampling,
+            stop,
+            on_token,
+        )?)?,
+        Engine::Runtime(rt) => serde_json::to_value(oqt_runtime::generate::generate(
+            rt,
+            &prompt_ids,
+            a.max_tokens,
+            sampling,
+            stop,
+            on_token,
+        )?)?,
+    };
     let text = tok.decode(&ids, true)?;
     if a.json {
         return print_json(&serde_json::json!({
             "model": a.model,
+            "bundle": a.bundle,
             "prompt": a.prompt,
             "text": text,
             "tokens": ids,
@@ -96,7 +129,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     println!();
     eprintln!(
         "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s decode]",
-        stats.prompt_tokens, stats.prefill_tok_s, stats.generated_tokens, stats.decode_tok_s
+        stats["prompt_tokens"],
+        stats["prefill_tok_s"].as_f64().unwrap_or(0.0),
+        stats["generated_tokens"],
+        stats["decode_tok_s"].as_f64().unwrap_or(0.0)
     );
     Ok(())
 }
