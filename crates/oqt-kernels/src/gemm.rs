@@ -3,7 +3,7 @@
 
 use crate::Isa;
 use crate::act_quant::QuantizedRows;
-use crate::dot::{ActRow, WeightRow, row_int4, row_int8};
+use crate::dot::{ActRow, row_int4, row_int8};
 use crate::pack::{BLOCK, PackedInt4, PackedInt8};
 use rayon::prelude::*;
 
@@ -64,14 +64,7 @@ pub fn matmul_int4(isa: Isa, a: &QuantizedRows, w: &PackedInt4, out: &mut [f32])
     let groups = w.groups();
     let sums = group_sums(a, w.group);
     by_weight_rows(a.rows, w.rows, out, |i, n| {
-        let act = act_row(a, &sums, groups, i);
-        let wr = WeightRow {
-            data: &w.data[n * w.row_bytes()..(n + 1) * w.row_bytes()],
-            sums: &w.sums[n * groups..(n + 1) * groups],
-            scales: &w.scales[n * groups..(n + 1) * groups],
-            group: w.group,
-        };
-        row_int4(isa, act, wr)
+        row_int4(isa, act_row(a, &sums, groups, i), w.row(n))
     });
 }
 
@@ -81,13 +74,6 @@ pub fn matmul_int8(isa: Isa, a: &QuantizedRows, w: &PackedInt8, out: &mut [f32])
     let groups = w.groups();
     let sums = group_sums(a, w.group);
     by_weight_rows(a.rows, w.rows, out, |i, n| {
-        let act = act_row(a, &sums, groups, i);
-        let wr = WeightRow {
-            data: &w.data[n * w.k_pad..(n + 1) * w.k_pad],
-            sums: &w.sums[n * groups..(n + 1) * groups],
-            scales: &w.scales[n * groups..(n + 1) * groups],
-            group: w.group,
-        };
-        row_int8(isa, act, wr)
+        row_int8(isa, act_row(a, &sums, groups, i), w.row(n))
     });
 }

@@ -89,6 +89,17 @@ impl PackedInt4 {
         self.k_pad / 2
     }
 
+    /// Row `n` as the row kernels read it.
+    pub fn row(&self, n: usize) -> crate::dot::WeightRow<'_, u8> {
+        let groups = self.groups();
+        crate::dot::WeightRow {
+            data: &self.data[n * self.row_bytes()..(n + 1) * self.row_bytes()],
+            sums: &self.sums[n * groups..(n + 1) * groups],
+            scales: &self.scales[n * groups..(n + 1) * groups],
+            group: self.group,
+        }
+    }
+
     /// Signed value at (row, col), for tests and dequantization.
     pub fn value(&self, r: usize, c: usize) -> i8 {
         int4_nibble(&self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()], c) as i8 - 8
@@ -96,6 +107,17 @@ impl PackedInt4 {
 }
 
 impl PackedInt8 {
+    /// Row `n` as the row kernels read it.
+    pub fn row(&self, n: usize) -> crate::dot::WeightRow<'_, i8> {
+        let groups = self.groups();
+        crate::dot::WeightRow {
+            data: &self.data[n * self.k_pad..(n + 1) * self.k_pad],
+            sums: &self.sums[n * groups..(n + 1) * groups],
+            scales: &self.scales[n * groups..(n + 1) * groups],
+            group: self.group,
+        }
+    }
+
     /// Pack signed values (the whole i8 range, −128 included: clipped grids reach it), row-major `[rows, k]`.
     pub fn pack(values: &[i8], rows: usize, k: usize, group: Option<usize>, scales: Vec<f32>) -> Self {
         assert_eq!(values.len(), rows * k);

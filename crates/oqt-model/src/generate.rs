@@ -1,21 +1,12 @@
-//! Autoregressive generation with a KV cache: prefill the prompt once, then
-//! decode one token at a time.
+//! Generation on the Burn model: the shared loop of `oqt_core::generation`
+//! over the KV-cached forward pass.
 
 use crate::llama::{KvCache, Llama};
 use burn::tensor::{Int, Tensor, TensorData};
-use oqt_core::sampling::{Sampler, SamplingOptions};
+use oqt_core::generation::{GenerationStats, run_generation};
+use oqt_core::sampling::SamplingOptions;
 use oqt_core::{CoreError, Result};
-use std::time::Instant;
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GenerationStats {
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub prefill_seconds: f64,
-    pub decode_seconds: f64,
-    pub prefill_tok_s: f64,
-    pub decode_tok_s: f64,
-}
+use std::cell::RefCell;
 
 fn last_logits(model: &Llama, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
@@ -38,37 +29,17 @@ pub fn generate(
     max_new: usize,
     sampling: SamplingOptions,
     is_stop: impl Fn(u32) -> bool,
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> Result<GenerationStats> {
-    if prompt.is_empty() {
-        return Err(CoreError::Other("the prompt is empty".into()));
-    }
-    let mut cache = KvCache::new(model.n_layers());
-    let mut sampler = Sampler::new(sampling);
-    let t0 = Instant::now();
-    let mut logits = last_logits(model, prompt, &mut cache)?;
-    let prefill = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut generated = 0;
-    for _ in 0..max_new {
-        let next = sampler.sample(&logits);
-        if is_stop(next) {
-            break;
-        }
-        on_token(next);
-        generated += 1;
-        if generated == max_new {
-            break;
-        }
-        logits = last_logits(model, &[next], &mut cache)?;
-    }
-    let decode = t1.elapsed().as_secs_f64();
-    Ok(GenerationStats {
-        prompt_tokens: prompt.len(),
-        generated_tokens: generated,
-        prefill_seconds: prefill,
-        decode_seconds: decode,
-        prefill_tok_s: prompt.len() as f64 / prefill.max(1e-9),
-        decode_tok_s: generated as f64 / decode.max(1e-9),
-    })
+    // Prefill and step share the cache; the loop calls them one after the other.
+    let cache = RefCell::new(KvCache::new(model.n_layers()));
+    run_generation(
+        prompt,
+        max_new,
+        sampling,
+        is_stop,
+        on_token,
+        |p| last_logits(model, p, &mut cache.borrow_mut()),
+        |t| last_logits(model, &[t], &mut cache.borrow_mut()),
+    )
 }

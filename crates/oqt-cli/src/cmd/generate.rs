@@ -98,22 +98,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let stop = |t: u32| tok.is_stop(t);
     let stats = match &engine {
-        Engine::Burn(m) => serde_json::to_value(oqt_model::generate::generate(
-            m,
-            &prompt_ids,
-            a.max_tokens,
-            sampling,
-            stop,
-            on_token,
-        )?)?,
-        Engine::Runtime(rt) => serde_json::to_value(oqt_runtime::generate::generate(
-            rt,
-            &prompt_ids,
-            a.max_tokens,
-            sampling,
-            stop,
-            on_token,
-        )?)?,
+        Engine::Burn(m) => oqt_model::generate::generate(m, &prompt_ids, a.max_tokens, sampling, stop, on_token)?,
+        Engine::Runtime(rt) => {
+            oqt_runtime::generate::generate(rt, &prompt_ids, a.max_tokens, sampling, stop, on_token)?
+        }
     };
     let text = tok.decode(&ids, true)?;
     if a.json {
@@ -129,10 +117,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     println!();
     eprintln!(
         "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s decode]",
-        stats["prompt_tokens"],
-        stats["prefill_tok_s"].as_f64().unwrap_or(0.0),
-        stats["generated_tokens"],
-        stats["decode_tok_s"].as_f64().unwrap_or(0.0)
+        stats.prompt_tokens, stats.prefill_tok_s, stats.generated_tokens, stats.decode_tok_s
     );
     Ok(())
 }
