@@ -2,13 +2,14 @@
 //! recipe's grid (per-tensor overrides applied), optionally with a per-row MSE
 //! search over clip ratios; norms stay f32.
 //!
-//! Only recipes whose activations need no calibration (dynamic or float) are
-//! handled here: static NPU-style grids need calibrated activation ranges.
+//! Static (NPU-style) recipes also need the activation grids calibrated on the
+//! float model ([`crate::calibrate`]); they are passed in and stored in the manifest.
 
 use oqt_core::bundle::{BundleWriter, InputRecord, Manifest};
-use oqt_core::quant::{ActMode, Recipe, quantize_weight, quantize_weight_mse};
+use oqt_core::quant::{ActGrid, ActMode, Recipe, quantize_weight, quantize_weight_mse};
 use oqt_core::{CoreError, LoadedModel, Result};
 use rayon::prelude::*;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RtnOptions {
@@ -16,22 +17,36 @@ pub struct RtnOptions {
     pub clip_search: bool,
 }
 
+/// Calibrated activation grids and the file they came from.
+#[derive(Debug, Clone)]
+pub struct Calibrated {
+    pub grids: BTreeMap<String, ActGrid>,
+    pub input: InputRecord,
+}
+
 /// Quantize `model` with `recipe`; `progress(done, total)` after each tensor.
 pub fn quantize_rtn(
     model: &LoadedModel,
     recipe: &Recipe,
     opts: RtnOptions,
+    calibrated: Option<Calibrated>,
     created_by: &str,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BundleWriter> {
-    if recipe.spec.activations.mode == ActMode::Static {
-        return Err(CoreError::Other(format!(
-            "recipe `{}` uses static activation grids, which need calibration; RTN here handles dynamic-activation \
-             and weight-only recipes (w4a8-dyn, w4a16, w4a16-g128, w8a16)",
-            recipe.name
-        )));
-    }
     let mut manifest = Manifest::for_model(model, created_by)?;
+    match (recipe.spec.activations.mode, calibrated) {
+        (ActMode::Static, Some(c)) => {
+            manifest.act_grids = c.grids;
+            manifest.inputs.push(c.input);
+        }
+        (ActMode::Static, None) => {
+            return Err(CoreError::Other(format!(
+                "recipe `{}` uses static activation grids: calibrate first (oqt_compress::calibrate)",
+                recipe.name
+            )));
+        }
+        _ => {}
+    }
     manifest.recipe = Some(recipe.clone());
     manifest.method = Some(if opts.clip_search { "rtn-mse-clip" } else { "rtn" }.into());
     if let Ok(sha) = oqt_core::datasets::sha256_file(&model.path)

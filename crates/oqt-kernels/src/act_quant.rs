@@ -41,12 +41,7 @@ pub fn quantize_row(isa: Isa, x: &[f32], out: &mut [i8]) -> (f32, i32) {
         max = max.max(v);
     }
     let (scale, zp) = row_params(min, max);
-    let inv = 1.0 / scale;
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::quantize_avx2(x, inv, zp, out) },
-        _ => quantize_scalar(x, inv, zp, out),
-    }
+    quantize_with(isa, x, 1.0 / scale, zp, out);
     (scale, zp)
 }
 
@@ -57,8 +52,37 @@ pub fn quantize_scalar(x: &[f32], inv: f32, zp: i32, out: &mut [i8]) {
     }
 }
 
-/// Quantize `rows × k` row-major activations.
+/// Quantize `rows × k` row-major activations, each row on its own range (dynamic).
 pub fn quantize_rows(isa: Isa, x: &[f32], rows: usize, k: usize) -> QuantizedRows {
+    quantize_rows_with(x, rows, k, |row, out| quantize_row(isa, row, out))
+}
+
+/// Quantize `rows × k` activations onto one fixed 8-bit grid (NPU-style static
+/// per-tensor): `clamp(round(x · (1/scale)) + zp, −128, 127)`, the same rounding
+/// as the dynamic path.
+pub fn quantize_rows_static(isa: Isa, x: &[f32], rows: usize, k: usize, scale: f32, zp: i32) -> QuantizedRows {
+    let inv = 1.0 / scale;
+    quantize_rows_with(x, rows, k, |row, out| {
+        quantize_with(isa, row, inv, zp, out);
+        (scale, zp)
+    })
+}
+
+fn quantize_with(isa: Isa, x: &[f32], inv: f32, zp: i32, out: &mut [i8]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::quantize_avx2(x, inv, zp, out) },
+        _ => quantize_scalar(x, inv, zp, out),
+    }
+}
+
+/// The shared row loop: `quantize(row, out)` fills one row and returns its (scale, zp).
+fn quantize_rows_with(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    mut quantize: impl FnMut(&[f32], &mut [i8]) -> (f32, i32),
+) -> QuantizedRows {
     assert_eq!(x.len(), rows * k);
     let k_pad = padded_len(k);
     let blocks = k_pad / BLOCK;
@@ -68,7 +92,7 @@ pub fn quantize_rows(isa: Isa, x: &[f32], rows: usize, k: usize) -> QuantizedRow
     let mut block_sums = vec![0i32; rows * blocks];
     for r in 0..rows {
         let dst = &mut q[r * k_pad..(r + 1) * k_pad];
-        let (s, zp) = quantize_row(isa, &x[r * k..(r + 1) * k], &mut dst[..k]);
+        let (s, zp) = quantize(&x[r * k..(r + 1) * k], &mut dst[..k]);
         dst[k..].fill(zp as i8);
         for (b, sum) in block_sums[r * blocks..(r + 1) * blocks].iter_mut().enumerate() {
             *sum = dst[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| v as i32).sum();

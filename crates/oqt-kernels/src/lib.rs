@@ -25,7 +25,7 @@ pub mod gemm;
 pub mod pack;
 pub mod requant;
 
-pub use act_quant::{QuantizedRows, quantize_row, quantize_rows};
+pub use act_quant::{QuantizedRows, quantize_row, quantize_rows, quantize_rows_static};
 pub use dot::{ActRow, WeightRow};
 pub use gemm::{matmul_int4, matmul_int8};
 pub use pack::{BLOCK, PackedInt4, PackedInt8};

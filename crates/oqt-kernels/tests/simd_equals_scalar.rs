@@ -1,7 +1,9 @@
 //! Every SIMD path equals the scalar reference bit for bit, on randomized
 //! shapes: odd sizes, K not a multiple of the block, one row, many rows.
 
-use oqt_kernels::{Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_row, quantize_rows};
+use oqt_kernels::{
+    Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_row, quantize_rows, quantize_rows_static,
+};
 use proptest::prelude::*;
 
 fn activations(len: usize) -> impl Strategy<Value = Vec<f32>> {
@@ -71,6 +73,31 @@ proptest! {
         prop_assert!((-128..=127).contains(&zp));
         let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         prop_assert!(scale * 255.0 >= max * 0.999);
+    }
+
+    #[test]
+    fn static_activation_quantization_agrees(
+        rows in 1usize..4,
+        x in (1usize..300).prop_flat_map(activations),
+        scale in 0.01f32..0.5,
+        zp in -128i32..128,
+    ) {
+        // One fixed grid for every row; values far outside it must clamp identically.
+        let k = x.len() / rows.max(1);
+        prop_assume!(k >= 1);
+        let x = &x[..rows * k];
+        let want = quantize_rows_static(Isa::Scalar, x, rows, k, scale, zp);
+        let inv = 1.0 / scale;
+        for (r, row) in x.chunks(k).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                let q = ((v * inv).round_ties_even() as i32 + zp).clamp(-128, 127);
+                prop_assert_eq!(want.q[r * want.k_pad + c] as i32, q);
+            }
+        }
+        prop_assert!(want.scale.iter().all(|&s| s == scale) && want.zero_point.iter().all(|&z| z == zp));
+        for isa in Isa::available() {
+            prop_assert_eq!(&quantize_rows_static(isa, x, rows, k, scale, zp), &want, "{}", isa.name());
+        }
     }
 
     #[test]

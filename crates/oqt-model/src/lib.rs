@@ -5,10 +5,15 @@
 pub mod device;
 pub mod fake_quant;
 pub mod generate;
+pub mod hooks;
 pub mod import;
 pub mod llama;
+pub mod quant_sim;
+pub mod reference_ops;
 pub mod scoring;
 
 pub use device::{DeviceKind, select_device};
+pub use hooks::{ForwardHooks, NoHooks, Proj};
 pub use import::{llama_from_loaded, llama_from_weights};
 pub use llama::{KvCache, Llama};
+pub use quant_sim::{QuantSim, SimulatedModel};

@@ -6,11 +6,14 @@
 //! `[d_in, d_out]`; Q/K rows are in rotate-half order (the GGUF loader undoes
 //! llama.cpp's permutation).
 
+use crate::hooks::{ForwardHooks, NoHooks, Proj};
+use crate::reference_ops;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use oqt_core::LlamaConfig;
+use oqt_core::quant::ActSite;
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -75,7 +78,7 @@ impl KvCache {
 }
 
 /// cos/sin tables for positions `start..start+seq`: `[1, 1, seq, head_dim/2]`.
-fn rope_tables(inv_freq: &[f64], start: usize, seq: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+pub fn rope_tables(inv_freq: &[f64], start: usize, seq: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
     let half = inv_freq.len();
     let mut cos = Vec::with_capacity(seq * half);
     let mut sin = Vec::with_capacity(seq * half);
@@ -92,7 +95,7 @@ fn rope_tables(inv_freq: &[f64], start: usize, seq: usize, device: &Device) -> (
 }
 
 /// Rotate-half RoPE on `[batch, heads, seq, head_dim]`.
-fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
@@ -113,9 +116,25 @@ fn causal_mask(start: usize, seq: usize, total: usize, device: &Device) -> Tenso
     Tensor::<4, Bool>::from_data(TensorData::new(m, [1, 1, seq, total]), device)
 }
 
+/// `1/√head_dim`, rounded to f32 once (the runtime uses the same value).
+pub fn attention_scale(head_dim: usize) -> f32 {
+    (1.0 / (head_dim as f64).sqrt()) as f32
+}
+
+fn norm(n: &RmsNorm, x: Tensor<3>, hooks: &dyn ForwardHooks) -> Tensor<3> {
+    if hooks.reference_arithmetic() {
+        reference_ops::rms_norm(x, &n.gamma.val(), n.epsilon)
+    } else {
+        n.forward(x)
+    }
+}
+
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
+        layer: usize,
+        hooks: &dyn ForwardHooks,
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
@@ -124,9 +143,14 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2);
+        let lin = |proj: Proj, l: &Linear, x: Tensor<3>| hooks.linear(layer, proj, x, &|x| l.forward(x));
+        let q = lin(Proj::Q, &self.q_proj, x.clone())
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2);
+        let k = lin(Proj::K, &self.k_proj, x.clone())
+            .reshape([b, s, kvh, hd])
+            .swap_dims(1, 2);
+        let v = lin(Proj::V, &self.v_proj, x).reshape([b, s, kvh, hd]).swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let mut k = apply_rope(k, cos, sin);
         let mut v = v;
@@ -142,39 +166,71 @@ impl Attention {
         // Grouped-query attention without copying K/V: the `group` query heads
         // that share a KV head are stacked along the sequence axis.
         let qg = q.reshape([b, kvh, group * s, hd]);
-        let scores = qg.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
+        let exact = hooks.reference_arithmetic();
+        let scale = attention_scale(hd);
+        let scores = if exact {
+            reference_ops::matmul(qg, k.swap_dims(2, 3))
+        } else {
+            qg.matmul(k.swap_dims(2, 3))
+        } * scale;
         let scores = scores.reshape([b, h, s, t]).mask_fill(mask.clone(), f32::NEG_INFINITY);
-        let probs = softmax(scores, 3).reshape([b, kvh, group * s, t]);
-        let out = probs
-            .matmul(v)
-            .reshape([b, h, s, hd])
-            .swap_dims(1, 2)
-            .reshape([b, s, h * hd]);
-        self.o_proj.forward(out)
+        let probs = if exact {
+            reference_ops::softmax(scores)
+        } else {
+            softmax(scores, 3)
+        };
+        let probs = hooks.probs(layer, probs).reshape([b, kvh, group * s, t]);
+        let out = if exact {
+            reference_ops::matmul(probs, v)
+        } else {
+            probs.matmul(v)
+        };
+        let out = out.reshape([b, h, s, hd]).swap_dims(1, 2).reshape([b, s, h * hd]);
+        let o = lin(Proj::O, &self.o_proj, out);
+        hooks.act(layer, ActSite::OOut, o)
     }
 }
 
 impl Mlp {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let g = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+    pub fn forward(&self, layer: usize, hooks: &dyn ForwardHooks, x: Tensor<3>) -> Tensor<3> {
+        let lin = |proj: Proj, l: &Linear, x: Tensor<3>| hooks.linear(layer, proj, x, &|x| l.forward(x));
+        let g = lin(Proj::Gate, &self.gate_proj, x.clone());
+        let g = if hooks.reference_arithmetic() {
+            reference_ops::silu(g)
+        } else {
+            silu(g)
+        };
+        let d = lin(Proj::Down, &self.down_proj, g * lin(Proj::Up, &self.up_proj, x));
+        hooks.act(layer, ActSite::DownOut, d)
     }
 }
 
 impl Block {
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
+        layer: usize,
+        hooks: &dyn ForwardHooks,
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
         mask: &Tensor<4, Bool>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
     ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .attn
-                .forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let attn = self.attn.forward(
+            layer,
+            hooks,
+            norm(&self.input_layernorm, x.clone(), hooks),
+            cos,
+            sin,
+            mask,
+            cache,
+        );
+        let h = hooks.act(layer, ActSite::AttnResidual, x + attn);
+        let mlp = self
+            .mlp
+            .forward(layer, hooks, norm(&self.post_attention_layernorm, h.clone(), hooks));
+        hooks.act(layer, ActSite::MlpResidual, h + mlp)
     }
 }
 
@@ -193,26 +249,41 @@ impl Llama {
 
     /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
     /// With a cache, `tokens` continue the cached positions.
-    pub fn forward_hidden(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn forward_hidden(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.forward_hidden_with(tokens, cache, &NoHooks)
+    }
+
+    /// [`Llama::forward_hidden`] through `hooks`.
+    pub fn forward_hidden_with(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+        hooks: &dyn ForwardHooks,
+    ) -> Tensor<3> {
         let [_, s] = tokens.dims();
         let device = tokens.device();
         let start = cache.as_ref().map_or(0, |c| c.len);
         let (cos, sin) = rope_tables(&self.rope_inv_freq, start, s, &device);
         let mask = causal_mask(start, s, start + s, &device);
-        let mut x = self.embed_tokens.forward(tokens);
+        let mut x = hooks.act(0, ActSite::Embed, self.embed_tokens.forward(tokens));
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &cos, &sin, &mask, slot);
+            x = layer.forward(i, hooks, x, &cos, &sin, &mask, slot);
         }
         if let Some(c) = cache {
             c.len += s;
         }
-        self.norm.forward(x)
+        norm(&self.norm, x, hooks)
     }
 
     /// Logits for hidden states: `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match &self.lm_head {
+        self.logits_with(hidden, &NoHooks)
+    }
+
+    /// [`Llama::logits`] through `hooks` (the head is [`Proj::Head`]).
+    pub fn logits_with(&self, hidden: Tensor<3>, hooks: &dyn ForwardHooks) -> Tensor<3> {
+        let float = |hidden: Tensor<3>| match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, d] = hidden.dims();
@@ -222,7 +293,8 @@ impl Llama {
                     .matmul(w.transpose())
                     .reshape([b, s, self.vocab_size()])
             }
-        }
+        };
+        hooks.linear(self.layers.len(), Proj::Head, hidden, &float)
     }
 
     pub fn forward(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {

@@ -8,7 +8,8 @@
 //! grids (`w4a8`, `w8a8`) are refused with a clear error until calibration lands.
 
 pub mod generate;
-mod linear;
+pub mod linear;
 mod model;
+pub mod reference;
 
 pub use model::{KvCache, RuntimeModel};

@@ -1,51 +1,94 @@
-//! A linear layer as the runtime stores it.
+//! A linear layer as the runtime stores it, and how its input is quantized.
 
-use oqt_core::quant::{ActMode, QuantizedWeight, dequantize_weight};
-use oqt_kernels::{Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_rows};
+use oqt_core::quant::{ActGrid, ActMode, QuantizedWeight, dequantize_weight};
+use oqt_kernels::{
+    Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_row, quantize_rows, quantize_rows_static,
+};
 use rayon::prelude::*;
 
-pub enum Linear {
-    /// `[out, in]` row-major; activations stay f32.
+/// The weights and the kernel that multiplies them.
+pub enum Kernel {
+    /// `[out, in]` row-major f32.
     F32 { w: Vec<f32>, out: usize, inp: usize },
-    /// Dynamic int8 activations × int4 weights.
+    /// Int8 activations × int4 weights.
     Int4(PackedInt4),
-    /// Dynamic int8 activations × int8 weights.
+    /// Int8 activations × int8 weights.
     Int8(PackedInt8),
+}
+
+/// What happens to a linear layer's input before the multiply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InputQuant {
+    Float,
+    /// Per row, from the row's range (CPU style).
+    Dynamic,
+    /// One calibrated grid for the whole tensor (NPU style).
+    Static(ActGrid),
+}
+
+pub struct Linear {
+    pub kernel: Kernel,
+    pub input: InputQuant,
 }
 
 impl Linear {
     pub fn out_dim(&self) -> usize {
-        match self {
-            Self::F32 { out, .. } => *out,
-            Self::Int4(w) => w.rows,
-            Self::Int8(w) => w.rows,
+        match &self.kernel {
+            Kernel::F32 { out, .. } => *out,
+            Kernel::Int4(w) => w.rows,
+            Kernel::Int8(w) => w.rows,
         }
     }
 
-    /// From a bundle's quantized weight: integer kernels when activations are
-    /// quantized dynamically, f32 (dequantized) for weight-only recipes.
-    pub fn from_quantized(qw: &QuantizedWeight, acts: ActMode) -> Self {
+    pub fn float(w: Vec<f32>, out: usize, inp: usize) -> Self {
+        Self {
+            kernel: Kernel::F32 { w, out, inp },
+            input: InputQuant::Float,
+        }
+    }
+
+    /// From a bundle's quantized weight. Its input is quantized as the recipe
+    /// says (`static_grid` for static recipes). Integer kernels run symmetric
+    /// weights with 32-aligned groups under quantized activations; anything else
+    /// (weight-only recipes, asymmetric grids) multiplies dequantized weights in f32.
+    pub fn from_quantized(qw: &QuantizedWeight, acts: ActMode, static_grid: Option<ActGrid>) -> Self {
+        let input = match (acts, static_grid) {
+            (ActMode::Static, Some(g)) => InputQuant::Static(g),
+            (ActMode::Dynamic, _) => InputQuant::Dynamic,
+            _ => InputQuant::Float,
+        };
+        let int8_input = match input {
+            InputQuant::Dynamic => true,
+            InputQuant::Static(g) => g.bits == 8,
+            InputQuant::Float => false,
+        };
         let per_row_groups = qw.scales.len() / qw.rows.max(1);
-        let integer = acts == ActMode::Dynamic && qw.spec.symmetric && per_row_groups * qw.rows == qw.scales.len();
+        let integer = int8_input && qw.spec.symmetric && per_row_groups * qw.rows == qw.scales.len();
         let group = (qw.group != qw.cols).then_some(qw.group);
         let k_pad = oqt_core::quant::pack::padded_len(qw.cols);
         let group_ok = group.is_none_or(|g| g.is_multiple_of(32) && k_pad.is_multiple_of(g));
-        match (integer && group_ok, qw.spec.bits) {
-            (true, b) if b <= 4 => Self::Int4(PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
-            (true, 8) => Self::Int8(PackedInt8::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
-            _ => Self::F32 {
+        let kernel = match (integer && group_ok, qw.spec.bits) {
+            (true, b) if b <= 4 => Kernel::Int4(PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
+            (true, 8) => Kernel::Int8(PackedInt8::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
+            _ => Kernel::F32 {
                 w: dequantize_weight(qw),
                 out: qw.rows,
                 inp: qw.cols,
             },
-        }
+        };
+        Self { kernel, input }
     }
 
     /// `x` `[m, in]` → `[m, out]`.
     pub fn forward(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         let mut y = vec![0f32; m * self.out_dim()];
-        match self {
-            Self::F32 { w, out, inp } => {
+        let quantized = |k: usize| match self.input {
+            InputQuant::Static(g) => quantize_rows_static(isa, x, m, k, g.scale, g.zero_point),
+            _ => quantize_rows(isa, x, m, k),
+        };
+        match &self.kernel {
+            Kernel::F32 { w, out, inp } => {
+                let x = self.fake_quant_input(isa, x, *inp);
                 y.par_chunks_mut(*out).enumerate().for_each(|(i, row)| {
                     let xi = &x[i * inp..(i + 1) * inp];
                     for (o, wr) in row.iter_mut().zip(w.chunks(*inp)) {
@@ -53,10 +96,34 @@ impl Linear {
                     }
                 });
             }
-            Self::Int4(w) => matmul_int4(isa, &quantize_rows(isa, x, m, w.k), w, &mut y),
-            Self::Int8(w) => matmul_int8(isa, &quantize_rows(isa, x, m, w.k), w, &mut y),
+            Kernel::Int4(w) => matmul_int4(isa, &quantized(w.k), w, &mut y),
+            Kernel::Int8(w) => matmul_int8(isa, &quantized(w.k), w, &mut y),
         }
         y
+    }
+
+    /// The input as the f32 kernel reads it: quantized and dequantized when the
+    /// recipe quantizes activations (same grids and rounding as the integer path).
+    fn fake_quant_input<'a>(&self, isa: Isa, x: &'a [f32], k: usize) -> std::borrow::Cow<'a, [f32]> {
+        match self.input {
+            InputQuant::Float => std::borrow::Cow::Borrowed(x),
+            InputQuant::Static(g) => {
+                let mut v = x.to_vec();
+                g.fake(&mut v);
+                std::borrow::Cow::Owned(v)
+            }
+            InputQuant::Dynamic => {
+                let mut v = x.to_vec();
+                let mut q = vec![0i8; k];
+                for row in v.chunks_mut(k) {
+                    let (scale, zp) = quantize_row(isa, row, &mut q);
+                    for (o, &qv) in row.iter_mut().zip(&q) {
+                        *o = (qv as i32 - zp) as f32 * scale;
+                    }
+                }
+                std::borrow::Cow::Owned(v)
+            }
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The Llama-family forward pass over a bundle.
 
 use crate::linear::Linear;
+use crate::reference::{dot_f64, rms_norm, silu_mul, softmax};
 use oqt_core::bundle::{Bundle, TensorEntry};
-use oqt_core::quant::{ActMode, dequantize_weight};
+use oqt_core::quant::{ActMode, ActSite, SiteGrids, dequantize_weight};
 use oqt_core::scoring::{CausalLm, WindowScores, log_softmax_row};
 use oqt_core::weights::names;
 use oqt_core::{CoreError, LlamaConfig, Result, Tokenizer};
@@ -36,6 +37,8 @@ pub struct RuntimeModel {
     /// Separate head, or `None` to use the (tied) embedding.
     head: Option<Linear>,
     rope_inv_freq: Vec<f64>,
+    /// Static activation grids (NPU-style recipes).
+    grids: Option<SiteGrids>,
     /// Bytes of weights held (what a device stores).
     pub weight_bytes: usize,
 }
@@ -63,44 +66,32 @@ impl KvCache {
     }
 }
 
-fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
-    for (xr, or) in x.chunks(gamma.len()).zip(out.chunks_mut(gamma.len())) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / gamma.len() as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(gamma) {
-            *o = v * inv * g;
-        }
-    }
-}
-
 impl RuntimeModel {
     pub fn load(bundle: &Bundle) -> Result<Self> {
         let m = &bundle.manifest;
         let cfg = m.config.clone();
         let acts = m.recipe.as_ref().map_or(ActMode::None, |r| r.spec.activations.mode);
-        if acts == ActMode::Static {
+        if m.recipe.as_ref().is_some_and(|r| r.spec.kv_cache.is_some()) {
             return Err(CoreError::Unsupported {
                 path: bundle.path.clone(),
-                what: "activation quantization",
-                detail: "static (NPU-style) activation grids are not run by the runtime yet; use a dynamic (w4a8-dyn) or weight-only recipe".into(),
+                what: "quantization",
+                detail: "a quantized KV cache is not run by the runtime yet".into(),
             });
         }
+        let grids = bundle.site_grids()?;
+        let grid = |layer: usize, site: ActSite| grids.as_ref().map(|g| g.get(layer, site));
         let mut weight_bytes = 0usize;
-        let mut linear = |name: &str| -> Result<Linear> {
+        let mut linear = |name: &str, input: ActSite, layer: usize| -> Result<Linear> {
             match m.tensors.get(name) {
                 Some(TensorEntry::Quantized { .. }) => {
                     let qw = bundle.quantized(name)?;
                     weight_bytes += qw.q.len() * qw.spec.bits as usize / 8 + qw.scales.len() * 4;
-                    Ok(Linear::from_quantized(&qw, acts))
+                    Ok(Linear::from_quantized(&qw, acts, grid(layer, input)))
                 }
                 Some(TensorEntry::F32 { shape }) => {
                     let w = bundle.f32_tensor(name)?;
                     weight_bytes += w.len() * 4;
-                    Ok(Linear::F32 {
-                        w,
-                        out: shape[0],
-                        inp: shape[1],
-                    })
+                    Ok(Linear::float(w, shape[0], shape[1]))
                 }
                 None => Err(CoreError::Missing {
                     path: bundle.path.clone(),
@@ -122,14 +113,14 @@ impl RuntimeModel {
             };
             layers.push(Layer {
                 attn_norm: f32s(&l(names::ATTN_NORM))?,
-                q: linear(&l(names::Q))?,
-                k: linear(&l(names::K))?,
-                v: linear(&l(names::V))?,
-                o: linear(&l(names::O))?,
+                q: linear(&l(names::Q), ActSite::AttnIn, i)?,
+                k: linear(&l(names::K), ActSite::AttnIn, i)?,
+                v: linear(&l(names::V), ActSite::AttnIn, i)?,
+                o: linear(&l(names::O), ActSite::AttnOut, i)?,
                 mlp_norm: f32s(&l(names::MLP_NORM))?,
-                gate: linear(&l(names::GATE))?,
-                up: linear(&l(names::UP))?,
-                down: linear(&l(names::DOWN))?,
+                gate: linear(&l(names::GATE), ActSite::MlpIn, i)?,
+                up: linear(&l(names::UP), ActSite::MlpIn, i)?,
+                down: linear(&l(names::DOWN), ActSite::DownIn, i)?,
                 q_bias: bias(names::Q_BIAS)?,
                 k_bias: bias(names::K_BIAS)?,
                 v_bias: bias(names::V_BIAS)?,
@@ -142,11 +133,11 @@ impl RuntimeModel {
             Some(TensorEntry::Quantized { .. }) => Some(dequantize_weight(&bundle.quantized(names::EMBED)?)),
             _ => Some(f32s(names::EMBED)?),
         };
-        let embed = linear(names::EMBED)?;
+        let embed = linear(names::EMBED, ActSite::FinalIn, 0)?;
         let head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(linear(names::LM_HEAD)?)
+            Some(linear(names::LM_HEAD, ActSite::FinalIn, 0)?)
         };
         Ok(Self {
             rope_inv_freq: cfg.rope_inv_freq(),
@@ -157,9 +148,17 @@ impl RuntimeModel {
             layers,
             norm: f32s(names::FINAL_NORM)?,
             head,
+            grids,
             weight_bytes,
             config: cfg,
         })
+    }
+
+    /// Put `x` on the static grid of `site` (no-op unless activations are static).
+    fn site(&self, layer: usize, site: ActSite, x: &mut [f32]) {
+        if let Some(g) = &self.grids {
+            g.get(layer, site).fake(x);
+        }
     }
 
     /// Rotate-half RoPE in place on `[s, heads × hd]` for positions `start..`.
@@ -198,6 +197,7 @@ impl RuntimeModel {
             }
             x.extend_from_slice(&emb[t * h..(t + 1) * h]);
         }
+        self.site(0, ActSite::Embed, &mut x);
         let start = cache.len;
         let mut normed = vec![0f32; s * h];
         for (li, layer) in self.layers.iter().enumerate() {
@@ -223,44 +223,45 @@ impl RuntimeModel {
             let (kc, vc) = (&cache.k[li], &cache.v[li]);
             let total = start + s;
             let group = nh / nkv;
-            let scale = 1.0 / (hd as f32).sqrt();
+            let scale = (1.0 / (hd as f64).sqrt()) as f32;
+            let probs_grid = self.grids.as_ref().map(|g| g.get(li, ActSite::Probs));
             let mut attn = vec![0f32; s * nh * hd];
             attn.par_chunks_mut(nh * hd).enumerate().for_each(|(i, out_row)| {
                 let mut scores = vec![0f32; total];
+                let mut acc = vec![0f64; hd];
                 for head in 0..nh {
                     let kvh = head / group;
                     let qv = &q[i * nh * hd + head * hd..][..hd];
                     let visible = start + i + 1;
-                    let mut max = f32::NEG_INFINITY;
                     for (j, sc) in scores[..visible].iter_mut().enumerate() {
                         let kv = &kc[j * nkv * hd + kvh * hd..][..hd];
-                        *sc = crate::linear::dot(qv, kv) * scale;
-                        max = max.max(*sc);
+                        *sc = dot_f64(qv, kv) * scale;
                     }
-                    let mut denom = 0f32;
-                    for sc in &mut scores[..visible] {
-                        *sc = (*sc - max).exp();
-                        denom += *sc;
+                    softmax(&mut scores[..visible]);
+                    if let Some(g) = &probs_grid {
+                        g.fake(&mut scores[..visible]);
                     }
                     let o = &mut out_row[head * hd..(head + 1) * hd];
-                    o.fill(0.0);
-                    for (j, &p) in scores[..visible].iter().enumerate() {
+                    acc.fill(0.0);
+                    for (j, &w) in scores[..visible].iter().enumerate() {
                         let vv = &vc[j * nkv * hd + kvh * hd..][..hd];
-                        let w = p / denom;
-                        o.iter_mut().zip(vv).for_each(|(a, b)| *a += w * b);
+                        acc.iter_mut().zip(vv).for_each(|(a, &b)| *a += w as f64 * b as f64);
                     }
+                    o.iter_mut().zip(&acc).for_each(|(o, &a)| *o = a as f32);
                 }
             });
-            let o = layer.o.forward(self.isa, &attn, s);
+            let mut o = layer.o.forward(self.isa, &attn, s);
+            self.site(li, ActSite::OOut, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            self.site(li, ActSite::AttnResidual, &mut x);
             rms_norm(&x, &layer.mlp_norm, eps, &mut normed);
             let mut g = layer.gate.forward(self.isa, &normed, s);
             let u = layer.up.forward(self.isa, &normed, s);
-            g.iter_mut()
-                .zip(&u)
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            let d = layer.down.forward(self.isa, &g, s);
+            silu_mul(&mut g, &u);
+            let mut d = layer.down.forward(self.isa, &g, s);
+            self.site(li, ActSite::DownOut, &mut d);
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+            self.site(li, ActSite::MlpResidual, &mut x);
         }
         cache.len += s;
         let mut out = vec![0f32; s * h];

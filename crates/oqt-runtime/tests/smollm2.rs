@@ -17,7 +17,7 @@ fn bundle(m: &LoadedModel, recipe: Option<&str>, path: &Path) -> Bundle {
     let writer = match recipe {
         Some(r) => {
             let opts = oqt_compress::rtn::RtnOptions { clip_search: false };
-            oqt_compress::rtn::quantize_rtn(m, &load_recipe(r).unwrap(), opts, "oqt tests", |_, _| {}).unwrap()
+            oqt_compress::rtn::quantize_rtn(m, &load_recipe(r).unwrap(), opts, None, "oqt tests", |_, _| {}).unwrap()
         }
         None => {
             let mut w = BundleWriter::new(Manifest::for_model(m, "oqt tests").unwrap());
@@ -77,8 +77,9 @@ fn w4a8_dyn_bundle_runs_on_the_integer_kernels() {
     let nll = s.nll.iter().map(|&v| v as f64).sum::<f64>() / s.nll.len() as f64;
     let f32_nll = fx["mean_nll_over_positions"].as_f64().unwrap();
     eprintln!("runtime w4a8-dyn: mean NLL {nll:.4} vs f32 {f32_nll:.4}");
-    // 4-bit group-32 RTN of a model already on a Q4_1 grid: close to float, not equal.
-    assert!(nll > f32_nll - 0.05 && nll < f32_nll + 0.3, "{nll} vs {f32_nll}");
+    // Symmetric 4-bit group-32 RTN of a model that sits on an asymmetric Q4_1 grid costs
+    // about +0.3 nats on these 128 tokens (+0.26 on WikiText-2): close to float, not equal.
+    assert!(nll > f32_nll - 0.05 && nll < f32_nll + 0.4, "{nll} vs {f32_nll}");
     // Generation-style incremental decoding equals the full window.
     let mut cache = oqt_runtime::KvCache::new(m.config.num_layers);
     let h = m.config.hidden_size;
@@ -98,9 +99,9 @@ fn w4a8_dyn_bundle_runs_on_the_integer_kernels() {
 }
 
 #[test]
-fn static_recipes_are_refused_clearly() {
-    // RTN refuses static recipes itself; a bundle claiming one (as MobileQuant's will)
-    // must not be run with the wrong activation arithmetic.
+fn static_bundle_without_grids_is_refused_clearly() {
+    // A bundle that claims a static recipe but carries no calibrated grids must
+    // not be run with made-up activation arithmetic.
     let m = model();
     let dir = tempfile::tempdir().unwrap();
     let mut manifest = Manifest::for_model(&m, "oqt tests").unwrap();
@@ -116,5 +117,8 @@ fn static_recipes_are_refused_clearly() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("static"), "{err}");
+    assert!(
+        err.contains("act_grids") && err.contains("embed") && err.contains("s.oqt"),
+        "{err}"
+    );
 }

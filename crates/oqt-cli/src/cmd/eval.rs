@@ -12,6 +12,10 @@ pub struct EvalArgs {
     /// An oqt bundle, run by the integer runtime instead.
     #[arg(long)]
     pub bundle: Option<std::path::PathBuf>,
+    /// With --bundle: run the bundle's fake-quantized simulation on Burn instead
+    /// of the runtime (what compression optimized; the two should agree).
+    #[arg(long, requires = "bundle")]
+    pub simulate: bool,
     /// Dataset name (wikitext2, tinyshakespeare) or a text file.
     #[arg(long, default_value = "wikitext2")]
     pub dataset: String,
@@ -40,6 +44,17 @@ struct Scorer {
 fn scorer(a: &EvalArgs) -> anyhow::Result<Scorer> {
     if let Some(b) = &a.bundle {
         let bundle = oqt_core::bundle::Bundle::open(b)?;
+        if a.simulate {
+            let device = oqt_model::select_device(a.device.device, false)?;
+            let sim = oqt_model::SimulatedModel::from_bundle(&bundle, &device)?;
+            return Ok(Scorer {
+                tokenizer: bundle.tokenizer()?,
+                name: bundle.manifest.model_name.clone(),
+                path: b.display().to_string(),
+                engine: "burn-fake-quant",
+                lm: Box::new(sim),
+            });
+        }
         let rt = oqt_runtime::RuntimeModel::load(&bundle)?;
         return Ok(Scorer {
             tokenizer: rt.tokenizer.clone(),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub struct QuantizeArgs {
     /// Model alias, GGUF file, HF directory or hub id.
     pub model: String,
-    /// Recipe name (w4a8-dyn, w4a16, w4a16-g128, w8a16, …) or a recipe file.
+    /// Recipe name (w4a8, w8a8, w4a8-dyn, w4a16, w4a16-g128, w8a16) or a recipe file.
     #[arg(long)]
     pub recipe: String,
     /// Method; defaults to the recipe's. Available today: rtn.
@@ -17,6 +17,15 @@ pub struct QuantizeArgs {
     /// Search each row's clip ratio for the lowest weight MSE.
     #[arg(long)]
     pub clip_search: bool,
+    /// Calibration dataset (a training-role name or a text file) instead of the recipe's.
+    #[arg(long, value_name = "DATASET")]
+    pub calib_data: Option<String>,
+    /// Number of calibration windows instead of the recipe's.
+    #[arg(long, value_name = "N")]
+    pub calib_samples: Option<usize>,
+    /// Tokens per calibration window instead of the recipe's.
+    #[arg(long, value_name = "N")]
+    pub calib_seq_len: Option<usize>,
     /// Where to write the bundle (default: exports/<model>-<recipe>.oqt).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -43,12 +52,38 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let mut calibration = recipe.calibration.clone();
+    if let Some(d) = &a.calib_data {
+        calibration.dataset = d.clone();
+    }
+    calibration.samples = a.calib_samples.unwrap_or(calibration.samples);
+    calibration.seq_len = a.calib_seq_len.unwrap_or(calibration.seq_len);
+    if calibration.samples == 0 || calibration.seq_len < 2 {
+        bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
+    }
+    let calibrated = if recipe.spec.activations.mode == oqt_core::quant::ActMode::Static {
+        let pb = crate::output::bar(calibration.samples as u64, "calibrating");
+        let c = oqt_compress::calibrate::calibrate_model(&model, &recipe.spec, &calibration, |d, _| {
+            pb.set_position(d as u64)
+        })?;
+        pb.finish_and_clear();
+        tracing::info!(
+            sites = c.grids.len(),
+            samples = calibration.samples,
+            "calibrated activation grids"
+        );
+        Some(c)
+    } else {
+        None
+    };
     let pb = crate::output::bar(model.weights.len() as u64, "quantizing");
     let opts = oqt_compress::rtn::RtnOptions {
         clip_search: a.clip_search,
     };
     let created_by = format!("oqt {}", env!("CARGO_PKG_VERSION"));
-    let writer = oqt_compress::rtn::quantize_rtn(&model, &recipe, opts, &created_by, |d, _| pb.set_position(d as u64))?;
+    let writer = oqt_compress::rtn::quantize_rtn(&model, &recipe, opts, calibrated, &created_by, |d, _| {
+        pb.set_position(d as u64)
+    })?;
     pb.finish_and_clear();
     writer
         .write(&output)

@@ -76,6 +76,7 @@ impl Manifest {
             tensors: BTreeMap::new(),
             inputs: Vec::new(),
             evaluation: Vec::new(),
+            act_grids: BTreeMap::new(),
         })
     }
 }
@@ -95,4 +96,8 @@ pub struct Manifest {
     pub inputs: Vec<InputRecord>,
     #[serde(default)]
     pub evaluation: Vec<EvalRecord>,
+    /// Static activation grids by site key (`embed`, `layers.3.attn_in`, …;
+    /// see [`crate::quant::sites`]); empty unless activations are static.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub act_grids: BTreeMap<String, crate::quant::ActGrid>,
 }

@@ -1,8 +1,9 @@
 use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest, TensorEntry};
 use crate::error::{CoreError, Result};
 use crate::quant::pack::{int4_nibble, padded_len};
-use crate::quant::{Granularity, QuantizedWeight};
+use crate::quant::{ActMode, Granularity, QuantizedWeight, SiteGrids};
 use crate::tokenizer::Tokenizer;
+use crate::weights::TensorF32;
 use memmap2::Mmap;
 use safetensors::Dtype;
 use safetensors::tensor::Metadata;
@@ -225,6 +226,51 @@ impl Bundle {
             zero_points,
             spec,
         })
+    }
+
+    /// Every tensor as f32 in canonical layout, quantized ones dequantized: the
+    /// model exactly as the bundle's grids represent it.
+    pub fn dequantized_weights(&self) -> Result<crate::weights::ModelWeights> {
+        let mut w = crate::weights::ModelWeights::default();
+        for (name, entry) in &self.manifest.tensors {
+            match entry {
+                TensorEntry::F32 { shape } => {
+                    w.insert(
+                        name.clone(),
+                        TensorF32::new(shape.clone(), self.f32_tensor(name)?),
+                        "F32",
+                    );
+                }
+                TensorEntry::Quantized { rows, cols, spec, .. } => {
+                    let qw = self.quantized(name)?;
+                    let data = crate::quant::dequantize_weight(&qw);
+                    w.insert(
+                        name.clone(),
+                        TensorF32::new(vec![*rows, *cols], data),
+                        format!("int{}", spec.bits),
+                    );
+                }
+            }
+        }
+        w.validate(&self.manifest.config, &self.path)?;
+        Ok(w)
+    }
+
+    /// The static activation grids, when the recipe's activations are static.
+    pub fn site_grids(&self) -> Result<Option<SiteGrids>> {
+        let Some(recipe) = &self.manifest.recipe else {
+            return Ok(None);
+        };
+        if recipe.spec.activations.mode != ActMode::Static {
+            return Ok(None);
+        }
+        SiteGrids::from_map(&recipe.spec, self.manifest.config.num_layers, &self.manifest.act_grids)
+            .map(Some)
+            .map_err(|reason| CoreError::Malformed {
+                path: self.path.clone(),
+                format: "oqt bundle manifest",
+                reason,
+            })
     }
 
     /// Total bytes of tensor data (what a device stores).

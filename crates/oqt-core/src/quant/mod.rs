@@ -6,9 +6,11 @@
 
 pub mod pack;
 pub mod recipe;
+pub mod sites;
 pub mod spec;
 pub mod weights;
 
-pub use recipe::{Recipe, builtin_recipe, builtin_recipe_names, load_recipe};
+pub use recipe::{ActRange, CalibrationSpec, Recipe, builtin_recipe, builtin_recipe_names, load_recipe};
+pub use sites::{ActGrid, ActSite, SiteGrids, static_sites};
 pub use spec::{ActMode, ActSpec, Granularity, KvSpec, QuantSpec, Rounding, ScaleRule, TensorOverride, WeightSpec};
 pub use weights::{QuantizedWeight, dequantize_weight, quantize_weight, quantize_weight_mse};

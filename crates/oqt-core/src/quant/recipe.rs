@@ -13,6 +13,28 @@ pub struct CalibrationSpec {
     /// Number of windows of `seq_len` tokens.
     pub samples: usize,
     pub seq_len: usize,
+    /// How static activation ranges are taken from the calibration activations.
+    #[serde(default)]
+    pub act_range: ActRange,
+    /// For `act_range = "percentile"`: the percentile kept at each end (e.g. 99.99
+    /// keeps the 0.01st to 99.99th percentile of every calibration window, averaged).
+    #[serde(default = "default_percentile")]
+    pub percentile: f64,
+}
+
+/// How a static activation grid's range is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActRange {
+    /// The extremes seen over all calibration windows.
+    #[default]
+    Minmax,
+    /// Per-window percentiles, averaged over the windows (ignores rare outliers).
+    Percentile,
+}
+
+fn default_percentile() -> f64 {
+    99.99
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +86,12 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
         problems.push(format!(
             "calibration.dataset: `{}` is an evaluation set; calibrate on a training set (e.g. tinyshakespeare)",
             m.name
+        ));
+    }
+    if !(50.0..=100.0).contains(&recipe.calibration.percentile) {
+        problems.push(format!(
+            "calibration.percentile: expected a value in [50, 100], found {}",
+            recipe.calibration.percentile
         ));
     }
     if recipe.calibration.samples == 0 || recipe.calibration.seq_len < 2 {

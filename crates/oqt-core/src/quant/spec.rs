@@ -181,6 +181,14 @@ impl QuantSpec {
         if a.mode != ActMode::None && !matches!(a.bits, 8 | 16) {
             out.push(format!("activations.bits: expected 8 or 16, found {}", a.bits));
         }
+        for (i, site) in self.act16_sites.iter().enumerate() {
+            if !super::sites::ACT16_SITE_NAMES.contains(&site.as_str()) {
+                out.push(format!(
+                    "act16_sites[{i}]: unknown site `{site}`; expected one of {}",
+                    super::sites::ACT16_SITE_NAMES.join(", ")
+                ));
+            }
+        }
         if let Some(kv) = &self.kv_cache
             && !matches!(kv.bits, 8 | 16)
         {

@@ -1,0 +1,296 @@
+//! Where a static (NPU-style) integer graph quantizes activations, and the
+//! arithmetic of one static grid. The Burn simulation and the runtime both
+//! quantize at exactly these sites with exactly [`ActGrid::fake`], so they agree.
+//!
+//! One decoder layer, with the site applied to each tensor in brackets:
+//!
+//! ```text
+//! x [residual] ─ RMSNorm ─ [attn_in] ─ q/k/v ─ RoPE ─ softmax(qkᵀ) [probs] · v ─ [attn_out] ─ o ─ [o_out]
+//!   x + o [attn_residual] ─ RMSNorm ─ [mlp_in] ─ gate, up ─ silu(gate)·up [down_in] ─ down ─ [down_out]
+//!   x + down [mlp_residual]
+//! ```
+//!
+//! plus `embed` (the embedding rows, the first residual) and `final_in` (the
+//! final norm's output, the LM head's input). The inputs of linear layers
+//! (`attn_in`, `attn_out`, `mlp_in`, `down_in`, `final_in`) are the integer
+//! tensors the GEMMs read. q/k/v and gate/up outputs, RoPE, the attention
+//! scores and SiLU stay in f32 (an NPU keeps them at 16 bits or fuses them).
+//! The norm input *is* the residual tensor, so `norm_input` in a recipe's
+//! `act16_sites` widens the residual grids just as `residual` does.
+//!
+//! Grids are stored signed: 8-bit values in `[−128, 127]`, 16-bit in
+//! `[−32768, 32767]`, with a zero point; an unsigned NPU grid is the same grid
+//! shifted by `2^(b−1)` (value and zero point alike).
+
+use super::spec::{ActMode, QuantSpec};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ActSite {
+    Embed,
+    AttnIn,
+    Probs,
+    AttnOut,
+    OOut,
+    AttnResidual,
+    MlpIn,
+    DownIn,
+    DownOut,
+    MlpResidual,
+    FinalIn,
+}
+
+impl ActSite {
+    /// Sites inside every decoder layer, in forward order.
+    pub const PER_LAYER: [ActSite; 9] = [
+        Self::AttnIn,
+        Self::Probs,
+        Self::AttnOut,
+        Self::OOut,
+        Self::AttnResidual,
+        Self::MlpIn,
+        Self::DownIn,
+        Self::DownOut,
+        Self::MlpResidual,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Embed => "embed",
+            Self::AttnIn => "attn_in",
+            Self::Probs => "probs",
+            Self::AttnOut => "attn_out",
+            Self::OOut => "o_out",
+            Self::AttnResidual => "attn_residual",
+            Self::MlpIn => "mlp_in",
+            Self::DownIn => "down_in",
+            Self::DownOut => "down_out",
+            Self::MlpResidual => "mlp_residual",
+            Self::FinalIn => "final_in",
+        }
+    }
+
+    /// The manifest key of this site in `layer` (ignored for model-level sites).
+    pub fn key(self, layer: usize) -> String {
+        match self {
+            Self::Embed | Self::FinalIn => self.name().to_string(),
+            _ => format!("layers.{layer}.{}", self.name()),
+        }
+    }
+
+    /// The names a recipe's `act16_sites` may use for this site.
+    fn recipe_names(self) -> &'static [&'static str] {
+        match self {
+            Self::Embed | Self::AttnResidual | Self::MlpResidual => &["residual", "norm_input"],
+            Self::OOut => &["o_proj_output"],
+            Self::DownOut => &["down_proj_output"],
+            Self::Probs => &["softmax"],
+            _ => &[],
+        }
+    }
+
+    /// Bits of this site's grid under `spec` (static recipes).
+    pub fn bits(self, spec: &QuantSpec) -> u8 {
+        let wide = self
+            .recipe_names()
+            .iter()
+            .any(|n| spec.act16_sites.iter().any(|s| s == n));
+        if wide { 16 } else { spec.activations.bits }
+    }
+
+    /// Softmax probabilities live in `[0, 1]`: their grid needs no calibration.
+    pub fn is_fixed(self) -> bool {
+        self == Self::Probs
+    }
+}
+
+/// The names `act16_sites` accepts.
+pub const ACT16_SITE_NAMES: [&str; 5] = ["residual", "norm_input", "o_proj_output", "down_proj_output", "softmax"];
+
+/// One static per-tensor grid: `q = clamp(round_half_even(x · (1/scale)) + zp, qmin, qmax)`,
+/// value `(q − zp) · scale`, with `1/scale` computed once in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ActGrid {
+    pub scale: f32,
+    pub zero_point: i32,
+    pub bits: u8,
+}
+
+impl ActGrid {
+    pub fn qmin(&self) -> i32 {
+        -(1 << (self.bits - 1))
+    }
+
+    pub fn qmax(&self) -> i32 {
+        (1 << (self.bits - 1)) - 1
+    }
+
+    /// The grid covering `[min, max]` (widened to contain 0, so zero is exact);
+    /// for 8 bits this is the dynamic quantizer's per-row formula.
+    pub fn from_range(min: f32, max: f32, bits: u8) -> Self {
+        let (min, max) = (min.min(0.0), max.max(0.0));
+        let qmin = -(1i64 << (bits - 1)) as f32;
+        let qmax = ((1i64 << (bits - 1)) - 1) as f32;
+        if max == min || !min.is_finite() || !max.is_finite() {
+            return Self {
+                scale: 1.0,
+                zero_point: qmin as i32,
+                bits,
+            };
+        }
+        let scale = (max - min) / (qmax - qmin);
+        let zero_point = (qmin - min / scale).round_ties_even().clamp(qmin, qmax) as i32;
+        Self {
+            scale,
+            zero_point,
+            bits,
+        }
+    }
+
+    /// Softmax probabilities: `[0, 1]` on `bits` bits.
+    pub fn probabilities(bits: u8) -> Self {
+        Self::from_range(0.0, 1.0, bits)
+    }
+
+    pub fn inv_scale(&self) -> f32 {
+        1.0 / self.scale
+    }
+
+    /// The integer of `x` on this grid.
+    #[inline]
+    pub fn quantize(&self, x: f32, inv: f32) -> i32 {
+        ((x * inv).round_ties_even() as i32 + self.zero_point).clamp(self.qmin(), self.qmax())
+    }
+
+    /// Quantize and dequantize `x` in place (the reference every path follows).
+    pub fn fake(&self, x: &mut [f32]) {
+        let inv = self.inv_scale();
+        for v in x {
+            *v = (self.quantize(*v, inv) - self.zero_point) as f32 * self.scale;
+        }
+    }
+}
+
+/// Which sites a spec quantizes, with their bits; empty unless activations are static.
+pub fn static_sites(spec: &QuantSpec, n_layers: usize) -> Vec<(String, ActSite, u8)> {
+    if spec.activations.mode != ActMode::Static {
+        return Vec::new();
+    }
+    let mut out = vec![("embed".to_string(), ActSite::Embed, ActSite::Embed.bits(spec))];
+    for l in 0..n_layers {
+        for s in ActSite::PER_LAYER {
+            out.push((s.key(l), s, s.bits(spec)));
+        }
+    }
+    out.push(("final_in".into(), ActSite::FinalIn, ActSite::FinalIn.bits(spec)));
+    out
+}
+
+/// Every site's grid of a static model, looked up without string keys in the forward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteGrids {
+    embed: ActGrid,
+    layers: Vec<[ActGrid; 9]>,
+    final_in: ActGrid,
+}
+
+impl SiteGrids {
+    /// Gather the grids of `spec`'s sites from `grids` (a manifest's `act_grids`);
+    /// the fixed probability grids come from the spec. Errors name the missing key.
+    pub fn from_map(
+        spec: &QuantSpec,
+        n_layers: usize,
+        grids: &std::collections::BTreeMap<String, ActGrid>,
+    ) -> std::result::Result<Self, String> {
+        let get = |site: ActSite, layer: usize| -> std::result::Result<ActGrid, String> {
+            let bits = site.bits(spec);
+            if site.is_fixed() {
+                return Ok(ActGrid::probabilities(bits));
+            }
+            let key = site.key(layer);
+            let g = grids
+                .get(&key)
+                .ok_or_else(|| format!("act_grids: no grid for site `{key}`"))?;
+            if g.bits != bits || !(g.scale.is_finite() && g.scale > 0.0) {
+                return Err(format!(
+                    "act_grids.{key}: expected a {bits}-bit grid with a positive scale, found {} bits, scale {}",
+                    g.bits, g.scale
+                ));
+            }
+            Ok(*g)
+        };
+        let mut layers = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let mut row = [ActGrid::probabilities(8); 9];
+            for (i, s) in ActSite::PER_LAYER.into_iter().enumerate() {
+                row[i] = get(s, l)?;
+            }
+            layers.push(row);
+        }
+        Ok(Self {
+            embed: get(ActSite::Embed, 0)?,
+            layers,
+            final_in: get(ActSite::FinalIn, 0)?,
+        })
+    }
+
+    /// The grid of `site` (in `layer` for per-layer sites).
+    pub fn get(&self, layer: usize, site: ActSite) -> ActGrid {
+        match site {
+            ActSite::Embed => self.embed,
+            ActSite::FinalIn => self.final_in,
+            s => {
+                let i = ActSite::PER_LAYER.iter().position(|&p| p == s).expect("per-layer site");
+                self.layers[layer][i]
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eight_bit_grid_is_the_dynamic_row_formula() {
+        // Same numbers as the kernels' row_params: [-1, 3] → scale 4/255, zp = round(-128 + 63.75) = -64.
+        let g = ActGrid::from_range(-1.0, 3.0, 8);
+        assert_eq!(g.scale, 4.0 / 255.0);
+        assert_eq!(g.zero_point, -64);
+        let mut x = [0.0, 3.0, -1.0, 10.0];
+        g.fake(&mut x);
+        assert_eq!(x[0], 0.0, "zero is exact");
+        assert!((x[1] - 3.0).abs() < g.scale && (x[2] + 1.0).abs() < g.scale);
+        assert!((x[3] - x[1]).abs() < 1e-6, "values past the range clamp");
+    }
+
+    #[test]
+    fn sixteen_bit_and_probability_grids() {
+        let g = ActGrid::from_range(-100.0, 50.0, 16);
+        assert_eq!((g.qmin(), g.qmax()), (-32768, 32767));
+        let mut x = [12.345f32];
+        g.fake(&mut x);
+        assert!((x[0] - 12.345).abs() <= g.scale / 2.0 + 1e-6);
+        let p = ActGrid::probabilities(8);
+        assert_eq!(p.zero_point, -128);
+        let mut x = [0.0, 1.0, 0.5];
+        p.fake(&mut x);
+        assert_eq!(x[0], 0.0);
+        assert!((x[1] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn recipe_site_names_pick_the_wide_grids() {
+        let w4a8 = crate::quant::load_recipe("w4a8").unwrap().spec;
+        assert_eq!(ActSite::AttnResidual.bits(&w4a8), 16);
+        assert_eq!(ActSite::OOut.bits(&w4a8), 16);
+        assert_eq!(ActSite::Probs.bits(&w4a8), 16);
+        assert_eq!(ActSite::AttnIn.bits(&w4a8), 8);
+        let w8a8 = crate::quant::load_recipe("w8a8").unwrap().spec;
+        assert_eq!(ActSite::MlpResidual.bits(&w8a8), 16);
+        assert_eq!(ActSite::DownOut.bits(&w8a8), 8);
+        assert_eq!(static_sites(&w8a8, 2).len(), 2 + 2 * 9);
+        let dynamic = crate::quant::load_recipe("w4a8-dyn").unwrap().spec;
+        assert!(static_sites(&dynamic, 2).is_empty());
+    }
+}

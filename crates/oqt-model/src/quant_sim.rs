@@ -1,0 +1,362 @@
+//! The fake-quantized model a bundle describes, in Burn: the bundle's integer
+//! weights, its activation quantization (static grids at every site of
+//! [`oqt_core::quant::sites`], or dynamic per-token rows) and nothing else
+//! changed. This is what compression methods optimize and what the runtime
+//! must reproduce; `oqt eval --bundle B --simulate` runs it.
+//!
+//! Rules shared with the runtime (`oqt-runtime`):
+//! * a quantized linear reads quantized inputs (static grid of its input site,
+//!   or dynamic per-row int8); an f32 tensor reads float inputs;
+//! * a linear the kernels run (symmetric weights, 32-aligned groups, 8-bit
+//!   activations) follows the kernels' contract exactly: integer group dots
+//!   (f32 sums of integers below 2^24 are exact), the same scale products and
+//!   the same partial-sum order, so the two agree bit for bit;
+//! * other quantized linears multiply the dequantized operands in f32;
+//! * between quantizers, the float steps use [`crate::reference_ops`], which
+//!   the runtime reproduces bit for bit — one flipped rounding would otherwise
+//!   cascade through every later grid.
+
+use crate::fake_quant::{fake_quant_dynamic_rows, ste};
+use crate::hooks::{ForwardHooks, Proj};
+use crate::import::llama_from_weights;
+use crate::llama::Llama;
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use oqt_core::bundle::{Bundle, TensorEntry};
+use oqt_core::quant::pack::padded_len;
+use oqt_core::quant::{ActGrid, ActMode, ActSite, QuantizedWeight, SiteGrids, dequantize_weight};
+use oqt_core::weights::names;
+use oqt_core::{CoreError, Result};
+
+/// How one linear layer is simulated.
+enum SimWeights {
+    /// Unquantized `[in, out]`: float inputs.
+    Float(Tensor<2>),
+    /// Dequantized `[in, out]` grid values (weights the kernels cannot run,
+    /// e.g. asymmetric grids, and weight-only recipes).
+    Dequantized(Tensor<2>),
+    /// The kernels' arithmetic: integer weights `[groups, group, out]` (rows
+    /// padded to a multiple of 32 with zeros) and their scales `[groups, 1, out]`.
+    Integer {
+        w_int: Tensor<3>,
+        s_w: Tensor<3>,
+        k_pad: usize,
+        /// Largest `|q_w|` (decides whether f32 sums stay exact).
+        w_max_abs: f32,
+    },
+}
+
+struct SimLinear {
+    weights: SimWeights,
+    bias: Option<Tensor<1>>,
+    input: Option<ActGrid>,
+}
+
+/// Quantize-dequantize `x` on a static grid (straight-through gradient).
+pub fn fake_quant_static<const D: usize>(x: Tensor<D>, g: &ActGrid) -> Tensor<D> {
+    let q = integer_on_grid(x.clone(), g).mul_scalar(g.scale);
+    ste(x, q)
+}
+
+/// `q − zp` of `x` on grid `g`, as exact integer-valued floats.
+fn integer_on_grid<const D: usize>(x: Tensor<D>, g: &ActGrid) -> Tensor<D> {
+    let zp = g.zero_point as f32;
+    x.mul_scalar(g.inv_scale())
+        .round()
+        .add_scalar(zp)
+        .clamp(g.qmin() as f32, g.qmax() as f32)
+        .sub_scalar(zp)
+}
+
+/// Dynamic per-row int8 (the kernels' `quantize_rows`): `(q − zp, scale [rows, 1])`.
+fn dynamic_integer_rows(x: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+    let min = x.clone().min_dim(1).clamp_max(0.0);
+    let max = x.clone().max_dim(1).clamp_min(0.0);
+    let range = max - min.clone();
+    let scale = (range.clone() / 255.0).mask_fill(range.equal_elem(0.0), 1.0);
+    let zp = ((min / scale.clone()).neg() - 128.0).round().clamp(-128.0, 127.0);
+    let q = ((x * scale.clone().recip()).round() + zp.clone()).clamp(-128.0, 127.0);
+    (q - zp, scale)
+}
+
+fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
+    let [b, s, d] = x.dims();
+    let out = w.dims()[1];
+    x.reshape([b * s, d]).matmul(w.clone()).reshape([b, s, out])
+}
+
+/// `[rows, cols]` row-major → Burn `[cols, rows]` (contiguous).
+fn transposed(data: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    let mut out = vec![0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [cols, rows]), device)
+}
+
+/// The kernels' contract on Burn tensors: exact integer dots per group (f32 sums
+/// of integers below 2^24 are exact), `v_g = (s_a · s_w[g]) · dot_g`, summed in
+/// eight interleaved partial sums in group order and finished pairwise.
+fn integer_linear(
+    x_int: Tensor<2>,
+    s_a: Tensor<2>,
+    w_int: &Tensor<3>,
+    s_w: &Tensor<3>,
+    k_pad: usize,
+    w_max_abs: f32,
+) -> Tensor<2> {
+    let [m, k] = x_int.dims();
+    let [groups, group, n] = w_int.dims();
+    let device = x_int.device();
+    let x_int = if k_pad > k {
+        Tensor::cat(vec![x_int, Tensor::zeros([m, k_pad - k], &device)], 1)
+    } else {
+        x_int
+    };
+    // |q_a − zp| ≤ 255: a group's dot is exact in f32 while 255 · max|q_w| · group < 2^24;
+    // otherwise (int8 weights over long rows) sum in f64, still exact, rounded once as the kernels do.
+    let wide = 255.0 * w_max_abs * group as f32 >= (1u32 << 24) as f32;
+    let dot = |a: Tensor<3>, b: Tensor<3>| {
+        if wide {
+            a.cast(FloatDType::F64)
+                .matmul(b.cast(FloatDType::F64))
+                .cast(FloatDType::F32)
+        } else {
+            a.matmul(b)
+        }
+    };
+    if groups == 1 {
+        let acc = dot(x_int.reshape([1, m, group]), w_int.clone()).reshape([m, n]);
+        let comb = s_a * s_w.clone().reshape([1, n]);
+        return comb * acc;
+    }
+    let x3 = x_int.reshape([m, groups, group]).swap_dims(0, 1); // [G, m, group]
+    let dots = dot(x3, w_int.clone()); // [G, m, n]
+    let comb = s_a.reshape([1, m, 1]) * s_w.clone(); // [G, m, n]
+    let v = comb * dots;
+    let lanes = groups.div_ceil(8) * 8;
+    let v = if lanes > groups {
+        Tensor::cat(vec![v, Tensor::zeros([lanes - groups, m, n], &device)], 0)
+    } else {
+        v
+    };
+    let v = v.reshape([lanes / 8, 8, m, n]);
+    let mut p = v.clone().slice([0..1, 0..8, 0..m, 0..n]);
+    for i in 1..lanes / 8 {
+        p = p + v.clone().slice([i..i + 1, 0..8, 0..m, 0..n]);
+    }
+    let lane = |j: usize| p.clone().slice([0..1, j..j + 1, 0..m, 0..n]).reshape([m, n]);
+    ((lane(0) + lane(1)) + (lane(2) + lane(3))) + ((lane(4) + lane(5)) + (lane(6) + lane(7)))
+}
+
+impl SimLinear {
+    fn forward(&self, x: Tensor<3>, mode: ActMode) -> Tensor<3> {
+        let y = match (&self.weights, mode, &self.input) {
+            (SimWeights::Float(w), ..) => matmul3(x, w),
+            (
+                SimWeights::Integer {
+                    w_int,
+                    s_w,
+                    k_pad,
+                    w_max_abs,
+                },
+                _,
+                input,
+            ) => {
+                let [b, s, d] = x.dims();
+                let x2 = x.reshape([b * s, d]);
+                let (x_int, s_a) = match input {
+                    Some(g) => {
+                        let s_a = Tensor::full([b * s, 1], g.scale, &x2.device());
+                        (integer_on_grid(x2, g), s_a)
+                    }
+                    None => dynamic_integer_rows(x2),
+                };
+                let y = integer_linear(x_int, s_a, w_int, s_w, *k_pad, *w_max_abs);
+                let n = y.dims()[1];
+                y.reshape([b, s, n])
+            }
+            (SimWeights::Dequantized(w), ActMode::Static, Some(g)) => matmul3(fake_quant_static(x, g), w),
+            (SimWeights::Dequantized(w), ActMode::Dynamic, _) => matmul3(fake_quant_dynamic_rows(x), w),
+            (SimWeights::Dequantized(w), ..) => matmul3(x, w),
+        };
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<3>(),
+            None => y,
+        }
+    }
+}
+
+/// One quantized linear layer as the simulation computes it: `x` `[rows, in]`
+/// → `[rows, out]` (for checking the simulation against the kernels).
+pub fn simulate_linear(qw: &QuantizedWeight, mode: ActMode, input: Option<ActGrid>, x: Tensor<2>) -> Tensor<2> {
+    let l = SimLinear {
+        weights: sim_weights(qw, mode, input, &x.device()),
+        bias: None,
+        input,
+    };
+    let [m, k] = x.dims();
+    let y = l.forward(x.reshape([1, m, k]), mode);
+    let n = y.dims()[2];
+    y.reshape([m, n])
+}
+
+/// The hooks that turn a float [`Llama`] into the bundle's quantized model.
+pub struct QuantSim {
+    mode: ActMode,
+    grids: Option<SiteGrids>,
+    layers: Vec<Vec<SimLinear>>,
+    head: SimLinear,
+}
+
+impl QuantSim {
+    /// Read the simulation of `bundle`; the returned [`Llama`] holds the
+    /// dequantized weights (embedding and norms as the runtime uses them).
+    pub fn from_bundle(bundle: &Bundle, device: &Device) -> Result<(Llama, Self)> {
+        let m = &bundle.manifest;
+        let cfg = &m.config;
+        let mode = m.recipe.as_ref().map_or(ActMode::None, |r| r.spec.activations.mode);
+        if m.recipe.as_ref().is_some_and(|r| r.spec.kv_cache.is_some()) {
+            return Err(CoreError::Unsupported {
+                path: bundle.path.clone(),
+                what: "quantization",
+                detail: "a quantized KV cache is not simulated yet".into(),
+            });
+        }
+        let grids = bundle.site_grids()?;
+        let bias = |name: &str| -> Result<Option<Tensor<1>>> {
+            if !cfg.attention_bias || !m.tensors.contains_key(name) {
+                return Ok(None);
+            }
+            let b = bundle.f32_tensor(name)?;
+            let n = b.len();
+            Ok(Some(Tensor::from_data(TensorData::new(b, [n]), device)))
+        };
+        let linear = |name: &str, bias: Option<Tensor<1>>, input: Option<ActGrid>| -> Result<SimLinear> {
+            let weights = match m.tensors.get(name) {
+                Some(TensorEntry::Quantized { .. }) => sim_weights(&bundle.quantized(name)?, mode, input, device),
+                Some(TensorEntry::F32 { shape }) => {
+                    SimWeights::Float(transposed(&bundle.f32_tensor(name)?, shape[0], shape[1], device))
+                }
+                None => {
+                    return Err(CoreError::Missing {
+                        path: bundle.path.clone(),
+                        what: "tensor",
+                        name: name.into(),
+                    });
+                }
+            };
+            Ok(SimLinear { weights, bias, input })
+        };
+        let grid = |layer: usize, site: ActSite| grids.as_ref().map(|g| g.get(layer, site));
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let mut row = Vec::with_capacity(7);
+            for p in Proj::PER_LAYER {
+                let b = match p {
+                    Proj::Q => bias(&names::layer(l, names::Q_BIAS))?,
+                    Proj::K => bias(&names::layer(l, names::K_BIAS))?,
+                    Proj::V => bias(&names::layer(l, names::V_BIAS))?,
+                    _ => None,
+                };
+                row.push(linear(&p.weight_name(l), b, grid(l, p.input_site()))?);
+            }
+            layers.push(row);
+        }
+        let head_name = if cfg.tie_word_embeddings {
+            names::EMBED
+        } else {
+            names::LM_HEAD
+        };
+        let head = linear(head_name, None, grid(0, ActSite::FinalIn))?;
+        let llama = llama_from_weights(cfg, bundle.dequantized_weights()?, device);
+        Ok((
+            llama,
+            Self {
+                mode,
+                grids,
+                layers,
+                head,
+            },
+        ))
+    }
+}
+
+/// The kernels run symmetric weights with 32-aligned groups under 8-bit
+/// activations (static or dynamic); the simulation then follows their arithmetic.
+fn sim_weights(qw: &QuantizedWeight, mode: ActMode, input: Option<ActGrid>, device: &Device) -> SimWeights {
+    let int8_input = match mode {
+        ActMode::Dynamic => true,
+        ActMode::Static => input.is_some_and(|g| g.bits == 8),
+        ActMode::None => false,
+    };
+    let k_pad = padded_len(qw.cols);
+    let group = if qw.group == qw.cols { k_pad } else { qw.group };
+    let groups = k_pad / group;
+    let aligned = group.is_multiple_of(32) && k_pad.is_multiple_of(group) && qw.scales.len() == qw.rows * groups;
+    if !(int8_input && qw.spec.symmetric && aligned) {
+        return SimWeights::Dequantized(transposed(&dequantize_weight(qw), qw.rows, qw.cols, device));
+    }
+    let n = qw.rows;
+    // [G, group, n]: w_int[g][c][r] = q[r, g·group + c] (zero past cols).
+    let mut w = vec![0f32; k_pad * n];
+    for r in 0..n {
+        for c in 0..qw.cols {
+            w[c * n + r] = qw.q[r * qw.cols + c] as f32;
+        }
+    }
+    let mut s = vec![0f32; groups * n];
+    for r in 0..n {
+        for g in 0..groups {
+            s[g * n + r] = qw.scales[r * groups + g];
+        }
+    }
+    SimWeights::Integer {
+        w_int: Tensor::from_data(TensorData::new(w, [groups, group, n]), device),
+        s_w: Tensor::from_data(TensorData::new(s, [groups, 1, n]), device),
+        k_pad,
+        w_max_abs: qw.q.iter().map(|&v| (v as i32).unsigned_abs()).max().unwrap_or(0) as f32,
+    }
+}
+
+impl ForwardHooks for QuantSim {
+    fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, _float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        let l = match proj {
+            Proj::Head => &self.head,
+            p => &self.layers[layer][Proj::PER_LAYER.iter().position(|&q| q == p).expect("layer projection")],
+        };
+        l.forward(x, self.mode)
+    }
+
+    fn act(&self, layer: usize, site: ActSite, x: Tensor<3>) -> Tensor<3> {
+        match &self.grids {
+            Some(g) => fake_quant_static(x, &g.get(layer, site)),
+            None => x,
+        }
+    }
+
+    fn reference_arithmetic(&self) -> bool {
+        true
+    }
+
+    fn probs(&self, layer: usize, p: Tensor<4>) -> Tensor<4> {
+        match &self.grids {
+            Some(g) => fake_quant_static(p, &g.get(layer, ActSite::Probs)),
+            None => p,
+        }
+    }
+}
+
+/// A float model together with the hooks that quantize it: scores like any model.
+pub struct SimulatedModel {
+    pub llama: Llama,
+    pub sim: QuantSim,
+}
+
+impl SimulatedModel {
+    pub fn from_bundle(bundle: &Bundle, device: &Device) -> Result<Self> {
+        let (llama, sim) = QuantSim::from_bundle(bundle, device)?;
+        Ok(Self { llama, sim })
+    }
+}

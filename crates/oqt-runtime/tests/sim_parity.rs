@@ -1,0 +1,87 @@
+//! What was simulated is what runs: on real SmolLM2 bundles, the runtime's
+//! integer arithmetic reproduces the Burn fake-quant simulation of the same bundle.
+
+use oqt_core::bundle::Bundle;
+use oqt_core::quant::{ActMode, load_recipe};
+use oqt_core::scoring::CausalLm;
+use oqt_core::{LoadedModel, load_model};
+use oqt_model::SimulatedModel;
+use oqt_runtime::RuntimeModel;
+use std::path::Path;
+
+fn model() -> LoadedModel {
+    load_model(&oqt_hub::resolve_model("smollm2-135m").unwrap().path).unwrap()
+}
+
+/// An RTN bundle of `recipe`, calibrated on a few Tiny Shakespeare windows when static.
+fn rtn_bundle(m: &LoadedModel, recipe: &str, path: &Path) -> Bundle {
+    let recipe = load_recipe(recipe).unwrap();
+    let calibrated = (recipe.spec.activations.mode == ActMode::Static).then(|| {
+        let mut cal = recipe.calibration.clone();
+        cal.samples = 4;
+        oqt_compress::calibrate::calibrate_model(m, &recipe.spec, &cal, |_, _| {}).unwrap()
+    });
+    let opts = oqt_compress::rtn::RtnOptions { clip_search: false };
+    oqt_compress::rtn::quantize_rtn(m, &recipe, opts, calibrated, "oqt tests", |_, _| {})
+        .unwrap()
+        .write(path)
+        .unwrap();
+    Bundle::open(path).unwrap()
+}
+
+fn fixture_tokens() -> Vec<u32> {
+    let dir = oqt_core::datasets::find_shared("fixtures/smollm2-135m-instruct-q4_1").unwrap();
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_f32_logits.json")).unwrap()).unwrap();
+    fx["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Mean and max |Δ| of the next-token log-probabilities over the fixture's 128 tokens.
+fn log_prob_gap(bundle: &Bundle) -> (f64, f64) {
+    let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false).unwrap();
+    let sim = SimulatedModel::from_bundle(bundle, &device).unwrap();
+    let rt = RuntimeModel::load(bundle).unwrap();
+    let tokens = fixture_tokens();
+    let (a, b) = (sim.log_probs(&tokens).unwrap(), rt.log_probs(&tokens).unwrap());
+    let (mut sum, mut max) = (0f64, 0f64);
+    for (pos, (ra, rb)) in a.iter().zip(&b).enumerate().take(tokens.len() - 1) {
+        let next = tokens[pos + 1] as usize;
+        let d = (ra[next] - rb[next]).abs() as f64;
+        sum += d;
+        max = max.max(d);
+    }
+    (sum / (tokens.len() - 1) as f64, max)
+}
+
+fn check(recipe: &str) {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let b = rtn_bundle(&m, recipe, &dir.path().join("b.oqt"));
+    let (mean, max) = log_prob_gap(&b);
+    eprintln!("{recipe}: runtime vs simulation, next-token log-prob |Δ| mean {mean:.2e}, max {max:.2e}");
+    // The issue asks for 1e-3; the two agree to float rounding of the final log-softmax.
+    assert!(
+        mean <= 1e-4 && max <= 1e-3,
+        "{recipe}: |Δ log-prob| mean {mean}, max {max}"
+    );
+}
+
+#[test]
+fn w4a8_static_runtime_matches_simulation() {
+    check("w4a8");
+}
+
+#[test]
+fn w8a8_static_runtime_matches_simulation() {
+    check("w8a8");
+}
+
+#[test]
+fn w4a8_dyn_runtime_matches_simulation() {
+    check("w4a8-dyn");
+}
