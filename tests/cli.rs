@@ -249,6 +249,7 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
         .assert()
         .failure()
         .stderr(contains("mobilequant"));
+    // Calibrating on the evaluation text is refused, and nothing is written.
     oqt()
         .args([
             "quantize",
@@ -257,11 +258,85 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
             "w4a8",
             "--method",
             "rtn",
+            "--calib-data",
+            "wikitext2",
             "--output",
             out.to_str().unwrap(),
         ])
         .assert()
         .failure()
-        .stderr(contains("calibration"));
+        .stderr(contains("evaluation set"));
     assert!(!out.exists());
+}
+
+#[test]
+fn static_rtn_bundle_runs_as_simulated_and_benches() {
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 7)).unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "a quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    for recipe in ["w4a8", "w8a8"] {
+        let out = dir.path().join(format!("{recipe}.oqt"));
+        let text_arg = text.to_str().unwrap();
+        let v = json_of(oqt().args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            recipe,
+            "--method",
+            "rtn",
+            "--calib-data",
+            text_arg,
+            "--calib-samples",
+            "3",
+            "--calib-seq-len",
+            "48",
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ]));
+        assert_eq!(v["method"], "rtn");
+        let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
+        // Every static site has a calibrated grid; the calibration file is recorded.
+        assert_eq!(bundle.manifest.act_grids.len(), 2 + cfg.num_layers * 8);
+        assert!(bundle.manifest.inputs.iter().any(|i| i.role == "calibration"));
+        let eval = |extra: &[&str]| -> f64 {
+            let mut args = vec![
+                "eval",
+                "--bundle",
+                out.to_str().unwrap(),
+                "--dataset",
+                text_arg,
+                "--ctx",
+                "64",
+            ];
+            args.extend_from_slice(extra);
+            args.push("--json");
+            json_of(oqt().args(&args))["perplexity"].as_f64().unwrap()
+        };
+        let (runtime, simulated) = (eval(&[]), eval(&["--simulate"]));
+        assert!(
+            (runtime - simulated).abs() / simulated < 1e-3,
+            "{recipe}: runtime {runtime} vs simulation {simulated}"
+        );
+    }
+    let v = json_of(oqt().args([
+        "bench",
+        "--bundle",
+        dir.path().join("w4a8.oqt").to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+    ]));
+    for field in ["decode_tok_s", "prefill_tok_s", "time_to_first_token_s", "weight_bytes"] {
+        assert!(v[field].as_f64().unwrap() > 0.0, "{field}: {v}");
+    }
+    assert!(v["peak_rss_mib"].as_f64().unwrap_or(1.0) > 0.0);
 }

@@ -41,6 +41,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Quantize a model with a recipe into a bundle the runtime runs.
     Quantize(cmd::quantize::QuantizeArgs),
+    /// Measure prefill/decode speed, time to first token and memory of a bundle or model.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -73,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

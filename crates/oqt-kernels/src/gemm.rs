@@ -30,7 +30,8 @@ fn act_row<'a>(a: &'a QuantizedRows, sums: &'a [i32], groups: usize, i: usize) -
 }
 
 /// Run `value(m, n)` for every output, tasks over weight rows, writing `[m, n]` row-major.
-fn by_weight_rows(m: usize, n: usize, out: &mut [f32], value: impl Fn(usize, usize) -> f32 + Sync) {
+/// Shared by every matmul shape the runtime runs (the f32 path of weight-only recipes too).
+pub fn by_weight_rows(m: usize, n: usize, out: &mut [f32], value: impl Fn(usize, usize) -> f32 + Sync) {
     assert_eq!(out.len(), m * n);
     let per_task = rows_per_task(n);
     if m == 1 {

@@ -2,9 +2,9 @@
 
 use oqt_core::quant::{ActGrid, ActMode, QuantizedWeight, dequantize_weight};
 use oqt_kernels::{
-    Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_row, quantize_rows, quantize_rows_static,
+    Isa, PackedInt4, PackedInt8, by_weight_rows, matmul_int4, matmul_int8, quantize_row, quantize_rows,
+    quantize_rows_static,
 };
-use rayon::prelude::*;
 
 /// The weights and the kernel that multiplies them.
 pub enum Kernel {
@@ -89,11 +89,10 @@ impl Linear {
         match &self.kernel {
             Kernel::F32 { w, out, inp } => {
                 let x = self.fake_quant_input(isa, x, *inp);
-                y.par_chunks_mut(*out).enumerate().for_each(|(i, row)| {
-                    let xi = &x[i * inp..(i + 1) * inp];
-                    for (o, wr) in row.iter_mut().zip(w.chunks(*inp)) {
-                        *o = dot(xi, wr);
-                    }
+                // Bands of weight rows against every activation row: each weight row
+                // is read from memory once per call, not once per token.
+                by_weight_rows(m, *out, &mut y, |i, n| {
+                    dot(&x[i * inp..(i + 1) * inp], &w[n * inp..(n + 1) * inp])
                 });
             }
             Kernel::Int4(w) => matmul_int4(isa, &quantized(w.k), w, &mut y),
