@@ -235,20 +235,44 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
     let a = generate("3");
     assert!(!a.as_array().unwrap().is_empty());
     assert_eq!(a, generate("3"));
-    // Static recipes need calibration and MobileQuant by default: a clear refusal, no file.
+    // MobileQuant (w4a8's default method) is not there yet: RTN runs, with a loud warning.
     let out = dir.path().join("w4a8.oqt");
+    let text_arg = text.to_str().unwrap();
     oqt()
         .args([
             "quantize",
             gguf.to_str().unwrap(),
             "--recipe",
             "w4a8",
+            "--calib-data",
+            text_arg,
+            "--calib-samples",
+            "2",
+            "--calib-seq-len",
+            "32",
+            "--act-range",
+            "percentile",
             "--output",
             out.to_str().unwrap(),
         ])
         .assert()
+        .success()
+        .stderr(contains("mobilequant").and(contains("using rtn")));
+    let m = oqt_core::bundle::Bundle::open(&out).unwrap().manifest;
+    assert_eq!(m.method.as_deref(), Some("rtn"));
+    std::fs::remove_file(&out).unwrap();
+    oqt()
+        .args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            "w4a8",
+            "--act-range",
+            "median",
+        ])
+        .assert()
         .failure()
-        .stderr(contains("mobilequant"));
+        .stderr(contains("minmax"));
     // Calibrating on the evaluation text is refused, and nothing is written.
     oqt()
         .args([

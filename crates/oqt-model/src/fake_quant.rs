@@ -3,8 +3,9 @@
 //! (`oqt-kernels`), with straight-through gradients (`x + (x̂ − x).detach()`),
 //! so what is simulated while compressing is what the runtime computes.
 
-use burn::tensor::Tensor;
-use oqt_core::quant::{Granularity, ScaleRule, WeightSpec};
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use oqt_core::quant::{ActGrid, Granularity, ScaleRule, WeightSpec};
 
 /// Straight-through estimator: the forward value of `quantized`, the gradient of `x`.
 pub fn ste<const D: usize>(x: Tensor<D>, quantized: Tensor<D>) -> Tensor<D> {
@@ -56,4 +57,61 @@ pub fn fake_quant_weight(w: Tensor<2>, spec: &WeightSpec, clip: f32) -> Tensor<2
     let scale = (amax.clone() / divisor).mask_fill(amax.equal_elem(0.0), 1.0);
     let q = (g3 / scale.clone()).round().clamp(qmin as f32, qmax as f32);
     ste(w, (q * scale).reshape([d_in, d_out]))
+}
+
+/// `round(x)` forward (half to even), identity gradient. Exact: `x + (round(x) − x)`
+/// reproduces `round(x)` bit for bit (the difference is exact by Sterbenz' lemma).
+pub fn round_ste<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    ste(x.clone(), x.round())
+}
+
+/// A static per-tensor activation quantizer whose scale and zero point are
+/// trained (LSQ-style: the rounding passes gradients straight through, so the
+/// loss reaches the scale through `(q − zp) · scale` and the zero point through
+/// the clamp bounds). Initialised from, and exported back to, an [`ActGrid`];
+/// with untouched parameters it computes exactly [`ActGrid::fake`].
+#[derive(Module, Debug)]
+pub struct ActQuantizer {
+    /// `[1]`, positive.
+    pub scale: Param<Tensor<1>>,
+    /// `[1]`, real-valued while training; rounded (with STE) when used.
+    pub zero_point: Param<Tensor<1>>,
+    pub bits: u8,
+}
+
+impl ActQuantizer {
+    pub fn from_grid(g: &ActGrid, device: &Device) -> Self {
+        let one = |v: f32| Param::from_tensor(Tensor::<1>::from_data(TensorData::new(vec![v], [1]), device));
+        Self {
+            scale: one(g.scale),
+            zero_point: one(g.zero_point as f32),
+            bits: g.bits,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let qmin = -((1i64 << (self.bits - 1)) as f32);
+        let qmax = ((1i64 << (self.bits - 1)) - 1) as f32;
+        let scale = self.scale.val().reshape([1; D]);
+        let zp = round_ste(self.zero_point.val()).clamp(qmin, qmax).reshape([1; D]);
+        let q = (round_ste(x * scale.clone().recip()) + zp.clone()).clamp(qmin, qmax);
+        (q - zp) * scale
+    }
+
+    /// The grid as trained (zero point rounded, as the runtime stores it).
+    pub fn grid(&self) -> ActGrid {
+        let read = |t: Tensor<1>| {
+            t.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32 parameter")[0]
+        };
+        let qmin = -(1i32 << (self.bits - 1));
+        let qmax = (1i32 << (self.bits - 1)) - 1;
+        ActGrid {
+            scale: read(self.scale.val()),
+            zero_point: (read(self.zero_point.val()).round_ties_even() as i32).clamp(qmin, qmax),
+            bits: self.bits,
+        }
+    }
 }

@@ -85,3 +85,31 @@ fn straight_through_gradient_is_identity() {
     let g = values(x.grad(&grads).unwrap());
     assert!(g.iter().all(|&v| v == 1.0), "{g:?}");
 }
+
+#[test]
+fn learnable_activation_quantizer_starts_exactly_on_its_grid_and_learns() {
+    use oqt_core::quant::ActGrid;
+    use oqt_model::fake_quant::ActQuantizer;
+    let grid = ActGrid::from_range(-3.0, 5.0, 8);
+    let x = pseudo_random(600, 9, 6.0); // some values beyond the range: they clamp
+    let q = ActQuantizer::from_grid(&grid, &Device::flex());
+    let sim = values(q.forward(Tensor::<2>::from_data(
+        TensorData::new(x.clone(), [20, 30]),
+        &Device::flex(),
+    )));
+    let mut want = x.clone();
+    grid.fake(&mut want);
+    for (a, b) in sim.iter().zip(&want) {
+        assert_eq!(a.to_bits(), b.to_bits(), "{a} vs {b}");
+    }
+    assert_eq!(q.grid(), grid);
+    // Gradients reach the scale and zero point (the clamped values depend on both).
+    let device = Device::flex().autodiff();
+    let q = ActQuantizer::from_grid(&grid, &device);
+    let xt = Tensor::<2>::from_data(TensorData::new(x, [20, 30]), &device);
+    let loss = (q.forward(xt.clone()) - xt).powi_scalar(2).mean();
+    let grads = loss.backward();
+    let gs = values(q.scale.grad(&grads).unwrap())[0];
+    let gz = values(q.zero_point.grad(&grads).unwrap())[0];
+    assert!(gs.is_finite() && gs != 0.0 && gz.is_finite() && gz != 0.0, "{gs} {gz}");
+}

@@ -26,6 +26,12 @@ pub struct QuantizeArgs {
     /// Tokens per calibration window instead of the recipe's.
     #[arg(long, value_name = "N")]
     pub calib_seq_len: Option<usize>,
+    /// How static activation ranges are taken: `minmax` or `percentile` (instead of the recipe's).
+    #[arg(long, value_name = "RULE")]
+    pub act_range: Option<oqt_core::quant::ActRange>,
+    /// The percentile kept with `--act-range percentile` (e.g. 99.99).
+    #[arg(long)]
+    pub percentile: Option<f64>,
     /// Where to write the bundle (default: exports/<model>-<recipe>.oqt).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -36,13 +42,20 @@ pub struct QuantizeArgs {
 
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
-    let method = a.method.clone().unwrap_or_else(|| recipe.default_method.clone());
-    if method != "rtn" {
-        bail!(
-            "method `{method}` is not available yet (recipe `{}` defaults to it); pass --method rtn",
-            recipe.name
-        );
-    }
+    let method = match &a.method {
+        Some(m) if m != "rtn" => bail!("method `{m}` is not available yet; available: rtn"),
+        Some(m) => m.clone(),
+        None if recipe.default_method != "rtn" => {
+            // The recipe's own method lands later; say so loudly rather than refuse the job.
+            eprintln!(
+                "warning: recipe `{}` defaults to `{}`, which is not available yet; using rtn \
+                 (pass --method rtn to silence this)",
+                recipe.name, recipe.default_method
+            );
+            "rtn".to_string()
+        }
+        None => recipe.default_method.clone(),
+    };
     let start = std::time::Instant::now();
     let model = load(&a.model)?;
     let output = a.output.clone().unwrap_or_else(|| {
@@ -58,6 +71,11 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     }
     calibration.samples = a.calib_samples.unwrap_or(calibration.samples);
     calibration.seq_len = a.calib_seq_len.unwrap_or(calibration.seq_len);
+    calibration.act_range = a.act_range.unwrap_or(calibration.act_range);
+    calibration.percentile = a.percentile.unwrap_or(calibration.percentile);
+    if !(50.0..=100.0).contains(&calibration.percentile) {
+        bail!("--percentile must be in [50, 100]");
+    }
     if calibration.samples == 0 || calibration.seq_len < 2 {
         bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
     }

@@ -33,6 +33,17 @@ pub enum ActRange {
     Percentile,
 }
 
+impl std::str::FromStr for ActRange {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "minmax" => Ok(Self::Minmax),
+            "percentile" => Ok(Self::Percentile),
+            other => Err(format!("`{other}`: expected `minmax` or `percentile`")),
+        }
+    }
+}
+
 fn default_percentile() -> f64 {
     99.99
 }
