@@ -28,6 +28,8 @@ use oqt_core::weights::names;
 use oqt_core::{CoreError, Result};
 
 /// How one linear layer is simulated.
+// Built once per layer and held for the model's lifetime: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum SimWeights {
     /// Unquantized `[in, out]`: float inputs.
     Float(Tensor<2>),
