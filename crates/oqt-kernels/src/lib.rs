@@ -36,6 +36,8 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512Vnni,
+    /// AArch64 with the dot-product extension (`sdot`).
+    NeonDot,
 }
 
 impl Isa {
@@ -63,12 +65,21 @@ impl Isa {
                 return Self::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                return Self::NeonDot;
+            }
+        }
         Self::Scalar
     }
 
     /// Every path this CPU can run (the tests compare them all).
     pub fn available() -> Vec<Self> {
         let best = Self::best_supported();
+        if best == Self::NeonDot {
+            return vec![Self::Scalar, Self::NeonDot];
+        }
         [Self::Scalar, Self::Avx2, Self::Avx512Vnni]
             .into_iter()
             .filter(|&i| i as u8 <= best as u8)
@@ -80,6 +91,7 @@ impl Isa {
             Self::Scalar => "scalar",
             Self::Avx2 => "avx2",
             Self::Avx512Vnni => "avx512-vnni",
+            Self::NeonDot => "neon-dotprod",
         }
     }
 }

@@ -118,7 +118,7 @@ fn static_bundle_without_grids_is_refused_clearly() {
         .unwrap()
         .to_string();
     assert!(
-        err.contains("act_grids") && err.contains("embed") && err.contains("s.oqt"),
+        err.contains("act_grids") && err.contains("no grid for site") && err.contains("s.oqt"),
         "{err}"
     );
 }
