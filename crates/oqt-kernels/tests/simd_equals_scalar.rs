@@ -149,6 +149,11 @@ fn this_machine_exercises_the_simd_paths() {
     if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
         assert_eq!(Isa::available(), vec![Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]);
     }
+    // On AArch64 with the dot-product extension (e.g. `qemu-aarch64 -cpu max`), the sdot path.
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        assert_eq!(Isa::available(), vec![Isa::Scalar, Isa::NeonDot]);
+    }
 }
 
 #[test]
