@@ -18,6 +18,13 @@ pub fn ste<const D: usize>(x: Tensor<D>, quantized: Tensor<D>) -> Tensor<D> {
 /// `q = clamp(round(x · (1/scale)) + zp, −128, 127)`, rounding half to even;
 /// returns `(q − zp) · scale`.
 pub fn fake_quant_dynamic_rows<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let (q, scale) = dynamic_rows_integer(x.clone());
+    ste(x, q * scale)
+}
+
+/// The integers `q − zp` of [`fake_quant_dynamic_rows`] (exact, as floats) and
+/// each row's scale (last axis of size 1).
+pub fn dynamic_rows_integer<const D: usize>(x: Tensor<D>) -> (Tensor<D>, Tensor<D>) {
     let last = D - 1;
     let min = x.clone().min_dim(last).clamp_max(0.0);
     let max = x.clone().max_dim(last).clamp_min(0.0);
@@ -26,8 +33,8 @@ pub fn fake_quant_dynamic_rows<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let scale = (range.clone() / 255.0).mask_fill(range.equal_elem(0.0), 1.0);
     let zp = ((min / scale.clone()).neg() - 128.0).round().clamp(-128.0, 127.0);
     let inv = scale.clone().recip();
-    let q = ((x.clone() * inv).round() + zp.clone()).clamp(-128.0, 127.0);
-    ste(x, (q - zp) * scale)
+    let q = ((x * inv).round() + zp.clone()).clamp(-128.0, 127.0);
+    (q - zp, scale)
 }
 
 /// Weights in Burn's Linear layout `[d_in, d_out]`, symmetric, one scale per

@@ -26,15 +26,19 @@ fn t2(t: TensorF32, device: &Device) -> Tensor<2> {
 /// HF `[out, in]` → Burn `[in, out]`, stored contiguously: a transposed *view*
 /// would be copied by every `Linear::forward` (Flex reshapes the weight).
 fn t2_transposed(t: TensorF32, device: &Device) -> Tensor<2> {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let mut out = vec![0f32; t.data.len()];
+    transposed(&t.data, t.shape[0], t.shape[1], device)
+}
+
+/// Row-major `[rows, cols]` → a contiguous `[cols, rows]` tensor.
+pub(crate) fn transposed(data: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    let mut out = vec![0f32; data.len()];
     // Blocked so both sides stay in cache.
     const B: usize = 32;
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
             for r in r0..(r0 + B).min(rows) {
                 for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = t.data[r * cols + c];
+                    out[c * rows + r] = data[r * cols + c];
                 }
             }
         }

@@ -16,13 +16,14 @@
 //!   the runtime reproduces bit for bit — one flipped rounding would otherwise
 //!   cascade through every later grid.
 
-use crate::fake_quant::{fake_quant_dynamic_rows, ste};
+use crate::fake_quant::{dynamic_rows_integer, fake_quant_dynamic_rows, ste};
 use crate::hooks::{ForwardHooks, Proj};
-use crate::import::llama_from_weights;
+use crate::import::{llama_from_weights, transposed};
 use crate::llama::Llama;
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use oqt_core::bundle::{Bundle, TensorEntry};
-use oqt_core::quant::pack::padded_len;
+use oqt_core::quant::pack::{kernel_group, padded_len};
+use oqt_core::quant::sites::int8_input;
 use oqt_core::quant::{ActGrid, ActMode, ActSite, QuantizedWeight, SiteGrids, dequantize_weight};
 use oqt_core::weights::names;
 use oqt_core::{CoreError, Result};
@@ -69,32 +70,10 @@ fn integer_on_grid<const D: usize>(x: Tensor<D>, g: &ActGrid) -> Tensor<D> {
         .sub_scalar(zp)
 }
 
-/// Dynamic per-row int8 (the kernels' `quantize_rows`): `(q − zp, scale [rows, 1])`.
-fn dynamic_integer_rows(x: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
-    let min = x.clone().min_dim(1).clamp_max(0.0);
-    let max = x.clone().max_dim(1).clamp_min(0.0);
-    let range = max - min.clone();
-    let scale = (range.clone() / 255.0).mask_fill(range.equal_elem(0.0), 1.0);
-    let zp = ((min / scale.clone()).neg() - 128.0).round().clamp(-128.0, 127.0);
-    let q = ((x * scale.clone().recip()).round() + zp.clone()).clamp(-128.0, 127.0);
-    (q - zp, scale)
-}
-
 fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
     let [b, s, d] = x.dims();
     let out = w.dims()[1];
     x.reshape([b * s, d]).matmul(w.clone()).reshape([b, s, out])
-}
-
-/// `[rows, cols]` row-major → Burn `[cols, rows]` (contiguous).
-fn transposed(data: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
-    let mut out = vec![0f32; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    Tensor::from_data(TensorData::new(out, [cols, rows]), device)
 }
 
 /// The kernels' contract on Burn tensors: exact integer dots per group (f32 sums
@@ -173,7 +152,7 @@ impl SimLinear {
                         let s_a = Tensor::full([b * s, 1], g.scale, &x2.device());
                         (integer_on_grid(x2, g), s_a)
                     }
-                    None => dynamic_integer_rows(x2),
+                    None => dynamic_rows_integer(x2),
                 };
                 let y = integer_linear(x_int, s_a, w_int, s_w, *k_pad, *w_max_abs);
                 let n = y.dims()[1];
@@ -288,18 +267,11 @@ impl QuantSim {
 /// The kernels run symmetric weights with 32-aligned groups under 8-bit
 /// activations (static or dynamic); the simulation then follows their arithmetic.
 fn sim_weights(qw: &QuantizedWeight, mode: ActMode, input: Option<ActGrid>, device: &Device) -> SimWeights {
-    let int8_input = match mode {
-        ActMode::Dynamic => true,
-        ActMode::Static => input.is_some_and(|g| g.bits == 8),
-        ActMode::None => false,
+    let Some(group) = kernel_group(qw).filter(|_| int8_input(mode, input)) else {
+        return SimWeights::Dequantized(transposed(&dequantize_weight(qw), qw.rows, qw.cols, device));
     };
     let k_pad = padded_len(qw.cols);
-    let group = if qw.group == qw.cols { k_pad } else { qw.group };
     let groups = k_pad / group;
-    let aligned = group.is_multiple_of(32) && k_pad.is_multiple_of(group) && qw.scales.len() == qw.rows * groups;
-    if !(int8_input && qw.spec.symmetric && aligned) {
-        return SimWeights::Dequantized(transposed(&dequantize_weight(qw), qw.rows, qw.cols, device));
-    }
     let n = qw.rows;
     // [G, group, n]: w_int[g][c][r] = q[r, g·group + c] (zero past cols).
     let mut w = vec![0f32; k_pad * n];

@@ -1,5 +1,7 @@
 //! A linear layer as the runtime stores it, and how its input is quantized.
 
+use oqt_core::quant::pack::kernel_group;
+use oqt_core::quant::sites::int8_input;
 use oqt_core::quant::{ActGrid, ActMode, QuantizedWeight, dequantize_weight};
 use oqt_kernels::{
     Isa, PackedInt4, PackedInt8, by_weight_rows, matmul_int4, matmul_int8, quantize_row, quantize_rows,
@@ -57,17 +59,9 @@ impl Linear {
             (ActMode::Dynamic, _) => InputQuant::Dynamic,
             _ => InputQuant::Float,
         };
-        let int8_input = match input {
-            InputQuant::Dynamic => true,
-            InputQuant::Static(g) => g.bits == 8,
-            InputQuant::Float => false,
-        };
-        let per_row_groups = qw.scales.len() / qw.rows.max(1);
-        let integer = int8_input && qw.spec.symmetric && per_row_groups * qw.rows == qw.scales.len();
+        let integer = int8_input(acts, static_grid) && kernel_group(qw).is_some();
         let group = (qw.group != qw.cols).then_some(qw.group);
-        let k_pad = oqt_core::quant::pack::padded_len(qw.cols);
-        let group_ok = group.is_none_or(|g| g.is_multiple_of(32) && k_pad.is_multiple_of(g));
-        let kernel = match (integer && group_ok, qw.spec.bits) {
+        let kernel = match (integer, qw.spec.bits) {
             (true, b) if b <= 4 => Kernel::Int4(PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
             (true, 8) => Kernel::Int8(PackedInt8::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
             _ => Kernel::F32 {

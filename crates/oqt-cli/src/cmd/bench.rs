@@ -2,7 +2,7 @@
 //! weight bytes of a bundle on the runtime (or a model in f32 on Burn), on a
 //! fixed prompt of real text, greedy, never stopping early.
 
-use super::{DeviceArgs, load_burn};
+use super::{DeviceArgs, Engine};
 use crate::output::{mib, print_json};
 use anyhow::{Context, bail};
 use clap::Args;
@@ -42,29 +42,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.prompt_tokens == 0 || a.decode_tokens < 2 || a.repeats == 0 {
         bail!("--prompt-tokens must be ≥ 1, --decode-tokens ≥ 2 and --repeats ≥ 1");
     }
-    enum Engine {
-        Burn(Box<oqt_model::Llama>),
-        Runtime(Box<oqt_runtime::RuntimeModel>),
-    }
-    let (tokenizer, engine, name, weight_bytes) = match (&a.bundle, &a.model) {
-        (Some(b), _) => {
-            let bundle = oqt_core::bundle::Bundle::open(b)?;
-            let rt = oqt_runtime::RuntimeModel::load(&bundle)?;
-            let bytes = rt.weight_bytes;
-            (
-                rt.tokenizer.clone(),
-                Engine::Runtime(Box::new(rt)),
-                b.display().to_string(),
-                bytes,
-            )
-        }
-        (None, Some(m)) => {
-            let (loaded, model) = load_burn(m, &a.device)?;
-            let bytes = loaded.config.n_params() * 4;
-            (loaded.tokenizer, Engine::Burn(Box::new(model)), m.clone(), bytes)
-        }
-        (None, None) => unreachable!("clap requires a model or --bundle"),
+    let (tokenizer, engine) = Engine::load(a.model.as_deref(), a.bundle.as_deref(), &a.device)?;
+    let name = match (&a.bundle, &a.model) {
+        (Some(b), _) => b.display().to_string(),
+        (None, m) => m.clone().unwrap_or_default(),
     };
+    let weight_bytes = engine.weight_bytes();
     let text = oqt_core::datasets::resolve("tinyshakespeare")?.read_text()?;
     let mut prompt = tokenizer.encode_document(&text[..text.len().min(64 * a.prompt_tokens)])?;
     if prompt.len() < a.prompt_tokens {
@@ -78,13 +61,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     let run_once = || -> anyhow::Result<GenerationStats> {
         let never = |_: u32| false;
-        let stats = match &engine {
-            Engine::Burn(m) => oqt_model::generate::generate(m, &prompt, a.decode_tokens, greedy, never, |_| {})?,
-            Engine::Runtime(rt) => {
-                oqt_runtime::generate::generate(rt, &prompt, a.decode_tokens, greedy, never, |_| {})?
-            }
-        };
-        Ok(stats)
+        Ok(engine.generate(&prompt, a.decode_tokens, greedy, never, |_| {})?)
     };
     let pb = crate::output::bar(a.repeats as u64 + 1, "benchmarking");
     run_once().context("warm-up run")?;
@@ -100,10 +77,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let decode = pick(|s| s.decode_tok_s);
     let ttft = pick(|s| s.time_to_first_token_s);
     let peak = oqt_core::sys::peak_rss_mib();
-    let engine_name = match engine {
-        Engine::Burn(_) => "burn-f32",
-        Engine::Runtime(_) => "runtime",
-    };
+    let engine_name = engine.name();
     let threads = rayon::current_num_threads();
     if a.json {
         return print_json(&serde_json::json!({

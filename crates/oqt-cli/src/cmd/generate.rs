@@ -1,4 +1,4 @@
-use super::{DeviceArgs, load_burn};
+use super::{DeviceArgs, Engine};
 use crate::output::print_json;
 use clap::Args;
 use oqt_core::chat::{ChatMessage, render_chat};
@@ -40,24 +40,8 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// Which engine generates.
-enum Engine {
-    Burn(Box<oqt_model::Llama>),
-    Runtime(Box<oqt_runtime::RuntimeModel>),
-}
-
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let (tok, engine) = match (&a.bundle, &a.model) {
-        (Some(b), _) => {
-            let rt = oqt_runtime::RuntimeModel::load(&oqt_core::bundle::Bundle::open(b)?)?;
-            (rt.tokenizer.clone(), Engine::Runtime(Box::new(rt)))
-        }
-        (None, Some(m)) => {
-            let (loaded, model) = load_burn(m, &a.device)?;
-            (loaded.tokenizer, Engine::Burn(Box::new(model)))
-        }
-        (None, None) => unreachable!("clap requires a model or --bundle"),
-    };
+    let (tok, engine) = Engine::load(a.model.as_deref(), a.bundle.as_deref(), &a.device)?;
     let tok = &tok;
     let prompt_ids = if a.raw {
         tok.encode_document(&a.prompt)?
@@ -97,12 +81,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let stop = |t: u32| tok.is_stop(t);
-    let stats = match &engine {
-        Engine::Burn(m) => oqt_model::generate::generate(m, &prompt_ids, a.max_tokens, sampling, stop, on_token)?,
-        Engine::Runtime(rt) => {
-            oqt_runtime::generate::generate(rt, &prompt_ids, a.max_tokens, sampling, stop, on_token)?
-        }
-    };
+    let stats = engine.generate(&prompt_ids, a.max_tokens, sampling, stop, on_token)?;
     let text = tok.decode(&ids, true)?;
     if a.json {
         return print_json(&serde_json::json!({

@@ -36,3 +36,62 @@ pub fn load_burn(spec: &str, dev: &DeviceArgs) -> anyhow::Result<(LoadedModel, L
     let model = oqt_model::llama_from_loaded(&mut loaded, &device);
     Ok((loaded, model))
 }
+
+/// Who runs a model for `generate` and `bench`: the f32 Burn model or the
+/// integer runtime on a bundle.
+pub enum Engine {
+    /// The model and its f32 weight bytes.
+    Burn(Box<Llama>, usize),
+    Runtime(Box<oqt_runtime::RuntimeModel>),
+}
+
+impl Engine {
+    /// The runtime on `bundle`, else `model` in f32 on Burn; with its tokenizer.
+    pub fn load(
+        model: Option<&str>,
+        bundle: Option<&std::path::Path>,
+        dev: &DeviceArgs,
+    ) -> anyhow::Result<(oqt_core::Tokenizer, Self)> {
+        match (bundle, model) {
+            (Some(b), _) => {
+                let rt = oqt_runtime::RuntimeModel::load(&oqt_core::bundle::Bundle::open(b)?)?;
+                Ok((rt.tokenizer.clone(), Self::Runtime(Box::new(rt))))
+            }
+            (None, Some(m)) => {
+                let (loaded, model) = load_burn(m, dev)?;
+                let bytes = loaded.config.n_params() * 4;
+                Ok((loaded.tokenizer, Self::Burn(Box::new(model), bytes)))
+            }
+            (None, None) => unreachable!("clap requires a model or --bundle"),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Burn(..) => "burn-f32",
+            Self::Runtime(_) => "runtime",
+        }
+    }
+
+    /// Bytes of weights the engine holds for the model (the runtime: as a device stores them).
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Burn(_, bytes) => *bytes,
+            Self::Runtime(rt) => rt.weight_bytes,
+        }
+    }
+
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampling: oqt_core::sampling::SamplingOptions,
+        is_stop: impl Fn(u32) -> bool,
+        on_token: impl FnMut(u32),
+    ) -> oqt_core::Result<oqt_core::generation::GenerationStats> {
+        match self {
+            Self::Burn(m, _) => oqt_model::generate::generate(m, prompt, max_new, sampling, is_stop, on_token),
+            Self::Runtime(rt) => oqt_runtime::generate::generate(rt, prompt, max_new, sampling, is_stop, on_token),
+        }
+    }
+}

@@ -171,6 +171,16 @@ impl ActGrid {
     }
 }
 
+/// Whether a linear layer's input reaches the integer kernels as int8: dynamic
+/// rows always, static grids when 8-bit (16-bit static inputs are multiplied in f32).
+pub fn int8_input(mode: ActMode, static_grid: Option<ActGrid>) -> bool {
+    match mode {
+        ActMode::Dynamic => true,
+        ActMode::Static => static_grid.is_some_and(|g| g.bits == 8),
+        ActMode::None => false,
+    }
+}
+
 /// Which sites a spec quantizes, with their bits; empty unless activations are static.
 pub fn static_sites(spec: &QuantSpec, n_layers: usize) -> Vec<(String, ActSite, u8)> {
     if spec.activations.mode != ActMode::Static {
