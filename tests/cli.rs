@@ -205,9 +205,10 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
             recipe,
             "--output",
             out.to_str().unwrap(),
+            "--no-eval",
             "--json",
         ]));
-        assert_eq!(v["method"], "rtn");
+        assert_eq!(v["rows"][0]["method"], "rtn");
         let q = eval(&["--bundle", out.to_str().unwrap()]);
         // 8-bit weights barely move the random tiny model; 4-bit moves it more, but stays close.
         let tol = if recipe == "w8a16" { 0.01 } else { 0.25 };
@@ -235,31 +236,34 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
     let a = generate("3");
     assert!(!a.as_array().unwrap().is_empty());
     assert_eq!(a, generate("3"));
-    // MobileQuant (w4a8's default method) is not there yet: RTN runs, with a loud warning.
+    // w4a8's default method is MobileQuant: a few steps on the tiny model give a
+    // static bundle with learned grids, recorded as such.
     let out = dir.path().join("w4a8.oqt");
     let text_arg = text.to_str().unwrap();
-    oqt()
-        .args([
-            "quantize",
-            gguf.to_str().unwrap(),
-            "--recipe",
-            "w4a8",
-            "--calib-data",
-            text_arg,
-            "--calib-samples",
-            "2",
-            "--calib-seq-len",
-            "32",
-            "--act-range",
-            "percentile",
-            "--output",
-            out.to_str().unwrap(),
-        ])
-        .assert()
-        .success()
-        .stderr(contains("mobilequant").and(contains("using rtn")));
+    let v = json_of(oqt().args([
+        "quantize",
+        gguf.to_str().unwrap(),
+        "--recipe",
+        "w4a8",
+        "--calib-data",
+        text_arg,
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "32",
+        "--steps",
+        "3",
+        "--act-range",
+        "percentile",
+        "--output",
+        out.to_str().unwrap(),
+        "--no-eval",
+        "--json",
+    ]));
+    assert_eq!(v["rows"][0]["method"], "mobilequant");
     let m = oqt_core::bundle::Bundle::open(&out).unwrap().manifest;
-    assert_eq!(m.method.as_deref(), Some("rtn"));
+    assert_eq!(m.method.as_deref(), Some("mobilequant"));
+    assert!(!m.act_grids.is_empty());
     std::fs::remove_file(&out).unwrap();
     oqt()
         .args([
@@ -320,9 +324,10 @@ fn static_rtn_bundle_runs_as_simulated_and_benches() {
             "48",
             "--output",
             out.to_str().unwrap(),
+            "--no-eval",
             "--json",
         ]));
-        assert_eq!(v["method"], "rtn");
+        assert_eq!(v["rows"][0]["method"], "rtn");
         let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
         // Every static site has a calibrated grid; the calibration file is recorded.
         assert_eq!(bundle.manifest.act_grids.len(), 2 + cfg.num_layers * 8);
@@ -363,4 +368,100 @@ fn static_rtn_bundle_runs_as_simulated_and_benches() {
         assert!(v[field].as_f64().unwrap() > 0.0, "{field}: {v}");
     }
     assert!(v["peak_rss_mib"].as_f64().unwrap_or(1.0) > 0.0);
+}
+
+#[test]
+fn eval_recipe_fails_when_a_result_regresses_beyond_its_tolerance() {
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "a quick brown fox jumps over the lazy dog. ".repeat(30)).unwrap();
+    let recipe = |float: f64, rtn: f64| {
+        format!(
+            r#"name = "tiny"
+model = "{model}"
+[eval]
+dataset = "{text}"
+ctx = 64
+chunks = 2
+[calibration]
+samples = 2
+seq_len = 32
+[[check]]
+method = "float"
+expected = {float}
+tolerance = 0.02
+[[check]]
+recipe = "w8a8"
+method = "rtn"
+expected = {rtn}
+tolerance = 0.02
+"#,
+            model = gguf.display(),
+            text = text.display()
+        )
+    };
+    let path = dir.path().join("eval-tiny.toml");
+    // Generous expectations: both pass (as improvements), and the run reports what it measured.
+    std::fs::write(&path, recipe(1e6, 1e6)).unwrap();
+    let v = json_of(oqt().args(["eval", "--recipe", path.to_str().unwrap(), "--json"]));
+    assert_eq!(v["regressions"], 0);
+    let measured: Vec<f64> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["measured"].as_f64().unwrap())
+        .collect();
+    assert!(measured.iter().all(|m| m.is_finite() && *m > 1.0), "{measured:?}");
+    // Expectations equal to the measurements: pass.
+    std::fs::write(&path, recipe(measured[0], measured[1])).unwrap();
+    oqt()
+        .args(["eval", "--recipe", path.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(contains("pass"));
+    // The quantized result is now 10% worse than expected (beyond the 2% tolerance): exit non-zero, naming it.
+    std::fs::write(&path, recipe(measured[0], measured[1] / 1.1)).unwrap();
+    oqt()
+        .args(["eval", "--recipe", path.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stdout(contains("REGRESSED"))
+        .stderr(contains("w8a8/rtn").and(contains("regressed")));
+}
+
+#[test]
+fn sensitivity_reports_every_layer_and_saves_the_report() {
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 9)).unwrap();
+    let out = dir.path().join("sens.json");
+    let v = json_of(oqt().args([
+        "sensitivity",
+        gguf.to_str().unwrap(),
+        "--recipe",
+        "w4a8",
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "32",
+        "--output",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), cfg.num_layers);
+    for l in layers {
+        let full = l["relative_mse"].as_f64().unwrap();
+        let weights = l["weights_only_relative_mse"].as_f64().unwrap();
+        // 4-bit weights move the output; activations on top move it further.
+        assert!(weights > 1e-6 && full.is_finite(), "{l}");
+    }
+    let saved: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(saved["layers"], v["layers"]);
 }

@@ -43,6 +43,8 @@ enum Command {
     Quantize(cmd::quantize::QuantizeArgs),
     /// Measure prefill/decode speed, time to first token and memory of a bundle or model.
     Bench(cmd::bench::BenchArgs),
+    /// Per-layer quantization sensitivity: the output error when only one layer is quantized.
+    Sensitivity(cmd::sensitivity::SensitivityArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -76,6 +78,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Sensitivity(a) => cmd::sensitivity::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,5 +1,12 @@
 //! oqt-compress: the methods that turn a float model into a compressed one.
 //! Methods never print or parse arguments; they report progress through a callback.
 
+pub mod awq;
 pub mod calibrate;
+pub mod gptq;
+pub mod inputs;
+pub mod mobilequant;
+pub mod ptq;
 pub mod rtn;
+pub mod sensitivity;
+pub mod smoothing;

@@ -31,6 +31,34 @@ pub fn quantize_rtn(
     opts: RtnOptions,
     calibrated: Option<Calibrated>,
     created_by: &str,
+    progress: impl FnMut(usize, usize),
+) -> Result<BundleWriter> {
+    let method = if opts.clip_search { "rtn-mse-clip" } else { "rtn" };
+    let prepared = Prepared {
+        weights: &model.weights,
+        quantized: BTreeMap::new(),
+        method: method.into(),
+    };
+    assemble(model, prepared, recipe, opts, calibrated, created_by, progress)
+}
+
+/// What a method hands to the bundle writer: the float weights it ends with
+/// (transformations folded in) and the weights it quantized itself (GPTQ's
+/// updates, learned clips); everything else is rounded to nearest here.
+pub struct Prepared<'a> {
+    pub weights: &'a oqt_core::weights::ModelWeights,
+    pub quantized: BTreeMap<String, oqt_core::quant::QuantizedWeight>,
+    pub method: String,
+}
+
+/// Write `prepared` as a bundle of `model` under `recipe`.
+pub fn assemble(
+    model: &LoadedModel,
+    prepared: Prepared<'_>,
+    recipe: &Recipe,
+    opts: RtnOptions,
+    calibrated: Option<Calibrated>,
+    created_by: &str,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BundleWriter> {
     let mut manifest = Manifest::for_model(model, created_by)?;
@@ -48,7 +76,7 @@ pub fn quantize_rtn(
         _ => {}
     }
     manifest.recipe = Some(recipe.clone());
-    manifest.method = Some(if opts.clip_search { "rtn-mse-clip" } else { "rtn" }.into());
+    manifest.method = Some(prepared.method.clone());
     if let Ok(sha) = oqt_core::datasets::sha256_file(&model.path)
         && model.path.is_file()
     {
@@ -59,11 +87,13 @@ pub fn quantize_rtn(
         });
     }
     let mut w = BundleWriter::new(manifest);
-    let names: Vec<&String> = model.weights.names().collect();
+    let names: Vec<&String> = prepared.weights.names().collect();
     let total = names.len();
     for (done, name) in names.into_iter().enumerate() {
-        let t = model.weights.get(name).expect("listed");
-        if t.shape.len() == 2 {
+        let t = prepared.weights.get(name).expect("listed");
+        if let Some(qw) = prepared.quantized.get(name) {
+            w.add_quantized(name, qw);
+        } else if t.shape.len() == 2 {
             let spec = recipe.spec.weights_for(name);
             let per_tensor = spec.granularity == oqt_core::quant::Granularity::PerTensor;
             let qw = if opts.clip_search && !per_tensor {

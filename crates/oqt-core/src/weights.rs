@@ -67,6 +67,10 @@ impl ModelWeights {
         self.tensors.get(name)
     }
 
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut TensorF32> {
+        self.tensors.get_mut(name)
+    }
+
     pub fn take(&mut self, name: &str) -> Option<TensorF32> {
         self.tensors.remove(name)
     }

@@ -4,3 +4,6 @@
 pub mod perplexity;
 
 pub use perplexity::{ChunkProgress, PerplexityOptions, PerplexityReport, perplexity};
+pub mod recipe;
+
+pub use recipe::{Check, EvalRecipe, Verdict};

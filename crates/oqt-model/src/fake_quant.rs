@@ -77,30 +77,52 @@ pub fn round_ste<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// loss reaches the scale through `(q − zp) · scale` and the zero point through
 /// the clamp bounds). Initialised from, and exported back to, an [`ActGrid`];
 /// with untouched parameters it computes exactly [`ActGrid::fake`].
+///
+/// The parameters are relative — `scale = scale₀ · exp(log_scale)`,
+/// `zp = zp₀ + zero_shift · (qmax − qmin)` — so one learning rate suits 8-bit
+/// and 16-bit grids whose scales differ by orders of magnitude.
 #[derive(Module, Debug)]
 pub struct ActQuantizer {
-    /// `[1]`, positive.
-    pub scale: Param<Tensor<1>>,
-    /// `[1]`, real-valued while training; rounded (with STE) when used.
-    pub zero_point: Param<Tensor<1>>,
+    /// `[1]`, 0 at the calibrated scale.
+    pub log_scale: Param<Tensor<1>>,
+    /// `[1]`, in units of the grid's span; rounded (with STE) when used.
+    pub zero_shift: Param<Tensor<1>>,
+    pub scale0: f32,
+    pub zero_point0: f32,
     pub bits: u8,
 }
 
 impl ActQuantizer {
     pub fn from_grid(g: &ActGrid, device: &Device) -> Self {
-        let one = |v: f32| Param::from_tensor(Tensor::<1>::from_data(TensorData::new(vec![v], [1]), device));
+        let zero = || Param::from_tensor(Tensor::<1>::from_data(TensorData::new(vec![0f32], [1]), device));
         Self {
-            scale: one(g.scale),
-            zero_point: one(g.zero_point as f32),
+            log_scale: zero(),
+            zero_shift: zero(),
+            scale0: g.scale,
+            zero_point0: g.zero_point as f32,
             bits: g.bits,
         }
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    fn qrange(&self) -> (f32, f32) {
         let qmin = -((1i64 << (self.bits - 1)) as f32);
         let qmax = ((1i64 << (self.bits - 1)) - 1) as f32;
-        let scale = self.scale.val().reshape([1; D]);
-        let zp = round_ste(self.zero_point.val()).clamp(qmin, qmax).reshape([1; D]);
+        (qmin, qmax)
+    }
+
+    fn scale(&self) -> Tensor<1> {
+        self.log_scale.val().exp() * self.scale0
+    }
+
+    fn zero_point(&self) -> Tensor<1> {
+        let (qmin, qmax) = self.qrange();
+        round_ste(self.zero_shift.val() * (qmax - qmin) + self.zero_point0).clamp(qmin, qmax)
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let (qmin, qmax) = self.qrange();
+        let scale = self.scale().reshape([1; D]);
+        let zp = self.zero_point().reshape([1; D]);
         let q = (round_ste(x * scale.clone().recip()) + zp.clone()).clamp(qmin, qmax);
         (q - zp) * scale
     }
@@ -113,12 +135,40 @@ impl ActQuantizer {
                 .try_into_vec::<f32>()
                 .expect("f32 parameter")[0]
         };
-        let qmin = -(1i32 << (self.bits - 1));
-        let qmax = (1i32 << (self.bits - 1)) - 1;
         ActGrid {
-            scale: read(self.scale.val()),
-            zero_point: (read(self.zero_point.val()).round_ties_even() as i32).clamp(qmin, qmax),
+            scale: read(self.scale()),
+            zero_point: read(self.zero_point()) as i32,
             bits: self.bits,
         }
     }
+}
+
+/// [`fake_quant_weight`] with a learned clip per output column (`clip`:
+/// `[1, d_out]`, in (0, 1]) and LSQ-style gradients: rounding passes the
+/// gradient straight through, so the loss reaches the weights, the clip (and
+/// whatever produced the weights, e.g. smoothing scales) through `q · scale`.
+/// The forward value equals `oqt_core::quant::quantize_weight` with that clip.
+pub fn fake_quant_weight_learned(w: Tensor<2>, spec: &WeightSpec, clip: Tensor<2>) -> Tensor<2> {
+    assert!(spec.symmetric, "asymmetric weight grids are not trained yet");
+    let [d_in, d_out] = w.dims();
+    let group = match spec.granularity {
+        Granularity::PerGroup(g) => g,
+        Granularity::PerChannel => d_in,
+        Granularity::PerTensor => panic!("per-tensor weight grids are not trained yet"),
+    };
+    assert!(
+        d_in.is_multiple_of(group),
+        "input width {d_in} is not a multiple of the group {group}"
+    );
+    let (qmin, qmax) = spec.qrange();
+    let divisor = match spec.scale_rule {
+        ScaleRule::AmaxOverQmax => qmax as f32,
+        ScaleRule::AmaxOverHalfRange => (qmax - qmin) as f32 / 2.0,
+    };
+    let g3 = w.reshape([d_in / group, group, d_out]);
+    let amax = g3.clone().abs().max_dim(1) * clip.reshape([1, 1, d_out]);
+    // All-zero groups: any positive scale represents them (the reference uses 1).
+    let scale = (amax / divisor).clamp_min(f32::MIN_POSITIVE);
+    let q = round_ste(g3 / scale.clone()).clamp(qmin as f32, qmax as f32);
+    (q * scale).reshape([d_in, d_out])
 }

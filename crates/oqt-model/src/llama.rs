@@ -257,6 +257,18 @@ impl Llama {
     pub fn forward_hidden_with(
         &self,
         tokens: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+        hooks: &dyn ForwardHooks,
+    ) -> Tensor<3> {
+        let hidden = self.forward_residual_with(tokens, cache, hooks);
+        norm(&self.norm, hidden, hooks)
+    }
+
+    /// The last decoder layer's output (the residual stream before the final
+    /// norm), `[batch, seq, hidden]`: what layer-output objectives compare.
+    pub fn forward_residual_with(
+        &self,
+        tokens: Tensor<2, Int>,
         mut cache: Option<&mut KvCache>,
         hooks: &dyn ForwardHooks,
     ) -> Tensor<3> {
@@ -273,7 +285,7 @@ impl Llama {
         if let Some(c) = cache {
             c.len += s;
         }
-        norm(&self.norm, x, hooks)
+        x
     }
 
     /// Logits for hidden states: `[batch, seq, vocab]`.

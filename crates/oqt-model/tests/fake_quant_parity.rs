@@ -109,7 +109,7 @@ fn learnable_activation_quantizer_starts_exactly_on_its_grid_and_learns() {
     let xt = Tensor::<2>::from_data(TensorData::new(x, [20, 30]), &device);
     let loss = (q.forward(xt.clone()) - xt).powi_scalar(2).mean();
     let grads = loss.backward();
-    let gs = values(q.scale.grad(&grads).unwrap())[0];
-    let gz = values(q.zero_point.grad(&grads).unwrap())[0];
+    let gs = values(q.log_scale.grad(&grads).unwrap())[0];
+    let gz = values(q.zero_shift.grad(&grads).unwrap())[0];
     assert!(gs.is_finite() && gs != 0.0 && gz.is_finite() && gz != 0.0, "{gs} {gz}");
 }

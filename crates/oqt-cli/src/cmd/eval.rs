@@ -7,8 +7,12 @@ use oqt_eval::{PerplexityOptions, perplexity};
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Model alias, GGUF file, HF directory or hub id (run in f32 on Burn).
-    #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
+    #[arg(required_unless_present_any = ["bundle", "recipe"], conflicts_with_all = ["bundle", "recipe"])]
     pub model: Option<String>,
+    /// An evaluation recipe (recipes/eval-*.toml): quantize and measure every
+    /// check it lists; exit non-zero when any result regresses beyond its tolerance.
+    #[arg(long, conflicts_with = "bundle")]
+    pub recipe: Option<std::path::PathBuf>,
     /// An oqt bundle, run by the integer runtime instead.
     #[arg(long)]
     pub bundle: Option<std::path::PathBuf>,
@@ -76,6 +80,9 @@ fn scorer(a: &EvalArgs) -> anyhow::Result<Scorer> {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    if let Some(r) = &a.recipe {
+        return super::eval_recipe::run(r, a.json);
+    }
     let dataset = oqt_core::datasets::resolve(&a.dataset)?;
     let sc = scorer(&a)?;
     let text = dataset.read_text()?;

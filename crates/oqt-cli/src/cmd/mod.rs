@@ -1,9 +1,11 @@
 pub mod bench;
 pub mod eval;
+pub mod eval_recipe;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
 pub mod quantize;
+pub mod sensitivity;
 
 use anyhow::Context;
 use clap::Args;

@@ -2,7 +2,12 @@ use super::load;
 use crate::output::{mib, print_json};
 use anyhow::{Context, bail};
 use clap::Args;
-use std::path::PathBuf;
+use indicatif::ProgressBar;
+use oqt_compress::ptq::{Method, Progress, PtqOptions};
+use oqt_core::LoadedModel;
+use oqt_core::quant::Recipe;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
@@ -11,10 +16,14 @@ pub struct QuantizeArgs {
     /// Recipe name (w4a8, w8a8, w4a8-dyn, w4a16, w4a16-g128, w8a16) or a recipe file.
     #[arg(long)]
     pub recipe: String,
-    /// Method; defaults to the recipe's. Available today: rtn.
+    /// mobilequant, rtn, smoothquant, gptq or awq; defaults to the recipe's.
     #[arg(long)]
-    pub method: Option<String>,
-    /// Search each row's clip ratio for the lowest weight MSE.
+    pub method: Option<Method>,
+    /// Also run these methods (comma-separated, e.g. rtn,smoothquant,gptq,awq) and
+    /// compare them in the report; their bundles go next to the output as `<stem>.<method>.oqt`.
+    #[arg(long, value_delimiter = ',', value_name = "METHODS")]
+    pub compare: Vec<Method>,
+    /// RTN: search each row's clip ratio for the lowest weight MSE.
     #[arg(long)]
     pub clip_search: bool,
     /// Calibration dataset (a training-role name or a text file) instead of the recipe's.
@@ -32,31 +41,174 @@ pub struct QuantizeArgs {
     /// The percentile kept with `--act-range percentile` (e.g. 99.99).
     #[arg(long)]
     pub percentile: Option<f64>,
+    /// MobileQuant optimizer steps instead of the recipe's `[mobilequant] steps`.
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+    /// SmoothQuant's migration strength α (smoothquant, and MobileQuant's initialisation).
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Evaluation chunks for the report instead of the recipe's `[eval] chunks`.
+    #[arg(long, value_name = "N")]
+    pub eval_chunks: Option<usize>,
+    /// Skip the evaluation report (just write the bundle).
+    #[arg(long)]
+    pub no_eval: bool,
     /// Where to write the bundle (default: exports/<model>-<recipe>.oqt).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// Where to save the report (default: the output path with `.report.json`).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Progress bars for the phases of one method.
+struct Bars {
+    method: Method,
+    pb: Option<ProgressBar>,
+}
+
+impl Progress for Bars {
+    fn phase(&mut self, name: &str, total: usize) {
+        if let Some(pb) = self.pb.take() {
+            pb.finish_and_clear();
+        }
+        tracing::info!(method = %self.method, phase = name, "started");
+        self.pb = Some(crate::output::bar(total as u64, &format!("{}: {name}", self.method)));
+    }
+
+    fn set(&mut self, done: usize) {
+        if let Some(pb) = &self.pb {
+            pb.set_position(done as u64);
+        }
+    }
+
+    fn loss(&mut self, step: usize, steps: usize, loss: f32) {
+        if let Some(pb) = &self.pb {
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {loss:.4e}"));
+        }
+        if step == 1 || step == steps || step.is_multiple_of(10) {
+            tracing::info!(step, steps, loss, "MobileQuant");
+        }
+    }
+}
+
+impl Drop for Bars {
+    fn drop(&mut self) {
+        if let Some(pb) = self.pb.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+/// One row of the report.
+#[derive(Debug, Serialize)]
+pub struct ReportRow {
+    pub method: String,
+    pub bundle: Option<PathBuf>,
+    pub perplexity: Option<f64>,
+    pub bytes: u64,
+    pub bits_per_weight: f64,
+    pub quantize_seconds: f64,
+    pub eval_seconds: Option<f64>,
+    /// MobileQuant's first and last loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<(f32, f32)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub recipe: String,
+    pub eval: Option<EvalSetting>,
+    pub rows: Vec<ReportRow>,
+    pub peak_rss_mib: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EvalSetting {
+    pub dataset: String,
+    pub ctx: usize,
+    pub chunks: usize,
+}
+
+fn default_method(recipe: &Recipe) -> anyhow::Result<Method> {
+    recipe
+        .default_method
+        .parse::<Method>()
+        .map_err(|e| anyhow::anyhow!("recipe `{}`: default_method: {e}", recipe.name))
+}
+
+fn options(a: &QuantizeArgs, recipe: &Recipe) -> anyhow::Result<PtqOptions> {
+    let mut o = PtqOptions::for_recipe(recipe);
+    let c = &mut o.calibration;
+    if let Some(d) = &a.calib_data {
+        c.dataset = d.clone();
+    }
+    c.samples = a.calib_samples.unwrap_or(c.samples);
+    c.seq_len = a.calib_seq_len.unwrap_or(c.seq_len);
+    c.act_range = a.act_range.unwrap_or(c.act_range);
+    c.percentile = a.percentile.unwrap_or(c.percentile);
+    if !(50.0..=100.0).contains(&c.percentile) {
+        bail!("--percentile must be in [50, 100]");
+    }
+    if c.samples == 0 || c.seq_len < 2 {
+        bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
+    }
+    o.rtn.clip_search = a.clip_search;
+    if let Some(s) = a.steps {
+        o.mobilequant.steps = s;
+    }
+    if let Some(alpha) = a.alpha {
+        if !(0.0..=1.0).contains(&alpha) {
+            bail!("--alpha must be in [0, 1]");
+        }
+        o.smooth_alpha = alpha;
+    }
+    Ok(o)
+}
+
+/// `exports/x.oqt` → `exports/x.gptq.oqt`.
+fn sibling(output: &Path, method: Method) -> PathBuf {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    output.with_file_name(format!("{stem}.{method}.oqt"))
+}
+
+/// Perplexity of `lm` on the recipe's evaluation set.
+fn evaluate(
+    lm: &dyn oqt_core::scoring::CausalLm,
+    tokens: &[u32],
+    bos: Option<u32>,
+    setting: &EvalSetting,
+    what: &str,
+) -> anyhow::Result<oqt_eval::PerplexityReport> {
+    let opts = oqt_eval::PerplexityOptions {
+        ctx: setting.ctx,
+        max_chunks: Some(setting.chunks),
+        bos,
+    };
+    let pb = crate::output::bar(setting.chunks as u64, &format!("evaluating {what}"));
+    let r = oqt_eval::perplexity(lm, tokens, &opts, |p| {
+        pb.set_position(p.chunk as u64);
+        pb.set_message(format!("ppl {:.4}", p.running_perplexity));
+    })?;
+    pb.finish_and_clear();
+    Ok(r)
+}
+
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
-    let method = match &a.method {
-        Some(m) if m != "rtn" => bail!("method `{m}` is not available yet; available: rtn"),
-        Some(m) => m.clone(),
-        None if recipe.default_method != "rtn" => {
-            // The recipe's own method lands later; say so loudly rather than refuse the job.
-            eprintln!(
-                "warning: recipe `{}` defaults to `{}`, which is not available yet; using rtn \
-                 (pass --method rtn to silence this)",
-                recipe.name, recipe.default_method
-            );
-            "rtn".to_string()
-        }
-        None => recipe.default_method.clone(),
+    let method = match a.method {
+        Some(m) => m,
+        None => default_method(&recipe)?,
     };
-    let start = std::time::Instant::now();
+    let opts = options(&a, &recipe)?;
     let model = load(&a.model)?;
     let output = a.output.clone().unwrap_or_else(|| {
         let stem = a.model.replace(['/', '\\'], "_");
@@ -65,65 +217,156 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut calibration = recipe.calibration.clone();
-    if let Some(d) = &a.calib_data {
-        calibration.dataset = d.clone();
+    let mut methods = vec![method];
+    for m in &a.compare {
+        if !methods.contains(m) {
+            methods.push(*m);
+        }
     }
-    calibration.samples = a.calib_samples.unwrap_or(calibration.samples);
-    calibration.seq_len = a.calib_seq_len.unwrap_or(calibration.seq_len);
-    calibration.act_range = a.act_range.unwrap_or(calibration.act_range);
-    calibration.percentile = a.percentile.unwrap_or(calibration.percentile);
-    if !(50.0..=100.0).contains(&calibration.percentile) {
-        bail!("--percentile must be in [50, 100]");
-    }
-    if calibration.samples == 0 || calibration.seq_len < 2 {
-        bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
-    }
-    let calibrated = if recipe.spec.activations.mode == oqt_core::quant::ActMode::Static {
-        let pb = crate::output::bar(calibration.samples as u64, "calibrating");
-        let c = oqt_compress::calibrate::calibrate_model(&model, &recipe.spec, &calibration, |d, _| {
-            pb.set_position(d as u64)
-        })?;
-        pb.finish_and_clear();
-        tracing::info!(
-            sites = c.grids.len(),
-            samples = calibration.samples,
-            "calibrated activation grids"
-        );
-        Some(c)
-    } else {
-        None
-    };
-    let pb = crate::output::bar(model.weights.len() as u64, "quantizing");
-    let opts = oqt_compress::rtn::RtnOptions {
-        clip_search: a.clip_search,
-    };
+    let setting = (!a.no_eval).then(|| EvalSetting {
+        dataset: recipe.eval.dataset.clone(),
+        ctx: recipe.eval.ctx,
+        chunks: a.eval_chunks.unwrap_or(recipe.eval.chunks),
+    });
+    let f16_bytes = model.config.n_params() as f64 * 2.0;
+    let n_params = model.config.n_params() as f64;
     let created_by = format!("oqt {}", env!("CARGO_PKG_VERSION"));
-    let writer = oqt_compress::rtn::quantize_rtn(&model, &recipe, opts, calibrated, &created_by, |d, _| {
-        pb.set_position(d as u64)
-    })?;
-    pb.finish_and_clear();
-    writer
-        .write(&output)
-        .with_context(|| format!("writing {}", output.display()))?;
-    let bytes = std::fs::metadata(&output)?.len();
-    let f16 = model.config.n_params() as u64 * 2;
-    if a.json {
-        return print_json(&serde_json::json!({
-            "output": output,
-            "recipe": recipe.name,
-            "method": method,
-            "bytes": bytes,
-            "ratio_to_f16": bytes as f64 / f16 as f64,
-            "seconds": start.elapsed().as_secs_f64(),
-        }));
+
+    let mut rows = Vec::new();
+    for (i, &m) in methods.iter().enumerate() {
+        let path = if i == 0 { output.clone() } else { sibling(&output, m) };
+        let start = std::time::Instant::now();
+        let outcome = {
+            let mut bars = Bars { method: m, pb: None };
+            oqt_compress::ptq::quantize(&model, &recipe, m, &opts, &created_by, &mut bars)
+                .with_context(|| format!("quantizing with {m}"))?
+        };
+        outcome
+            .writer
+            .write(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let seconds = start.elapsed().as_secs_f64();
+        let bytes = std::fs::metadata(&path)?.len();
+        tracing::info!(method = %m, path = %path.display(), seconds, "bundle written");
+        rows.push(ReportRow {
+            method: m.to_string(),
+            bundle: Some(path),
+            perplexity: None,
+            bytes,
+            bits_per_weight: bytes as f64 * 8.0 / n_params,
+            quantize_seconds: seconds,
+            eval_seconds: None,
+            loss: outcome.losses.first().zip(outcome.losses.last()).map(|(a, b)| (*a, *b)),
+        });
     }
-    println!(
-        "{} ({}, {:.3} × f16) in {:.1} s",
-        output.display(),
-        mib(bytes),
-        bytes as f64 / f16 as f64,
-        start.elapsed().as_secs_f64()
-    );
+
+    let mut report = Report {
+        model: model.name.clone(),
+        recipe: recipe.name.clone(),
+        eval: None,
+        rows: Vec::new(),
+        peak_rss_mib: None,
+    };
+    if let Some(setting) = setting {
+        let data = oqt_core::datasets::resolve(&setting.dataset)?;
+        let tokens = model
+            .tokenizer
+            .encode(&data.read_text()?, false)
+            .context("tokenizing the evaluation set")?;
+        let bos = model.tokenizer.add_bos.then_some(model.tokenizer.bos_id).flatten();
+        let mut float_row = float_report_row(&model, f16_bytes, n_params);
+        {
+            let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)?;
+            let llama = oqt_model::llama_from_weights(&model.config, model.weights.clone(), &device);
+            let r = evaluate(&llama, &tokens, bos, &setting, "f32")?;
+            float_row.perplexity = Some(r.perplexity);
+            float_row.eval_seconds = Some(r.seconds);
+        }
+        report.rows.push(float_row);
+        for row in &mut rows {
+            let path = row.bundle.as_ref().expect("written");
+            let rt = oqt_runtime::RuntimeModel::load(&oqt_core::bundle::Bundle::open(path)?)?;
+            let r = evaluate(&rt, &tokens, bos, &setting, &row.method)?;
+            row.perplexity = Some(r.perplexity);
+            row.eval_seconds = Some(r.seconds);
+        }
+        report.eval = Some(setting);
+    }
+    report.rows.extend(rows);
+    report.peak_rss_mib = oqt_core::sys::peak_rss_mib();
+    let report_path = a.report.clone().unwrap_or_else(|| output.with_extension("report.json"));
+    write_report(&report_path, &report)?;
+    if a.json {
+        return print_json(&report);
+    }
+    print_table(&report, f16_bytes);
+    println!("report: {}", report_path.display());
     Ok(())
+}
+
+fn float_report_row(model: &LoadedModel, f16_bytes: f64, n_params: f64) -> ReportRow {
+    let _ = model;
+    ReportRow {
+        method: "f16 (reference, evaluated in f32)".into(),
+        bundle: None,
+        perplexity: None,
+        bytes: f16_bytes as u64,
+        bits_per_weight: f16_bytes * 8.0 / n_params,
+        quantize_seconds: 0.0,
+        eval_seconds: None,
+        loss: None,
+    }
+}
+
+fn write_report(path: &Path, report: &Report) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn print_table(report: &Report, f16_bytes: f64) {
+    if let Some(e) = &report.eval {
+        println!(
+            "{} · {} · {} (ctx {}, first {} chunks)",
+            report.model, report.recipe, e.dataset, e.ctx, e.chunks
+        );
+    } else {
+        println!("{} · {}", report.model, report.recipe);
+    }
+    let float_ppl = report
+        .rows
+        .iter()
+        .find(|r| r.bundle.is_none())
+        .and_then(|r| r.perplexity);
+    println!(
+        "{:<34} {:>11} {:>8} {:>10} {:>7} {:>6} {:>10}",
+        "method", "perplexity", "vs f32", "size", "× f16", "bits/w", "time"
+    );
+    for r in &report.rows {
+        let ppl = r.perplexity.map_or("-".into(), |p| format!("{p:.4}"));
+        let rel = match (r.perplexity, float_ppl) {
+            (Some(p), Some(f)) if r.bundle.is_some() => format!("{:+.1}%", 100.0 * (p / f - 1.0)),
+            _ => "".into(),
+        };
+        let time = if r.bundle.is_some() {
+            format!("{:.1} s", r.quantize_seconds)
+        } else {
+            "".into()
+        };
+        println!(
+            "{:<34} {:>11} {:>8} {:>10} {:>7.3} {:>6.2} {:>10}",
+            r.method,
+            ppl,
+            rel,
+            mib(r.bytes),
+            r.bytes as f64 / f16_bytes,
+            r.bits_per_weight,
+            time
+        );
+    }
+    if let Some(p) = report.peak_rss_mib {
+        println!("peak RSS {p:.0} MiB");
+    }
 }

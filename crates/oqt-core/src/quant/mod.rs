@@ -10,7 +10,9 @@ pub mod sites;
 pub mod spec;
 pub mod weights;
 
-pub use recipe::{ActRange, CalibrationSpec, Recipe, builtin_recipe, builtin_recipe_names, load_recipe};
+pub use recipe::{
+    ActRange, CalibrationSpec, MobileQuantSpec, Recipe, builtin_recipe, builtin_recipe_names, load_recipe,
+};
 pub use sites::{ActGrid, ActSite, SiteGrids, static_sites};
 pub use spec::{ActMode, ActSpec, Granularity, KvSpec, QuantSpec, Rounding, ScaleRule, TensorOverride, WeightSpec};
-pub use weights::{QuantizedWeight, dequantize_weight, quantize_weight, quantize_weight_mse};
+pub use weights::{QuantizedWeight, dequantize_weight, quantize_weight, quantize_weight_mse, quantize_weight_rows};

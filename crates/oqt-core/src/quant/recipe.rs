@@ -48,6 +48,39 @@ fn default_percentile() -> f64 {
     99.99
 }
 
+/// MobileQuant's optimization budget and learning rates (`[mobilequant]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MobileQuantSpec {
+    /// Optimizer steps (one calibration window each, cycling): the time budget.
+    pub steps: usize,
+    /// SmoothQuant migration strength of the initialisation.
+    pub alpha: f32,
+    /// Initial clip logit (σ(4) ≈ 0.982).
+    pub clip_init: f32,
+    /// `[start, end]` of the cosine schedule for the smoothing divisors.
+    pub lr_smooth: [f64; 2],
+    /// … for the clip logits.
+    pub lr_clip: [f64; 2],
+    /// … for the activation ranges, which are relative (log-scale and
+    /// zero-point shift in units of the grid's span), so one rate fits 8- and
+    /// 16-bit grids.
+    pub lr_range: [f64; 2],
+}
+
+impl Default for MobileQuantSpec {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            alpha: 0.5,
+            clip_init: 4.0,
+            lr_smooth: [1e-3, 1e-4],
+            lr_clip: [1e-2, 1e-3],
+            lr_range: [1e-3, 1e-4],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSpec {
@@ -69,6 +102,8 @@ pub struct Recipe {
     pub spec: QuantSpec,
     pub calibration: CalibrationSpec,
     pub eval: EvalSpec,
+    #[serde(default)]
+    pub mobilequant: MobileQuantSpec,
 }
 
 const BUILTIN: &[(&str, &str)] = &[

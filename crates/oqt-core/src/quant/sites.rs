@@ -297,8 +297,11 @@ mod tests {
         assert_eq!(ActSite::Probs.bits(&w4a8), 16);
         assert_eq!(ActSite::AttnIn.bits(&w4a8), 8);
         let w8a8 = crate::quant::load_recipe("w8a8").unwrap().spec;
-        assert_eq!(ActSite::MlpResidual.bits(&w8a8), 16);
-        assert_eq!(ActSite::DownOut.bits(&w8a8), 8);
+        assert_eq!(ActSite::DownOut.bits(&w8a8), 16);
+        let mut residual_only = w8a8.clone();
+        residual_only.act16_sites = vec!["residual".into()];
+        assert_eq!(ActSite::MlpResidual.bits(&residual_only), 16);
+        assert_eq!(ActSite::DownOut.bits(&residual_only), 8);
         assert_eq!(static_sites(&w8a8, 2).len(), 2 + 2 * 9);
         let dynamic = crate::quant::load_recipe("w4a8-dyn").unwrap().spec;
         assert!(static_sites(&dynamic, 2).is_empty());

@@ -109,6 +109,27 @@ pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec, c
     }
 }
 
+/// [`quantize_weight`] with its own clip ratio for every output row (learned
+/// clipping). Per-tensor grids have one range and cannot take per-row clips.
+pub fn quantize_weight_rows(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec, clips: &[f32]) -> QuantizedWeight {
+    assert_eq!(clips.len(), rows, "{} clip ratios for {rows} rows", clips.len());
+    assert!(
+        spec.granularity != Granularity::PerTensor,
+        "per-tensor grids take one clip ratio"
+    );
+    let mut out = quantize_weight(w, rows, cols, spec, 1.0);
+    let per_row = out.scales.len() / rows;
+    for (r, &clip) in clips.iter().enumerate() {
+        let qw = quantize_weight(&w[r * cols..(r + 1) * cols], 1, cols, spec, clip);
+        out.q[r * cols..(r + 1) * cols].copy_from_slice(&qw.q);
+        out.scales[r * per_row..(r + 1) * per_row].copy_from_slice(&qw.scales);
+        if let (Some(z), Some(zr)) = (out.zero_points.as_mut(), qw.zero_points) {
+            z[r * per_row..(r + 1) * per_row].copy_from_slice(&zr);
+        }
+    }
+    out
+}
+
 /// Clip ratios tried by [`quantize_weight_mse`]: 1.0 down to 0.50 in steps of 0.02.
 pub fn clip_grid() -> impl Iterator<Item = f32> {
     (0..=25).map(|i| 1.0 - 0.02 * i as f32)

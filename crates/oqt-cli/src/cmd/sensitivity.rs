@@ -1,0 +1,81 @@
+use super::load;
+use crate::output::print_json;
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct SensitivityArgs {
+    /// Model alias, GGUF file, HF directory or hub id.
+    pub model: String,
+    /// Recipe whose weight grids and activation quantization are applied one layer at a time.
+    #[arg(long)]
+    pub recipe: String,
+    /// Calibration windows (from the recipe's calibration set).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub calib_seq_len: usize,
+    /// Where to save the report (JSON); default `exports/<model>-<recipe>.sensitivity.json`.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: SensitivityArgs) -> anyhow::Result<()> {
+    let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
+    if a.calib_samples == 0 || a.calib_seq_len < 2 {
+        anyhow::bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
+    }
+    let model = load(&a.model)?;
+    let mut calibration = recipe.calibration.clone();
+    calibration.samples = a.calib_samples;
+    calibration.seq_len = a.calib_seq_len;
+    let (_, windows) = oqt_compress::calibrate::load_windows(&model.tokenizer, &calibration)?;
+    let pb = crate::output::bar(model.config.num_layers as u64, "layer sensitivity");
+    let layers = oqt_compress::sensitivity::layer_sensitivity(
+        &model.config,
+        &model.weights,
+        &recipe.spec,
+        &calibration,
+        &windows,
+        |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    let report = serde_json::json!({
+        "model": model.name,
+        "recipe": recipe.name,
+        "calibration": {"dataset": calibration.dataset, "samples": calibration.samples, "seq_len": calibration.seq_len},
+        "metric": "relative MSE of the last decoder layer's output with only this layer quantized",
+        "layers": layers,
+    });
+    let output = a.output.clone().unwrap_or_else(|| {
+        let stem = a.model.replace(['/', '\\'], "_");
+        PathBuf::from("exports").join(format!("{stem}-{}.sensitivity.json", recipe.name))
+    });
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = output.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &output).with_context(|| format!("writing {}", output.display()))?;
+    if a.json {
+        return print_json(&report);
+    }
+    println!("{} · {} · one layer quantized at a time", model.name, recipe.name);
+    println!("{:>5} {:>14} {:>16}  ", "layer", "rel. MSE", "weights only");
+    let worst = layers.iter().map(|l| l.relative_mse).fold(0f64, f64::max).max(1e-30);
+    for l in &layers {
+        let bar = "#".repeat(((l.relative_mse / worst) * 30.0).round() as usize);
+        println!(
+            "{:>5} {:>14.4e} {:>16.4e}  {bar}",
+            l.layer, l.relative_mse, l.weights_only_relative_mse
+        );
+    }
+    println!("report: {}", output.display());
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! MobileQuant: post-training quantization for integer-only (NPU) graphs that
+//! learns, jointly and end to end over the whole decoder stack,
+//!
+//! 1. equivalent transformations ([`crate::smoothing`]: norm → q/k/v,
+//!    norm → gate/up, up → down, v → o), initialised at 1 on top of a
+//!    SmoothQuant pass;
+//! 2. weight clipping: one logit `γ` per output channel, clip ratio `σ(γ)`
+//!    (initialised at 4, σ ≈ 0.982). Symmetric grids have one bound, so one
+//!    parameter per channel (the paper's second, for the minimum, would only
+//!    matter on asymmetric grids);
+//! 3. activation ranges: the scale and zero point of every static activation
+//!    quantizer, initialised from calibration min/max.
+//!
+//! The loss is the MSE between the float and the fake-quantized output of the
+//! last decoder layer; AdamW (no weight decay), one learning rate per group
+//! with cosine decay, one window per step. Afterwards the transformations are
+//! folded into the weights and the clips into the weight grids, so the
+//! exported bundle is a plain static model the runtime runs as is.
+//!
+//! Training runs the plain Burn ops with straight-through fake quantizers (fast,
+//! differentiable); the exported bundle is then what the exact simulation and
+//! the runtime evaluate.
+
+use crate::inputs::group_index;
+use crate::smoothing::{LayerScales, kv_channel};
+use burn::module::{Module, Param};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use oqt_core::quant::{ActGrid, ActSite, MobileQuantSpec, QuantSpec, WeightSpec, static_sites};
+use oqt_core::weights::ModelWeights;
+use oqt_core::{CoreError, LlamaConfig, Result};
+use oqt_model::fake_quant::{ActQuantizer, fake_quant_weight_learned};
+use oqt_model::hooks::{ForwardHooks, Proj};
+use oqt_model::llama::Llama;
+use oqt_model::quant_sim::fake_quant_static;
+use std::collections::BTreeMap;
+
+/// Smoothing divisors, one set per decoder layer.
+#[derive(Module, Debug)]
+pub struct SmoothParams {
+    pub attn: Vec<Param<Tensor<1>>>,
+    pub mlp: Vec<Param<Tensor<1>>>,
+    pub down: Vec<Param<Tensor<1>>>,
+    pub vo: Vec<Param<Tensor<1>>>,
+}
+
+/// Clip logits, `[d_out]` per linear, indexed `layer · 7 + position in Proj::PER_LAYER`.
+#[derive(Module, Debug)]
+pub struct ClipParams {
+    pub logits: Vec<Param<Tensor<1>>>,
+}
+
+/// The trained activation quantizers (keys in [`MobileQuant::range_keys`]).
+#[derive(Module, Debug)]
+pub struct RangeParams {
+    pub sites: Vec<ActQuantizer>,
+}
+
+/// What training learned, ready to fold and export.
+#[derive(Debug, Clone)]
+pub struct Learned {
+    pub scales: Vec<LayerScales>,
+    /// Clip ratio per output row, by canonical weight name.
+    pub clips: BTreeMap<String, Vec<f32>>,
+    /// Every static site's grid (trained ones replaced).
+    pub grids: BTreeMap<String, ActGrid>,
+    /// Loss after each step.
+    pub losses: Vec<f32>,
+}
+
+/// Progress of training: `(step, steps, loss)`.
+pub type StepCallback<'a> = dyn FnMut(usize, usize, f32) + 'a;
+
+struct TrainHooks<'a> {
+    model: &'a Llama,
+    smooth: &'a SmoothParams,
+    clip: &'a ClipParams,
+    ranges: &'a RangeParams,
+    /// `[layer][site]` → index into `ranges.sites` (linear inputs included).
+    site_index: &'a [BTreeMap<ActSite, usize>],
+    embed_index: Option<usize>,
+    probs: Option<ActGrid>,
+    specs: &'a [[WeightSpec; 7]],
+    /// Attention-output channel → KV channel (v → o scales on o's inputs).
+    vo_expand: &'a Tensor<1, Int>,
+}
+
+fn proj_position(p: Proj) -> usize {
+    Proj::PER_LAYER.iter().position(|&q| q == p).expect("decoder linear")
+}
+
+impl TrainHooks<'_> {
+    fn quantize_site(&self, layer: usize, site: ActSite, x: Tensor<3>) -> Tensor<3> {
+        match self.site_index[layer].get(&site) {
+            Some(&i) => self.ranges.sites[i].forward(x),
+            None => x,
+        }
+    }
+
+    fn weight(&self, layer: usize, proj: Proj) -> Tensor<2> {
+        let b = &self.model.layers[layer];
+        let l = match proj {
+            Proj::Q => &b.attn.q_proj,
+            Proj::K => &b.attn.k_proj,
+            Proj::V => &b.attn.v_proj,
+            Proj::O => &b.attn.o_proj,
+            Proj::Gate => &b.mlp.gate_proj,
+            Proj::Up => &b.mlp.up_proj,
+            Proj::Down => &b.mlp.down_proj,
+            Proj::Head => unreachable!("the head is not trained"),
+        };
+        l.weight.val()
+    }
+}
+
+impl ForwardHooks for TrainHooks<'_> {
+    fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        if proj == Proj::Head {
+            return float(x);
+        }
+        let s = &self.smooth;
+        let divisor = match group_index(proj).expect("decoder linear") {
+            0 => s.attn[layer].val(),
+            1 => s.vo[layer].val().select(0, self.vo_expand.clone()),
+            2 => s.mlp[layer].val(),
+            _ => s.down[layer].val(),
+        };
+        let [b, t, d_in] = x.dims();
+        let x = x / divisor.clone().reshape([1, 1, d_in]);
+        let x = self.quantize_site(layer, proj.input_site(), x);
+        let mut w = self.weight(layer, proj) * divisor.reshape([d_in, 1]);
+        let d_out = w.dims()[1];
+        // Producers of a smoothed pair: their output channels carry the divisor.
+        match proj {
+            Proj::V => w = w / s.vo[layer].val().reshape([1, d_out]),
+            Proj::Up => w = w / s.down[layer].val().reshape([1, d_out]),
+            _ => {}
+        }
+        let clip = sigmoid(self.clip.logits[layer * 7 + proj_position(proj)].val()).reshape([1, d_out]);
+        let w = fake_quant_weight_learned(w, &self.specs[layer][proj_position(proj)], clip);
+        x.reshape([b * t, d_in]).matmul(w).reshape([b, t, d_out])
+    }
+
+    fn act(&self, layer: usize, site: ActSite, x: Tensor<3>) -> Tensor<3> {
+        if site == ActSite::Embed {
+            return match self.embed_index {
+                Some(i) => self.ranges.sites[i].forward(x),
+                None => x,
+            };
+        }
+        self.quantize_site(layer, site, x)
+    }
+
+    fn probs(&self, _layer: usize, p: Tensor<4>) -> Tensor<4> {
+        match &self.probs {
+            Some(g) => fake_quant_static(p, g),
+            None => p,
+        }
+    }
+}
+
+fn param1(v: &[f32], device: &Device) -> Param<Tensor<1>> {
+    Param::from_tensor(Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device))
+}
+
+fn read1(t: Tensor<1>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 parameter")
+}
+
+/// Cosine decay from `lr[0]` to `lr[1]` over `steps`.
+pub fn cosine_lr(lr: [f64; 2], step: usize, steps: usize) -> f64 {
+    let t = if steps > 1 {
+        step as f64 / (steps - 1) as f64
+    } else {
+        1.0
+    };
+    lr[1] + 0.5 * (lr[0] - lr[1]) * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// Train MobileQuant's parameters on `windows` for the float model `weights`
+/// (already smoothed by SmoothQuant); `grids` are the calibrated static grids
+/// of those weights. Returns what to fold and export.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    cfg: &LlamaConfig,
+    weights: &ModelWeights,
+    spec: &QuantSpec,
+    grids: &BTreeMap<String, ActGrid>,
+    windows: &[Vec<u32>],
+    opts: &MobileQuantSpec,
+    on_step: &mut StepCallback<'_>,
+) -> Result<Learned> {
+    if cfg.attention_bias {
+        return Err(CoreError::Other(
+            "MobileQuant does not train models with attention biases yet".into(),
+        ));
+    }
+    if windows.is_empty() {
+        return Err(CoreError::Other(
+            "MobileQuant needs at least one calibration window".into(),
+        ));
+    }
+    let device = Device::flex().autodiff();
+    let model = oqt_model::llama_from_weights(cfg, weights.clone(), &device).freeze();
+    let n_layers = cfg.num_layers;
+
+    // Every static site with a calibrated grid is trained, except the head's
+    // input (outside the loss) and the fixed softmax grid.
+    let mut keys = Vec::new();
+    let mut sites = Vec::new();
+    let mut site_index = vec![BTreeMap::new(); n_layers];
+    let mut embed_index = None;
+    for (key, site, _) in static_sites(spec, n_layers) {
+        if site.is_fixed() || site == ActSite::FinalIn {
+            continue;
+        }
+        let g = grids
+            .get(&key)
+            .ok_or_else(|| CoreError::Other(format!("no calibrated grid for site `{key}`")))?;
+        let i = sites.len();
+        sites.push(ActQuantizer::from_grid(g, &device));
+        if site == ActSite::Embed {
+            embed_index = Some(i);
+        } else {
+            let layer: usize = key
+                .split('.')
+                .nth(1)
+                .and_then(|l| l.parse().ok())
+                .expect("per-layer key");
+            site_index[layer].insert(site, i);
+        }
+        keys.push(key);
+    }
+    let probs = (spec.activations.mode == oqt_core::quant::ActMode::Static)
+        .then(|| ActGrid::probabilities(ActSite::Probs.bits(spec)));
+
+    let ones = LayerScales::identity(cfg);
+    let mut smooth = SmoothParams {
+        attn: (0..n_layers).map(|_| param1(&ones.attn, &device)).collect(),
+        mlp: (0..n_layers).map(|_| param1(&ones.mlp, &device)).collect(),
+        down: (0..n_layers).map(|_| param1(&ones.down, &device)).collect(),
+        vo: (0..n_layers).map(|_| param1(&ones.vo, &device)).collect(),
+    };
+    let specs: Vec<[WeightSpec; 7]> = (0..n_layers)
+        .map(|l| Proj::PER_LAYER.map(|p| spec.weights_for(&p.weight_name(l))))
+        .collect();
+    let mut clip = ClipParams {
+        logits: (0..n_layers)
+            .flat_map(|l| {
+                Proj::PER_LAYER.map(|p| {
+                    let rows = weights.get(&p.weight_name(l)).expect("validated").shape[0];
+                    param1(&vec![opts.clip_init; rows], &device)
+                })
+            })
+            .collect(),
+    };
+    let mut ranges = RangeParams { sites };
+    let vo_expand: Tensor<1, Int> = Tensor::from_data(
+        TensorData::new(
+            (0..cfg.num_heads * cfg.head_dim)
+                .map(|c| kv_channel(cfg, c) as i64)
+                .collect::<Vec<_>>(),
+            [cfg.num_heads * cfg.head_dim],
+        ),
+        &device,
+    );
+
+    let tokens: Vec<Tensor<2, Int>> = windows
+        .iter()
+        .map(|w| {
+            let ids: Vec<i64> = w.iter().map(|&t| t as i64).collect();
+            Tensor::from_data(TensorData::new(ids, [1, w.len()]), &device)
+        })
+        .collect();
+    // Float targets once: the model is frozen, so this builds no graph.
+    let targets: Vec<Tensor<3>> = tokens
+        .iter()
+        .map(|t| {
+            model
+                .forward_residual_with(t.clone(), None, &oqt_model::NoHooks)
+                .detach()
+        })
+        .collect();
+
+    let adam = AdamWConfig::new().with_weight_decay(0.0);
+    let (mut opt_smooth, mut opt_clip, mut opt_range) = (adam.init(), adam.init(), adam.init());
+    let mut losses = Vec::with_capacity(opts.steps);
+    for step in 0..opts.steps {
+        let i = step % tokens.len();
+        let loss = {
+            let hooks = TrainHooks {
+                model: &model,
+                smooth: &smooth,
+                clip: &clip,
+                ranges: &ranges,
+                site_index: &site_index,
+                embed_index,
+                probs,
+                specs: &specs,
+                vo_expand: &vo_expand,
+            };
+            let out = model.forward_residual_with(tokens[i].clone(), None, &hooks);
+            (out - targets[i].clone()).powi_scalar(2).mean()
+        };
+        let value = read1(loss.clone().detach().reshape([1]))[0];
+        if !value.is_finite() {
+            return Err(CoreError::Other(format!(
+                "MobileQuant diverged at step {step} (loss {value}); lower the learning rates in the recipe's [mobilequant] table"
+            )));
+        }
+        losses.push(value);
+        let mut grads = loss.backward();
+        let g = GradientsParams::from_module(&mut grads, &smooth);
+        smooth = opt_smooth.step(cosine_lr(opts.lr_smooth, step, opts.steps), smooth, g);
+        let g = GradientsParams::from_module(&mut grads, &clip);
+        clip = opt_clip.step(cosine_lr(opts.lr_clip, step, opts.steps), clip, g);
+        let g = GradientsParams::from_module(&mut grads, &ranges);
+        ranges = opt_range.step(cosine_lr(opts.lr_range, step, opts.steps), ranges, g);
+        on_step(step + 1, opts.steps, value);
+    }
+
+    let scales = (0..n_layers)
+        .map(|l| LayerScales {
+            attn: read1(smooth.attn[l].val()),
+            mlp: read1(smooth.mlp[l].val()),
+            down: read1(smooth.down[l].val()),
+            vo: read1(smooth.vo[l].val()),
+        })
+        .collect();
+    let mut clips = BTreeMap::new();
+    for l in 0..n_layers {
+        for (j, p) in Proj::PER_LAYER.iter().enumerate() {
+            let c: Vec<f32> = read1(sigmoid(clip.logits[l * 7 + j].val()));
+            clips.insert(p.weight_name(l), c);
+        }
+    }
+    let mut out_grids = grids.clone();
+    for (key, q) in keys.iter().zip(&ranges.sites) {
+        out_grids.insert(key.clone(), q.grid());
+    }
+    Ok(Learned {
+        scales,
+        clips,
+        grids: out_grids,
+        losses,
+    })
+}
