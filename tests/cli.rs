@@ -298,7 +298,7 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
 }
 
 #[test]
-fn static_rtn_bundle_runs_as_simulated_and_benches() {
+fn every_methods_static_bundle_runs_as_simulated_and_benches() {
     use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config();
@@ -306,8 +306,17 @@ fn static_rtn_bundle_runs_as_simulated_and_benches() {
     write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 7)).unwrap();
     let text = dir.path().join("text.txt");
     std::fs::write(&text, "a quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
-    for recipe in ["w4a8", "w8a8"] {
-        let out = dir.path().join(format!("{recipe}.oqt"));
+    // Every method's bundle runs in the runtime exactly as simulated.
+    for (recipe, method) in [
+        ("w4a8", "rtn"),
+        ("w8a8", "rtn"),
+        ("w4a8", "smoothquant"),
+        ("w4a8", "gptq"),
+        ("w4a8", "awq"),
+        ("w4a8", "mobilequant"),
+        ("w8a8", "mobilequant"),
+    ] {
+        let out = dir.path().join(format!("{recipe}-{method}.oqt"));
         let text_arg = text.to_str().unwrap();
         let v = json_of(oqt().args([
             "quantize",
@@ -315,7 +324,9 @@ fn static_rtn_bundle_runs_as_simulated_and_benches() {
             "--recipe",
             recipe,
             "--method",
-            "rtn",
+            method,
+            "--steps",
+            "3",
             "--calib-data",
             text_arg,
             "--calib-samples",
@@ -327,8 +338,9 @@ fn static_rtn_bundle_runs_as_simulated_and_benches() {
             "--no-eval",
             "--json",
         ]));
-        assert_eq!(v["rows"][0]["method"], "rtn");
+        assert_eq!(v["rows"][0]["method"], method);
         let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
+        assert_eq!(bundle.manifest.method.as_deref(), Some(method));
         // Every static site has a calibrated grid; the calibration file is recorded.
         assert_eq!(bundle.manifest.act_grids.len(), 2 + cfg.num_layers * 8);
         assert!(bundle.manifest.inputs.iter().any(|i| i.role == "calibration"));
@@ -349,13 +361,13 @@ fn static_rtn_bundle_runs_as_simulated_and_benches() {
         let (runtime, simulated) = (eval(&[]), eval(&["--simulate"]));
         assert!(
             (runtime - simulated).abs() / simulated < 1e-3,
-            "{recipe}: runtime {runtime} vs simulation {simulated}"
+            "{recipe}/{method}: runtime {runtime} vs simulation {simulated}"
         );
     }
     let v = json_of(oqt().args([
         "bench",
         "--bundle",
-        dir.path().join("w4a8.oqt").to_str().unwrap(),
+        dir.path().join("w4a8-mobilequant.oqt").to_str().unwrap(),
         "--prompt-tokens",
         "16",
         "--decode-tokens",
@@ -464,4 +476,13 @@ fn sensitivity_reports_every_layer_and_saves_the_report() {
     }
     let saved: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(saved["layers"], v["layers"]);
+}
+
+#[test]
+fn ci_eval_recipe_passes_on_smollm2() {
+    // The CI-sized evaluation recipe: every method on the real model, each within its tolerance.
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/eval-ci.toml");
+    let v = json_of(oqt().args(["eval", "--recipe", recipe, "--json"]));
+    assert_eq!(v["regressions"], 0, "{v}");
+    assert_eq!(v["checks"].as_array().unwrap().len(), 7);
 }

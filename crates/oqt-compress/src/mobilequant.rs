@@ -3,7 +3,10 @@
 //!
 //! 1. equivalent transformations ([`crate::smoothing`]: norm → q/k/v,
 //!    norm → gate/up, up → down, v → o), initialised at 1 on top of a
-//!    SmoothQuant pass;
+//!    closed-form pass: SmoothQuant (the paper's, α = 0.5) or, by default,
+//!    AWQ's searched scales — on SmolLM2 w4a8 the activation-aware search
+//!    starts far closer to the optimum (16 chunks: 76.7 vs 122 perplexity)
+//!    than the few hundred steps a CPU affords could take SmoothQuant's start;
 //! 2. weight clipping: one logit `γ` per output channel, clip ratio `σ(γ)`
 //!    (initialised at 4, σ ≈ 0.982). Symmetric grids have one bound, so one
 //!    parameter per channel (the paper's second, for the minimum, would only
@@ -348,4 +351,51 @@ pub fn train(
         grids: out_grids,
         losses,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oqt_core::testing::{random_weights, tiny_config};
+
+    #[test]
+    fn cosine_schedule_runs_from_start_to_end() {
+        assert!((cosine_lr([1e-2, 1e-3], 0, 11) - 1e-2).abs() < 1e-12);
+        assert!((cosine_lr([1e-2, 1e-3], 10, 11) - 1e-3).abs() < 1e-12);
+        assert!((cosine_lr([1e-2, 1e-3], 5, 11) - 5.5e-3).abs() < 1e-12);
+    }
+
+    #[test]
+    fn training_lowers_the_loss_and_exports_every_grid_and_clip() {
+        let cfg = tiny_config();
+        let weights = random_weights(&cfg, 12);
+        let spec = oqt_core::quant::load_recipe("w4a8").unwrap();
+        let windows: Vec<Vec<u32>> = (0..1)
+            .map(|w| (0..32).map(|i| ((i * 37 + w * 11) % cfg.vocab_size) as u32).collect())
+            .collect();
+        let llama = oqt_model::llama_from_weights(&cfg, weights.clone(), &Device::flex());
+        let grids = crate::calibrate::calibrate(&llama, &spec.spec, &spec.calibration, &windows, |_, _| {}).unwrap();
+        let opts = MobileQuantSpec {
+            steps: 30,
+            ..MobileQuantSpec::default()
+        };
+        let mut seen = 0;
+        let learned = train(&cfg, &weights, &spec.spec, &grids, &windows, &opts, &mut |s, n, _| {
+            assert_eq!(n, 30);
+            seen = s;
+        })
+        .unwrap();
+        assert_eq!(seen, 30);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        let (first, last) = (mean(&learned.losses[..5]), mean(&learned.losses[25..]));
+        assert!(last < 0.9 * first, "loss {first} → {last}: {:?}", learned.losses);
+        assert_eq!(learned.scales.len(), cfg.num_layers);
+        assert_eq!(learned.clips.len(), cfg.num_layers * 7);
+        assert!(learned.clips.values().flatten().all(|&c| c > 0.0 && c <= 1.0));
+        assert_eq!(learned.grids.len(), grids.len());
+        assert!(learned.grids.values().all(|g| g.scale > 0.0 && g.scale.is_finite()));
+        // Something was learned in each group.
+        assert!(learned.scales.iter().any(|s| s.attn.iter().any(|&v| v != 1.0)));
+        assert!(learned.grids.iter().any(|(k, g)| grids[k] != *g));
+    }
 }

@@ -8,8 +8,8 @@
 //! | `rtn` | round to nearest | min/max (or percentile) of the float model |
 //! | `smoothquant` | SmoothQuant scales (α) folded, then RTN | of the smoothed model |
 //! | `awq` | AWQ scales searched per input (q/k/v, gate/up, down) folded, then RTN | of the scaled model |
-//! | `gptq` | GPTQ on every decoder linear (Hessians of the float model's inputs) | of the GPTQ model |
-//! | `mobilequant` | SmoothQuant init, then learned smoothing + clipping, folded | learned |
+//! | `gptq` | GPTQ on every decoder linear (Hessians of the float model's inputs, plus the static input grid's rounding noise) | of the GPTQ model |
+//! | `mobilequant` | AWQ (or SmoothQuant) init, then learned smoothing + clipping, folded | learned |
 
 use crate::awq::{AwqLinear, AwqOptions, search_scales};
 use crate::calibrate::{calibrate, load_windows};
@@ -20,7 +20,7 @@ use crate::rtn::{Calibrated, Prepared, RtnOptions, assemble};
 use crate::smoothing::{LayerScales, fold, smoothquant_scales};
 use oqt_core::bundle::{BundleWriter, InputRecord};
 use oqt_core::quant::{
-    ActGrid, ActMode, CalibrationSpec, MobileQuantSpec, QuantizedWeight, Recipe, dequantize_weight,
+    ActGrid, ActMode, CalibrationSpec, MobileQuantSpec, QuantizedWeight, Recipe, TransformInit, dequantize_weight,
     quantize_weight_rows,
 };
 use oqt_core::weights::{ModelWeights, TensorF32};
@@ -170,14 +170,7 @@ pub fn quantize(
             Some(w)
         }
         Method::Awq => {
-            let per_window = opts.awq_sample_rows.div_ceil(windows.len().max(1));
-            let st = stats(
-                Gather {
-                    sample_rows_per_window: per_window,
-                    gram: false,
-                },
-                progress,
-            )?;
+            let st = stats(awq_gather(opts, windows.len()), progress)?;
             let scales = awq_scales(model, recipe, &st, progress)?;
             let mut w = model.weights.clone();
             fold(cfg, &mut w, &scales)?;
@@ -191,6 +184,23 @@ pub fn quantize(
                 },
                 progress,
             )?;
+            // Static 8-bit inputs carry rounding noise of variance `scale²/12` on every
+            // channel, which GPTQ's float-input Hessian does not see: its error
+            // compensation then loads weight onto quiet channels where the noise
+            // is amplified. The expected Hessian of the noisy input, `XᵀX + n·σ²·I`,
+            // keeps it honest (without it GPTQ is worse than RTN on SmolLM2 w4a8).
+            let noise: Option<BTreeMap<String, ActGrid>> = if is_static {
+                progress.phase("calibrating (input noise)", windows.len());
+                Some(calibrate(
+                    &float_llama(cfg, &model.weights),
+                    spec,
+                    &opts.calibration,
+                    &windows,
+                    |d, _| progress.set(d),
+                )?)
+            } else {
+                None
+            };
             progress.phase("GPTQ", cfg.num_layers * Proj::PER_LAYER.len());
             let mut w = model.weights.clone();
             let mut done = 0;
@@ -199,10 +209,26 @@ pub fn quantize(
                     let name = p.weight_name(l);
                     let t = model.weights.get(&name).expect("validated");
                     let g = &groups[crate::inputs::group_index(p).expect("decoder linear")];
-                    let h = g.gram.as_ref().expect("gathered");
+                    let mut h = g.gram.clone().expect("gathered");
                     let (rows, cols) = (t.shape[0], t.shape[1]);
-                    let qw = gptq_quantize(&t.data, rows, cols, h, &spec.weights_for(&name), &opts.gptq)
+                    if let Some(grid) = noise.as_ref().and_then(|n| n.get(&p.input_site().key(l)))
+                        && grid.bits == 8
+                    {
+                        let add = g.tokens as f64 * (grid.scale as f64).powi(2) / 12.0;
+                        for i in 0..cols {
+                            h[i * cols + i] += add;
+                        }
+                    }
+                    let qw = gptq_quantize(&t.data, rows, cols, &h, &spec.weights_for(&name), &opts.gptq)
                         .map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let rtn = oqt_core::quant::quantize_weight(&t.data, rows, cols, &spec.weights_for(&name), 1.0);
+                        let (e_gptq, e_rtn) = (
+                            crate::gptq::output_error(&t.data, &qw, &h),
+                            crate::gptq::output_error(&t.data, &rtn, &h),
+                        );
+                        tracing::debug!(%name, ratio = e_gptq / e_rtn, "GPTQ proxy error vs RTN");
+                    }
                     // Activation grids are calibrated on the model GPTQ produced.
                     *w.get_mut(&name).expect("validated") = TensorF32::new(t.shape.clone(), dequantize_weight(&qw));
                     quantized.insert(name, qw);
@@ -219,8 +245,16 @@ pub fn quantize(
                     recipe.name, spec.activations.mode
                 )));
             }
-            let st = stats(Gather::default(), progress)?;
-            let init = smoothquant_scales(cfg, &model.weights, &st, opts.smooth_alpha)?;
+            let init = match opts.mobilequant.init {
+                TransformInit::Smoothquant => {
+                    let st = stats(Gather::default(), progress)?;
+                    smoothquant_scales(cfg, &model.weights, &st, opts.smooth_alpha)?
+                }
+                TransformInit::Awq => {
+                    let st = stats(awq_gather(opts, windows.len()), progress)?;
+                    awq_scales(model, recipe, &st, progress)?
+                }
+            };
             let mut w = model.weights.clone();
             fold(cfg, &mut w, &init)?;
             progress.phase("calibrating", windows.len());
@@ -284,6 +318,14 @@ pub fn quantize(
         writer.manifest_mut().inputs.push(input);
     }
     Ok(PtqOutcome { writer, losses })
+}
+
+/// What AWQ's search replays: `awq_sample_rows` rows spread over the windows.
+fn awq_gather(opts: &PtqOptions, windows: usize) -> Gather {
+    Gather {
+        sample_rows_per_window: opts.awq_sample_rows.div_ceil(windows.max(1)),
+        gram: false,
+    }
 }
 
 /// AWQ scales for every layer's q/k/v, gate/up and down inputs (v → o is left

@@ -47,6 +47,9 @@ pub struct QuantizeArgs {
     /// SmoothQuant's migration strength α (smoothquant, and MobileQuant's initialisation).
     #[arg(long)]
     pub alpha: Option<f32>,
+    /// GPTQ's diagonal damping, as a fraction of the Hessian's mean diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
     /// Evaluation chunks for the report instead of the recipe's `[eval] chunks`.
     #[arg(long, value_name = "N")]
     pub eval_chunks: Option<usize>,
@@ -159,6 +162,10 @@ fn options(a: &QuantizeArgs, recipe: &Recipe) -> anyhow::Result<PtqOptions> {
         bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
     }
     o.rtn.clip_search = a.clip_search;
+    if !(a.damp >= 0.0 && a.damp.is_finite()) {
+        bail!("--damp must be a non-negative number");
+    }
+    o.gptq.damp_percent = a.damp;
     if let Some(s) = a.steps {
         o.mobilequant.steps = s;
     }

@@ -54,7 +54,10 @@ fn default_percentile() -> f64 {
 pub struct MobileQuantSpec {
     /// Optimizer steps (one calibration window each, cycling): the time budget.
     pub steps: usize,
-    /// SmoothQuant migration strength of the initialisation.
+    /// Where the learned transformations start: `awq` (AWQ's searched scales,
+    /// activation-aware) or `smoothquant` (the paper's, with `alpha`).
+    pub init: TransformInit,
+    /// SmoothQuant migration strength of the `smoothquant` initialisation.
     pub alpha: f32,
     /// Initial clip logit (σ(4) ≈ 0.982).
     pub clip_init: f32,
@@ -72,6 +75,7 @@ impl Default for MobileQuantSpec {
     fn default() -> Self {
         Self {
             steps: 100,
+            init: TransformInit::Awq,
             alpha: 0.5,
             clip_init: 4.0,
             lr_smooth: [1e-3, 1e-4],
@@ -79,6 +83,14 @@ impl Default for MobileQuantSpec {
             lr_range: [1e-3, 1e-4],
         }
     }
+}
+
+/// The starting point of MobileQuant's equivalent transformations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransformInit {
+    Awq,
+    Smoothquant,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
