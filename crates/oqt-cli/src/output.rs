@@ -28,6 +28,15 @@ pub fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
+/// Save `value` as pretty JSON at `path`, through a temporary file renamed
+/// into place, so a failed write never leaves half a report.
+pub fn write_json_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }

@@ -424,17 +424,10 @@ fn micro<const MR: usize, const NR: usize, const FMA: bool>(pa: &[f32], pb: &[f3
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oqt_core::quant::{Rounding, ScaleRule};
     use oqt_core::testing::pseudo_random;
 
     fn spec(bits: u8, granularity: Granularity) -> WeightSpec {
-        WeightSpec {
-            bits,
-            granularity,
-            symmetric: true,
-            scale_rule: ScaleRule::AmaxOverQmax,
-            rounding: Rounding::HalfToEven,
-        }
+        WeightSpec::new(bits, granularity, true)
     }
 
     /// `[n, cols]` activations in [−1, 1], with the `salient` channels ×`gain`.

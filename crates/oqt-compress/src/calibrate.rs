@@ -147,11 +147,8 @@ pub fn calibrate(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BTreeMap<String, ActGrid>> {
     let observer = RangeObserver::new(calibration.act_range, calibration.percentile);
-    let device = model.device();
     for (i, w) in windows.iter().enumerate() {
-        let ids: Vec<i64> = w.iter().map(|&t| t as i64).collect();
-        let tokens = Tensor::from_data(burn::tensor::TensorData::new(ids, [1, w.len()]), &device);
-        let hidden = model.forward_hidden_with(tokens, None, &observer);
+        let hidden = model.forward_hidden_with(model.tokens_tensor(w), None, &observer);
         // The head's input (final_in) is recorded through the head hook; its logits are not needed,
         // but the hook sees the input only when called, so run the head on the last position.
         let [b, s, d] = hidden.dims();

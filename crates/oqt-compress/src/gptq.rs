@@ -472,17 +472,10 @@ impl Sweep<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oqt_core::quant::{Rounding, ScaleRule};
     use oqt_core::testing::pseudo_random;
 
     fn spec(bits: u8, granularity: Granularity, symmetric: bool) -> WeightSpec {
-        WeightSpec {
-            bits,
-            granularity,
-            symmetric,
-            scale_rule: ScaleRule::AmaxOverQmax,
-            rounding: Rounding::HalfToEven,
-        }
+        WeightSpec::new(bits, granularity, symmetric)
     }
 
     fn identity(n: usize) -> Vec<f64> {

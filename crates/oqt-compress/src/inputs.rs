@@ -4,7 +4,7 @@
 //! take the channel maxima, AWQ the mean magnitudes and a sample of rows,
 //! GPTQ the Gram matrices `XᵀX`.
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use oqt_core::Result;
 use oqt_model::hooks::{ForwardHooks, Proj};
 use oqt_model::llama::Llama;
@@ -133,11 +133,8 @@ pub fn gather_inputs(
         gather,
         stats: RefCell::new((0..model.n_layers()).map(|_| [None, None, None, None]).collect()),
     };
-    let device = model.device();
     for (i, w) in windows.iter().enumerate() {
-        let ids: Vec<i64> = w.iter().map(|&t| t as i64).collect();
-        let tokens = Tensor::from_data(TensorData::new(ids, [1, w.len()]), &device);
-        let _ = model.forward_residual_with(tokens, None, &observer);
+        let _ = model.forward_residual_with(model.tokens_tensor(w), None, &observer);
         progress(i + 1, windows.len());
     }
     observer

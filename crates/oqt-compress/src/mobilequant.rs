@@ -272,13 +272,7 @@ pub fn train(
         &device,
     );
 
-    let tokens: Vec<Tensor<2, Int>> = windows
-        .iter()
-        .map(|w| {
-            let ids: Vec<i64> = w.iter().map(|&t| t as i64).collect();
-            Tensor::from_data(TensorData::new(ids, [1, w.len()]), &device)
-        })
-        .collect();
+    let tokens: Vec<Tensor<2, Int>> = windows.iter().map(|w| model.tokens_tensor(w)).collect();
     // Float targets once: the model is frozen, so this builds no graph.
     let targets: Vec<Tensor<3>> = tokens
         .iter()

@@ -113,13 +113,7 @@ pub fn layer_sensitivity(
     } else {
         BTreeMap::new()
     };
-    let tokens: Vec<Tensor<2, burn::tensor::Int>> = windows
-        .iter()
-        .map(|w| {
-            let ids: Vec<i64> = w.iter().map(|&t| t as i64).collect();
-            Tensor::from_data(TensorData::new(ids, [1, w.len()]), &device)
-        })
-        .collect();
+    let tokens: Vec<Tensor<2, burn::tensor::Int>> = windows.iter().map(|w| model.tokens_tensor(w)).collect();
     let reference: Vec<Tensor<3>> = tokens
         .iter()
         .map(|t| model.forward_residual_with(t.clone(), None, &oqt_model::NoHooks))

@@ -266,14 +266,14 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The BOS id a document starts with, when the model adds one.
+    pub fn document_bos(&self) -> Option<u32> {
+        self.add_bos.then_some(self.bos_id).flatten()
+    }
+
     /// Ids as the model expects a document: BOS first when the model adds one.
     pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        if self.add_bos
-            && let Some(b) = self.bos_id
-        {
-            ids.push(b);
-        }
+        let mut ids: Vec<u32> = self.document_bos().into_iter().collect();
         ids.extend(self.encode(text, false)?);
         Ok(ids)
     }

@@ -43,27 +43,9 @@ pub fn dynamic_rows_integer<const D: usize>(x: Tensor<D>) -> (Tensor<D>, Tensor<
 /// (or `/ half-range`), `q = clamp(round(w / scale), qmin, qmax)`; returns `q · scale`.
 /// Asymmetric and per-tensor grids are not simulated here yet.
 pub fn fake_quant_weight(w: Tensor<2>, spec: &WeightSpec, clip: f32) -> Tensor<2> {
-    assert!(spec.symmetric, "asymmetric weight grids are not simulated yet");
-    let [d_in, d_out] = w.dims();
-    let group = match spec.granularity {
-        Granularity::PerGroup(g) => g,
-        Granularity::PerChannel => d_in,
-        Granularity::PerTensor => panic!("per-tensor weight grids are not simulated yet"),
-    };
-    assert!(
-        d_in.is_multiple_of(group),
-        "input width {d_in} is not a multiple of the group {group}"
-    );
-    let (qmin, qmax) = spec.qrange();
-    let divisor = match spec.scale_rule {
-        ScaleRule::AmaxOverQmax => qmax as f32,
-        ScaleRule::AmaxOverHalfRange => (qmax - qmin) as f32 / 2.0,
-    };
-    let g3 = w.clone().reshape([d_in / group, group, d_out]);
-    let amax = g3.clone().abs().max_dim(1) * clip;
-    let scale = (amax.clone() / divisor).mask_fill(amax.equal_elem(0.0), 1.0);
-    let q = (g3 / scale.clone()).round().clamp(qmin as f32, qmax as f32);
-    ste(w, (q * scale).reshape([d_in, d_out]))
+    let [_, d_out] = w.dims();
+    let clip = Tensor::full([1, d_out], clip, &w.device());
+    ste(w.clone(), fake_quant_weight_learned(w, spec, clip))
 }
 
 /// `round(x)` forward (half to even), identity gradient. Exact: `x + (round(x) − x)`
@@ -149,12 +131,12 @@ impl ActQuantizer {
 /// whatever produced the weights, e.g. smoothing scales) through `q · scale`.
 /// The forward value equals `oqt_core::quant::quantize_weight` with that clip.
 pub fn fake_quant_weight_learned(w: Tensor<2>, spec: &WeightSpec, clip: Tensor<2>) -> Tensor<2> {
-    assert!(spec.symmetric, "asymmetric weight grids are not trained yet");
+    assert!(spec.symmetric, "asymmetric weight grids are not simulated yet");
     let [d_in, d_out] = w.dims();
     let group = match spec.granularity {
         Granularity::PerGroup(g) => g,
         Granularity::PerChannel => d_in,
-        Granularity::PerTensor => panic!("per-tensor weight grids are not trained yet"),
+        Granularity::PerTensor => panic!("per-tensor weight grids are not simulated yet"),
     };
     assert!(
         d_in.is_multiple_of(group),
@@ -167,8 +149,8 @@ pub fn fake_quant_weight_learned(w: Tensor<2>, spec: &WeightSpec, clip: Tensor<2
     };
     let g3 = w.reshape([d_in / group, group, d_out]);
     let amax = g3.clone().abs().max_dim(1) * clip.reshape([1, 1, d_out]);
-    // All-zero groups: any positive scale represents them (the reference uses 1).
-    let scale = (amax / divisor).clamp_min(f32::MIN_POSITIVE);
+    // All-zero groups: any scale represents them; the reference uses 1.
+    let scale = (amax.clone() / divisor).mask_fill(amax.equal_elem(0.0), 1.0);
     let q = round_ste(g3 / scale.clone()).clamp(qmin as f32, qmax as f32);
     (q * scale).reshape([d_in, d_out])
 }

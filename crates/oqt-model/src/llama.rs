@@ -247,6 +247,12 @@ impl Llama {
         self.embed_tokens.weight.device()
     }
 
+    /// One sequence of token ids as a `[1, len]` input on the model's device.
+    pub fn tokens_tensor(&self, tokens: &[u32]) -> Tensor<2, Int> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        Tensor::from_data(TensorData::new(ids, [1, tokens.len()]), &self.device())
+    }
+
     /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
     /// With a cache, `tokens` continue the cached positions.
     pub fn forward_hidden(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {

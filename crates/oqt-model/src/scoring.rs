@@ -8,13 +8,6 @@ use burn::tensor::{Int, Tensor, TensorData};
 use oqt_core::scoring::{CausalLm, WindowScores};
 use oqt_core::{CoreError, Result};
 
-impl Llama {
-    fn tokens_tensor(&self, tokens: &[u32]) -> Tensor<2, Int> {
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        Tensor::from_data(TensorData::new(ids, [1, tokens.len()]), &self.device())
-    }
-}
-
 fn to_vec(t: Tensor<3>) -> Result<Vec<f32>> {
     t.into_data()
         .convert::<f32>()

@@ -79,18 +79,28 @@ fn scorer(a: &EvalArgs) -> anyhow::Result<Scorer> {
     })
 }
 
+/// A dataset (name or text file) and its tokens, without BOS.
+pub fn dataset_tokens(
+    tokenizer: &oqt_core::Tokenizer,
+    dataset: &str,
+) -> anyhow::Result<(oqt_core::datasets::ResolvedDataset, Vec<u32>)> {
+    let data = oqt_core::datasets::resolve(dataset)?;
+    let tokens = tokenizer
+        .encode(&data.read_text()?, false)
+        .with_context(|| format!("tokenizing {}", data.name))?;
+    Ok((data, tokens))
+}
+
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if let Some(r) = &a.recipe {
         return super::eval_recipe::run(r, a.json);
     }
-    let dataset = oqt_core::datasets::resolve(&a.dataset)?;
     let sc = scorer(&a)?;
-    let text = dataset.read_text()?;
-    let tokens = sc.tokenizer.encode(&text, false).context("tokenizing the dataset")?;
+    let (dataset, tokens) = dataset_tokens(&sc.tokenizer, &a.dataset)?;
     let opts = PerplexityOptions {
         ctx: a.ctx,
         max_chunks: a.max_chunks,
-        bos: sc.tokenizer.add_bos.then_some(sc.tokenizer.bos_id).flatten(),
+        bos: sc.tokenizer.document_bos(),
     };
     let chunks = opts
         .max_chunks

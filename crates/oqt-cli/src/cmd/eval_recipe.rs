@@ -24,15 +24,11 @@ struct Outcome {
 pub fn run(path: &Path, json: bool) -> anyhow::Result<()> {
     let recipe = EvalRecipe::load(path)?;
     let model = load(&recipe.model)?;
-    let data = oqt_core::datasets::resolve(&recipe.eval.dataset)?;
-    let tokens = model
-        .tokenizer
-        .encode(&data.read_text()?, false)
-        .context("tokenizing the evaluation set")?;
+    let (_, tokens) = super::eval::dataset_tokens(&model.tokenizer, &recipe.eval.dataset)?;
     let ppl_opts = oqt_eval::PerplexityOptions {
         ctx: recipe.eval.ctx,
         max_chunks: Some(recipe.eval.chunks),
-        bos: model.tokenizer.add_bos.then_some(model.tokenizer.bos_id).flatten(),
+        bos: model.tokenizer.document_bos(),
     };
     let scratch = tempdir_for(path)?;
     let created_by = format!("oqt {}", env!("CARGO_PKG_VERSION"));

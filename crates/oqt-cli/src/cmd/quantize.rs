@@ -4,7 +4,6 @@ use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::ProgressBar;
 use oqt_compress::ptq::{Method, Progress, PtqOptions};
-use oqt_core::LoadedModel;
 use oqt_core::quant::Recipe;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -275,13 +274,9 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         peak_rss_mib: None,
     };
     if let Some(setting) = setting {
-        let data = oqt_core::datasets::resolve(&setting.dataset)?;
-        let tokens = model
-            .tokenizer
-            .encode(&data.read_text()?, false)
-            .context("tokenizing the evaluation set")?;
-        let bos = model.tokenizer.add_bos.then_some(model.tokenizer.bos_id).flatten();
-        let mut float_row = float_report_row(&model, f16_bytes, n_params);
+        let (_, tokens) = super::eval::dataset_tokens(&model.tokenizer, &setting.dataset)?;
+        let bos = model.tokenizer.document_bos();
+        let mut float_row = float_report_row(f16_bytes, n_params);
         {
             let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)?;
             let llama = oqt_model::llama_from_weights(&model.config, model.weights.clone(), &device);
@@ -302,7 +297,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     report.rows.extend(rows);
     report.peak_rss_mib = oqt_core::sys::peak_rss_mib();
     let report_path = a.report.clone().unwrap_or_else(|| output.with_extension("report.json"));
-    write_report(&report_path, &report)?;
+    crate::output::write_json_atomic(&report_path, &report)?;
     if a.json {
         return print_json(&report);
     }
@@ -311,8 +306,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn float_report_row(model: &LoadedModel, f16_bytes: f64, n_params: f64) -> ReportRow {
-    let _ = model;
+fn float_report_row(f16_bytes: f64, n_params: f64) -> ReportRow {
     ReportRow {
         method: "f16 (reference, evaluated in f32)".into(),
         bundle: None,
@@ -323,14 +317,6 @@ fn float_report_row(model: &LoadedModel, f16_bytes: f64, n_params: f64) -> Repor
         eval_seconds: None,
         loss: None,
     }
-}
-
-fn write_report(path: &Path, report: &Report) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(report)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 fn print_table(report: &Report, f16_bytes: f64) {

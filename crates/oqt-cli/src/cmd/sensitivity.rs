@@ -59,10 +59,7 @@ pub fn run(a: SensitivityArgs) -> anyhow::Result<()> {
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = output.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &output).with_context(|| format!("writing {}", output.display()))?;
+    crate::output::write_json_atomic(&output, &report)?;
     if a.json {
         return print_json(&report);
     }

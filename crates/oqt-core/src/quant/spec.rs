@@ -68,6 +68,17 @@ fn default_rounding() -> Rounding {
 }
 
 impl WeightSpec {
+    /// A grid with the default scale rule (`amax / qmax`) and rounding (half to even).
+    pub fn new(bits: u8, granularity: Granularity, symmetric: bool) -> Self {
+        Self {
+            bits,
+            granularity,
+            symmetric,
+            scale_rule: default_scale_rule(),
+            rounding: default_rounding(),
+        }
+    }
+
     /// Integer range of the grid.
     pub fn qrange(&self) -> (i32, i32) {
         if self.symmetric {

@@ -198,17 +198,10 @@ pub fn dequantize_weight(qw: &QuantizedWeight) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::spec::Rounding;
     use crate::testing::pseudo_random;
 
     fn spec(bits: u8, granularity: Granularity, symmetric: bool) -> WeightSpec {
-        WeightSpec {
-            bits,
-            granularity,
-            symmetric,
-            scale_rule: ScaleRule::AmaxOverQmax,
-            rounding: Rounding::HalfToEven,
-        }
+        WeightSpec::new(bits, granularity, symmetric)
     }
 
     #[test]
