@@ -409,7 +409,8 @@ impl Sweep<'_> {
                             buf.push((row[j] - pending) as f32);
                         }
                         let (s, z) = group_params(buf.iter().copied(), self.spec, 1.0);
-                        scales[r * self.groups_per_row + i / self.group] = s;
+                        // Quantize against the scale as stored (f16 for llama.cpp grids).
+                        scales[r * self.groups_per_row + i / self.group] = self.spec.stored_scale(s);
                         zps[r * self.groups_per_row + i / self.group] = z;
                     }
                 }

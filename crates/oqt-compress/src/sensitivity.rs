@@ -10,7 +10,7 @@ use burn::tensor::{Tensor, TensorData};
 use oqt_core::quant::{ActGrid, ActMode, ActSite, CalibrationSpec, QuantSpec, dequantize_weight, quantize_weight};
 use oqt_core::weights::ModelWeights;
 use oqt_core::{LlamaConfig, Result};
-use oqt_model::fake_quant::fake_quant_dynamic_rows;
+use oqt_model::fake_quant::{fake_quant_dynamic_rows, fake_quant_q8_0_blocks};
 use oqt_model::hooks::{ForwardHooks, Proj};
 use oqt_model::llama::Llama;
 use oqt_model::quant_sim::fake_quant_static;
@@ -43,6 +43,7 @@ impl OneLayer<'_> {
         }
         match self.spec.activations.mode {
             ActMode::Dynamic => fake_quant_dynamic_rows(x),
+            ActMode::LlamaCppQ8_0 => fake_quant_q8_0_blocks(x),
             ActMode::Static => {
                 if site == ActSite::Probs {
                     return x;

@@ -17,6 +17,7 @@ pub mod scoring;
 pub mod sys;
 pub mod testing;
 pub mod tokenizer;
+pub mod tokenizer_gguf;
 pub mod weights;
 
 pub use config::LlamaConfig;

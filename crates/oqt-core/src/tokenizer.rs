@@ -18,7 +18,7 @@ const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|
 const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The regex sequence llama.cpp applies for a `tokenizer.ggml.pre` value.
-fn pre_regexes(pre: &str) -> Option<Vec<&'static str>> {
+pub(crate) fn pre_regexes(pre: &str) -> Option<Vec<&'static str>> {
     Some(match pre {
         "default" | "gpt-2" | "gpt2" => vec![GPT2_REGEX],
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
@@ -31,8 +31,8 @@ fn pre_regexes(pre: &str) -> Option<Vec<&'static str>> {
 }
 
 /// ggml token types (`tokenizer.ggml.token_type`).
-const TOKEN_TYPE_CONTROL: i64 = 3;
-const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+pub(crate) const TOKEN_TYPE_CONTROL: i64 = 3;
+pub(crate) const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// A tokenizer in serializable form (bundle manifests).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -78,6 +78,56 @@ fn tok_err(path: &Path, what: &str, e: impl std::fmt::Display) -> CoreError {
         format: "tokenizer",
         reason: format!("{what}: {e}"),
     }
+}
+
+/// The byte-level BPE tokenizer llama.cpp builds from a GGUF vocabulary: BPE
+/// over `tokens` (id order) and `merges`, split by `regexes`, with the control
+/// and user-defined tokens of `types` added. Shared by `from_gguf` and the GGUF exporter's
+/// pre-tokenizer detection, so both build exactly the same thing.
+pub(crate) fn build_gguf_bpe<S: AsRef<str>>(
+    path: &Path,
+    tokens: &[S],
+    merges: Vec<(String, String)>,
+    types: Option<&[i64]>,
+    regexes: &[&str],
+) -> Result<tokenizers::Tokenizer> {
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_ref().to_string(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| tok_err(path, "building BPE from tokenizer.ggml.tokens/merges", e))?;
+
+    let mut tk = tokenizers::Tokenizer::new(bpe);
+    let mut pre_tokenizers: Vec<PreTokenizerWrapper> = Vec::new();
+    for re in regexes {
+        let split = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| tok_err(path, "pre-tokenizer regex", e))?;
+        pre_tokenizers.push(split.into());
+    }
+    // Byte-level mapping only; the splitting was done by the regexes above.
+    pre_tokenizers.push(ByteLevel::new(false, false, false).into());
+    tk.with_pre_tokenizer(Some(Sequence::new(pre_tokenizers)));
+    tk.with_decoder(Some(ByteLevelDecoder::default()));
+
+    if let Some(types) = types {
+        let added: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+            .map(|(i, t)| AddedToken::from(tokens[i].as_ref().to_string(), *t == TOKEN_TYPE_CONTROL))
+            .collect();
+        tk.add_special_tokens(added)
+            .map_err(|e| tok_err(path, "adding control tokens", e))?;
+    }
+    Ok(tk)
 }
 
 impl Tokenizer {
@@ -144,11 +194,6 @@ impl Tokenizer {
             });
         }
 
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
         let merges = merges
             .iter()
             .enumerate()
@@ -163,37 +208,7 @@ impl Tokenizer {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| tok_err(path, "building BPE from tokenizer.ggml.tokens/merges", e))?;
-
-        let mut tk = tokenizers::Tokenizer::new(bpe);
-        let mut pre_tokenizers: Vec<PreTokenizerWrapper> = Vec::new();
-        for re in regexes {
-            let split = Split::new(
-                SplitPattern::Regex(re.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| tok_err(path, "pre-tokenizer regex", e))?;
-            pre_tokenizers.push(split.into());
-        }
-        // Byte-level mapping only; the splitting was done by the regexes above.
-        pre_tokenizers.push(ByteLevel::new(false, false, false).into());
-        tk.with_pre_tokenizer(Some(Sequence::new(pre_tokenizers)));
-        tk.with_decoder(Some(ByteLevelDecoder::default()));
-
-        if let Some(types) = &types {
-            let added: Vec<AddedToken> = types
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
-                .map(|(i, t)| AddedToken::from(tokens[i].to_string(), *t == TOKEN_TYPE_CONTROL))
-                .collect();
-            tk.add_special_tokens(added)
-                .map_err(|e| tok_err(path, "adding control tokens", e))?;
-        }
+        let tk = build_gguf_bpe(path, &tokens, merges, types.as_deref(), &regexes)?;
 
         let id = |k: &str| -> Result<Option<u32>> { Ok(g.opt_u64(k)?.map(|v| v as u32)) };
         let bos = id("tokenizer.ggml.bos_token_id")?;
@@ -319,6 +334,11 @@ impl Tokenizer {
         self.with_special
             .save(path, false)
             .map_err(|e| CoreError::Other(format!("{}: writing tokenizer.json: {e}", path.display())))
+    }
+
+    /// The wrapped tokenizer (special tokens recognized), for the GGUF exporter.
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.with_special
     }
 
     pub fn token_str(&self, id: u32) -> Option<String> {

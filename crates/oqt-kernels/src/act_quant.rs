@@ -18,6 +18,9 @@ pub struct QuantizedRows {
     /// `Σ q` per block of 32 (`rows × k_pad/32`): lets SIMD int4 kernels work on
     /// unsigned offset weights and still produce the exact signed dot.
     pub block_sums: Vec<i32>,
+    /// llama.cpp's Q8_0 activations: one scale per block of 32 (`rows × k_pad/32`,
+    /// f16 values), zero points 0; `scale` is then unused (1).
+    pub block_scales: Option<Vec<f32>>,
 }
 
 /// Scale and zero point of a row from its range (shared by every path).
@@ -68,6 +71,37 @@ pub fn quantize_rows_static(isa: Isa, x: &[f32], rows: usize, k: usize, scale: f
     })
 }
 
+/// Quantize `rows × k` activations into llama.cpp's Q8_0 blocks, as its Arm NEON
+/// `quantize_row_q8_0` does: per block of 32, `d = amax / 127`,
+/// `q = round_half_even(x · (1/d))` (0 for an all-zero block), `d` kept as f16.
+pub fn quantize_rows_q8_0(isa: Isa, x: &[f32], rows: usize, k: usize) -> QuantizedRows {
+    let mut scales = Vec::with_capacity(rows * padded_len(k) / BLOCK);
+    let mut out = quantize_rows_with(x, rows, k, |row, q| {
+        for (xb, qb) in row.chunks(BLOCK).zip(q.chunks_mut(BLOCK)) {
+            let (d, inv) = q8_0_block_scale(xb);
+            quantize_with(isa, xb, inv, 0, qb);
+            scales.push(d);
+        }
+        // A short last block is padded with zeros (zero point 0) and keeps its scale.
+        scales.extend(std::iter::repeat_n(
+            0.0,
+            padded_len(row.len()) / BLOCK - row.len().div_ceil(BLOCK),
+        ));
+        (1.0, 0)
+    });
+    out.block_scales = Some(scales);
+    out
+}
+
+/// A Q8_0 block's stored scale `f16(amax / 127)` and the multiplier `1 / d`
+/// (from the unrounded `d`, as ggml computes it; 0 for an all-zero block).
+pub fn q8_0_block_scale(x: &[f32]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+    (half::f16::from_f32(d).to_f32(), inv)
+}
+
 fn quantize_with(isa: Isa, x: &[f32], inv: f32, zp: i32, out: &mut [i8]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -108,6 +142,7 @@ fn quantize_rows_with(
         scale,
         zero_point,
         block_sums,
+        block_scales: None,
     }
 }
 

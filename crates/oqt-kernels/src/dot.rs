@@ -24,6 +24,17 @@ pub struct ActRow<'a> {
     pub group_sums: &'a [i32],
     pub zero_point: i32,
     pub scale: f32,
+    /// llama.cpp's Q8_0 activations: one scale per group (the weights' group is
+    /// then one block of 32) replacing `scale`; `zero_point` is 0.
+    pub block_scales: Option<&'a [f32]>,
+}
+
+impl ActRow<'_> {
+    /// The activation scale of group `g`.
+    #[inline]
+    pub fn scale_of(&self, g: usize) -> f32 {
+        self.block_scales.map_or(self.scale, |s| s[g])
+    }
 }
 
 /// Per-row weight data.
@@ -37,10 +48,10 @@ pub struct WeightRow<'a, T> {
 
 /// The float epilogue shared by every path (see the module docs).
 #[inline]
-pub fn combine_reference(s_a: f32, scales: &[f32], dots: &[i32]) -> f32 {
+pub fn combine_reference(a: &ActRow<'_>, scales: &[f32], dots: &[i32]) -> f32 {
     let mut p = [0f32; 8];
     for (g, (&s, &d)) in scales.iter().zip(dots).enumerate() {
-        p[g % 8] += (s_a * s) * d as f32;
+        p[g % 8] += (a.scale_of(g) * s) * d as f32;
     }
     ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))
 }
@@ -73,7 +84,7 @@ pub fn row_int4_scalar(a: ActRow<'_>, w: WeightRow<'_, u8>) -> f32 {
                 .sum()
         })
         .collect();
-    combine_reference(a.scale, w.scales, &dots)
+    combine_reference(&a, w.scales, &dots)
 }
 
 pub fn row_int8(isa: Isa, a: ActRow<'_>, w: WeightRow<'_, i8>) -> f32 {
@@ -97,7 +108,7 @@ pub fn row_int8_scalar(a: ActRow<'_>, w: WeightRow<'_, i8>) -> f32 {
                 .sum()
         })
         .collect();
-    combine_reference(a.scale, w.scales, &dots)
+    combine_reference(&a, w.scales, &dots)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -170,6 +181,7 @@ mod x86 {
         blocks_per_group: usize,
         scales: &[f32],
         s_a: f32,
+        block_scales: Option<&[f32]>,
         mut block_dot: impl FnMut(__m256i, usize) -> __m256i,
         correct: impl Fn(__m256i, usize, usize) -> __m256i,
     ) -> f32 {
@@ -203,7 +215,11 @@ mod x86 {
                 acc
             };
             let dots = correct(reduce8(&acc), start, n);
-            let s = _mm256_mul_ps(vsa, load_f32(&scales[start..], n));
+            let s_a = match block_scales {
+                Some(b) => load_f32(&b[start..], n),
+                None => vsa,
+            };
+            let s = _mm256_mul_ps(s_a, load_f32(&scales[start..], n));
             p = _mm256_add_ps(p, _mm256_mul_ps(s, _mm256_cvtepi32_ps(dots)));
         }
         finish(p)
@@ -239,6 +255,7 @@ mod x86 {
             w.group / BLOCK,
             w.scales,
             a.scale,
+            a.block_scales,
             |acc, b| {
                 // SAFETY: block b lies inside both rows (k_pad values, k_pad/2 bytes).
                 let (wv, av) = unsafe {
@@ -262,6 +279,7 @@ mod x86 {
             w.group / BLOCK,
             w.scales,
             a.scale,
+            a.block_scales,
             |acc, b| {
                 // SAFETY: as in the AVX2 path.
                 let (wv, av) = unsafe {
@@ -285,6 +303,7 @@ mod x86 {
             w.group / BLOCK,
             w.scales,
             a.scale,
+            a.block_scales,
             |acc, b| {
                 let mut acc = acc;
                 for h in 0..2 {
@@ -320,6 +339,7 @@ mod x86 {
             w.group / BLOCK,
             w.scales,
             a.scale,
+            a.block_scales,
             |acc, b| {
                 // SAFETY: block b lies inside both rows.
                 let (av, wv) = unsafe {
@@ -400,7 +420,7 @@ mod neon {
             // Σ (q_a − zp) q_w = Σ q_a q_w − zp Σ q_w.
             *d = vaddvq_s32(acc) - a.zero_point * w.sums[g];
         }
-        combine_reference(a.scale, w.scales, &dots)
+        combine_reference(&a, w.scales, &dots)
     }
 
     #[target_feature(enable = "neon,dotprod")]
@@ -415,6 +435,6 @@ mod neon {
             }
             *d = vaddvq_s32(acc) - a.zero_point * w.sums[g];
         }
-        combine_reference(a.scale, w.scales, &dots)
+        combine_reference(&a, w.scales, &dots)
     }
 }

@@ -19,6 +19,14 @@ fn group_sums(a: &QuantizedRows, group: usize) -> Vec<i32> {
     a.block_sums.chunks(per).map(|c| c.iter().sum()).collect()
 }
 
+/// Per-block activation scales pair with per-block weight scales only.
+fn check_block_scales(a: &QuantizedRows, group: usize) {
+    assert!(
+        a.block_scales.is_none() || group == BLOCK,
+        "Q8_0 block activations need weights in groups of {BLOCK}, found {group}"
+    );
+}
+
 /// Activation row `i` as the row kernels read it.
 fn act_row<'a>(a: &'a QuantizedRows, sums: &'a [i32], groups: usize, i: usize) -> ActRow<'a> {
     ActRow {
@@ -26,6 +34,7 @@ fn act_row<'a>(a: &'a QuantizedRows, sums: &'a [i32], groups: usize, i: usize) -
         group_sums: &sums[i * groups..(i + 1) * groups],
         zero_point: a.zero_point[i],
         scale: a.scale[i],
+        block_scales: a.block_scales.as_ref().map(|s| &s[i * groups..(i + 1) * groups]),
     }
 }
 
@@ -63,6 +72,7 @@ pub fn by_weight_rows(m: usize, n: usize, out: &mut [f32], value: impl Fn(usize,
 pub fn matmul_int4(isa: Isa, a: &QuantizedRows, w: &PackedInt4, out: &mut [f32]) {
     assert_eq!(a.k_pad, w.k_pad, "activation and weight widths differ");
     let groups = w.groups();
+    check_block_scales(a, w.group);
     let sums = group_sums(a, w.group);
     by_weight_rows(a.rows, w.rows, out, |i, n| {
         row_int4(isa, act_row(a, &sums, groups, i), w.row(n))
@@ -73,6 +83,7 @@ pub fn matmul_int4(isa: Isa, a: &QuantizedRows, w: &PackedInt4, out: &mut [f32])
 pub fn matmul_int8(isa: Isa, a: &QuantizedRows, w: &PackedInt8, out: &mut [f32]) {
     assert_eq!(a.k_pad, w.k_pad, "activation and weight widths differ");
     let groups = w.groups();
+    check_block_scales(a, w.group);
     let sums = group_sums(a, w.group);
     by_weight_rows(a.rows, w.rows, out, |i, n| {
         row_int8(isa, act_row(a, &sums, groups, i), w.row(n))

@@ -2,7 +2,8 @@
 //! shapes: odd sizes, K not a multiple of the block, one row, many rows.
 
 use oqt_kernels::{
-    Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_row, quantize_rows, quantize_rows_static,
+    Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_row, quantize_rows, quantize_rows_q8_0,
+    quantize_rows_static,
 };
 use proptest::prelude::*;
 
@@ -48,7 +49,8 @@ fn contract(
                 let dot: i32 = (g * group..(g + 1) * group)
                     .map(|c| (a.q[i * k_pad + c] as i32 - a.zero_point[i]) * w_at(n, c))
                     .sum();
-                p[g % 8] += (a.scale[i] * scales[n * groups + g]) * dot as f32;
+                let s_a = a.block_scales.as_ref().map_or(a.scale[i], |b| b[i * groups + g]);
+                p[g % 8] += (s_a * scales[n * groups + g]) * dot as f32;
             }
             out[i * rows + n] = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
         }
@@ -140,6 +142,55 @@ proptest! {
             prop_assert!(out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{} differs", isa.name());
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// llama.cpp's Q8_0 activations (one f16 scale per block of 32) against Q4_0- and
+    /// Q8_0-style weights (groups of 32): every path equals the contract bit for bit.
+    #[test]
+    fn q8_0_block_activations_agree(m in 1usize..5, n in 1usize..40, blocks in 1usize..20, seed in any::<u64>()) {
+        let k = blocks * 32;
+        let mut rng = seed;
+        let mut next = || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
+        let w4: Vec<i8> = (0..n * k).map(|_| (next() % 16) as i8 - 8).collect();
+        let w8: Vec<i8> = (0..n * k).map(|_| ((next() % 255) as i32 - 127) as i8).collect();
+        let scales: Vec<f32> = (0..n * blocks).map(|_| (next() % 1000) as f32 * 1e-4 - 0.05).collect();
+        let mut x: Vec<f32> = (0..m * k).map(|_| (next() % 2001) as f32 / 100.0 - 10.0).collect();
+        x[..32].fill(0.0); // an all-zero block
+        let a = quantize_rows_q8_0(Isa::Scalar, &x, m, k);
+        for isa in Isa::available() {
+            prop_assert_eq!(&quantize_rows_q8_0(isa, &x, m, k), &a, "{} quantizes differently", isa.name());
+        }
+        let p4 = PackedInt4::pack(&w4, n, k, Some(32), scales.clone());
+        let p8 = PackedInt8::pack(&w8, n, k, Some(32), scales.clone());
+        let want4 = contract(&a, n, k, 32, |r, c| w4[r * k + c] as i32, &scales);
+        let want8 = contract(&a, n, k, 32, |r, c| w8[r * k + c] as i32, &scales);
+        for isa in Isa::available() {
+            let mut out = vec![0f32; m * n];
+            matmul_int4(isa, &a, &p4, &mut out);
+            prop_assert!(out.iter().zip(&want4).all(|(a, b)| a.to_bits() == b.to_bits()), "{} int4 differs", isa.name());
+            matmul_int8(isa, &a, &p8, &mut out);
+            prop_assert!(out.iter().zip(&want8).all(|(a, b)| a.to_bits() == b.to_bits()), "{} int8 differs", isa.name());
+        }
+    }
+}
+
+#[test]
+fn q8_0_activation_blocks_follow_ggml() {
+    // Block 0: amax 2.54 → d = 0.02, values on half-steps round to even; block 1 is zero.
+    let mut x = vec![0f32; 64];
+    x[0] = 2.54;
+    x[1] = 0.01; // 0.5 step
+    x[2] = 0.03; // 1.5 steps
+    x[3] = -0.05; // −2.5 steps
+    let a = quantize_rows_q8_0(Isa::Scalar, &x, 1, 64);
+    let d = a.block_scales.as_ref().unwrap();
+    assert_eq!(d[0], half::f16::from_f32(2.54 / 127.0).to_f32());
+    assert_eq!(d[1], 0.0);
+    assert_eq!(&a.q[..4], &[127, 0, 2, -2]);
+    assert!(a.q[32..].iter().all(|&q| q == 0));
 }
 
 #[test]

@@ -37,6 +37,64 @@ pub fn dynamic_rows_integer<const D: usize>(x: Tensor<D>) -> (Tensor<D>, Tensor<
     (q - zp, scale)
 }
 
+/// `x` rounded to f16 and back (llama.cpp stores block scales in f16), with a
+/// straight-through gradient.
+pub fn f16_round_ste<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let shape = x.shape();
+    let values: Vec<f32> = x
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 tensor")
+        .into_iter()
+        .map(|v| half::f16::from_f32(v).to_f32())
+        .collect();
+    let rounded = Tensor::from_data(TensorData::new(values, shape), &x.device());
+    ste(x, rounded)
+}
+
+/// `1 / x`, with 0 where `x` is 0 (ggml's `id = d ? 1/d : 0`).
+fn safe_recip<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let zero = x.clone().equal_elem(0.0);
+    x.mask_fill(zero.clone(), 1.0).recip().mask_fill(zero, 0.0)
+}
+
+/// C's `roundf` (half away from zero), exactly: `⌊|x|⌋ + ⌊2(|x| − ⌊|x|⌋)⌋`
+/// with the sign of `x` (`⌊|x| + 0.5⌋` would round 0.49999997 up).
+fn round_half_away<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let a = x.clone().abs();
+    let floor = a.clone().floor();
+    (floor.clone() + (a - floor).mul_scalar(2.0).floor()) * x.sign()
+}
+
+/// llama.cpp's Q8_0 activation blocks on the last axis (length a multiple of 32):
+/// the integers `q` (exact, as floats) and each block's f16 scale `d`
+/// (`[.., blocks]`), as `oqt_kernels::act_quant::quantize_rows_q8_0` computes them.
+pub fn q8_0_blocks_integer(x: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+    let [m, k] = x.dims();
+    assert!(
+        k.is_multiple_of(32),
+        "Q8_0 activation rows must be a multiple of 32 long, found {k}"
+    );
+    let blocks = x.reshape([m, k / 32, 32]);
+    let d = blocks.clone().abs().max_dim(2).div_scalar(127.0); // [m, G, 1]
+    let inv = safe_recip(d.clone()).detach();
+    let q = (blocks * inv).round().clamp(-128.0, 127.0);
+    let d16 = f16_round_ste(d).reshape([m, k / 32]);
+    (q.reshape([m, k]), d16)
+}
+
+/// Quantize-dequantize rows into llama.cpp's Q8_0 blocks (straight-through gradient).
+pub fn fake_quant_q8_0_blocks<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let m = x.shape().num_elements() / k;
+    let (q, d) = q8_0_blocks_integer(x.clone().reshape([m, k]));
+    let y = (q.reshape([m, k / 32, 32]) * d.reshape([m, k / 32, 1])).reshape(dims);
+    ste(x, y)
+}
+
 /// Weights in Burn's Linear layout `[d_in, d_out]`, symmetric, one scale per
 /// output column and group of `group` input rows (per-channel: all of them),
 /// as `oqt_core::quant::quantize_weight` computes: `scale = clip · amax / qmax`
@@ -143,12 +201,36 @@ pub fn fake_quant_weight_learned(w: Tensor<2>, spec: &WeightSpec, clip: Tensor<2
         "input width {d_in} is not a multiple of the group {group}"
     );
     let (qmin, qmax) = spec.qrange();
-    let divisor = match spec.scale_rule {
-        ScaleRule::AmaxOverQmax => qmax as f32,
-        ScaleRule::AmaxOverHalfRange => (qmax - qmin) as f32 / 2.0,
-    };
     let g3 = w.reshape([d_in / group, group, d_out]);
-    let amax = g3.clone().abs().max_dim(1) * clip.reshape([1, 1, d_out]);
+    let clip = clip.reshape([1, 1, d_out]);
+    match spec.scale_rule {
+        ScaleRule::LlamaCppQ8_0 => {
+            // d = clip · amax / 127; q = roundf(w · (1/d)); grid f16(d) · q.
+            let d = g3.clone().abs().max_dim(1) * clip / 127.0;
+            let q = ste(
+                g3.clone() * safe_recip(d.clone()),
+                round_half_away(g3 * safe_recip(d.clone())),
+            )
+            .clamp(-127.0, 127.0);
+            return (q * f16_round_ste(d)).reshape([d_in, d_out]);
+        }
+        ScaleRule::LlamaCppQ4_0 => {
+            // d = clip · max / −8 with max the signed extreme (first on ties);
+            // q = min(15, ⌊w · (1/d) + 8.5⌋) − 8; grid f16(d) · q.
+            let first_extreme = g3.clone().abs().argmax(1); // [G, 1, d_out]
+            let max = g3.clone().gather(1, first_extreme);
+            let d = max * clip / -8.0;
+            let scaled = g3 * safe_recip(d.clone());
+            let q = ste(scaled.clone(), (scaled + 8.5).floor().clamp(0.0, 15.0) - 8.0);
+            return (q * f16_round_ste(d)).reshape([d_in, d_out]);
+        }
+        _ => {}
+    }
+    let divisor = match spec.scale_rule {
+        ScaleRule::AmaxOverHalfRange => (qmax - qmin) as f32 / 2.0,
+        _ => qmax as f32,
+    };
+    let amax = g3.clone().abs().max_dim(1) * clip;
     // All-zero groups: any scale represents them; the reference uses 1.
     let scale = (amax.clone() / divisor).mask_fill(amax.equal_elem(0.0), 1.0);
     let q = round_ste(g3 / scale.clone()).clamp(qmin as f32, qmax as f32);

@@ -16,7 +16,9 @@
 //!   the runtime reproduces bit for bit — one flipped rounding would otherwise
 //!   cascade through every later grid.
 
-use crate::fake_quant::{dynamic_rows_integer, fake_quant_dynamic_rows, ste};
+use crate::fake_quant::{
+    dynamic_rows_integer, fake_quant_dynamic_rows, fake_quant_q8_0_blocks, q8_0_blocks_integer, ste,
+};
 use crate::hooks::{ForwardHooks, Proj};
 use crate::import::{llama_from_weights, transposed};
 use crate::llama::Llama;
@@ -114,7 +116,13 @@ fn integer_linear(
     }
     let x3 = x_int.reshape([m, groups, group]).swap_dims(0, 1); // [G, m, group]
     let dots = dot(x3, w_int.clone()); // [G, m, n]
-    let comb = s_a.reshape([1, m, 1]) * s_w.clone(); // [G, m, n]
+    // One activation scale per row, or per row and block (Q8_0 activations).
+    let s_a = if s_a.dims()[1] == groups && groups > 1 {
+        s_a.swap_dims(0, 1).reshape([groups, m, 1])
+    } else {
+        s_a.reshape([1, m, 1])
+    };
+    let comb = s_a * s_w.clone(); // [G, m, n]
     let v = comb * dots;
     let lanes = groups.div_ceil(8) * 8;
     let v = if lanes > groups {
@@ -152,6 +160,7 @@ impl SimLinear {
                         let s_a = Tensor::full([b * s, 1], g.scale, &x2.device());
                         (integer_on_grid(x2, g), s_a)
                     }
+                    None if mode == ActMode::LlamaCppQ8_0 => q8_0_blocks_integer(x2),
                     None => dynamic_rows_integer(x2),
                 };
                 let y = integer_linear(x_int, s_a, w_int, s_w, *k_pad, *w_max_abs);
@@ -160,6 +169,7 @@ impl SimLinear {
             }
             (SimWeights::Dequantized(w), ActMode::Static, Some(g)) => matmul3(fake_quant_static(x, g), w),
             (SimWeights::Dequantized(w), ActMode::Dynamic, _) => matmul3(fake_quant_dynamic_rows(x), w),
+            (SimWeights::Dequantized(w), ActMode::LlamaCppQ8_0, _) => matmul3(fake_quant_q8_0_blocks(x), w),
             (SimWeights::Dequantized(w), ..) => matmul3(x, w),
         };
         match &self.bias {
@@ -267,7 +277,9 @@ impl QuantSim {
 /// The kernels run symmetric weights with 32-aligned groups under 8-bit
 /// activations (static or dynamic); the simulation then follows their arithmetic.
 fn sim_weights(qw: &QuantizedWeight, mode: ActMode, input: Option<ActGrid>, device: &Device) -> SimWeights {
-    let Some(group) = kernel_group(qw).filter(|_| int8_input(mode, input)) else {
+    // Q8_0 block activations pair with weights in blocks of 32 only (as in the runtime).
+    let pairs = |g: &usize| mode != ActMode::LlamaCppQ8_0 || *g == 32;
+    let Some(group) = kernel_group(qw).filter(|g| int8_input(mode, input) && pairs(g)) else {
         return SimWeights::Dequantized(transposed(&dequantize_weight(qw), qw.rows, qw.cols, device));
     };
     let k_pad = padded_len(qw.cols);

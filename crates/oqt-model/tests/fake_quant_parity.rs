@@ -4,8 +4,8 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use oqt_core::quant::{Granularity, Rounding, ScaleRule, WeightSpec, dequantize_weight, quantize_weight};
 use oqt_core::testing::pseudo_random;
-use oqt_kernels::{Isa, quantize_rows};
-use oqt_model::fake_quant::{fake_quant_dynamic_rows, fake_quant_weight};
+use oqt_kernels::{Isa, quantize_rows, quantize_rows_q8_0};
+use oqt_model::fake_quant::{fake_quant_dynamic_rows, fake_quant_q8_0_blocks, fake_quant_weight};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
@@ -72,6 +72,64 @@ fn weight_fake_quant_equals_the_reference_quantizer() {
                     "{granularity:?} {rule:?} ({r},{c})"
                 );
             }
+        }
+    }
+}
+
+/// llama.cpp's Q4_0/Q8_0 grids in Burn equal the reference quantizer (itself
+/// byte-identical to ggml's, see oqt-core's `ggml_quantizers` test), including
+/// opposite-sign ties (first wins), all-zero blocks and learned clips.
+#[test]
+fn llama_cpp_weight_grids_equal_the_reference_quantizer() {
+    let (out, inp) = (8, 96);
+    let mut w = pseudo_random(out * inp, 29, 0.3);
+    w[..32].fill(0.0);
+    w[inp] = 0.4;
+    w[inp + 5] = -0.4;
+    w[2 * inp] = -0.4;
+    w[2 * inp + 5] = 0.4;
+    let mut t = vec![0f32; w.len()];
+    for r in 0..out {
+        for c in 0..inp {
+            t[c * out + r] = w[r * inp + c];
+        }
+    }
+    for (bits, rule) in [(4, ScaleRule::LlamaCppQ4_0), (8, ScaleRule::LlamaCppQ8_0)] {
+        let mut spec = WeightSpec::new(bits, Granularity::PerGroup(32), true);
+        spec.scale_rule = rule;
+        for clip in [1.0, 0.85] {
+            let reference = dequantize_weight(&quantize_weight(&w, out, inp, &spec, clip));
+            let sim = values(fake_quant_weight(
+                Tensor::<2>::from_data(TensorData::new(t.clone(), [inp, out]), &Device::flex()),
+                &spec,
+                clip,
+            ));
+            for r in 0..out {
+                for c in 0..inp {
+                    assert_eq!(
+                        sim[c * out + r],
+                        reference[r * inp + c],
+                        "{rule:?} clip {clip} ({r},{c})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_0_activation_fake_quant_equals_the_kernel_blocks() {
+    let (rows, k) = (5, 96);
+    let mut x = pseudo_random(rows * k, 31, 4.0);
+    x[32..64].fill(0.0);
+    let t = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, k]), &Device::flex());
+    let sim = values(fake_quant_q8_0_blocks(t));
+    let q = quantize_rows_q8_0(Isa::detect(), &x, rows, k);
+    let d = q.block_scales.as_ref().unwrap();
+    for r in 0..rows {
+        for c in 0..k {
+            let kernel = q.q[r * q.k_pad + c] as f32 * d[r * (q.k_pad / 32) + c / 32];
+            assert_eq!(sim[r * k + c].to_bits(), kernel.to_bits(), "({r},{c})");
         }
     }
 }

@@ -5,7 +5,7 @@ use oqt_core::quant::sites::int8_input;
 use oqt_core::quant::{ActGrid, ActMode, QuantizedWeight, dequantize_weight};
 use oqt_kernels::{
     Isa, PackedInt4, PackedInt8, by_weight_rows, matmul_int4, matmul_int8, quantize_row, quantize_rows,
-    quantize_rows_static,
+    quantize_rows_q8_0, quantize_rows_static,
 };
 
 /// The weights and the kernel that multiplies them.
@@ -26,6 +26,8 @@ pub enum InputQuant {
     Dynamic,
     /// One calibrated grid for the whole tensor (NPU style).
     Static(ActGrid),
+    /// llama.cpp's Q8_0 blocks of 32 along each row (its CPU dot products).
+    Q8Blocks,
 }
 
 pub struct Linear {
@@ -57,9 +59,15 @@ impl Linear {
         let input = match (acts, static_grid) {
             (ActMode::Static, Some(g)) => InputQuant::Static(g),
             (ActMode::Dynamic, _) => InputQuant::Dynamic,
+            (ActMode::LlamaCppQ8_0, _) => InputQuant::Q8Blocks,
             _ => InputQuant::Float,
         };
-        let integer = int8_input(acts, static_grid) && kernel_group(qw).is_some();
+        let integer = int8_input(acts, static_grid)
+            && match input {
+                // Block activation scales pair with block weight scales.
+                InputQuant::Q8Blocks => kernel_group(qw) == Some(oqt_kernels::BLOCK),
+                _ => kernel_group(qw).is_some(),
+            };
         let group = (qw.group != qw.cols).then_some(qw.group);
         let kernel = match (integer, qw.spec.bits) {
             (true, b) if b <= 4 => Kernel::Int4(PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
@@ -78,6 +86,7 @@ impl Linear {
         let mut y = vec![0f32; m * self.out_dim()];
         let quantized = |k: usize| match self.input {
             InputQuant::Static(g) => quantize_rows_static(isa, x, m, k, g.scale, g.zero_point),
+            InputQuant::Q8Blocks => quantize_rows_q8_0(isa, x, m, k),
             _ => quantize_rows(isa, x, m, k),
         };
         match &self.kernel {
@@ -103,6 +112,17 @@ impl Linear {
             InputQuant::Static(g) => {
                 let mut v = x.to_vec();
                 g.fake(&mut v);
+                std::borrow::Cow::Owned(v)
+            }
+            InputQuant::Q8Blocks => {
+                let q = quantize_rows_q8_0(isa, x, x.len() / k, k);
+                let d = q.block_scales.as_deref().expect("Q8_0 rows carry block scales");
+                let v = (0..x.len())
+                    .map(|i| {
+                        let (r, c) = (i / k, i % k);
+                        q.q[r * q.k_pad + c] as f32 * d[(r * q.k_pad + c) / oqt_kernels::BLOCK]
+                    })
+                    .collect();
                 std::borrow::Cow::Owned(v)
             }
             InputQuant::Dynamic => {

@@ -85,3 +85,8 @@ fn w8a8_static_runtime_matches_simulation() {
 fn w4a8_dyn_runtime_matches_simulation() {
     check("w4a8-dyn");
 }
+
+#[test]
+fn gguf_q4_0_runtime_matches_simulation() {
+    check("gguf-q4_0");
+}

@@ -5,6 +5,7 @@
 //! foreign file is reported rather than read as garbage.
 
 mod dequant;
+pub mod encode;
 mod ggml_type;
 mod writer;
 

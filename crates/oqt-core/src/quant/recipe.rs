@@ -125,6 +125,8 @@ const BUILTIN: &[(&str, &str)] = &[
     ("w4a16", include_str!("../../../../recipes/w4a16.toml")),
     ("w4a16-g128", include_str!("../../../../recipes/w4a16-g128.toml")),
     ("w8a16", include_str!("../../../../recipes/w8a16.toml")),
+    ("gguf-q4_0", include_str!("../../../../recipes/gguf-q4_0.toml")),
+    ("gguf-q8_0", include_str!("../../../../recipes/gguf-q8_0.toml")),
 ];
 
 pub fn builtin_recipe_names() -> Vec<&'static str> {

@@ -172,10 +172,11 @@ impl ActGrid {
 }
 
 /// Whether a linear layer's input reaches the integer kernels as int8: dynamic
-/// rows always, static grids when 8-bit (16-bit static inputs are multiplied in f32).
+/// rows and Q8_0 blocks always, static grids when 8-bit (16-bit static inputs
+/// are multiplied in f32).
 pub fn int8_input(mode: ActMode, static_grid: Option<ActGrid>) -> bool {
     match mode {
-        ActMode::Dynamic => true,
+        ActMode::Dynamic | ActMode::LlamaCppQ8_0 => true,
         ActMode::Static => static_grid.is_some_and(|g| g.bits == 8),
         ActMode::None => false,
     }

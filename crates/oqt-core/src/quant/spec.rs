@@ -22,6 +22,24 @@ pub enum ScaleRule {
     AmaxOverQmax,
     /// `amax / ((qmax − qmin) / 2)`, torchao's choice: `amax / 7.5` at 4 bits.
     AmaxOverHalfRange,
+    /// llama.cpp's Q8_0 reference quantizer (8 bits, blocks of 32): `d = amax / 127`,
+    /// `q = roundf(x · (1/d))` (half away from zero); `d` is stored as f16, so the
+    /// grid is `f16(d) · q`. The scale rule fixes the rounding (`rounding` is ignored).
+    #[serde(rename = "llama.cpp-q8_0")]
+    LlamaCppQ8_0,
+    /// llama.cpp's Q4_0 reference quantizer (4 bits, blocks of 32): `d = max / −8`
+    /// with `max` the *signed* value of largest magnitude (first one on ties),
+    /// `q = min(15, ⌊x · (1/d) + 8.5⌋) − 8`; the grid is `f16(d) · q`, its
+    /// orientation flipping with the sign of `max`.
+    #[serde(rename = "llama.cpp-q4_0")]
+    LlamaCppQ4_0,
+}
+
+impl ScaleRule {
+    /// True for the rules that reproduce a llama.cpp block format bit for bit.
+    pub fn is_llama_cpp(self) -> bool {
+        matches!(self, Self::LlamaCppQ8_0 | Self::LlamaCppQ4_0)
+    }
 }
 
 /// Rounding of `x / scale` to the grid.
@@ -88,6 +106,16 @@ impl WeightSpec {
         }
     }
 
+    /// The scale as stored and used for dequantization: llama.cpp's grids keep
+    /// their block scale in f16, everything else in f32.
+    pub fn stored_scale(&self, scale: f32) -> f32 {
+        if self.scale_rule.is_llama_cpp() {
+            half::f16::from_f32(scale).to_f32()
+        } else {
+            scale
+        }
+    }
+
     /// Columns per scale for a row of `cols` inputs.
     pub fn group_len(&self, cols: usize) -> usize {
         match self.granularity {
@@ -107,6 +135,20 @@ pub enum ActMode {
     Static,
     /// Per token from the row's min/max at run time (CPU style).
     Dynamic,
+    /// What llama.cpp's CPU dot products do to the input of a Q4_0/Q8_0 weight:
+    /// Q8_0 blocks of 32 along each row, symmetric, `d = amax / 127` stored as
+    /// f16, `q = round_half_even(x · (1/d))` (the Arm NEON quantizer; x86's
+    /// AVX2 path computes `127 / amax` instead and may differ in the last unit
+    /// for a few values). The block dot is `(d_a · d_w) · Σ q_a q_w`.
+    #[serde(rename = "llama.cpp-q8_0")]
+    LlamaCppQ8_0,
+}
+
+impl ActMode {
+    /// Quantized from the values themselves at run time (no calibrated grids).
+    pub fn is_runtime_computed(self) -> bool {
+        matches!(self, Self::Dynamic | Self::LlamaCppQ8_0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +221,23 @@ impl QuantSpec {
                     "{field}.granularity: group size must be a positive multiple of 32, found {g}"
                 ));
             }
+            let llama_cpp_bits = match w.scale_rule {
+                ScaleRule::LlamaCppQ8_0 => Some(8),
+                ScaleRule::LlamaCppQ4_0 => Some(4),
+                _ => None,
+            };
+            if let Some(bits) = llama_cpp_bits
+                && (w.bits != bits || w.granularity != Granularity::PerGroup(32) || !w.symmetric)
+            {
+                out.push(format!(
+                    "{field}.scale_rule: `{}` is a {bits}-bit symmetric grid with groups of 32; \
+                     set bits = {bits}, granularity = {{ per-group = 32 }}, symmetric = true",
+                    serde_json::to_value(w.scale_rule)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ));
+            }
         }
         let mut out = Vec::new();
         check_weights("weights", &self.weights, &mut out);
@@ -191,6 +250,12 @@ impl QuantSpec {
         let a = &self.activations;
         if a.mode != ActMode::None && !matches!(a.bits, 8 | 16) {
             out.push(format!("activations.bits: expected 8 or 16, found {}", a.bits));
+        }
+        if a.mode == ActMode::LlamaCppQ8_0 && a.bits != 8 {
+            out.push(format!(
+                "activations.bits: `llama.cpp-q8_0` activations are 8-bit, found {}",
+                a.bits
+            ));
         }
         for (i, site) in self.act16_sites.iter().enumerate() {
             if !super::sites::ACT16_SITE_NAMES.contains(&site.as_str()) {

@@ -28,8 +28,29 @@ impl QuantizedWeight {
 }
 
 /// Scale and zero point of one group of values (after clipping by `clip` ∈ (0, 1]).
+/// For llama.cpp's grids this is the f32 block scale the quantizer divides by
+/// (possibly 0 or, for Q4_0, negative); the stored scale is its f16 rounding
+/// ([`WeightSpec::stored_scale`]).
 pub fn group_params(values: impl Iterator<Item = f32> + Clone, spec: &WeightSpec, clip: f32) -> (f32, i32) {
     let (qmin, qmax) = spec.qrange();
+    match spec.scale_rule {
+        ScaleRule::LlamaCppQ8_0 => {
+            let amax = values.fold(0f32, |m, v| m.max(v.abs()));
+            return (amax * clip / 127.0, 0);
+        }
+        ScaleRule::LlamaCppQ4_0 => {
+            // The signed value of largest magnitude; the first one wins ties, as in ggml.
+            let (mut amax, mut max) = (0f32, 0f32);
+            for v in values {
+                if amax < v.abs() {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            return (max * clip / -8.0, 0);
+        }
+        _ => {}
+    }
     if spec.symmetric {
         let amax = values.fold(0f32, |m, v| m.max(v.abs())) * clip;
         if amax == 0.0 {
@@ -38,6 +59,7 @@ pub fn group_params(values: impl Iterator<Item = f32> + Clone, spec: &WeightSpec
         let scale = match spec.scale_rule {
             ScaleRule::AmaxOverQmax => amax / qmax as f32,
             ScaleRule::AmaxOverHalfRange => amax / ((qmax - qmin) as f32 / 2.0),
+            ScaleRule::LlamaCppQ8_0 | ScaleRule::LlamaCppQ4_0 => unreachable!("handled above"),
         };
         (scale, 0)
     } else {
@@ -56,11 +78,20 @@ pub fn group_params(values: impl Iterator<Item = f32> + Clone, spec: &WeightSpec
     }
 }
 
-/// `clamp(round(w / scale) + zp, qmin, qmax)`.
+/// `clamp(round(w / scale) + zp, qmin, qmax)`; llama.cpp's grids multiply by
+/// the reciprocal and round their own way, exactly as ggml's reference quantizers.
 #[inline]
 pub fn quantize_value(w: f32, scale: f32, zp: i32, spec: &WeightSpec) -> i8 {
     let (qmin, qmax) = spec.qrange();
-    (spec.rounding.round(w / scale) as i32 + zp).clamp(qmin, qmax) as i8
+    let inverse = || if scale == 0.0 { 0.0 } else { 1.0 / scale };
+    match spec.scale_rule {
+        // `f32::round` is C's `roundf`: half away from zero.
+        ScaleRule::LlamaCppQ8_0 => (w * inverse()).round().clamp(-127.0, 127.0) as i8,
+        // ggml truncates `x/d + 8.5` to an int8 and caps it at 15; the value is ≥ 0
+        // on ggml's own range, where truncation is the floor.
+        ScaleRule::LlamaCppQ4_0 => ((w * inverse() + 8.5).floor().clamp(0.0, 15.0) as i32 - 8) as i8,
+        _ => (spec.rounding.round(w / scale) as i32 + zp).clamp(qmin, qmax) as i8,
+    }
 }
 
 /// Quantize `w` (`[rows, cols]`, row-major) on `spec`'s grid, with the range of
@@ -82,7 +113,7 @@ pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec, c
         for (o, &v) in q.iter_mut().zip(w) {
             *o = quantize_value(v, s, z, spec);
         }
-        scales.push(s);
+        scales.push(spec.stored_scale(s));
         zps.push(z);
     } else {
         for r in 0..rows {
@@ -93,7 +124,7 @@ pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec, c
                 for (o, &v) in out.iter_mut().zip(chunk) {
                     *o = quantize_value(v, s, z, spec);
                 }
-                scales.push(s);
+                scales.push(spec.stored_scale(s));
                 zps.push(z);
             }
         }
