@@ -486,3 +486,230 @@ fn ci_eval_recipe_passes_on_smollm2() {
     assert_eq!(v["regressions"], 0, "{v}");
     assert_eq!(v["checks"].as_array().unwrap().len(), 7);
 }
+
+/// `gguf_check.py dump` of a GGUF: what the `gguf` Python package (llama.cpp's reader) sees.
+fn gguf_py_dump(path: &std::path::Path) -> Value {
+    let out = path.with_extension("dump.json");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/gguf_check.py");
+    let status = std::process::Command::new("python3")
+        .args([script, "dump"])
+        .arg(path)
+        .arg(&out)
+        .status()
+        .expect("python3 runs (install Python 3 and `pip install gguf==0.19.0`)");
+    assert!(status.success(), "gguf_check.py dump {} failed", path.display());
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The contract: `quantize --recipe gguf-q4_0` then `export --format gguf`
+/// writes exactly the integers oqt simulated; llama.cpp's Python reader parses it;
+/// oqt reads it back bit for bit; the runtime scores the GGUF as it scores the
+/// bundle (and as the simulation does); GGUF → HF → GGUF reproduces the file's tensors.
+#[test]
+fn gguf_q4_0_export_is_lossless_parses_with_gguf_py_and_round_trips() {
+    use oqt_core::gguf::GgufFile;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let s = |path: &std::path::Path| path.to_str().unwrap().to_string();
+    let bundle = p("q4.oqt");
+    oqt()
+        .args([
+            "quantize",
+            "--recipe",
+            "gguf-q4_0",
+            "smollm2-135m",
+            "--no-eval",
+            "--output",
+        ])
+        .arg(&bundle)
+        .assert()
+        .success();
+    let gguf = p("q4.gguf");
+    let report = json_of(oqt().args([
+        "export",
+        "--format",
+        "gguf",
+        &s(&bundle),
+        "--output",
+        &s(&gguf),
+        "--json",
+    ]));
+    assert_eq!(report["file_type"], "Q4_0");
+    let tensors = report["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 272);
+    assert!(
+        tensors.iter().all(|t| t["encoding"] == "exact"),
+        "every tensor lossless"
+    );
+
+    // The gguf Python package reads what oqt wrote, tensor for tensor.
+    let py = gguf_py_dump(&gguf);
+    let ours = GgufFile::open(&gguf).unwrap();
+    assert_eq!(py["tensors"].as_array().unwrap().len(), ours.tensors.len());
+    for t in py["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let info = ours
+            .tensor_info(name)
+            .unwrap_or_else(|| panic!("{name} missing in oqt's reading"));
+        assert_eq!(t["type"], info.ty.name(), "{name}");
+        let dims: Vec<u64> = t["dims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
+        assert_eq!(dims, info.dims, "{name}");
+        assert_eq!(t["sha256"], sha256_hex(ours.tensor_bytes(info)), "{name} bytes");
+        let values: Vec<u8> = ours.dequantize(info).iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            t["values_sha256"],
+            sha256_hex(&values),
+            "{name} dequantized by gguf-py vs oqt"
+        );
+    }
+    let meta = &py["metadata"];
+    assert_eq!(meta["general.architecture"]["value"], "llama");
+    assert_eq!(meta["llama.block_count"]["value"], 30);
+    assert_eq!(meta["llama.attention.head_count_kv"]["value"], 3);
+    assert_eq!(meta["tokenizer.ggml.pre"]["value"], "smollm");
+    assert_eq!(meta["tokenizer.ggml.tokens"]["value"].as_array().unwrap().len(), 49152);
+    assert_eq!(meta["general.file_type"]["value"], 2);
+
+    // Re-imported, the weights are the bundle's dequantized weights bit for bit.
+    let reimported = oqt_core::load_model(&gguf).unwrap();
+    let original = oqt_core::bundle::Bundle::open(&bundle)
+        .unwrap()
+        .dequantized_weights()
+        .unwrap();
+    for name in original.names() {
+        let (a, b) = (original.get(name).unwrap(), reimported.weights.get(name).unwrap());
+        assert_eq!(a.shape, b.shape, "{name}");
+        assert!(
+            a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} changed on the way through GGUF"
+        );
+    }
+
+    // The runtime scores the GGUF exactly as the bundle; both match the simulation.
+    let ppl = |args: &[&str]| -> f64 {
+        let mut all = vec!["eval", "--max-chunks", "2", "--json"];
+        all.extend_from_slice(args);
+        json_of(oqt().args(&all))["perplexity"].as_f64().unwrap()
+    };
+    let (on_gguf, on_bundle) = (ppl(&["--bundle", &s(&gguf)]), ppl(&["--bundle", &s(&bundle)]));
+    let simulated = ppl(&["--bundle", &s(&bundle), "--simulate"]);
+    assert_eq!(on_gguf, on_bundle);
+    assert!(
+        (on_gguf - simulated).abs() / simulated < 1e-3,
+        "runtime {on_gguf} vs simulation {simulated}"
+    );
+
+    // GGUF → HF (f32) → GGUF at Q4_0: the same tensors, byte for byte.
+    let hf = p("q4-hf");
+    oqt()
+        .args(["export", "--format", "hf", &s(&gguf), "--output", &s(&hf)])
+        .assert()
+        .success();
+    let again = p("again.gguf");
+    oqt()
+        .args([
+            "export",
+            "--format",
+            "gguf",
+            &s(&hf),
+            "--type",
+            "q4_0",
+            "--output",
+            &s(&again),
+        ])
+        .assert()
+        .success();
+    let again = GgufFile::open(&again).unwrap();
+    for info in &ours.tensors {
+        let other = again.tensor_info(&info.name).unwrap();
+        assert_eq!(other.ty, info.ty, "{}", info.name);
+        assert!(
+            again.tensor_bytes(other) == ours.tensor_bytes(info),
+            "{} differs after GGUF → HF → GGUF",
+            info.name
+        );
+    }
+}
+
+#[test]
+fn gguf_export_refuses_what_gguf_cannot_hold_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("w4a16.oqt");
+    oqt()
+        .args(["quantize", "--recipe", "w4a16", "smollm2-135m", "--no-eval", "--output"])
+        .arg(&bundle)
+        .assert()
+        .success();
+    let out = dir.path().join("out.gguf");
+    // oqt's w4a16 grids (per-channel 8-bit embedding, f32 group scales) are not ggml's.
+    oqt()
+        .args(["export", "--format", "gguf"])
+        .arg(&bundle)
+        .arg("--output")
+        .arg(&out)
+        .assert()
+        .failure()
+        .stderr(
+            contains("token_embd.weight` cannot be written as Q8_0 without changing it").and(contains("gguf-q4_0")),
+        );
+    assert!(!out.exists(), "a failed export leaves no file");
+    // Re-rounding is possible when asked for, and reported.
+    let v = json_of(
+        oqt()
+            .args(["export", "--format", "gguf", "--allow-requantize", "--json"])
+            .arg(&bundle)
+            .arg("--output")
+            .arg(&out),
+    );
+    assert!(
+        v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["encoding"] == "requantized")
+    );
+    oqt()
+        .args([
+            "export",
+            "--format",
+            "gguf",
+            "smollm2-135m",
+            "--type",
+            "q5_k",
+            "--output",
+        ])
+        .arg(dir.path().join("x.gguf"))
+        .assert()
+        .failure()
+        .stderr(contains("unknown GGUF tensor type `q5_k`").and(contains("q4_0")));
+    // q/k/v biases (Qwen2-style) are not the llama architecture.
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf, write_tiny_hf_dir};
+    let mut cfg = tiny_config();
+    let tok_from = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&tok_from, &cfg, &random_weights(&cfg, 1)).unwrap();
+    cfg.attention_bias = true;
+    let hf = dir.path().join("biased");
+    write_tiny_hf_dir(&hf, &cfg, &random_weights(&cfg, 1), &tok_from).unwrap();
+    let cfg_path = hf.join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    c["attention_bias"] = Value::Bool(true);
+    std::fs::write(&cfg_path, c.to_string()).unwrap();
+    oqt()
+        .args(["export", "--format", "gguf"])
+        .arg(&hf)
+        .arg("--output")
+        .arg(dir.path().join("b.gguf"))
+        .assert()
+        .failure()
+        .stderr(contains("q/k/v biases"));
+}

@@ -45,6 +45,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Per-layer quantization sensitivity: the output error when only one layer is quantized.
     Sensitivity(cmd::sensitivity::SensitivityArgs),
+    /// Write a bundle or model as GGUF (llama.cpp) or a Hugging Face directory.
+    Export(cmd::export::ExportArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -79,6 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Sensitivity(a) => cmd::sensitivity::run(a),
+        Command::Export(a) => cmd::export::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -58,8 +58,24 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     }
 }
 
+/// Per-layer tensors: GGUF suffix (after `blk.N.`) and canonical suffix.
+const GGUF_LAYER_SUFFIXES: [(&str, &str); 12] = [
+    ("attn_norm.weight", names::ATTN_NORM),
+    ("ffn_norm.weight", names::MLP_NORM),
+    ("attn_q.weight", names::Q),
+    ("attn_k.weight", names::K),
+    ("attn_v.weight", names::V),
+    ("attn_output.weight", names::O),
+    ("attn_q.bias", names::Q_BIAS),
+    ("attn_k.bias", names::K_BIAS),
+    ("attn_v.bias", names::V_BIAS),
+    ("ffn_gate.weight", names::GATE),
+    ("ffn_up.weight", names::UP),
+    ("ffn_down.weight", names::DOWN),
+];
+
 /// GGUF tensor name → canonical name (None for tensors a Llama forward does not use).
-fn canonical_gguf_name(name: &str) -> Option<String> {
+pub fn canonical_gguf_name(name: &str) -> Option<String> {
     Some(match name {
         "token_embd.weight" => names::EMBED.into(),
         "output_norm.weight" => names::FINAL_NORM.into(),
@@ -68,22 +84,24 @@ fn canonical_gguf_name(name: &str) -> Option<String> {
             let rest = name.strip_prefix("blk.")?;
             let (idx, suffix) = rest.split_once('.')?;
             let i: usize = idx.parse().ok()?;
-            let s = match suffix {
-                "attn_norm.weight" => names::ATTN_NORM,
-                "ffn_norm.weight" => names::MLP_NORM,
-                "attn_q.weight" => names::Q,
-                "attn_k.weight" => names::K,
-                "attn_v.weight" => names::V,
-                "attn_output.weight" => names::O,
-                "attn_q.bias" => names::Q_BIAS,
-                "attn_k.bias" => names::K_BIAS,
-                "attn_v.bias" => names::V_BIAS,
-                "ffn_gate.weight" => names::GATE,
-                "ffn_up.weight" => names::UP,
-                "ffn_down.weight" => names::DOWN,
-                _ => return None,
-            };
+            let (_, s) = GGUF_LAYER_SUFFIXES.iter().find(|(g, _)| *g == suffix)?;
             names::layer(i, s)
+        }
+    })
+}
+
+/// Canonical name → llama.cpp's GGUF tensor name (the inverse of [`canonical_gguf_name`]).
+pub fn gguf_tensor_name(canonical: &str) -> Option<String> {
+    Some(match canonical {
+        names::EMBED => "token_embd.weight".into(),
+        names::FINAL_NORM => "output_norm.weight".into(),
+        names::LM_HEAD => "output.weight".into(),
+        _ => {
+            let rest = canonical.strip_prefix("model.layers.")?;
+            let (idx, suffix) = rest.split_once('.')?;
+            let i: usize = idx.parse().ok()?;
+            let (g, _) = GGUF_LAYER_SUFFIXES.iter().find(|(_, c)| *c == suffix)?;
+            format!("blk.{i}.{g}")
         }
     })
 }

@@ -1,9 +1,11 @@
-//! The Llama-family forward pass over a bundle.
+//! The Llama-family forward pass over a bundle (or a GGUF file's Q4_0/Q8_0 blocks).
 
 use crate::linear::Linear;
 use crate::reference::{dot_f64, rms_norm, silu_mul, softmax};
 use oqt_core::bundle::{Bundle, TensorEntry};
-use oqt_core::quant::{ActMode, ActSite, SiteGrids, dequantize_weight};
+use oqt_core::gguf::GgufFile;
+use oqt_core::gguf::encode::decode_quantized;
+use oqt_core::quant::{ActMode, ActSite, QuantizedWeight, SiteGrids, dequantize_weight};
 use oqt_core::scoring::{CausalLm, WindowScores, log_softmax_row};
 use oqt_core::weights::names;
 use oqt_core::{CoreError, LlamaConfig, Result, Tokenizer};
@@ -66,11 +68,27 @@ impl KvCache {
     }
 }
 
+/// A weight as a source provides it.
+enum SourceWeight {
+    Quantized(QuantizedWeight),
+    /// Row-major values and shape.
+    F32(Vec<f32>, Vec<usize>),
+}
+
+/// What the builder needs from a file: config, tokenizer, activation mode,
+/// grids, and each tensor by canonical name.
+struct Parts<'a> {
+    config: LlamaConfig,
+    tokenizer: Tokenizer,
+    acts: ActMode,
+    grids: Option<SiteGrids>,
+    tensor: Box<dyn Fn(&str) -> Result<Option<SourceWeight>> + 'a>,
+    path: std::path::PathBuf,
+}
+
 impl RuntimeModel {
     pub fn load(bundle: &Bundle) -> Result<Self> {
         let m = &bundle.manifest;
-        let cfg = m.config.clone();
-        let acts = m.recipe.as_ref().map_or(ActMode::None, |r| r.spec.activations.mode);
         if m.recipe.as_ref().is_some_and(|r| r.spec.kv_cache.is_some()) {
             return Err(CoreError::Unsupported {
                 path: bundle.path.clone(),
@@ -78,29 +96,109 @@ impl RuntimeModel {
                 detail: "a quantized KV cache is not run by the runtime yet".into(),
             });
         }
-        let grids = bundle.site_grids()?;
+        Self::build(Parts {
+            config: m.config.clone(),
+            tokenizer: bundle.tokenizer()?,
+            acts: m.recipe.as_ref().map_or(ActMode::None, |r| r.spec.activations.mode),
+            grids: bundle.site_grids()?,
+            tensor: Box::new(|name| {
+                Ok(match m.tensors.get(name) {
+                    Some(TensorEntry::Quantized { .. }) => Some(SourceWeight::Quantized(bundle.quantized(name)?)),
+                    Some(TensorEntry::F32 { shape }) => {
+                        Some(SourceWeight::F32(bundle.f32_tensor(name)?, shape.clone()))
+                    }
+                    None => None,
+                })
+            }),
+            path: bundle.path.clone(),
+        })
+    }
+
+    /// Run a GGUF file as llama.cpp's CPU backend does: Q4_0 / Q8_0 weights on the
+    /// integer kernels with their inputs quantized to Q8_0 blocks; every other
+    /// type dequantized to f32 with float inputs.
+    pub fn from_gguf(path: &std::path::Path) -> Result<Self> {
+        let g = GgufFile::open(path)?;
+        let loaded = oqt_core::load::load_gguf(path)?;
+        let cfg = loaded.config.clone();
+        let mut by_canonical = std::collections::HashMap::new();
+        for info in &g.tensors {
+            if let Some(c) = oqt_core::load::canonical_gguf_name(&info.name) {
+                by_canonical.insert(c, info);
+            }
+        }
+        let weights = loaded.weights;
+        let (g, cfg2) = (&g, cfg.clone());
+        Self::build(Parts {
+            config: cfg,
+            tokenizer: loaded.tokenizer,
+            acts: ActMode::LlamaCppQ8_0,
+            grids: None,
+            tensor: Box::new(move |name| {
+                let Some(info) = by_canonical.get(name) else {
+                    return Ok(None);
+                };
+                let shape = info.shape();
+                if shape.len() == 2
+                    && let Some(qw) = decode_quantized(g.tensor_bytes(info), info.ty, shape[0], shape[1])
+                {
+                    // Back from llama.cpp's rotary row order to the canonical one.
+                    let heads = if name.ends_with(names::Q) {
+                        Some(cfg2.num_heads)
+                    } else if name.ends_with(names::K) {
+                        Some(cfg2.num_kv_heads)
+                    } else {
+                        None
+                    };
+                    let qw = match heads {
+                        Some(h) => unpermute_quantized_rows(&qw, h),
+                        None => qw,
+                    };
+                    return Ok(Some(SourceWeight::Quantized(qw)));
+                }
+                let t = weights.get(name).expect("loaded with the file");
+                Ok(Some(SourceWeight::F32(t.data.clone(), t.shape.clone())))
+            }),
+            path: path.into(),
+        })
+    }
+
+    fn build(parts: Parts<'_>) -> Result<Self> {
+        let Parts {
+            config: cfg,
+            tokenizer,
+            acts,
+            grids,
+            tensor,
+            path,
+        } = parts;
         let grid = |layer: usize, site: ActSite| grids.as_ref().map(|g| g.get(layer, site));
+        let missing = |name: &str| CoreError::Missing {
+            path: path.clone(),
+            what: "tensor",
+            name: name.into(),
+        };
         let mut weight_bytes = 0usize;
         let mut linear = |name: &str, input: ActSite, layer: usize| -> Result<Linear> {
-            match m.tensors.get(name) {
-                Some(TensorEntry::Quantized { .. }) => {
-                    let qw = bundle.quantized(name)?;
+            match tensor(name)? {
+                Some(SourceWeight::Quantized(qw)) => {
                     weight_bytes += qw.q.len() * qw.spec.bits as usize / 8 + qw.scales.len() * 4;
                     Ok(Linear::from_quantized(&qw, acts, grid(layer, input)))
                 }
-                Some(TensorEntry::F32 { shape }) => {
-                    let w = bundle.f32_tensor(name)?;
+                Some(SourceWeight::F32(w, shape)) => {
                     weight_bytes += w.len() * 4;
                     Ok(Linear::float(w, shape[0], shape[1]))
                 }
-                None => Err(CoreError::Missing {
-                    path: bundle.path.clone(),
-                    what: "tensor",
-                    name: name.into(),
-                }),
+                None => Err(missing(name)),
             }
         };
-        let f32s = |name: &str| bundle.f32_tensor(name);
+        let f32s = |name: &str| -> Result<Vec<f32>> {
+            match tensor(name)? {
+                Some(SourceWeight::F32(w, _)) => Ok(w),
+                Some(SourceWeight::Quantized(qw)) => Ok(dequantize_weight(&qw)),
+                None => Err(missing(name)),
+            }
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let l = |s: &str| names::layer(i, s);
@@ -128,11 +226,7 @@ impl RuntimeModel {
         }
         // The embedding is looked up row by row in f32 (a gather, not a matmul); when
         // the head is tied, the same weights also serve as the head through the kernels.
-        let embed_entry = m.tensors.get(names::EMBED).cloned();
-        let embed_f32 = match &embed_entry {
-            Some(TensorEntry::Quantized { .. }) => Some(dequantize_weight(&bundle.quantized(names::EMBED)?)),
-            _ => Some(f32s(names::EMBED)?),
-        };
+        let embed_f32 = Some(f32s(names::EMBED)?);
         let embed = linear(names::EMBED, ActSite::FinalIn, 0)?;
         let head = if cfg.tie_word_embeddings {
             None
@@ -141,7 +235,7 @@ impl RuntimeModel {
         };
         Ok(Self {
             rope_inv_freq: cfg.rope_inv_freq(),
-            tokenizer: bundle.tokenizer()?,
+            tokenizer,
             isa: Isa::detect(),
             embed,
             embed_f32,
@@ -311,4 +405,25 @@ impl CausalLm for RuntimeModel {
             .map(log_softmax_row)
             .collect())
     }
+}
+
+/// Rows of a Q/K projection from llama.cpp's rotary order back to the canonical
+/// (rotate-half) order, scales moving with their rows.
+fn unpermute_quantized_rows(qw: &QuantizedWeight, n_heads: usize) -> QuantizedWeight {
+    let hd = qw.rows / n_heads;
+    let half = hd / 2;
+    let per_row = qw.scales.len() / qw.rows;
+    let mut out = qw.clone();
+    for h in 0..n_heads {
+        for a in 0..2 {
+            for b in 0..half {
+                let (canonical, gguf) = (h * hd + a * half + b, h * hd + b * 2 + a);
+                out.q[canonical * qw.cols..(canonical + 1) * qw.cols]
+                    .copy_from_slice(&qw.q[gguf * qw.cols..(gguf + 1) * qw.cols]);
+                out.scales[canonical * per_row..(canonical + 1) * per_row]
+                    .copy_from_slice(&qw.scales[gguf * per_row..(gguf + 1) * per_row]);
+            }
+        }
+    }
+    out
 }

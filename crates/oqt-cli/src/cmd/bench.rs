@@ -14,7 +14,7 @@ pub struct BenchArgs {
     /// Model alias, GGUF file, HF directory or hub id (run in f32 on Burn).
     #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
     pub model: Option<String>,
-    /// An oqt bundle, run by the integer runtime.
+    /// An oqt bundle or a GGUF file, run by the integer runtime.
     #[arg(long)]
     pub bundle: Option<std::path::PathBuf>,
     /// Prompt length in tokens (prefill); taken from Tiny Shakespeare.

@@ -13,7 +13,8 @@ pub struct EvalArgs {
     /// check it lists; exit non-zero when any result regresses beyond its tolerance.
     #[arg(long, conflicts_with = "bundle")]
     pub recipe: Option<std::path::PathBuf>,
-    /// An oqt bundle, run by the integer runtime instead.
+    /// An oqt bundle — or a GGUF file (Q4_0/Q8_0 on the integer kernels, as
+    /// llama.cpp's CPU backend computes them) — run by the integer runtime instead.
     #[arg(long)]
     pub bundle: Option<std::path::PathBuf>,
     /// With --bundle: run the bundle's fake-quantized simulation on Burn instead
@@ -47,25 +48,25 @@ struct Scorer {
 
 fn scorer(a: &EvalArgs) -> anyhow::Result<Scorer> {
     if let Some(b) = &a.bundle {
-        let bundle = oqt_core::bundle::Bundle::open(b)?;
-        if a.simulate {
-            let device = oqt_model::select_device(a.device.device, false)?;
-            let sim = oqt_model::SimulatedModel::from_bundle(&bundle, &device)?;
+        if !a.simulate {
+            let (rt, name) = super::load_runtime(b)?;
             return Ok(Scorer {
-                tokenizer: bundle.tokenizer()?,
-                name: bundle.manifest.model_name.clone(),
+                tokenizer: rt.tokenizer.clone(),
+                name,
                 path: b.display().to_string(),
-                engine: "burn-fake-quant",
-                lm: Box::new(sim),
+                engine: "runtime",
+                lm: Box::new(rt),
             });
         }
-        let rt = oqt_runtime::RuntimeModel::load(&bundle)?;
+        let bundle = oqt_core::bundle::Bundle::open(b)?;
+        let device = oqt_model::select_device(a.device.device, false)?;
+        let sim = oqt_model::SimulatedModel::from_bundle(&bundle, &device)?;
         return Ok(Scorer {
-            tokenizer: rt.tokenizer.clone(),
+            tokenizer: bundle.tokenizer()?,
             name: bundle.manifest.model_name.clone(),
             path: b.display().to_string(),
-            engine: "runtime",
-            lm: Box::new(rt),
+            engine: "burn-fake-quant",
+            lm: Box::new(sim),
         });
     }
     let spec = a.model.as_deref().expect("clap requires a model or --bundle");

@@ -10,7 +10,7 @@ pub struct GenerateArgs {
     /// Model alias, GGUF file, HF directory or hub id (run in f32 on Burn).
     #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
     pub model: Option<String>,
-    /// An oqt bundle, run by the integer runtime instead.
+    /// An oqt bundle or a GGUF file, run by the integer runtime instead.
     #[arg(long)]
     pub bundle: Option<std::path::PathBuf>,
     /// The user's message (or the raw text with --raw).

@@ -17,11 +17,6 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-/// Whether `path` is an oqt bundle (a safetensors file carrying the oqt manifest).
-fn is_bundle(path: &std::path::Path) -> bool {
-    path.is_file() && oqt_core::load::detect_format(path).is_err()
-}
-
 fn inspect_bundle(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
     use oqt_core::bundle::{Bundle, TensorEntry};
     let b = Bundle::open(path)?;
@@ -83,7 +78,7 @@ fn inspect_bundle(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     let r = oqt_hub::resolve_model(&a.model)?;
-    if is_bundle(&r.path) {
+    if super::is_bundle(&r.path) {
         return inspect_bundle(&r.path, a.json);
     }
     let s = oqt_core::inspect::inspect_model(&r.path).with_context(|| format!("inspecting {}", r.path.display()))?;

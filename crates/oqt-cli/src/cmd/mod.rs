@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod eval;
 pub mod eval_recipe;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
@@ -18,6 +19,28 @@ pub struct DeviceArgs {
     /// `cpu` (Burn Flex) or `wgpu` (needs a build with `--features wgpu` and a GPU or lavapipe).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
+}
+
+/// Whether `path` is an oqt bundle (a safetensors file carrying the oqt manifest).
+pub fn is_bundle(path: &std::path::Path) -> bool {
+    path.is_file() && oqt_core::load::detect_format(path).is_err()
+}
+
+/// The runtime on an oqt bundle, or on a GGUF file (its Q4_0/Q8_0 blocks run
+/// on the integer kernels with llama.cpp's Q8_0 activations); with the model's name.
+pub fn load_runtime(path: &std::path::Path) -> anyhow::Result<(oqt_runtime::RuntimeModel, String)> {
+    use anyhow::Context;
+    if matches!(oqt_core::load::detect_format(path), Ok(oqt_core::ModelFormat::Gguf)) {
+        let rt = oqt_runtime::RuntimeModel::from_gguf(path)
+            .with_context(|| format!("loading {} into the runtime", path.display()))?;
+        let name = oqt_core::gguf::GgufFile::open(path)?
+            .opt_str("general.name")?
+            .map_or_else(|| path.display().to_string(), str::to_string);
+        return Ok((rt, name));
+    }
+    let bundle = oqt_core::bundle::Bundle::open(path)?;
+    let rt = oqt_runtime::RuntimeModel::load(&bundle)?;
+    Ok((rt, bundle.manifest.model_name.clone()))
 }
 
 /// Resolve, fetch if needed, and load a model into float weights.
@@ -56,7 +79,7 @@ impl Engine {
     ) -> anyhow::Result<(oqt_core::Tokenizer, Self)> {
         match (bundle, model) {
             (Some(b), _) => {
-                let rt = oqt_runtime::RuntimeModel::load(&oqt_core::bundle::Bundle::open(b)?)?;
+                let (rt, _) = load_runtime(b)?;
                 Ok((rt.tokenizer.clone(), Self::Runtime(Box::new(rt))))
             }
             (None, Some(m)) => {
