@@ -119,19 +119,20 @@ impl RuntimeModel {
     /// type dequantized to f32 with float inputs.
     pub fn from_gguf(path: &std::path::Path) -> Result<Self> {
         let g = GgufFile::open(path)?;
-        let loaded = oqt_core::load::load_gguf(path)?;
-        let cfg = loaded.config.clone();
+        let mut cfg = LlamaConfig::from_gguf(&g)?;
+        if let Some(info) = g.tensor_info("rope_freqs.weight") {
+            cfg.rope_freq_factors = Some(g.dequantize(info).into_iter().map(f64::from).collect());
+        }
         let mut by_canonical = std::collections::HashMap::new();
         for info in &g.tensors {
             if let Some(c) = oqt_core::load::canonical_gguf_name(&info.name) {
                 by_canonical.insert(c, info);
             }
         }
-        let weights = loaded.weights;
         let (g, cfg2) = (&g, cfg.clone());
         Self::build(Parts {
             config: cfg,
-            tokenizer: loaded.tokenizer,
+            tokenizer: Tokenizer::from_gguf(g)?,
             acts: ActMode::LlamaCppQ8_0,
             grids: None,
             tensor: Box::new(move |name| {
@@ -139,25 +140,28 @@ impl RuntimeModel {
                     return Ok(None);
                 };
                 let shape = info.shape();
+                // Back from llama.cpp's rotary row order to the canonical one.
+                let heads = if name.ends_with(names::Q) {
+                    Some(cfg2.num_heads)
+                } else if name.ends_with(names::K) {
+                    Some(cfg2.num_kv_heads)
+                } else {
+                    None
+                };
                 if shape.len() == 2
                     && let Some(qw) = decode_quantized(g.tensor_bytes(info), info.ty, shape[0], shape[1])
                 {
-                    // Back from llama.cpp's rotary row order to the canonical one.
-                    let heads = if name.ends_with(names::Q) {
-                        Some(cfg2.num_heads)
-                    } else if name.ends_with(names::K) {
-                        Some(cfg2.num_kv_heads)
-                    } else {
-                        None
-                    };
                     let qw = match heads {
                         Some(h) => unpermute_quantized_rows(&qw, h),
                         None => qw,
                     };
                     return Ok(Some(SourceWeight::Quantized(qw)));
                 }
-                let t = weights.get(name).expect("loaded with the file");
-                Ok(Some(SourceWeight::F32(t.data.clone(), t.shape.clone())))
+                let mut t = oqt_core::TensorF32::new(shape.clone(), g.dequantize(info));
+                if let Some(h) = heads {
+                    t = oqt_core::weights::unpermute_rotary_rows(&t, h);
+                }
+                Ok(Some(SourceWeight::F32(t.data, shape)))
             }),
             path: path.into(),
         })
