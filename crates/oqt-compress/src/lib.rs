@@ -7,6 +7,8 @@ pub mod gptq;
 pub mod inputs;
 pub mod mobilequant;
 pub mod ptq;
+pub mod qat_model;
 pub mod rtn;
 pub mod sensitivity;
 pub mod smoothing;
+pub mod zeroqat;

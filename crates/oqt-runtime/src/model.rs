@@ -75,6 +75,9 @@ enum SourceWeight {
     F32(Vec<f32>, Vec<usize>),
 }
 
+/// A tensor by canonical name (`None` when the file has none).
+type TensorLookup<'a> = Box<dyn Fn(&str) -> Result<Option<SourceWeight>> + 'a>;
+
 /// What the builder needs from a file: config, tokenizer, activation mode,
 /// grids, and each tensor by canonical name.
 struct Parts<'a> {
@@ -82,7 +85,7 @@ struct Parts<'a> {
     tokenizer: Tokenizer,
     acts: ActMode,
     grids: Option<SiteGrids>,
-    tensor: Box<dyn Fn(&str) -> Result<Option<SourceWeight>> + 'a>,
+    tensor: TensorLookup<'a>,
     path: std::path::PathBuf,
 }
 
