@@ -7,6 +7,7 @@ pub mod gptq;
 pub mod inputs;
 pub mod mobilequant;
 pub mod ptq;
+pub mod qat;
 pub mod qat_model;
 pub mod rtn;
 pub mod sensitivity;

@@ -21,7 +21,7 @@ use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use oqt_core::quant::{ActMode, QuantSpec};
-use oqt_core::weights::names;
+use oqt_core::weights::{ModelWeights, TensorF32, names};
 use oqt_core::{CoreError, Result};
 use oqt_model::fake_quant::{fake_quant_dynamic_rows, fake_quant_q8_0_blocks, fake_quant_weight};
 use oqt_model::hooks::{ForwardHooks, Proj};
@@ -160,6 +160,59 @@ impl QatModel {
             .try_into_vec::<f32>()
             .map_err(|e| CoreError::Other(format!("reading the loss: {e:?}")))?;
         Ok(v[0])
+    }
+
+    /// Names of the trainable tensors, in [`ZoTrainable`] order (canonical names).
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .map(|&t| match t {
+                Target::Linear(l, p) => p.weight_name(l),
+                Target::AttnNorm(l) => names::layer(l, names::ATTN_NORM),
+                Target::MlpNorm(l) => names::layer(l, names::MLP_NORM),
+                Target::FinalNorm => names::FINAL_NORM.to_string(),
+            })
+            .collect()
+    }
+
+    /// Tensor `i` as it stands (Burn layout, flattened).
+    pub fn tensor_values(&self, i: usize) -> Vec<f32> {
+        self.values_of(self.targets[i])
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 parameters")
+    }
+
+    /// Replace tensor `i` (checkpoint restore): `θ_i ← values`.
+    pub fn set_tensor(&mut self, i: usize, values: &[f32]) {
+        self.update(i, 0.0, 1.0, values);
+    }
+
+    /// The model's current float weights in canonical layout, starting from `base`
+    /// (untrained tensors such as the embedding are taken from it).
+    pub fn float_weights(&self, base: &ModelWeights) -> ModelWeights {
+        let mut out = base.clone();
+        for (i, (t, name)) in self.targets.iter().zip(self.tensor_names()).enumerate() {
+            let values = self.tensor_values(i);
+            let tensor = match *t {
+                Target::Linear(l, p) => {
+                    // Burn keeps [in, out]; canonical is [out, in].
+                    let [d_in, d_out] = linear_of(&self.llama, l, p).weight.dims();
+                    let mut rows = vec![0f32; values.len()];
+                    for r in 0..d_in {
+                        for c in 0..d_out {
+                            rows[c * d_in + r] = values[r * d_out + c];
+                        }
+                    }
+                    TensorF32::new(vec![d_out, d_in], rows)
+                }
+                _ => TensorF32::new(vec![values.len()], values),
+            };
+            let source = base.source_type(&name).unwrap_or("f32").to_string();
+            out.insert(name, tensor, source);
+        }
+        out
     }
 
     fn values_of(&self, t: Target) -> Tensor<1> {

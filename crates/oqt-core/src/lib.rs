@@ -15,6 +15,7 @@ pub mod quant;
 pub mod sampling;
 pub mod scoring;
 pub mod sys;
+pub mod tensorboard;
 pub mod testing;
 pub mod tokenizer;
 pub mod tokenizer_gguf;

@@ -1,0 +1,389 @@
+//! The zeroth-order QAT run: batches drawn deterministically from the training
+//! tokens, SPSA steps ([`crate::zeroqat`]) on a [`QatModel`], held-out
+//! evaluation every N steps, checkpoints every N steps (and on interruption)
+//! from which a resumed run continues bit-identically — the batches, like the
+//! SPSA directions, are functions of `(seed, step)`.
+
+use crate::qat_model::{QatModel, Trainable};
+use crate::zeroqat::{SpsaConfig, SpsaStep, ZoTrainable, spsa_step};
+use oqt_core::{CoreError, Result};
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QatOptions {
+    pub spsa: SpsaConfig,
+    pub steps: u64,
+    /// Windows per step.
+    pub batch: usize,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Evaluate held-out perplexity every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Held-out windows per evaluation.
+    pub eval_windows: usize,
+    /// Save a checkpoint every N steps (0: only at the end or on interruption).
+    pub checkpoint_every: u64,
+    pub trainable: Trainable,
+}
+
+/// Training tokens and the held-out tail used for evaluation.
+pub struct TrainTokens {
+    pub train: Vec<u32>,
+    pub held_out: Vec<u32>,
+}
+
+impl TrainTokens {
+    /// The last `held_out_fraction` of `tokens` is held out.
+    pub fn split(tokens: Vec<u32>, held_out_fraction: f64) -> Self {
+        let cut = tokens.len() - (tokens.len() as f64 * held_out_fraction) as usize;
+        let mut train = tokens;
+        let held_out = train.split_off(cut);
+        Self { train, held_out }
+    }
+}
+
+/// The windows of `step`: `batch` random offsets into `tokens`, from `(seed, step)`.
+pub fn batch_windows(tokens: &[u32], seed: u64, step: u64, batch: usize, seq_len: usize) -> Vec<Vec<u32>> {
+    let span = tokens.len().saturating_sub(seq_len).max(1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_BA7C ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    (0..batch)
+        .map(|_| {
+            let at = rng.random_range(0..span);
+            tokens[at..(at + seq_len).min(tokens.len())].to_vec()
+        })
+        .collect()
+}
+
+/// Perplexity of `model` on the first `windows` non-overlapping windows of `tokens`.
+pub fn held_out_perplexity(
+    model: &QatModel,
+    tokens: &[u32],
+    seq_len: usize,
+    windows: usize,
+    batch: usize,
+) -> Result<f64> {
+    let all: Vec<Vec<u32>> = tokens
+        .chunks_exact(seq_len)
+        .take(windows)
+        .map(<[u32]>::to_vec)
+        .collect();
+    if all.is_empty() {
+        return Err(CoreError::Other(format!(
+            "held-out text has {} tokens, fewer than one window of {seq_len}",
+            tokens.len()
+        )));
+    }
+    let mut total = 0f64;
+    for chunk in all.chunks(batch.max(1)) {
+        total += model.loss(chunk)? as f64 * chunk.len() as f64;
+    }
+    Ok((total / all.len() as f64).exp())
+}
+
+/// What a run reports as it goes.
+pub trait QatObserver {
+    fn on_step(&mut self, step: &SpsaStep, tokens_per_s: f64);
+    fn on_eval(&mut self, step: u64, held_out_ppl: f64);
+    fn on_checkpoint(&mut self, step: u64, dir: &Path);
+    /// Stop at the next step boundary (Ctrl-C), saving a checkpoint.
+    fn interrupted(&self) -> bool;
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QatOutcome {
+    /// Steps completed (the next step to run).
+    pub next_step: u64,
+    pub interrupted: bool,
+    pub steps: Vec<SpsaStep>,
+    /// `(step, held-out perplexity)`.
+    pub evals: Vec<(u64, f64)>,
+}
+
+/// Checkpoint: the trainable tensors and the next step, plus the options they
+/// were trained with (a resume must use the same ones to be bit-identical).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub next_step: u64,
+    pub options: QatOptions,
+    /// Recipe name and model the run started from, for the resumer to check.
+    pub recipe: String,
+    pub start: String,
+}
+
+const STATE_FILE: &str = "state.json";
+const TENSORS_FILE: &str = "tensors.safetensors";
+
+/// Write `state` and `model`'s trainable tensors to `dir`, replacing it atomically
+/// (written beside it, then renamed).
+pub fn save_checkpoint(dir: &Path, state: &CheckpointState, model: &QatModel) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".oqt-ckpt-")
+        .tempdir_in(parent)
+        .map_err(|e| CoreError::io(parent, e))?;
+    let names = model.tensor_names();
+    let data: Vec<Vec<u8>> = (0..names.len())
+        .map(|i| model.tensor_values(i).iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = names
+        .iter()
+        .zip(&data)
+        .map(|(n, b)| {
+            TensorView::new(Dtype::F32, vec![b.len() / 4], b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| CoreError::Other(format!("checkpoint tensor `{n}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tensors = tmp.path().join(TENSORS_FILE);
+    safetensors::serialize_to_file(views, None, &tensors)
+        .map_err(|e| CoreError::Other(format!("{}: {e}", tensors.display())))?;
+    let state_path = tmp.path().join(STATE_FILE);
+    std::fs::write(&state_path, serde_json::to_string_pretty(state).expect("serializable"))
+        .map_err(|e| CoreError::io(&state_path, e))?;
+    let kept = tmp.keep();
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+    }
+    std::fs::rename(&kept, dir).map_err(|e| CoreError::io(dir, e))
+}
+
+/// Read a checkpoint's state (to rebuild the run) without its tensors.
+pub fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).map_err(|e| CoreError::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| CoreError::Malformed {
+        path: p,
+        format: "checkpoint state",
+        reason: e.to_string(),
+    })
+}
+
+/// Put a checkpoint's tensors into `model` (same trainable set required).
+pub fn restore_checkpoint(dir: &Path, model: &mut QatModel) -> Result<()> {
+    let p = dir.join(TENSORS_FILE);
+    let bytes = std::fs::read(&p).map_err(|e| CoreError::io(&p, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| CoreError::Malformed {
+        path: p.clone(),
+        format: "safetensors",
+        reason: e.to_string(),
+    })?;
+    let sizes = model.tensor_sizes();
+    for (i, name) in model.tensor_names().into_iter().enumerate() {
+        let t = st.tensor(&name).map_err(|_| CoreError::Missing {
+            path: p.clone(),
+            what: "checkpoint tensor",
+            name: name.clone(),
+        })?;
+        let values: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if values.len() != sizes[i] {
+            return Err(CoreError::BadField {
+                path: p.clone(),
+                field: name,
+                expected: format!("{} values", sizes[i]),
+                found: values.len().to_string(),
+            });
+        }
+        model.set_tensor(i, &values);
+    }
+    Ok(())
+}
+
+/// Run steps `start_step..opts.steps`; checkpoints go to `checkpoint` (if any).
+pub fn train_zeroth_order(
+    model: &mut QatModel,
+    data: &TrainTokens,
+    opts: &QatOptions,
+    start_step: u64,
+    checkpoint: Option<(&Path, &CheckpointState)>,
+    obs: &mut dyn QatObserver,
+) -> Result<QatOutcome> {
+    if data.train.len() < opts.seq_len + 1 {
+        return Err(CoreError::Other(format!(
+            "training text has {} tokens, fewer than one window of {}",
+            data.train.len(),
+            opts.seq_len
+        )));
+    }
+    let mut out = QatOutcome {
+        next_step: start_step,
+        interrupted: false,
+        steps: Vec::new(),
+        evals: Vec::new(),
+    };
+    let save = |model: &QatModel, next: u64, obs: &mut dyn QatObserver| -> Result<()> {
+        if let Some((dir, state)) = checkpoint {
+            let state = CheckpointState {
+                next_step: next,
+                ..state.clone()
+            };
+            save_checkpoint(dir, &state, model)?;
+            obs.on_checkpoint(next, dir);
+        }
+        Ok(())
+    };
+    let eval =
+        |model: &QatModel| held_out_perplexity(model, &data.held_out, opts.seq_len, opts.eval_windows, opts.batch);
+    if start_step == 0 && opts.eval_every > 0 {
+        let ppl = eval(model)?;
+        obs.on_eval(0, ppl);
+        out.evals.push((0, ppl));
+    }
+    for step in start_step..opts.steps {
+        if obs.interrupted() {
+            out.interrupted = true;
+            save(model, step, obs)?;
+            return Ok(out);
+        }
+        let windows = batch_windows(&data.train, opts.spsa.seed, step, opts.batch, opts.seq_len);
+        let t0 = std::time::Instant::now();
+        let s = spsa_step(model, &opts.spsa, step, opts.steps, &mut |m: &QatModel| {
+            m.loss(&windows)
+        })?;
+        // Two forward passes per probe.
+        let tokens = (2 * opts.spsa.n_spsa.max(1) as usize * opts.batch * opts.seq_len) as f64;
+        obs.on_step(&s, tokens / t0.elapsed().as_secs_f64());
+        out.steps.push(s);
+        out.next_step = step + 1;
+        if opts.eval_every > 0 && out.next_step.is_multiple_of(opts.eval_every) {
+            let ppl = eval(model)?;
+            obs.on_eval(out.next_step, ppl);
+            out.evals.push((out.next_step, ppl));
+        }
+        if opts.checkpoint_every > 0 && out.next_step.is_multiple_of(opts.checkpoint_every) {
+            save(model, out.next_step, obs)?;
+        }
+    }
+    if !out.evals.last().is_some_and(|(s, _)| *s == out.next_step) {
+        let ppl = eval(model)?;
+        obs.on_eval(out.next_step, ppl);
+        out.evals.push((out.next_step, ppl));
+    }
+    save(model, out.next_step, obs)?;
+    Ok(out)
+}
+
+/// Where checkpoints go by default: beside the output bundle.
+pub fn default_checkpoint_dir(output: &Path) -> PathBuf {
+    output.with_extension("ckpt")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+    use oqt_core::quant::builtin_recipe;
+    use oqt_core::testing::{random_weights, tiny_config};
+
+    fn model() -> QatModel {
+        let cfg = tiny_config();
+        let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &Device::flex());
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        QatModel::new(llama, spec, Trainable::Full).unwrap()
+    }
+
+    struct Quiet {
+        stop_at: Option<u64>,
+        seen: u64,
+    }
+    impl QatObserver for Quiet {
+        fn on_step(&mut self, s: &SpsaStep, _: f64) {
+            self.seen = s.step + 1;
+        }
+        fn on_eval(&mut self, _: u64, _: f64) {}
+        fn on_checkpoint(&mut self, _: u64, _: &Path) {}
+        fn interrupted(&self) -> bool {
+            self.stop_at.is_some_and(|s| self.seen >= s)
+        }
+    }
+
+    fn options() -> QatOptions {
+        QatOptions {
+            spsa: SpsaConfig {
+                eps: 1e-2,
+                lr: 1e-3,
+                grad_clip: 20.0,
+                seed: 9,
+                ..Default::default()
+            },
+            steps: 8,
+            batch: 2,
+            seq_len: 16,
+            eval_every: 4,
+            eval_windows: 2,
+            checkpoint_every: 3,
+            trainable: Trainable::Full,
+        }
+    }
+
+    fn tokens() -> TrainTokens {
+        TrainTokens::split((0..400u32).map(|i| (i * 37 % 250) + 3).collect(), 0.2)
+    }
+
+    /// The resume contract, on a synthetic model: interrupt (as Ctrl-C
+    /// does), resume from the checkpoint, end on the uninterrupted run's weights.
+    #[test]
+    fn an_interrupted_and_resumed_run_ends_on_the_same_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let (opts, data) = (options(), tokens());
+        let state = CheckpointState {
+            next_step: 0,
+            options: opts.clone(),
+            recipe: "w4a8-dyn".into(),
+            start: "tiny".into(),
+        };
+        let mut straight = model();
+        let mut quiet = Quiet { stop_at: None, seen: 0 };
+        train_zeroth_order(&mut straight, &data, &opts, 0, None, &mut quiet).unwrap();
+
+        let ckpt = dir.path().join("run.ckpt");
+        let mut first = model();
+        let mut stopper = Quiet {
+            stop_at: Some(5),
+            seen: 0,
+        };
+        let o = train_zeroth_order(&mut first, &data, &opts, 0, Some((&ckpt, &state)), &mut stopper).unwrap();
+        assert!(o.interrupted && o.next_step == 5);
+        drop(first);
+
+        let saved = read_checkpoint_state(&ckpt).unwrap();
+        assert_eq!(saved.next_step, 5);
+        let mut resumed = model();
+        restore_checkpoint(&ckpt, &mut resumed).unwrap();
+        let mut quiet = Quiet { stop_at: None, seen: 0 };
+        train_zeroth_order(
+            &mut resumed,
+            &data,
+            &saved.options,
+            saved.next_step,
+            Some((&ckpt, &state)),
+            &mut quiet,
+        )
+        .unwrap();
+        for i in 0..straight.tensor_sizes().len() {
+            let (a, b) = (straight.tensor_values(i), resumed.tensor_values(i));
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "tensor {i} differs after resume"
+            );
+        }
+    }
+
+    #[test]
+    fn batches_are_a_function_of_seed_and_step() {
+        let t: Vec<u32> = (0..100).collect();
+        assert_eq!(batch_windows(&t, 1, 7, 3, 10), batch_windows(&t, 1, 7, 3, 10));
+        assert_ne!(batch_windows(&t, 1, 7, 3, 10), batch_windows(&t, 1, 8, 3, 10));
+        assert!(batch_windows(&t, 1, 7, 3, 10).iter().all(|w| w.len() == 10));
+    }
+}
