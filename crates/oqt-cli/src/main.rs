@@ -47,6 +47,8 @@ enum Command {
     Sensitivity(cmd::sensitivity::SensitivityArgs),
     /// Write a bundle or model as GGUF (llama.cpp) or a Hugging Face directory.
     Export(cmd::export::ExportArgs),
+    /// Quantization-aware training; `--zeroth-order`: forward passes only (SPSA), at inference memory.
+    Qat(cmd::qat::QatArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -82,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Sensitivity(a) => cmd::sensitivity::run(a),
         Command::Export(a) => cmd::export::run(a),
+        Command::Qat(a) => cmd::qat::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

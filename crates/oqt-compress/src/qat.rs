@@ -264,7 +264,7 @@ pub fn train_zeroth_order(
             save(model, out.next_step, obs)?;
         }
     }
-    if !out.evals.last().is_some_and(|(s, _)| *s == out.next_step) {
+    if out.evals.last().is_none_or(|(s, _)| *s != out.next_step) {
         let ppl = eval(model)?;
         obs.on_eval(out.next_step, ppl);
         out.evals.push((out.next_step, ppl));

@@ -46,11 +46,17 @@ pub struct QatModel {
     pub llama: Llama,
     pub spec: QuantSpec,
     targets: Vec<Target>,
+    /// The head's weights on their grid, `[in, out]`: never trained, quantized once.
+    head: Tensor<2>,
+    /// Decoder linears already on their grid (lightweight runs freeze them so).
+    prequantized: bool,
 }
 
 struct QatHooks<'a> {
     llama: &'a Llama,
     spec: &'a QuantSpec,
+    head: &'a Tensor<2>,
+    prequantized: bool,
 }
 
 fn linear_of(llama: &Llama, layer: usize, proj: Proj) -> &burn::nn::Linear {
@@ -83,22 +89,20 @@ fn linear_of_mut(llama: &mut Llama, layer: usize, proj: Proj) -> &mut burn::nn::
 
 impl ForwardHooks for QatHooks<'_> {
     fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, _float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        let (w, name) = match proj {
-            Proj::Head => match &self.llama.lm_head {
-                Some(h) => (h.weight.val(), names::LM_HEAD.to_string()),
-                None => (
-                    self.llama.embed_tokens.weight.val().transpose(),
-                    names::EMBED.to_string(),
-                ),
-            },
-            p => (linear_of(self.llama, layer, p).weight.val(), p.weight_name(layer)),
-        };
         let x = match self.spec.activations.mode {
             ActMode::Dynamic => fake_quant_dynamic_rows(x),
             ActMode::LlamaCppQ8_0 => fake_quant_q8_0_blocks(x),
             ActMode::None | ActMode::Static => x,
         };
-        let w = fake_quant_weight(w, &self.spec.weights_for(&name), 1.0);
+        let w = match proj {
+            Proj::Head => self.head.clone(),
+            p if self.prequantized => linear_of(self.llama, layer, p).weight.val(),
+            p => fake_quant_weight(
+                linear_of(self.llama, layer, p).weight.val(),
+                &self.spec.weights_for(&p.weight_name(layer)),
+                1.0,
+            ),
+        };
         let [b, t, d_in] = x.dims();
         let d_out = w.dims()[1];
         x.reshape([b * t, d_in]).matmul(w).reshape([b, t, d_out])
@@ -130,7 +134,33 @@ impl QatModel {
             targets.push(Target::MlpNorm(l));
         }
         targets.push(Target::FinalNorm);
-        Ok(Self { llama, spec, targets })
+        let head = match &llama.lm_head {
+            Some(h) => fake_quant_weight(h.weight.val(), &spec.weights_for(names::LM_HEAD), 1.0),
+            None => fake_quant_weight(
+                llama.embed_tokens.weight.val().transpose(),
+                &spec.weights_for(names::EMBED),
+                1.0,
+            ),
+        };
+        let mut llama = llama;
+        let prequantized = trainable == Trainable::Lightweight;
+        if prequantized {
+            // Frozen weights go onto their grid once; the forward then skips their quantizers.
+            for l in 0..n {
+                for &p in Proj::PER_LAYER.iter() {
+                    let spec_w = spec.weights_for(&p.weight_name(l));
+                    let lin = linear_of_mut(&mut llama, l, p);
+                    lin.weight = Param::from_tensor(fake_quant_weight(lin.weight.val(), &spec_w, 1.0));
+                }
+            }
+        }
+        Ok(Self {
+            llama,
+            spec,
+            targets,
+            head,
+            prequantized,
+        })
     }
 
     /// Mean next-token cross-entropy over `windows` (equal lengths, one batch).
@@ -147,6 +177,8 @@ impl QatModel {
         let hooks = QatHooks {
             llama: &self.llama,
             spec: &self.spec,
+            head: &self.head,
+            prequantized: self.prequantized,
         };
         let hidden = self.llama.forward_hidden_with(tokens.clone(), None, &hooks);
         let d = hidden.dims()[2];
@@ -189,28 +221,52 @@ impl QatModel {
         self.update(i, 0.0, 1.0, values);
     }
 
-    /// The model's current float weights in canonical layout, starting from `base`
-    /// (untrained tensors such as the embedding are taken from it).
-    pub fn float_weights(&self, base: &ModelWeights) -> ModelWeights {
-        let mut out = base.clone();
-        for (i, (t, name)) in self.targets.iter().zip(self.tensor_names()).enumerate() {
-            let values = self.tensor_values(i);
-            let tensor = match *t {
-                Target::Linear(l, p) => {
-                    // Burn keeps [in, out]; canonical is [out, in].
-                    let [d_in, d_out] = linear_of(&self.llama, l, p).weight.dims();
-                    let mut rows = vec![0f32; values.len()];
-                    for r in 0..d_in {
-                        for c in 0..d_out {
-                            rows[c * d_in + r] = values[r * d_out + c];
-                        }
-                    }
-                    TensorF32::new(vec![d_out, d_in], rows)
-                }
-                _ => TensorF32::new(vec![values.len()], values),
-            };
-            let source = base.source_type(&name).unwrap_or("f32").to_string();
-            out.insert(name, tensor, source);
+    /// The model's weights in canonical layout (trainable tensors as trained;
+    /// everything else as loaded, or on its grid when pre-quantized), with the
+    /// storage types named in `source_types`.
+    pub fn float_weights(&self, source_types: &ModelWeights) -> ModelWeights {
+        fn read(t: Tensor<2>) -> (Vec<usize>, Vec<f32>) {
+            let [r, c] = t.dims();
+            let v = t
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32 weights");
+            (vec![r, c], v)
+        }
+        // Burn keeps linears as [in, out]; canonical is [out, in].
+        let linear = |w: Tensor<2>| {
+            let (shape, v) = read(w.transpose());
+            TensorF32::new(shape, v)
+        };
+        let vector = |g: Tensor<1>| {
+            let v = g
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32 weights");
+            TensorF32::new(vec![v.len()], v)
+        };
+        let mut out = ModelWeights::default();
+        let mut put = |name: String, t: TensorF32| {
+            let source = source_types.source_type(&name).unwrap_or("f32").to_string();
+            out.insert(name, t, source);
+        };
+        let (shape, v) = read(self.llama.embed_tokens.weight.val());
+        put(names::EMBED.to_string(), TensorF32::new(shape, v));
+        if let Some(h) = &self.llama.lm_head {
+            put(names::LM_HEAD.to_string(), linear(h.weight.val()));
+        }
+        put(names::FINAL_NORM.to_string(), vector(self.llama.norm.gamma.val()));
+        for (l, b) in self.llama.layers.iter().enumerate() {
+            put(names::layer(l, names::ATTN_NORM), vector(b.input_layernorm.gamma.val()));
+            put(
+                names::layer(l, names::MLP_NORM),
+                vector(b.post_attention_layernorm.gamma.val()),
+            );
+            for &p in Proj::PER_LAYER.iter() {
+                put(p.weight_name(l), linear(linear_of(&self.llama, l, p).weight.val()));
+            }
         }
         out
     }

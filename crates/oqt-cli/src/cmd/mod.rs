@@ -5,6 +5,7 @@ pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
+pub mod qat;
 pub mod quantize;
 pub mod sensitivity;
 

@@ -77,6 +77,7 @@ impl Manifest {
             inputs: Vec::new(),
             evaluation: Vec::new(),
             act_grids: BTreeMap::new(),
+            training: None,
         })
     }
 }
@@ -100,4 +101,7 @@ pub struct Manifest {
     /// see [`crate::quant::sites`]); empty unless activations are static.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub act_grids: BTreeMap<String, crate::quant::ActGrid>,
+    /// How the weights were trained (QAT runs: method, options, steps, held-out curve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<serde_json::Value>,
 }
