@@ -102,18 +102,7 @@ impl TrainHooks<'_> {
     }
 
     fn weight(&self, layer: usize, proj: Proj) -> Tensor<2> {
-        let b = &self.model.layers[layer];
-        let l = match proj {
-            Proj::Q => &b.attn.q_proj,
-            Proj::K => &b.attn.k_proj,
-            Proj::V => &b.attn.v_proj,
-            Proj::O => &b.attn.o_proj,
-            Proj::Gate => &b.mlp.gate_proj,
-            Proj::Up => &b.mlp.up_proj,
-            Proj::Down => &b.mlp.down_proj,
-            Proj::Head => unreachable!("the head is not trained"),
-        };
-        l.weight.val()
+        self.model.decoder_linear(layer, proj).weight.val()
     }
 }
 

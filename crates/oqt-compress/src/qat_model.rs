@@ -59,34 +59,6 @@ struct QatHooks<'a> {
     prequantized: bool,
 }
 
-fn linear_of(llama: &Llama, layer: usize, proj: Proj) -> &burn::nn::Linear {
-    let b = &llama.layers[layer];
-    match proj {
-        Proj::Q => &b.attn.q_proj,
-        Proj::K => &b.attn.k_proj,
-        Proj::V => &b.attn.v_proj,
-        Proj::O => &b.attn.o_proj,
-        Proj::Gate => &b.mlp.gate_proj,
-        Proj::Up => &b.mlp.up_proj,
-        Proj::Down => &b.mlp.down_proj,
-        Proj::Head => unreachable!("the head is the embedding or lm_head"),
-    }
-}
-
-fn linear_of_mut(llama: &mut Llama, layer: usize, proj: Proj) -> &mut burn::nn::Linear {
-    let b = &mut llama.layers[layer];
-    match proj {
-        Proj::Q => &mut b.attn.q_proj,
-        Proj::K => &mut b.attn.k_proj,
-        Proj::V => &mut b.attn.v_proj,
-        Proj::O => &mut b.attn.o_proj,
-        Proj::Gate => &mut b.mlp.gate_proj,
-        Proj::Up => &mut b.mlp.up_proj,
-        Proj::Down => &mut b.mlp.down_proj,
-        Proj::Head => unreachable!("the head is the embedding or lm_head"),
-    }
-}
-
 impl ForwardHooks for QatHooks<'_> {
     fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, _float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         let x = match self.spec.activations.mode {
@@ -96,9 +68,9 @@ impl ForwardHooks for QatHooks<'_> {
         };
         let w = match proj {
             Proj::Head => self.head.clone(),
-            p if self.prequantized => linear_of(self.llama, layer, p).weight.val(),
+            p if self.prequantized => self.llama.decoder_linear(layer, p).weight.val(),
             p => fake_quant_weight(
-                linear_of(self.llama, layer, p).weight.val(),
+                self.llama.decoder_linear(layer, p).weight.val(),
                 &self.spec.weights_for(&p.weight_name(layer)),
                 1.0,
             ),
@@ -149,7 +121,7 @@ impl QatModel {
             for l in 0..n {
                 for &p in Proj::PER_LAYER.iter() {
                     let spec_w = spec.weights_for(&p.weight_name(l));
-                    let lin = linear_of_mut(&mut llama, l, p);
+                    let lin = llama.decoder_linear_mut(l, p);
                     lin.weight = Param::from_tensor(fake_quant_weight(lin.weight.val(), &spec_w, 1.0));
                 }
             }
@@ -265,7 +237,7 @@ impl QatModel {
                 vector(b.post_attention_layernorm.gamma.val()),
             );
             for &p in Proj::PER_LAYER.iter() {
-                put(p.weight_name(l), linear(linear_of(&self.llama, l, p).weight.val()));
+                put(p.weight_name(l), linear(self.llama.decoder_linear(l, p).weight.val()));
             }
         }
         out
@@ -274,7 +246,7 @@ impl QatModel {
     fn values_of(&self, t: Target) -> Tensor<1> {
         match t {
             Target::Linear(l, p) => {
-                let w = linear_of(&self.llama, l, p).weight.val();
+                let w = self.llama.decoder_linear(l, p).weight.val();
                 let n = w.shape().num_elements();
                 w.reshape([n])
             }
@@ -298,7 +270,7 @@ impl ZoTrainable for QatModel {
         let z = Tensor::<1>::from_data(TensorData::new(z.to_vec(), [z.len()]), &device);
         match self.targets[i] {
             Target::Linear(l, p) => {
-                let lin = linear_of_mut(&mut self.llama, l, p);
+                let lin = self.llama.decoder_linear_mut(l, p);
                 let w = lin.weight.val();
                 let dims = w.dims();
                 lin.weight = Param::from_tensor(w * a + z.reshape(dims) * b);

@@ -243,6 +243,36 @@ impl Llama {
         self.embed_tokens.weight.dims()[0]
     }
 
+    /// The decoder linear `proj` of `layer` (the head is not a decoder linear).
+    pub fn decoder_linear(&self, layer: usize, proj: Proj) -> &Linear {
+        let b = &self.layers[layer];
+        match proj {
+            Proj::Q => &b.attn.q_proj,
+            Proj::K => &b.attn.k_proj,
+            Proj::V => &b.attn.v_proj,
+            Proj::O => &b.attn.o_proj,
+            Proj::Gate => &b.mlp.gate_proj,
+            Proj::Up => &b.mlp.up_proj,
+            Proj::Down => &b.mlp.down_proj,
+            Proj::Head => panic!("the head is the embedding or lm_head, not a decoder linear"),
+        }
+    }
+
+    /// [`Llama::decoder_linear`], mutably (training replaces its weight).
+    pub fn decoder_linear_mut(&mut self, layer: usize, proj: Proj) -> &mut Linear {
+        let b = &mut self.layers[layer];
+        match proj {
+            Proj::Q => &mut b.attn.q_proj,
+            Proj::K => &mut b.attn.k_proj,
+            Proj::V => &mut b.attn.v_proj,
+            Proj::O => &mut b.attn.o_proj,
+            Proj::Gate => &mut b.mlp.gate_proj,
+            Proj::Up => &mut b.mlp.up_proj,
+            Proj::Down => &mut b.mlp.down_proj,
+            Proj::Head => panic!("the head is the embedding or lm_head, not a decoder linear"),
+        }
+    }
+
     pub fn device(&self) -> Device {
         self.embed_tokens.weight.device()
     }
