@@ -54,6 +54,19 @@ impl LlamaConfig {
             .collect()
     }
 
+    /// Heads whose rows a Q or K projection (canonical name) interleaves in
+    /// llama.cpp's rotary order; `None` for every other tensor.
+    pub fn rotary_heads(&self, canonical: &str) -> Option<usize> {
+        use crate::weights::names;
+        if canonical.ends_with(names::Q) {
+            Some(self.num_heads)
+        } else if canonical.ends_with(names::K) {
+            Some(self.num_kv_heads)
+        } else {
+            None
+        }
+    }
+
     /// Parameter count (embeddings and head included, head counted once when tied).
     pub fn n_params(&self) -> usize {
         let h = self.hidden_size;

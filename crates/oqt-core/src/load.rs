@@ -122,10 +122,8 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         };
         let mut t = TensorF32::new(info.shape(), g.dequantize(info));
         // llama.cpp's converter interleaved the rotary halves of Q and K rows.
-        if name.ends_with(names::Q) {
-            t = unpermute_rotary_rows(&t, config.num_heads);
-        } else if name.ends_with(names::K) {
-            t = unpermute_rotary_rows(&t, config.num_kv_heads);
+        if let Some(h) = config.rotary_heads(&name) {
+            t = unpermute_rotary_rows(&t, h);
         }
         weights.insert(name, t, info.ty.name());
     }

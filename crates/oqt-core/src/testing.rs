@@ -3,7 +3,7 @@
 
 use crate::config::LlamaConfig;
 use crate::gguf::{GgmlType, GgufTensorOut, GgufWriter, MetaValue};
-use crate::weights::{ModelWeights, TensorF32, names, permute_rotary_rows};
+use crate::weights::{ModelWeights, TensorF32, permute_rotary_rows};
 use std::path::Path;
 
 /// The tiny architecture: 2 layers, GQA 4/2 heads of 16, vocab 300.
@@ -138,39 +138,13 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, w: &ModelWeights) -> crat
             "tokenizer.chat_template",
             s("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
         );
-    let gguf_name = |name: &str| -> String {
-        match name {
-            names::EMBED => "token_embd.weight".into(),
-            names::FINAL_NORM => "output_norm.weight".into(),
-            names::LM_HEAD => "output.weight".into(),
-            _ => {
-                let rest = name.strip_prefix("model.layers.").unwrap();
-                let (i, suffix) = rest.split_once('.').unwrap();
-                let s = match suffix {
-                    names::ATTN_NORM => "attn_norm.weight",
-                    names::MLP_NORM => "ffn_norm.weight",
-                    names::Q => "attn_q.weight",
-                    names::K => "attn_k.weight",
-                    names::V => "attn_v.weight",
-                    names::O => "attn_output.weight",
-                    names::GATE => "ffn_gate.weight",
-                    names::UP => "ffn_up.weight",
-                    names::DOWN => "ffn_down.weight",
-                    other => panic!("no GGUF name for {other}"),
-                };
-                format!("blk.{i}.{s}")
-            }
-        }
-    };
     for name in w.names() {
         let mut t = w.get(name).unwrap().clone();
-        if name.ends_with(names::Q) {
-            t = permute_rotary_rows(&t, cfg.num_heads);
-        } else if name.ends_with(names::K) {
-            t = permute_rotary_rows(&t, cfg.num_kv_heads);
+        if let Some(h) = cfg.rotary_heads(name) {
+            t = permute_rotary_rows(&t, h);
         }
         g.tensor(GgufTensorOut {
-            name: gguf_name(name),
+            name: crate::load::gguf_tensor_name(name).expect("a llama tensor"),
             dims: t.shape.iter().rev().map(|&d| d as u64).collect(),
             ty: GgmlType::F32,
             data: f32_bytes(&t.data),

@@ -150,36 +150,53 @@ impl ModelWeights {
     }
 }
 
+/// llama.cpp's row order of a Q or K projection: `order[gguf_row] = hf_row`.
+/// Its converter maps Hugging Face row `(head, a, b)` (rotate-half halves
+/// `a ∈ {0,1}`, `b < head_dim/2`) to GGUF row `(head, b, a)` (pairs adjacent).
+pub fn rotary_gguf_order(rows: usize, n_heads: usize) -> Vec<usize> {
+    let hd = rows / n_heads;
+    let half = hd / 2;
+    let mut order = vec![0; rows];
+    for h in 0..n_heads {
+        for a in 0..2 {
+            for b in 0..half {
+                order[h * hd + b * 2 + a] = h * hd + a * half + b;
+            }
+        }
+    }
+    order
+}
+
+/// The inverse of [`rotary_gguf_order`]: `order[hf_row] = gguf_row`.
+pub fn rotary_hf_order(rows: usize, n_heads: usize) -> Vec<usize> {
+    let mut inverse = vec![0; rows];
+    for (gguf, hf) in rotary_gguf_order(rows, n_heads).into_iter().enumerate() {
+        inverse[hf] = gguf;
+    }
+    inverse
+}
+
+impl TensorF32 {
+    /// Row `i` of the result is row `order[i]` of `self`.
+    pub fn reorder_rows(&self, order: &[usize]) -> TensorF32 {
+        let cols = self.data.len() / self.shape[0];
+        let data = order
+            .iter()
+            .flat_map(|&r| self.data[r * cols..(r + 1) * cols].iter().copied())
+            .collect();
+        TensorF32::new(self.shape.clone(), data)
+    }
+}
+
 /// Reorder the rows of a Q or K projection from llama.cpp's GGUF order
 /// (rotary pairs adjacent) to Hugging Face's rotate-half order.
-/// llama.cpp's converter maps HF row `(head, a, b)` to GGUF row `(head, b, a)`
-/// with `a ∈ {0,1}`, `b < head_dim/2`; this is the inverse.
 pub fn unpermute_rotary_rows(t: &TensorF32, n_heads: usize) -> TensorF32 {
-    permute_rows(t, n_heads, false)
+    t.reorder_rows(&rotary_hf_order(t.shape[0], n_heads))
 }
 
 /// The converter's forward permutation (HF → GGUF), for export.
 pub fn permute_rotary_rows(t: &TensorF32, n_heads: usize) -> TensorF32 {
-    permute_rows(t, n_heads, true)
-}
-
-fn permute_rows(t: &TensorF32, n_heads: usize, to_gguf: bool) -> TensorF32 {
-    let rows = t.shape[0];
-    let cols: usize = t.shape[1..].iter().product();
-    let hd = rows / n_heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; t.data.len()];
-    for h in 0..n_heads {
-        for a in 0..2 {
-            for b in 0..half {
-                let hf = h * hd + a * half + b;
-                let gg = h * hd + b * 2 + a;
-                let (dst, src) = if to_gguf { (gg, hf) } else { (hf, gg) };
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    TensorF32::new(t.shape.clone(), out)
+    t.reorder_rows(&rotary_gguf_order(t.shape[0], n_heads))
 }
 
 #[cfg(test)]

@@ -4,13 +4,13 @@
 //! unchanged whenever a ggml type holds that grid exactly (a `gguf-*` recipe's
 //! always does).
 
-use crate::{ExportSource, SourceTensor, reorder_rows, rotary_gguf_order};
+use crate::{ExportSource, SourceTensor, reorder_rows};
 use oqt_core::gguf::encode::{encode_exact, quantize_ggml};
 use oqt_core::gguf::{GgmlType, GgufTensorOut, GgufWriter, MetaValue};
 use oqt_core::load::gguf_tensor_name;
 use oqt_core::quant::ActMode;
 use oqt_core::tokenizer_gguf::gguf_tokenizer_metadata;
-use oqt_core::weights::names;
+use oqt_core::weights::{names, rotary_gguf_order};
 use oqt_core::{CoreError, Result};
 use regex::Regex;
 use serde::Serialize;
@@ -190,13 +190,8 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
             ));
         };
         let mut t = src.tensors[canonical].clone();
-        if canonical.ends_with(names::Q) {
-            t = reorder_rows(&t, &rotary_gguf_order(cfg.num_heads * cfg.head_dim, cfg.num_heads));
-        } else if canonical.ends_with(names::K) {
-            t = reorder_rows(
-                &t,
-                &rotary_gguf_order(cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads),
-            );
+        if let Some(h) = cfg.rotary_heads(canonical) {
+            t = reorder_rows(&t, &rotary_gguf_order(h * cfg.head_dim, h));
         }
         let shape = t.shape();
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();

@@ -92,59 +92,30 @@ impl ExportSource {
     }
 }
 
-/// Row order of llama.cpp's Q/K layout: `order[gguf_row] = hf_row` (its converter
-/// puts each head's rotary pairs on adjacent rows).
-pub fn rotary_gguf_order(rows: usize, n_heads: usize) -> Vec<usize> {
-    let hd = rows / n_heads;
-    let half = hd / 2;
-    let mut order = vec![0; rows];
-    for h in 0..n_heads {
-        for a in 0..2 {
-            for b in 0..half {
-                order[h * hd + b * 2 + a] = h * hd + a * half + b;
-            }
-        }
-    }
-    order
-}
-
 /// `t` with its rows reordered: row `i` of the result is row `order[i]` of `t`.
 pub fn reorder_rows(t: &SourceTensor, order: &[usize]) -> SourceTensor {
-    fn gather<T: Copy>(v: &[T], per_row: usize, order: &[usize]) -> Vec<T> {
-        order
-            .iter()
-            .flat_map(|&r| v[r * per_row..(r + 1) * per_row].iter().copied())
-            .collect()
-    }
     match t {
-        SourceTensor::Float(f) => {
-            let cols = f.data.len() / f.shape[0];
-            SourceTensor::Float(TensorF32::new(f.shape.clone(), gather(&f.data, cols, order)))
-        }
-        SourceTensor::Quantized(q) => {
-            let per_row = q.scales.len() / q.rows;
-            SourceTensor::Quantized(QuantizedWeight {
-                q: gather(&q.q, q.cols, order),
-                scales: gather(&q.scales, per_row, order),
-                zero_points: q.zero_points.as_ref().map(|z| gather(z, per_row, order)),
-                ..q.clone()
-            })
-        }
+        SourceTensor::Float(f) => SourceTensor::Float(f.reorder_rows(order)),
+        SourceTensor::Quantized(q) => SourceTensor::Quantized(q.reorder_rows(order)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oqt_core::weights::permute_rotary_rows;
+    use oqt_core::quant::{Granularity, WeightSpec, quantize_weight};
+    use oqt_core::weights::{permute_rotary_rows, rotary_gguf_order};
 
     #[test]
-    fn rotary_order_is_the_converters_permutation() {
-        let t = TensorF32::new(vec![16, 3], (0..48).map(|v| v as f32).collect());
-        let ours = reorder_rows(&SourceTensor::Float(t.clone()), &rotary_gguf_order(16, 2));
-        let SourceTensor::Float(ours) = ours else {
+    fn quantized_rows_move_with_their_scales_like_float_rows() {
+        let w = TensorF32::new(vec![16, 32], (0..512).map(|v| (v as f32 * 0.37).sin()).collect());
+        let spec = WeightSpec::new(4, Granularity::PerGroup(32), true);
+        let qw = quantize_weight(&w.data, 16, 32, &spec, 1.0);
+        let order = rotary_gguf_order(16, 2);
+        let SourceTensor::Quantized(moved) = reorder_rows(&SourceTensor::Quantized(qw.clone()), &order) else {
             unreachable!()
         };
-        assert_eq!(ours, permute_rotary_rows(&t, 2));
+        let deq = TensorF32::new(vec![16, 32], dequantize_weight(&qw));
+        assert_eq!(dequantize_weight(&moved), permute_rotary_rows(&deq, 2).data);
     }
 }

@@ -7,7 +7,7 @@ use oqt_core::gguf::GgufFile;
 use oqt_core::gguf::encode::decode_quantized;
 use oqt_core::quant::{ActMode, ActSite, QuantizedWeight, SiteGrids, dequantize_weight};
 use oqt_core::scoring::{CausalLm, WindowScores, log_softmax_row};
-use oqt_core::weights::names;
+use oqt_core::weights::{names, rotary_hf_order};
 use oqt_core::{CoreError, LlamaConfig, Result, Tokenizer};
 use oqt_kernels::Isa;
 use rayon::prelude::*;
@@ -144,18 +144,12 @@ impl RuntimeModel {
                 };
                 let shape = info.shape();
                 // Back from llama.cpp's rotary row order to the canonical one.
-                let heads = if name.ends_with(names::Q) {
-                    Some(cfg2.num_heads)
-                } else if name.ends_with(names::K) {
-                    Some(cfg2.num_kv_heads)
-                } else {
-                    None
-                };
+                let heads = cfg2.rotary_heads(name);
                 if shape.len() == 2
                     && let Some(qw) = decode_quantized(g.tensor_bytes(info), info.ty, shape[0], shape[1])
                 {
                     let qw = match heads {
-                        Some(h) => unpermute_quantized_rows(&qw, h),
+                        Some(h) => qw.reorder_rows(&rotary_hf_order(qw.rows, h)),
                         None => qw,
                     };
                     return Ok(Some(SourceWeight::Quantized(qw)));
@@ -412,25 +406,4 @@ impl CausalLm for RuntimeModel {
             .map(log_softmax_row)
             .collect())
     }
-}
-
-/// Rows of a Q/K projection from llama.cpp's rotary order back to the canonical
-/// (rotate-half) order, scales moving with their rows.
-fn unpermute_quantized_rows(qw: &QuantizedWeight, n_heads: usize) -> QuantizedWeight {
-    let hd = qw.rows / n_heads;
-    let half = hd / 2;
-    let per_row = qw.scales.len() / qw.rows;
-    let mut out = qw.clone();
-    for h in 0..n_heads {
-        for a in 0..2 {
-            for b in 0..half {
-                let (canonical, gguf) = (h * hd + a * half + b, h * hd + b * 2 + a);
-                out.q[canonical * qw.cols..(canonical + 1) * qw.cols]
-                    .copy_from_slice(&qw.q[gguf * qw.cols..(gguf + 1) * qw.cols]);
-                out.scales[canonical * per_row..(canonical + 1) * per_row]
-                    .copy_from_slice(&qw.scales[gguf * per_row..(gguf + 1) * per_row]);
-            }
-        }
-    }
-    out
 }

@@ -18,6 +18,23 @@ pub struct QuantizedWeight {
 }
 
 impl QuantizedWeight {
+    /// Row `i` of the result is row `order[i]` of `self`, scales and zero points with it.
+    pub fn reorder_rows(&self, order: &[usize]) -> QuantizedWeight {
+        fn gather<T: Copy>(v: &[T], per_row: usize, order: &[usize]) -> Vec<T> {
+            order
+                .iter()
+                .flat_map(|&r| v[r * per_row..(r + 1) * per_row].iter().copied())
+                .collect()
+        }
+        let per_row = self.scales.len() / self.rows;
+        QuantizedWeight {
+            q: gather(&self.q, self.cols, order),
+            scales: gather(&self.scales, per_row, order),
+            zero_points: self.zero_points.as_ref().map(|z| gather(z, per_row, order)),
+            ..self.clone()
+        }
+    }
+
     /// Index into `scales` of (row, col).
     pub fn scale_index(&self, r: usize, c: usize) -> usize {
         match self.spec.granularity {
