@@ -2,7 +2,7 @@
 //! decoder (Llama 2/3.x, SmolLM2, TinyLlama, Qwen2-style q/k/v biases).
 
 use crate::error::{CoreError, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, MetaValue};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -165,6 +165,31 @@ impl LlamaConfig {
             rope_freq_factors: None,
         }
         .validate(g.path())
+    }
+
+    /// The `llama.*` keys of a GGUF file for this config (the inverse of
+    /// [`LlamaConfig::from_gguf`]), typed as llama.cpp's converter writes them.
+    /// Llama 3 RoPE scaling travels as the `rope_freqs.weight` tensor, not here.
+    pub fn gguf_metadata(&self) -> Vec<(String, MetaValue)> {
+        let u = |k: &str, v: usize| (format!("llama.{k}"), MetaValue::U32(v as u32));
+        let f = |k: &str, v: f64| (format!("llama.{k}"), MetaValue::F32(v as f32));
+        let mut out = vec![
+            u("block_count", self.num_layers),
+            u("context_length", self.max_position_embeddings),
+            u("embedding_length", self.hidden_size),
+            u("feed_forward_length", self.intermediate_size),
+            u("attention.head_count", self.num_heads),
+            u("attention.head_count_kv", self.num_kv_heads),
+            f("rope.freq_base", self.rope_theta),
+            f("attention.layer_norm_rms_epsilon", self.rms_norm_eps),
+            u("vocab_size", self.vocab_size),
+            u("rope.dimension_count", self.head_dim),
+        ];
+        if self.head_dim * self.num_heads != self.hidden_size {
+            out.push(u("attention.key_length", self.head_dim));
+            out.push(u("attention.value_length", self.head_dim));
+        }
+        out
     }
 
     /// From a Hugging Face `config.json`.

@@ -106,18 +106,35 @@ pub fn gguf_tensor_name(canonical: &str) -> Option<String> {
     })
 }
 
+/// A GGUF file's model config, with Llama 3 RoPE scaling taken from its
+/// `rope_freqs.weight` tensor when present (llama.cpp's form of it).
+pub fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
+    let mut config = LlamaConfig::from_gguf(g)?;
+    if let Some(info) = g.tensor_info("rope_freqs.weight") {
+        let f: Vec<f64> = g.dequantize(info).into_iter().map(f64::from).collect();
+        if f.len() != config.head_dim / 2 {
+            return Err(CoreError::BadField {
+                path: g.path().into(),
+                field: "rope_freqs.weight".into(),
+                expected: format!("{} values (head_dim / 2)", config.head_dim / 2),
+                found: f.len().to_string(),
+            });
+        }
+        config.rope_freq_factors = Some(f);
+    }
+    Ok(config)
+}
+
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
-    let mut config = LlamaConfig::from_gguf(&g)?;
+    let config = gguf_config(&g)?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     let mut weights = ModelWeights::default();
     for info in &g.tensors {
-        if info.name == "rope_freqs.weight" {
-            config.rope_freq_factors = Some(g.dequantize(info).into_iter().map(f64::from).collect());
-            continue;
-        }
         let Some(name) = canonical_gguf_name(&info.name) else {
-            tracing::debug!(tensor = %info.name, "ignoring tensor a Llama forward does not use");
+            if info.name != "rope_freqs.weight" {
+                tracing::debug!(tensor = %info.name, "ignoring tensor a Llama forward does not use");
+            }
             continue;
         };
         let mut t = TensorF32::new(info.shape(), g.dequantize(info));
@@ -126,16 +143,6 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
             t = unpermute_rotary_rows(&t, h);
         }
         weights.insert(name, t, info.ty.name());
-    }
-    if let Some(f) = &config.rope_freq_factors
-        && f.len() != config.head_dim / 2
-    {
-        return Err(CoreError::BadField {
-            path: path.into(),
-            field: "rope_freqs.weight".into(),
-            expected: format!("{} values (head_dim / 2)", config.head_dim / 2),
-            found: f.len().to_string(),
-        });
     }
     weights.validate(&config, path)?;
     let name = g

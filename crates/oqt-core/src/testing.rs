@@ -113,18 +113,10 @@ pub fn write_tiny_gguf(path: &Path, cfg: &LlamaConfig, w: &ModelWeights) -> crat
     let s = |v: &str| MetaValue::String(v.into());
     let u = |v: usize| MetaValue::U32(v as u32);
     g.meta("general.architecture", s("llama"))
-        .meta("general.name", s("tiny-test"))
-        .meta("llama.block_count", u(cfg.num_layers))
-        .meta("llama.context_length", u(cfg.max_position_embeddings))
-        .meta("llama.embedding_length", u(cfg.hidden_size))
-        .meta("llama.feed_forward_length", u(cfg.intermediate_size))
-        .meta("llama.attention.head_count", u(cfg.num_heads))
-        .meta("llama.attention.head_count_kv", u(cfg.num_kv_heads))
-        .meta("llama.rope.freq_base", MetaValue::F32(cfg.rope_theta as f32))
-        .meta(
-            "llama.attention.layer_norm_rms_epsilon",
-            MetaValue::F32(cfg.rms_norm_eps as f32),
-        );
+        .meta("general.name", s("tiny-test"));
+    for (k, v) in cfg.gguf_metadata() {
+        g.meta(&k, v);
+    }
     let (tokens, merges, types) = tiny_vocab(cfg.vocab_size);
     g.meta("tokenizer.ggml.model", s("gpt2"))
         .meta("tokenizer.ggml.pre", s("smollm"))

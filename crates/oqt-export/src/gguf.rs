@@ -310,29 +310,13 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
     .into_iter()
     .max_by_key(|t| block_types.iter().filter(|b| *b == t).count())
     .unwrap_or(GgmlType::F32);
-    let u32v = |v: usize| MetaValue::U32(v as u32);
     writer
         .meta("general.architecture", MetaValue::String("llama".into()))
         .meta("general.type", MetaValue::String("model".into()))
         .meta("general.name", MetaValue::String(src.name.clone()))
-        .meta("llama.block_count", u32v(cfg.num_layers))
-        .meta("llama.context_length", u32v(cfg.max_position_embeddings))
-        .meta("llama.embedding_length", u32v(cfg.hidden_size))
-        .meta("llama.feed_forward_length", u32v(cfg.intermediate_size))
-        .meta("llama.attention.head_count", u32v(cfg.num_heads))
-        .meta("llama.attention.head_count_kv", u32v(cfg.num_kv_heads))
-        .meta("llama.rope.freq_base", MetaValue::F32(cfg.rope_theta as f32))
-        .meta(
-            "llama.attention.layer_norm_rms_epsilon",
-            MetaValue::F32(cfg.rms_norm_eps as f32),
-        )
-        .meta("general.file_type", MetaValue::U32(file_type(main_type)))
-        .meta("llama.vocab_size", u32v(cfg.vocab_size))
-        .meta("llama.rope.dimension_count", u32v(cfg.head_dim));
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size {
-        writer
-            .meta("llama.attention.key_length", u32v(cfg.head_dim))
-            .meta("llama.attention.value_length", u32v(cfg.head_dim));
+        .meta("general.file_type", MetaValue::U32(file_type(main_type)));
+    for (k, v) in cfg.gguf_metadata() {
+        writer.meta(&k, v);
     }
     let tokenizer_meta = gguf_tokenizer_metadata(&src.tokenizer).map_err(|e| match e {
         CoreError::Unsupported { what, detail, .. } => unsupported(&src.path, what, detail),

@@ -122,10 +122,7 @@ impl RuntimeModel {
     /// type dequantized to f32 with float inputs.
     pub fn from_gguf(path: &std::path::Path) -> Result<Self> {
         let g = GgufFile::open(path)?;
-        let mut cfg = LlamaConfig::from_gguf(&g)?;
-        if let Some(info) = g.tensor_info("rope_freqs.weight") {
-            cfg.rope_freq_factors = Some(g.dequantize(info).into_iter().map(f64::from).collect());
-        }
+        let cfg = oqt_core::load::gguf_config(&g)?;
         let mut by_canonical = std::collections::HashMap::new();
         for info in &g.tensors {
             if let Some(c) = oqt_core::load::canonical_gguf_name(&info.name) {
