@@ -31,26 +31,26 @@ fn fixture_texts() -> Vec<String> {
         .collect()
 }
 
+/// The entries SmolLM2's tokenizer produces, in the order they are written.
+const KEYS: [&str; 9] = [
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.chat_template",
+];
+
 #[test]
 fn gguf_tokenizer_metadata_equals_the_original_entries() {
     let g = original();
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let meta = gguf_tokenizer_metadata(&tok).unwrap();
     let keys: Vec<&str> = meta.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(
-        keys,
-        [
-            "tokenizer.ggml.model",
-            "tokenizer.ggml.pre",
-            "tokenizer.ggml.tokens",
-            "tokenizer.ggml.token_type",
-            "tokenizer.ggml.merges",
-            "tokenizer.ggml.bos_token_id",
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.add_bos_token",
-            "tokenizer.chat_template",
-        ]
-    );
+    assert_eq!(keys, KEYS);
     for (k, v) in &meta {
         // Same variant (so the same GGUF type) and the same value.
         assert_eq!(Some(v), g.get(k), "entry `{k}`");
@@ -76,17 +76,7 @@ fn hf_directory_round_trip_keeps_vocab_merges_types_and_pre() {
     let hf = Tokenizer::from_hf_dir(dir.path()).unwrap();
     assert_eq!(hf.kind, "hf tokenizer.json");
     let meta = as_map(gguf_tokenizer_metadata(&hf).unwrap());
-    for k in [
-        "tokenizer.ggml.model",
-        "tokenizer.ggml.pre",
-        "tokenizer.ggml.tokens",
-        "tokenizer.ggml.token_type",
-        "tokenizer.ggml.merges",
-        "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.add_bos_token",
-        "tokenizer.chat_template",
-    ] {
+    for k in KEYS {
         assert_eq!(meta.get(k), g.get(k), "entry `{k}`");
     }
 }

@@ -18,6 +18,16 @@ pub struct QuantizedWeight {
 }
 
 impl QuantizedWeight {
+    /// Replace row `r` with the single row of `row` (same columns and grid).
+    fn set_row(&mut self, r: usize, row: &QuantizedWeight) {
+        let (cols, per_row) = (self.cols, self.scales.len() / self.rows);
+        self.q[r * cols..(r + 1) * cols].copy_from_slice(&row.q);
+        self.scales[r * per_row..(r + 1) * per_row].copy_from_slice(&row.scales);
+        if let (Some(z), Some(zr)) = (self.zero_points.as_mut(), &row.zero_points) {
+            z[r * per_row..(r + 1) * per_row].copy_from_slice(zr);
+        }
+    }
+
     /// Row `i` of the result is row `order[i]` of `self`, scales and zero points with it.
     pub fn reorder_rows(&self, order: &[usize]) -> QuantizedWeight {
         fn gather<T: Copy>(v: &[T], per_row: usize, order: &[usize]) -> Vec<T> {
@@ -166,14 +176,8 @@ pub fn quantize_weight_rows(w: &[f32], rows: usize, cols: usize, spec: &WeightSp
         "per-tensor grids take one clip ratio"
     );
     let mut out = quantize_weight(w, rows, cols, spec, 1.0);
-    let per_row = out.scales.len() / rows;
     for (r, &clip) in clips.iter().enumerate() {
-        let qw = quantize_weight(&w[r * cols..(r + 1) * cols], 1, cols, spec, clip);
-        out.q[r * cols..(r + 1) * cols].copy_from_slice(&qw.q);
-        out.scales[r * per_row..(r + 1) * per_row].copy_from_slice(&qw.scales);
-        if let (Some(z), Some(zr)) = (out.zero_points.as_mut(), qw.zero_points) {
-            z[r * per_row..(r + 1) * per_row].copy_from_slice(&zr);
-        }
+        out.set_row(r, &quantize_weight(&w[r * cols..(r + 1) * cols], 1, cols, spec, clip));
     }
     out
 }
@@ -204,7 +208,6 @@ pub fn quantize_weight_mse(w: &[f32], rows: usize, cols: usize, spec: &WeightSpe
     }
     let mut out = quantize_weight(w, rows, cols, spec, 1.0);
     let mut ratios = vec![1.0; rows];
-    let per_row = out.scales.len() / rows;
     for r in 0..rows {
         let row = &w[r * cols..(r + 1) * cols];
         let mut best: Option<(f64, f32, QuantizedWeight)> = None;
@@ -221,11 +224,7 @@ pub fn quantize_weight_mse(w: &[f32], rows: usize, cols: usize, spec: &WeightSpe
         }
         let (_, clip, qw) = best.expect("non-empty grid");
         ratios[r] = clip;
-        out.q[r * cols..(r + 1) * cols].copy_from_slice(&qw.q);
-        out.scales[r * per_row..(r + 1) * per_row].copy_from_slice(&qw.scales);
-        if let (Some(z), Some(zr)) = (out.zero_points.as_mut(), qw.zero_points) {
-            z[r * per_row..(r + 1) * per_row].copy_from_slice(&zr);
-        }
+        out.set_row(r, &qw);
     }
     (out, ratios)
 }
