@@ -119,39 +119,27 @@ const TENSORS_FILE: &str = "tensors.safetensors";
 /// Write `state` and `model`'s trainable tensors to `dir`, replacing it atomically
 /// (written beside it, then renamed).
 pub fn save_checkpoint(dir: &Path, state: &CheckpointState, model: &QatModel) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".oqt-ckpt-")
-        .tempdir_in(parent)
-        .map_err(|e| CoreError::io(parent, e))?;
-    let names = model.tensor_names();
-    let data: Vec<Vec<u8>> = (0..names.len())
-        .map(|i| model.tensor_values(i).iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
-    let views = names
-        .iter()
-        .zip(&data)
-        .map(|(n, b)| {
-            TensorView::new(Dtype::F32, vec![b.len() / 4], b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| CoreError::Other(format!("checkpoint tensor `{n}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let tensors = tmp.path().join(TENSORS_FILE);
-    safetensors::serialize_to_file(views, None, &tensors)
-        .map_err(|e| CoreError::Other(format!("{}: {e}", tensors.display())))?;
-    let state_path = tmp.path().join(STATE_FILE);
-    std::fs::write(&state_path, serde_json::to_string_pretty(state).expect("serializable"))
-        .map_err(|e| CoreError::io(&state_path, e))?;
-    let kept = tmp.keep();
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
-    }
-    std::fs::rename(&kept, dir).map_err(|e| CoreError::io(dir, e))
+    oqt_core::fs::write_dir_atomically(dir, |tmp| {
+        let names = model.tensor_names();
+        let data: Vec<Vec<u8>> = (0..names.len())
+            .map(|i| model.tensor_values(i).iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let views = names
+            .iter()
+            .zip(&data)
+            .map(|(n, b)| {
+                TensorView::new(Dtype::F32, vec![b.len() / 4], b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| CoreError::Other(format!("checkpoint tensor `{n}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tensors = tmp.join(TENSORS_FILE);
+        safetensors::serialize_to_file(views, None, &tensors)
+            .map_err(|e| CoreError::Other(format!("{}: {e}", tensors.display())))?;
+        let state_path = tmp.join(STATE_FILE);
+        std::fs::write(&state_path, serde_json::to_string_pretty(state).expect("serializable"))
+            .map_err(|e| CoreError::io(&state_path, e))
+    })
 }
 
 /// Read a checkpoint's state (to rebuild the run) without its tensors.

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod config;
 pub mod datasets;
 pub mod error;
+pub mod fs;
 pub mod generation;
 pub mod gguf;
 pub mod inspect;

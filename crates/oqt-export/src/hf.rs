@@ -117,15 +117,17 @@ pub fn export_hf(src: &ExportSource, dtype: HfDtype, out: &Path) -> Result<HfRep
             out.display()
         )));
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".oqt-export-")
-        .tempdir_in(parent)
-        .map_err(|e| CoreError::io(parent, e))?;
-    let dir = tmp.path();
+    let (tensors, bytes) = oqt_core::fs::write_dir_atomically(out, |dir| write_hf_files(src, dtype, dir))?;
+    Ok(HfReport {
+        path: out.into(),
+        dtype,
+        tensors,
+        bytes,
+    })
+}
+
+/// The files of the export into `dir`: returns the tensor count and weight bytes.
+fn write_hf_files(src: &ExportSource, dtype: HfDtype, dir: &Path) -> Result<(usize, u64)> {
     let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
         let p = dir.join(name);
         let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
@@ -170,15 +172,5 @@ pub fn export_hf(src: &ExportSource, dtype: HfDtype, out: &Path) -> Result<HfRep
     let bytes = std::fs::metadata(&st_path)
         .map_err(|e| CoreError::io(&st_path, e))?
         .len();
-    let tmp_path = tmp.keep();
-    if out.exists() {
-        std::fs::remove_dir(out).map_err(|e| CoreError::io(out, e))?;
-    }
-    std::fs::rename(&tmp_path, out).map_err(|e| CoreError::io(out, e))?;
-    Ok(HfReport {
-        path: out.into(),
-        dtype,
-        tensors: buffers.len(),
-        bytes,
-    })
+    Ok((buffers.len(), bytes))
 }
