@@ -32,7 +32,7 @@ pub fn calibration_windows(tokenizer: &Tokenizer, text: &str, samples: usize, se
 /// The windows of `spec` from its dataset (`samples`/`seq_len` may be overridden).
 pub fn load_windows(tokenizer: &Tokenizer, spec: &CalibrationSpec) -> Result<(ResolvedDataset, Vec<Vec<u32>>)> {
     let data = oqt_core::datasets::resolve(&spec.dataset)?;
-    if data.manifest.as_ref().is_some_and(|m| m.role == "eval") {
+    if data.is_eval_set() {
         return Err(CoreError::Other(format!(
             "calibration dataset `{}` is an evaluation set; calibrate on a training set (e.g. tinyshakespeare)",
             data.name

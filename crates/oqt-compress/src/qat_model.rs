@@ -26,6 +26,7 @@ use oqt_core::{CoreError, Result};
 use oqt_model::fake_quant::{fake_quant_dynamic_rows, fake_quant_q8_0_blocks, fake_quant_weight};
 use oqt_model::hooks::{ForwardHooks, Proj};
 use oqt_model::llama::Llama;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -195,8 +196,8 @@ impl QatModel {
 
     /// The model's weights in canonical layout (trainable tensors as trained;
     /// everything else as loaded, or on its grid when pre-quantized), with the
-    /// storage types named in `source_types`.
-    pub fn float_weights(&self, source_types: &ModelWeights) -> ModelWeights {
+    /// storage type each name had when loaded (`source_types`; "f32" otherwise).
+    pub fn float_weights(&self, source_types: &BTreeMap<String, String>) -> ModelWeights {
         fn read(t: Tensor<2>) -> (Vec<usize>, Vec<f32>) {
             let [r, c] = t.dims();
             let v = t
@@ -221,7 +222,7 @@ impl QatModel {
         };
         let mut out = ModelWeights::default();
         let mut put = |name: String, t: TensorF32| {
-            let source = source_types.source_type(&name).unwrap_or("f32").to_string();
+            let source = source_types.get(&name).map_or("f32", String::as_str).to_string();
             out.insert(name, t, source);
         };
         let (shape, v) = read(self.llama.embed_tokens.weight.val());

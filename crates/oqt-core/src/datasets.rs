@@ -46,6 +46,11 @@ pub struct ResolvedDataset {
 }
 
 impl ResolvedDataset {
+    /// An evaluation set: never calibrated or trained on.
+    pub fn is_eval_set(&self) -> bool {
+        self.manifest.as_ref().is_some_and(|m| m.role == "eval")
+    }
+
     /// The raw bytes as text. Bytes are kept as they are (WikiText-2 has CRLF line ends
     /// that change the token count if translated).
     pub fn read_text(&self) -> Result<String> {

@@ -8,7 +8,7 @@ use crate::{ExportSource, SourceTensor, reorder_rows};
 use oqt_core::gguf::encode::{encode_exact, quantize_ggml};
 use oqt_core::gguf::{GgmlType, GgufTensorOut, GgufWriter, MetaValue};
 use oqt_core::load::gguf_tensor_name;
-use oqt_core::quant::ActMode;
+use oqt_core::quant::{ActMode, QuantizedWeight};
 use oqt_core::tokenizer_gguf::gguf_tokenizer_metadata;
 use oqt_core::weights::{names, rotary_gguf_order};
 use oqt_core::{CoreError, Result};
@@ -126,15 +126,12 @@ fn file_type(ty: GgmlType) -> u32 {
 }
 
 /// The type whose grid a bundle weight may already be on.
-fn natural_type(t: &SourceTensor) -> Option<GgmlType> {
-    match t {
-        SourceTensor::Quantized(q) => match (q.spec.bits, q.spec.symmetric) {
-            (8, true) => Some(GgmlType::Q8_0),
-            (4, true) => Some(GgmlType::Q4_0),
-            (4, false) => Some(GgmlType::Q4_1),
-            _ => None,
-        },
-        SourceTensor::Float(_) => None,
+fn natural_type(q: &QuantizedWeight) -> Option<GgmlType> {
+    match (q.spec.bits, q.spec.symmetric) {
+        (8, true) => Some(GgmlType::Q8_0),
+        (4, true) => Some(GgmlType::Q4_0),
+        (4, false) => Some(GgmlType::Q4_1),
+        _ => None,
     }
 }
 
@@ -206,8 +203,7 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
                 (Some(ty), SourceTensor::Float(_)) if four_bit(ty) && embed_or_head => GgmlType::Q8_0,
                 (Some(ty), _) => ty,
                 (None, SourceTensor::Float(_)) => GgmlType::F16,
-                (None, q) => natural_type(q).ok_or_else(|| {
-                    let SourceTensor::Quantized(q) = q else { unreachable!() };
+                (None, SourceTensor::Quantized(q)) => natural_type(q).ok_or_else(|| {
                     unsupported(
                         &src.path,
                         "tensor type",

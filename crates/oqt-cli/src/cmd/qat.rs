@@ -194,13 +194,13 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         model.weights = bundle.dequantized_weights()?;
     }
     // Names and storage types only: the weights themselves move into the Burn model.
-    let mut source_types = oqt_core::ModelWeights::default();
-    for n in model.weights.names() {
-        let ty = model.weights.source_type(n).unwrap_or("f32").to_string();
-        source_types.insert(n.clone(), oqt_core::TensorF32::new(vec![0], vec![]), ty);
-    }
+    let source_types: std::collections::BTreeMap<String, String> = model
+        .weights
+        .names()
+        .map(|n| (n.clone(), model.weights.source_type(n).unwrap_or("f32").to_string()))
+        .collect();
     let data = oqt_core::datasets::resolve(&a.dataset)?;
-    if data.manifest.as_ref().is_some_and(|m| m.role == "eval") {
+    if data.is_eval_set() {
         bail!("--dataset {}: an evaluation set cannot be trained on", data.name);
     }
     let tokens = model
