@@ -787,11 +787,83 @@ fn zeroth_order_qat_trains_resumes_and_writes_a_runnable_bundle() {
     };
     let (rt, sim) = (ppl(&[]), ppl(&["--simulate"]));
     assert!((rt - sim).abs() / sim < 1e-3, "runtime {rt} vs simulation {sim}");
-    // Not a first-order run yet: a clear error.
+}
+
+/// The other training modes end to end on a tiny model: lightweight
+/// zeroth-order QAT of a static recipe (calibrated start, trained activation
+/// ranges, frozen integers) with distillation, and the first-order baseline;
+/// both bundles run in the runtime as simulated.
+#[test]
+fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 13)).unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "a stitch in time saves nine; nine lives has the cat. ".repeat(40),
+    )
+    .unwrap();
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut c = oqt();
+        c.arg("qat")
+            .arg(gguf.as_os_str())
+            .args(["--dataset", text.to_str().unwrap()])
+            .args(["--steps", "3", "--batch", "2", "--seq-len", "32", "--eval-every", "0"])
+            .args(["--eval-windows", "2", "--json", "--output"])
+            .arg(out)
+            .args(extra);
+        json_of(&mut c)
+    };
+    let ppl = |bundle: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["eval", "--bundle", bundle.to_str().unwrap()];
+        args.extend_from_slice(&["--dataset", text.to_str().unwrap(), "--ctx", "64", "--json"]);
+        args.extend_from_slice(extra);
+        json_of(oqt().args(&args))["perplexity"].as_f64().unwrap()
+    };
+
+    let light = dir.path().join("light.oqt");
+    run(
+        &light,
+        &[
+            "--zeroth-order",
+            "--recipe",
+            "w4a8",
+            "--lightweight",
+            "--distill",
+            "0.5",
+            "--lr",
+            "1e-2",
+        ],
+    );
+    let b = oqt_core::bundle::Bundle::open(&light).unwrap();
+    assert_eq!(b.manifest.method.as_deref(), Some("zeroqat-lightweight"));
+    assert!(b.site_grids().unwrap().is_some(), "static grids exported");
+    let (rt, sim) = (ppl(&light, &[]), ppl(&light, &["--simulate"]));
+    assert!(
+        (rt - sim).abs() / sim < 1e-3,
+        "static: runtime {rt} vs simulation {sim}"
+    );
+
+    let first = dir.path().join("first.oqt");
+    let v = run(&first, &["--recipe", "w4a8-dyn", "--lr", "1e-3"]);
+    assert_eq!(v["steps"], 3);
+    let b = oqt_core::bundle::Bundle::open(&first).unwrap();
+    assert_eq!(b.manifest.method.as_deref(), Some("qat-first-order"));
+    let (rt, sim) = (ppl(&first, &[]), ppl(&first, &["--simulate"]));
+    assert!(
+        (rt - sim).abs() / sim < 1e-3,
+        "first-order: runtime {rt} vs simulation {sim}"
+    );
+    // First-order runs keep no optimizer state to resume from: a clear error.
     oqt()
-        .args(["qat", "--recipe", "w4a8-dyn", gguf.to_str().unwrap(), "--output"])
+        .args(["qat", "--recipe", "w4a8-dyn", gguf.to_str().unwrap(), "--resume"])
+        .arg(dir.path().join("x.ckpt"))
+        .arg("--output")
         .arg(dir.path().join("fo.oqt"))
         .assert()
         .failure()
-        .stderr(contains("first-order QAT"));
+        .stderr(contains("first-order runs do not checkpoint"));
 }

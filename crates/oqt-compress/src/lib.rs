@@ -3,6 +3,7 @@
 
 pub mod awq;
 pub mod calibrate;
+pub mod distill;
 pub mod gptq;
 pub mod inputs;
 pub mod mobilequant;

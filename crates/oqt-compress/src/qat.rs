@@ -4,12 +4,15 @@
 //! from which a resumed run continues bit-identically — the batches, like the
 //! SPSA directions, are functions of `(seed, step)`.
 
-use crate::qat_model::{QatModel, Trainable};
+use crate::distill::{WindowTargets, teacher_targets};
+use crate::qat_model::{Distill, QatModel, Trainable};
 use crate::zeroqat::{SpsaConfig, SpsaStep, ZoTrainable, spsa_step};
 use oqt_core::{CoreError, Result};
+use oqt_model::llama::Llama;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +30,57 @@ pub struct QatOptions {
     /// Save a checkpoint every N steps (0: only at the end or on interruption).
     pub checkpoint_every: u64,
     pub trainable: Trainable,
+    /// Weight `w` of the distillation term (0: next-token cross-entropy only).
+    #[serde(default)]
+    pub distill_weight: f32,
+    /// Teacher tokens kept per position for distillation.
+    #[serde(default = "default_top_k")]
+    pub distill_top_k: usize,
+}
+
+fn default_top_k() -> usize {
+    32
+}
+
+/// The float teacher's targets for each step's batch, by step.
+pub type TeacherTargets = BTreeMap<u64, Vec<WindowTargets>>;
+
+/// The teacher's targets for every batch of steps `from..opts.steps` (the
+/// batches are functions of `(seed, step)`, so a resumed run recomputes the
+/// same ones). Compute them before building the student and drop the teacher.
+pub fn precompute_teacher(
+    teacher: &Llama,
+    data: &TrainTokens,
+    opts: &QatOptions,
+    from: u64,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<TeacherTargets> {
+    let mut out = BTreeMap::new();
+    for step in from..opts.steps {
+        let windows = batch_windows(&data.train, opts.spsa.seed, step, opts.batch, opts.seq_len);
+        let targets = windows
+            .iter()
+            .map(|w| teacher_targets(teacher, w, opts.distill_top_k))
+            .collect::<Result<Vec<_>>>()?;
+        out.insert(step, targets);
+        progress(step + 1 - from, opts.steps - from);
+    }
+    Ok(out)
+}
+
+fn distill_for<'a>(teacher: Option<&'a TeacherTargets>, opts: &QatOptions, step: u64) -> Result<Option<Distill<'a>>> {
+    match teacher {
+        None => Ok(None),
+        Some(t) => {
+            let targets = t
+                .get(&step)
+                .ok_or_else(|| CoreError::Other(format!("no distillation targets for step {step}")))?;
+            Ok(Some(Distill {
+                targets,
+                weight: opts.distill_weight,
+            }))
+        }
+    }
 }
 
 /// Training tokens and the held-out tail used for evaluation.
@@ -194,6 +248,7 @@ pub fn train_zeroth_order(
     opts: &QatOptions,
     start_step: u64,
     checkpoint: Option<(&Path, &CheckpointState)>,
+    teacher: Option<&TeacherTargets>,
     obs: &mut dyn QatObserver,
 ) -> Result<QatOutcome> {
     if data.train.len() < opts.seq_len + 1 {
@@ -235,8 +290,9 @@ pub fn train_zeroth_order(
         }
         let windows = batch_windows(&data.train, opts.spsa.seed, step, opts.batch, opts.seq_len);
         let t0 = std::time::Instant::now();
+        let distill = distill_for(teacher, opts, step)?;
         let s = spsa_step(model, &opts.spsa, step, opts.steps, &mut |m: &QatModel| {
-            m.loss(&windows)
+            m.objective(&windows, distill)
         })?;
         // Two forward passes per probe.
         let tokens = (2 * opts.spsa.n_spsa.max(1) as usize * opts.batch * opts.seq_len) as f64;
@@ -261,6 +317,79 @@ pub fn train_zeroth_order(
     Ok(out)
 }
 
+/// First-order QAT, the baseline ZeroQAT is compared with: the same batches
+/// (from `(seed, step)`), loss, fake quantizers and trainable set, with
+/// gradients by backpropagation (straight-through rounding) and AdamW at
+/// `opts.spsa.lr` / `schedule` / `weight_decay` (ε and n-SPSA do not apply).
+/// `model` must live on an autodiff device. Its memory is the model plus
+/// gradients, two AdamW moments per trainable value and the activations of
+/// the whole batch kept for the backward pass. No checkpoints (the AdamW
+/// moments are not saved): an interrupted run stops without a result.
+/// Steps are reported with `loss_plus = loss_minus =` the batch loss and a
+/// projected gradient of 0.
+pub fn train_first_order(
+    mut model: QatModel,
+    data: &TrainTokens,
+    opts: &QatOptions,
+    teacher: Option<&TeacherTargets>,
+    obs: &mut dyn QatObserver,
+) -> Result<(QatModel, QatOutcome)> {
+    if data.train.len() < opts.seq_len + 1 {
+        return Err(CoreError::Other(format!(
+            "training text has {} tokens, fewer than one window of {}",
+            data.train.len(),
+            opts.seq_len
+        )));
+    }
+    let mut out = QatOutcome {
+        next_step: 0,
+        interrupted: false,
+        steps: Vec::new(),
+        evals: Vec::new(),
+    };
+    let eval =
+        |model: &QatModel| held_out_perplexity(model, &data.held_out, opts.seq_len, opts.eval_windows, opts.batch);
+    if opts.eval_every > 0 {
+        let ppl = eval(&model)?;
+        obs.on_eval(0, ppl);
+        out.evals.push((0, ppl));
+    }
+    let mut adam = crate::qat_model::FirstOrder::new(opts.spsa.weight_decay);
+    for step in 0..opts.steps {
+        if obs.interrupted() {
+            out.interrupted = true;
+            return Ok((model, out));
+        }
+        let windows = batch_windows(&data.train, opts.spsa.seed, step, opts.batch, opts.seq_len);
+        let t0 = std::time::Instant::now();
+        let lr = opts.spsa.schedule.at(opts.spsa.lr, step, opts.steps);
+        let distill = distill_for(teacher, opts, step)?;
+        let (next, loss) = model.first_order_step(&windows, distill, lr, &mut adam)?;
+        model = next;
+        let s = SpsaStep {
+            step,
+            loss_plus: loss,
+            loss_minus: loss,
+            projected_grad: 0.0,
+            lr,
+        };
+        obs.on_step(&s, (opts.batch * opts.seq_len) as f64 / t0.elapsed().as_secs_f64());
+        out.steps.push(s);
+        out.next_step = step + 1;
+        if opts.eval_every > 0 && out.next_step.is_multiple_of(opts.eval_every) {
+            let ppl = eval(&model)?;
+            obs.on_eval(out.next_step, ppl);
+            out.evals.push((out.next_step, ppl));
+        }
+    }
+    if out.evals.last().is_none_or(|(s, _)| *s != out.next_step) {
+        let ppl = eval(&model)?;
+        obs.on_eval(out.next_step, ppl);
+        out.evals.push((out.next_step, ppl));
+    }
+    Ok((model, out))
+}
+
 /// Where checkpoints go by default: beside the output bundle.
 pub fn default_checkpoint_dir(output: &Path) -> PathBuf {
     output.with_extension("ckpt")
@@ -277,7 +406,7 @@ mod tests {
         let cfg = tiny_config();
         let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &Device::flex());
         let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        QatModel::new(llama, spec, Trainable::Full).unwrap()
+        QatModel::new(llama, spec, Trainable::Full, None).unwrap()
     }
 
     struct Quiet {
@@ -311,6 +440,8 @@ mod tests {
             eval_windows: 2,
             checkpoint_every: 3,
             trainable: Trainable::Full,
+            distill_weight: 0.0,
+            distill_top_k: 32,
         }
     }
 
@@ -332,7 +463,7 @@ mod tests {
         };
         let mut straight = model();
         let mut quiet = Quiet { stop_at: None, seen: 0 };
-        train_zeroth_order(&mut straight, &data, &opts, 0, None, &mut quiet).unwrap();
+        train_zeroth_order(&mut straight, &data, &opts, 0, None, None, &mut quiet).unwrap();
 
         let ckpt = dir.path().join("run.ckpt");
         let mut first = model();
@@ -340,7 +471,7 @@ mod tests {
             stop_at: Some(5),
             seen: 0,
         };
-        let o = train_zeroth_order(&mut first, &data, &opts, 0, Some((&ckpt, &state)), &mut stopper).unwrap();
+        let o = train_zeroth_order(&mut first, &data, &opts, 0, Some((&ckpt, &state)), None, &mut stopper).unwrap();
         assert!(o.interrupted && o.next_step == 5);
         drop(first);
 
@@ -355,6 +486,7 @@ mod tests {
             &saved.options,
             saved.next_step,
             Some((&ckpt, &state)),
+            None,
             &mut quiet,
         )
         .unwrap();
@@ -365,6 +497,31 @@ mod tests {
                 "tensor {i} differs after resume"
             );
         }
+    }
+
+    #[test]
+    fn first_order_training_lowers_the_loss_on_the_same_batches() {
+        let cfg = tiny_config();
+        let device = Device::flex().autodiff();
+        let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &device);
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        let model = QatModel::new(llama, spec, Trainable::Full, None).unwrap();
+        let opts = QatOptions {
+            spsa: SpsaConfig {
+                lr: 3e-3,
+                ..options().spsa
+            },
+            steps: 12,
+            eval_every: 0,
+            ..options()
+        };
+        let data = tokens();
+        let mut quiet = Quiet { stop_at: None, seen: 0 };
+        let (_, out) = train_first_order(model, &data, &opts, None, &mut quiet).unwrap();
+        let first: f32 = out.steps[..3].iter().map(|s| s.loss_plus).sum();
+        let last: f32 = out.steps[9..].iter().map(|s| s.loss_plus).sum();
+        assert!(last < first - 0.03, "loss {first} → {last} (sums of 3 steps)");
+        assert_eq!(out.evals.len(), 1, "held-out perplexity at the end");
     }
 
     #[test]

@@ -1,32 +1,51 @@
 //! The model quantization-aware training moves: a float [`Llama`] whose
 //! linear layers compute through the recipe's fake quantizers (weights on the
-//! recipe's grid, inputs quantized as the recipe says), trained on next-token
-//! cross-entropy. [`QatModel`] exposes its trainable tensors to the
-//! zeroth-order optimizer ([`crate::zeroqat`]).
+//! recipe's grid, inputs quantized as the recipe says, static sites on their
+//! grids), trained on next-token cross-entropy. [`QatModel`] exposes its
+//! trainable tensors to the zeroth-order optimizer ([`crate::zeroqat`]) and,
+//! on an autodiff device, its parameters to first-order training
+//! ([`crate::qat::train_first_order`]).
 //!
 //! Which tensors train ([`Trainable`]):
-//! * `Full`: every decoder linear weight (the latent float weights under the
-//!   fake quantizer) and every RMSNorm gain;
-//! * `Lightweight`: the RMSNorm gains only (~0.03% of SmolLM2's parameters).
-//!   A gain scales the input channels of the q/k/v or gate/up projections
-//!   before their inputs are quantized, so it acts as a learned per-channel
-//!   smoothing of every quantized matmul — the quantizer-facing parameters —
-//!   while the frozen weights could stay stored as integers.
+//! * `Full`: every decoder linear's latent float weights (under the fake
+//!   quantizer, straight-through), every RMSNorm gain, and on static recipes
+//!   the activation ranges;
+//! * `Lightweight`: the quantizer-facing parameters only — the RMSNorm gains
+//!   (~0.03% of SmolLM2's parameters) and, on static recipes, the activation
+//!   ranges. A gain scales the input channels of the q/k/v or gate/up
+//!   projections before their inputs are quantized: a learned per-channel
+//!   smoothing of every quantized matmul. The frozen decoder linears are
+//!   stored as the bundle will store them — integers and scales
+//!   ([`QuantizedWeight`], one byte a weight instead of four) — and
+//!   dequantized layer by layer in the forward pass, so the run needs less
+//!   memory than inference on the float model, and the bundle holds exactly
+//!   the integers that were trained through.
 //!
-//! Dynamic (per-token), llama.cpp Q8_0-block and float activations are
-//! simulated; static NPU grids are not trained here yet.
+//! Activation ranges are one log-scale offset per static site
+//! (`scale = scale₀ · exp(δ)`, δ = 0 at the calibrated or PTQ grid): the
+//! same relative parameter MobileQuant learns, so weight decay pulls a range
+//! back toward its starting grid rather than toward scale 1.
+//!
+//! The embedding and the head are fake-quantized once, in place (they never
+//! train): the embedding lookup then reads the values the runtime reads.
 
+use crate::distill::WindowTargets;
+use crate::mobilequant::RangeParams;
 use crate::zeroqat::ZoTrainable;
 use burn::module::Param;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
-use oqt_core::quant::{ActMode, QuantSpec};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use oqt_core::quant::{
+    ActGrid, ActMode, ActSite, QuantSpec, QuantizedWeight, WeightSpec, dequantize_weight, quantize_weight, static_sites,
+};
 use oqt_core::weights::{ModelWeights, TensorF32, names};
 use oqt_core::{CoreError, Result};
-use oqt_model::fake_quant::{fake_quant_dynamic_rows, fake_quant_q8_0_blocks, fake_quant_weight};
+use oqt_model::fake_quant::{ActQuantizer, fake_quant_dynamic_rows, fake_quant_q8_0_blocks, fake_quant_weight};
 use oqt_model::hooks::{ForwardHooks, Proj};
 use oqt_model::llama::Llama;
-use std::collections::BTreeMap;
+use oqt_model::quant_sim::fake_quant_static;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -41,61 +60,148 @@ enum Target {
     AttnNorm(usize),
     MlpNorm(usize),
     FinalNorm,
+    /// Every static site's log-scale offset, as one tensor.
+    ActRanges,
+}
+
+/// Logit distillation for one batch: the teacher's targets (one per window)
+/// and the weight `w` of the KL term.
+#[derive(Debug, Clone, Copy)]
+pub struct Distill<'a> {
+    pub targets: &'a [WindowTargets],
+    pub weight: f32,
+}
+
+/// Checkpoint name of the activation-range tensor.
+pub const ACT_RANGES_NAME: &str = "act_ranges.log_scale";
+
+/// The static activation quantizers of a static recipe.
+struct StaticSites {
+    params: RangeParams,
+    /// Manifest keys (`layers.3.attn_in`, `final_in`, …), in `params` order.
+    keys: Vec<String>,
+    index: HashMap<String, usize>,
+    /// The fixed softmax grid.
+    probs: ActGrid,
+}
+
+/// What training ends with, ready for the bundle writer.
+pub struct TrainedWeights {
+    /// Canonical float weights (trained tensors as trained; frozen linears dequantized).
+    pub weights: ModelWeights,
+    /// Linears already on their grid (lightweight runs' frozen integers).
+    pub quantized: BTreeMap<String, QuantizedWeight>,
+    /// The static sites' grids as trained (static recipes).
+    pub act_grids: Option<BTreeMap<String, ActGrid>>,
 }
 
 pub struct QatModel {
     pub llama: Llama,
     pub spec: QuantSpec,
     targets: Vec<Target>,
-    /// The head's weights on their grid, `[in, out]`: never trained, quantized once.
-    head: Tensor<2>,
-    /// Decoder linears already on their grid (lightweight runs freeze them so).
-    prequantized: bool,
+    /// `[layer][position in Proj::PER_LAYER]`: each decoder linear's weight grid.
+    specs: Vec<Vec<WeightSpec>>,
+    /// Lightweight runs: the frozen decoder linears as integers (same indexing).
+    frozen: Option<Vec<Vec<QuantizedWeight>>>,
+    sites: Option<StaticSites>,
+}
+
+fn position(p: Proj) -> usize {
+    Proj::PER_LAYER.iter().position(|&q| q == p).expect("decoder linear")
+}
+
+fn read_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 tensor")
 }
 
 struct QatHooks<'a> {
-    llama: &'a Llama,
-    spec: &'a QuantSpec,
-    head: &'a Tensor<2>,
-    prequantized: bool,
+    m: &'a QatModel,
+}
+
+impl QatHooks<'_> {
+    fn site(&self, layer: usize, site: ActSite, x: Tensor<3>) -> Tensor<3> {
+        match &self.m.sites {
+            Some(s) => match s.index.get(&site.key(layer)) {
+                Some(&i) => s.params.sites[i].forward(x),
+                None => x,
+            },
+            None => x,
+        }
+    }
 }
 
 impl ForwardHooks for QatHooks<'_> {
     fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, _float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        let x = match self.spec.activations.mode {
+        let m = self.m;
+        let x = match m.spec.activations.mode {
             ActMode::Dynamic => fake_quant_dynamic_rows(x),
             ActMode::LlamaCppQ8_0 => fake_quant_q8_0_blocks(x),
-            ActMode::None | ActMode::Static => x,
+            ActMode::Static => self.site(layer, proj.input_site(), x),
+            ActMode::None => x,
         };
         let w = match proj {
-            Proj::Head => self.head.clone(),
-            p if self.prequantized => self.llama.decoder_linear(layer, p).weight.val(),
-            p => fake_quant_weight(
-                self.llama.decoder_linear(layer, p).weight.val(),
-                &self.spec.weights_for(&p.weight_name(layer)),
-                1.0,
-            ),
+            Proj::Head => m.head_weight(),
+            p => match &m.frozen {
+                Some(f) => {
+                    let qw = &f[layer][position(p)];
+                    let device = m.llama.device();
+                    Tensor::<2>::from_data(TensorData::new(dequantize_weight(qw), [qw.rows, qw.cols]), &device)
+                        .transpose()
+                }
+                None => fake_quant_weight(
+                    m.llama.decoder_linear(layer, p).weight.val(),
+                    &m.specs[layer][position(p)],
+                    1.0,
+                ),
+            },
         };
         let [b, t, d_in] = x.dims();
         let d_out = w.dims()[1];
         x.reshape([b * t, d_in]).matmul(w).reshape([b, t, d_out])
     }
+
+    fn act(&self, layer: usize, site: ActSite, x: Tensor<3>) -> Tensor<3> {
+        self.site(layer, site, x)
+    }
+
+    fn probs(&self, _layer: usize, p: Tensor<4>) -> Tensor<4> {
+        match &self.m.sites {
+            Some(s) => fake_quant_static(p, &s.probs),
+            None => p,
+        }
+    }
 }
 
 impl QatModel {
-    pub fn new(llama: Llama, spec: QuantSpec, trainable: Trainable) -> Result<Self> {
-        if spec.activations.mode == ActMode::Static {
-            return Err(CoreError::Other(
-                "QAT of static (NPU) activation grids is not implemented yet; use a dynamic recipe such as w4a8-dyn"
-                    .into(),
-            ));
-        }
+    /// `grids`: the static sites' starting grids (a PTQ bundle's `act_grids`
+    /// or a calibration), required by static recipes and ignored otherwise.
+    pub fn new(
+        llama: Llama,
+        spec: QuantSpec,
+        trainable: Trainable,
+        grids: Option<&BTreeMap<String, ActGrid>>,
+    ) -> Result<Self> {
         if llama.layers.iter().any(|b| b.attn.q_proj.bias.is_some()) {
             return Err(CoreError::Other(
                 "QAT of models with q/k/v biases is not implemented yet".into(),
             ));
         }
         let n = llama.layers.len();
+        let device = llama.device();
+        let sites = if spec.activations.mode == ActMode::Static {
+            let grids = grids.ok_or_else(|| {
+                CoreError::Other(
+                    "a static-activation recipe needs starting grids: start from its PTQ bundle (--from) or calibrate"
+                        .into(),
+                )
+            })?;
+            Some(static_sites_from(&spec, n, grids, &device)?)
+        } else {
+            None
+        };
         let mut targets = Vec::new();
         if trainable == Trainable::Full {
             for l in 0..n {
@@ -107,37 +213,68 @@ impl QatModel {
             targets.push(Target::MlpNorm(l));
         }
         targets.push(Target::FinalNorm);
-        let head = match &llama.lm_head {
-            Some(h) => fake_quant_weight(h.weight.val(), &spec.weights_for(names::LM_HEAD), 1.0),
-            None => fake_quant_weight(
-                llama.embed_tokens.weight.val().transpose(),
-                &spec.weights_for(names::EMBED),
-                1.0,
-            ),
-        };
-        let mut llama = llama;
-        let prequantized = trainable == Trainable::Lightweight;
-        if prequantized {
-            // Frozen weights go onto their grid once; the forward then skips their quantizers.
-            for l in 0..n {
-                for &p in Proj::PER_LAYER.iter() {
-                    let spec_w = spec.weights_for(&p.weight_name(l));
-                    let lin = llama.decoder_linear_mut(l, p);
-                    lin.weight = Param::from_tensor(fake_quant_weight(lin.weight.val(), &spec_w, 1.0));
-                }
-            }
+        if sites.is_some() {
+            targets.push(Target::ActRanges);
         }
+        let specs: Vec<Vec<WeightSpec>> = (0..n)
+            .map(|l| {
+                Proj::PER_LAYER
+                    .iter()
+                    .map(|p| spec.weights_for(&p.weight_name(l)))
+                    .collect()
+            })
+            .collect();
+
+        let mut llama = llama;
+        // Embedding and head: on their grids once, never trained.
+        let embed = llama.embed_tokens.weight.val();
+        let q_embed = fake_quant_weight(embed.transpose(), &spec.weights_for(names::EMBED), 1.0).transpose();
+        llama.embed_tokens.weight = Param::from_tensor(q_embed.detach()).set_require_grad(false);
+        if let Some(h) = &mut llama.lm_head {
+            let q = fake_quant_weight(h.weight.val(), &spec.weights_for(names::LM_HEAD), 1.0);
+            h.weight = Param::from_tensor(q.detach()).set_require_grad(false);
+        }
+        let frozen = if trainable == Trainable::Lightweight {
+            let mut frozen = Vec::with_capacity(n);
+            for (l, layer_specs) in specs.iter().enumerate() {
+                let mut row = Vec::with_capacity(7);
+                for (&p, spec_w) in Proj::PER_LAYER.iter().zip(layer_specs) {
+                    let lin = llama.decoder_linear_mut(l, p);
+                    // Burn's [in, out] → canonical [out, in], then the bundle's integers.
+                    let w = lin.weight.val().transpose();
+                    let [rows, cols] = w.dims();
+                    row.push(quantize_weight(&read_vec(w), rows, cols, spec_w, 1.0));
+                    // The integers are the storage from here on: release the float weight.
+                    lin.weight = Param::from_tensor(Tensor::zeros([1, 1], &device)).set_require_grad(false);
+                }
+                frozen.push(row);
+            }
+            Some(frozen)
+        } else {
+            None
+        };
         Ok(Self {
             llama,
             spec,
             targets,
-            head,
-            prequantized,
+            specs,
+            frozen,
+            sites,
         })
     }
 
-    /// Mean next-token cross-entropy over `windows` (equal lengths, one batch).
-    pub fn loss(&self, windows: &[Vec<u32>]) -> Result<f32> {
+    fn head_weight(&self) -> Tensor<2> {
+        match &self.llama.lm_head {
+            Some(h) => h.weight.val(),
+            None => self.llama.embed_tokens.weight.val().transpose(),
+        }
+    }
+
+    /// Mean next-token cross-entropy over `windows` (equal lengths) as a
+    /// tensor (with its graph on an autodiff device); with `distill`,
+    /// `(1 − w)·CE + w·KL(teacher_k ‖ student)` (per position, summed over the
+    /// teacher's top k, averaged over positions).
+    pub fn loss_tensor(&self, windows: &[Vec<u32>], distill: Option<Distill<'_>>) -> Result<Tensor<1>> {
         let (b, s) = (windows.len(), windows.first().map_or(0, Vec::len));
         if b == 0 || s < 2 || windows.iter().any(|w| w.len() != s) {
             return Err(CoreError::Other(format!(
@@ -147,24 +284,55 @@ impl QatModel {
         let device = self.llama.device();
         let ids: Vec<i64> = windows.iter().flatten().map(|&t| t as i64).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
-        let hooks = QatHooks {
-            llama: &self.llama,
-            spec: &self.spec,
-            head: &self.head,
-            prequantized: self.prequantized,
-        };
+        let hooks = QatHooks { m: self };
         let hidden = self.llama.forward_hidden_with(tokens.clone(), None, &hooks);
         let d = hidden.dims()[2];
         let hidden = hidden.slice([0..b, 0..s - 1, 0..d]);
         let lp = log_softmax(self.llama.logits_with(hidden, &hooks), 2);
         let targets = tokens.slice([0..b, 1..s]).reshape([b, s - 1, 1]);
-        let nll = lp.gather(2, targets).neg().mean();
-        let v = nll
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| CoreError::Other(format!("reading the loss: {e:?}")))?;
-        Ok(v[0])
+        let ce = lp.clone().gather(2, targets).neg().mean();
+        let Some(d) = distill else {
+            return Ok(ce);
+        };
+        let k = d.targets.first().map_or(0, |t| t.k);
+        if d.targets.len() != b || d.targets.iter().any(|t| t.positions != s - 1 || t.k != k) {
+            return Err(CoreError::Other(format!(
+                "distillation targets do not match the batch ({} windows of {} positions expected)",
+                b,
+                s - 1
+            )));
+        }
+        let idx: Vec<i64> = d.targets.iter().flat_map(|t| t.tokens.iter().copied()).collect();
+        let lt: Vec<f32> = d.targets.iter().flat_map(|t| t.log_probs.iter().copied()).collect();
+        let idx = Tensor::<3, Int>::from_data(TensorData::new(idx, [b, s - 1, k]), &device);
+        let lt = Tensor::<3>::from_data(TensorData::new(lt, [b, s - 1, k]), &device);
+        let ls = lp.gather(2, idx);
+        let kl = (lt.clone().exp() * (lt - ls)).sum_dim(2).mean();
+        Ok(ce * (1.0 - d.weight) + kl * d.weight)
+    }
+
+    /// [`QatModel::objective`] without distillation: the held-out metric.
+    pub fn loss(&self, windows: &[Vec<u32>]) -> Result<f32> {
+        self.objective(windows, None)
+    }
+
+    /// [`QatModel::loss_tensor`]'s value, one window at a time: the
+    /// `[tokens, vocab]` logits of a single window are the largest buffer, as
+    /// in evaluation.
+    pub fn objective(&self, windows: &[Vec<u32>], distill: Option<Distill<'_>>) -> Result<f32> {
+        if windows.is_empty() {
+            return Err(CoreError::Other("a training batch needs at least one window".into()));
+        }
+        let mut total = 0f64;
+        for (i, w) in windows.iter().enumerate() {
+            let d = distill.map(|d| Distill {
+                targets: &d.targets[i..i + 1],
+                weight: d.weight,
+            });
+            let v = read_vec(self.loss_tensor(std::slice::from_ref(w), d)?.detach());
+            total += v[0] as f64;
+        }
+        Ok((total / windows.len() as f64) as f32)
     }
 
     /// Names of the trainable tensors, in [`ZoTrainable`] order (canonical names).
@@ -176,17 +344,14 @@ impl QatModel {
                 Target::AttnNorm(l) => names::layer(l, names::ATTN_NORM),
                 Target::MlpNorm(l) => names::layer(l, names::MLP_NORM),
                 Target::FinalNorm => names::FINAL_NORM.to_string(),
+                Target::ActRanges => ACT_RANGES_NAME.to_string(),
             })
             .collect()
     }
 
     /// Tensor `i` as it stands (Burn layout, flattened).
     pub fn tensor_values(&self, i: usize) -> Vec<f32> {
-        self.values_of(self.targets[i])
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 parameters")
+        read_vec(self.values_of(self.targets[i]))
     }
 
     /// Replace tensor `i` (checkpoint restore): `θ_i ← values`.
@@ -194,54 +359,96 @@ impl QatModel {
         self.update(i, 0.0, 1.0, values);
     }
 
-    /// The model's weights in canonical layout (trainable tensors as trained;
-    /// everything else as loaded, or on its grid when pre-quantized), with the
-    /// storage type each name had when loaded (`source_types`; "f32" otherwise).
-    pub fn float_weights(&self, source_types: &BTreeMap<String, String>) -> ModelWeights {
-        fn read(t: Tensor<2>) -> (Vec<usize>, Vec<f32>) {
-            let [r, c] = t.dims();
-            let v = t
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32 weights");
-            (vec![r, c], v)
-        }
+    /// The static sites' grids as they stand (static recipes).
+    pub fn act_grids(&self) -> Option<BTreeMap<String, ActGrid>> {
+        self.sites.as_ref().map(|s| {
+            s.keys
+                .iter()
+                .zip(&s.params.sites)
+                .map(|(k, q)| (k.clone(), q.grid()))
+                .collect()
+        })
+    }
+
+    /// Consume the model into what the bundle writer needs, one tensor at a
+    /// time (the Burn copy of each weight is released as it is read). Storage
+    /// types come from `source_types` ("f32" for names it lacks).
+    pub fn into_trained(self, source_types: &BTreeMap<String, String>) -> TrainedWeights {
+        let act_grids = self.act_grids();
+        let Self { llama, frozen, .. } = self;
+        let Llama {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            ..
+        } = llama;
         // Burn keeps linears as [in, out]; canonical is [out, in].
         let linear = |w: Tensor<2>| {
-            let (shape, v) = read(w.transpose());
-            TensorF32::new(shape, v)
+            let w = w.transpose();
+            let shape = w.dims().to_vec();
+            TensorF32::new(shape, read_vec(w))
         };
         let vector = |g: Tensor<1>| {
-            let v = g
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32 weights");
+            let v = read_vec(g);
             TensorF32::new(vec![v.len()], v)
         };
-        let mut out = ModelWeights::default();
+        let mut weights = ModelWeights::default();
         let mut put = |name: String, t: TensorF32| {
             let source = source_types.get(&name).map_or("f32", String::as_str).to_string();
-            out.insert(name, t, source);
+            weights.insert(name, t, source);
         };
-        let (shape, v) = read(self.llama.embed_tokens.weight.val());
-        put(names::EMBED.to_string(), TensorF32::new(shape, v));
-        if let Some(h) = &self.llama.lm_head {
-            put(names::LM_HEAD.to_string(), linear(h.weight.val()));
+        let e = embed_tokens.weight.into_value();
+        let shape = e.dims().to_vec();
+        put(names::EMBED.to_string(), TensorF32::new(shape, read_vec(e)));
+        if let Some(h) = lm_head {
+            put(names::LM_HEAD.to_string(), linear(h.weight.into_value()));
         }
-        put(names::FINAL_NORM.to_string(), vector(self.llama.norm.gamma.val()));
-        for (l, b) in self.llama.layers.iter().enumerate() {
-            put(names::layer(l, names::ATTN_NORM), vector(b.input_layernorm.gamma.val()));
+        put(names::FINAL_NORM.to_string(), vector(norm.gamma.into_value()));
+        let mut quantized = BTreeMap::new();
+        let mut frozen = frozen.map(|f| f.into_iter());
+        for (l, b) in layers.into_iter().enumerate() {
+            put(
+                names::layer(l, names::ATTN_NORM),
+                vector(b.input_layernorm.gamma.into_value()),
+            );
             put(
                 names::layer(l, names::MLP_NORM),
-                vector(b.post_attention_layernorm.gamma.val()),
+                vector(b.post_attention_layernorm.gamma.into_value()),
             );
-            for &p in Proj::PER_LAYER.iter() {
-                put(p.weight_name(l), linear(self.llama.decoder_linear(l, p).weight.val()));
+            let lins = [
+                b.attn.q_proj,
+                b.attn.k_proj,
+                b.attn.v_proj,
+                b.attn.o_proj,
+                b.mlp.gate_proj,
+                b.mlp.up_proj,
+                b.mlp.down_proj,
+            ];
+            let frozen_row = frozen.as_mut().map(|f| f.next().expect("a frozen row per layer"));
+            match frozen_row {
+                Some(row) => {
+                    for (&p, qw) in Proj::PER_LAYER.iter().zip(row) {
+                        let name = p.weight_name(l);
+                        put(
+                            name.clone(),
+                            TensorF32::new(vec![qw.rows, qw.cols], dequantize_weight(&qw)),
+                        );
+                        quantized.insert(name, qw);
+                    }
+                }
+                None => {
+                    for (&p, lin) in Proj::PER_LAYER.iter().zip(lins) {
+                        put(p.weight_name(l), linear(lin.weight.into_value()));
+                    }
+                }
             }
         }
-        out
+        TrainedWeights {
+            weights,
+            quantized,
+            act_grids,
+        }
     }
 
     fn values_of(&self, t: Target) -> Tensor<1> {
@@ -254,8 +461,130 @@ impl QatModel {
             Target::AttnNorm(l) => self.llama.layers[l].input_layernorm.gamma.val(),
             Target::MlpNorm(l) => self.llama.layers[l].post_attention_layernorm.gamma.val(),
             Target::FinalNorm => self.llama.norm.gamma.val(),
+            Target::ActRanges => {
+                let s = self.sites.as_ref().expect("static sites");
+                Tensor::cat(s.params.sites.iter().map(|q| q.log_scale.val()).collect(), 0)
+            }
         }
     }
+
+    /// One first-order step (the baseline): backpropagate the batch loss
+    /// through the same fake quantizers (straight-through rounding) and step
+    /// AdamW on the same trainable set. Needs an autodiff device. Returns the
+    /// model and the loss before the step.
+    pub fn first_order_step(
+        self,
+        windows: &[Vec<u32>],
+        distill: Option<Distill<'_>>,
+        lr: f64,
+        opt: &mut FirstOrder,
+    ) -> Result<(Self, f32)> {
+        if !self.llama.device().is_autodiff() {
+            return Err(CoreError::Other(
+                "first-order QAT needs an autodiff device (oqt_model::select_device(.., true))".into(),
+            ));
+        }
+        let loss = self.loss_tensor(windows, distill)?;
+        let value = read_vec(loss.clone().detach())[0];
+        if !value.is_finite() {
+            return Err(CoreError::Other(format!(
+                "first-order QAT diverged (loss {value}); lower --lr"
+            )));
+        }
+        let mut grads = loss.backward();
+        let Self {
+            llama,
+            spec,
+            targets,
+            specs,
+            frozen,
+            sites,
+        } = self;
+        let g = GradientsParams::from_module(&mut grads, &llama);
+        let llama = opt.model.step(lr, llama, g);
+        let sites = match sites {
+            Some(StaticSites {
+                params,
+                keys,
+                index,
+                probs,
+            }) => {
+                let g = GradientsParams::from_module(&mut grads, &params);
+                let params = opt.ranges.step(lr, params, g);
+                Some(StaticSites {
+                    params,
+                    keys,
+                    index,
+                    probs,
+                })
+            }
+            None => None,
+        };
+        let model = Self {
+            llama,
+            spec,
+            targets,
+            specs,
+            frozen,
+            sites,
+        };
+        Ok((model, value))
+    }
+}
+
+/// AdamW state of first-order QAT: one optimizer for the model's trainable
+/// parameters (decoupled weight decay as given), one for the activation
+/// ranges (no decay: a range's parameter is an offset from its start).
+pub struct FirstOrder {
+    model: ModuleOptimizer,
+    ranges: ModuleOptimizer,
+}
+
+impl FirstOrder {
+    pub fn new(weight_decay: f64) -> Self {
+        Self {
+            model: AdamWConfig::new().with_weight_decay(weight_decay as f32).init(),
+            ranges: AdamWConfig::new().with_weight_decay(0.0).init(),
+        }
+    }
+}
+
+fn static_sites_from(
+    spec: &QuantSpec,
+    n_layers: usize,
+    grids: &BTreeMap<String, ActGrid>,
+    device: &Device,
+) -> Result<StaticSites> {
+    let mut keys = Vec::new();
+    let mut sites = Vec::new();
+    let mut probs = None;
+    for (key, site, bits) in static_sites(spec, n_layers) {
+        if site.is_fixed() {
+            probs = Some(ActGrid::probabilities(bits));
+            continue;
+        }
+        let g = grids
+            .get(&key)
+            .ok_or_else(|| CoreError::Other(format!("act_grids: no grid for static site `{key}`")))?;
+        if g.bits != bits {
+            return Err(CoreError::Other(format!(
+                "act_grids.{key}: expected a {bits}-bit grid, found {} bits",
+                g.bits
+            )));
+        }
+        let mut q = ActQuantizer::from_grid(g, device);
+        // Ranges train through their scale; the zero point stays the starting grid's.
+        q.zero_shift = q.zero_shift.set_require_grad(false);
+        sites.push(q);
+        keys.push(key);
+    }
+    let index = keys.iter().enumerate().map(|(i, k)| (k.clone(), i)).collect();
+    Ok(StaticSites {
+        params: RangeParams { sites },
+        keys,
+        index,
+        probs: probs.unwrap_or(ActGrid::probabilities(spec.activations.bits)),
+    })
 }
 
 impl ZoTrainable for QatModel {
@@ -288,6 +617,13 @@ impl ZoTrainable for QatModel {
                 let g = &mut self.llama.norm.gamma;
                 *g = Param::from_tensor(g.val() * a + z * b);
             }
+            Target::ActRanges => {
+                let s = self.sites.as_mut().expect("static sites");
+                for (k, q) in s.params.sites.iter_mut().enumerate() {
+                    let zk = z.clone().slice([k..k + 1]);
+                    q.log_scale = Param::from_tensor(q.log_scale.val() * a + zk * b);
+                }
+            }
         }
     }
 }
@@ -296,7 +632,6 @@ impl ZoTrainable for QatModel {
 mod tests {
     use super::*;
     use crate::zeroqat::{SpsaConfig, spsa_step};
-    use burn::tensor::Device;
     use oqt_core::quant::builtin_recipe;
     use oqt_core::testing::{random_weights, tiny_config};
 
@@ -304,7 +639,7 @@ mod tests {
         let cfg = tiny_config();
         let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 21), &Device::flex());
         let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        QatModel::new(llama, spec, trainable).unwrap()
+        QatModel::new(llama, spec, trainable, None).unwrap()
     }
 
     fn batch() -> Vec<Vec<u32>> {
@@ -338,11 +673,116 @@ mod tests {
     }
 
     #[test]
-    fn static_recipes_are_refused_with_a_reason() {
+    fn per_window_loss_is_the_batch_loss() {
+        let m = model(Trainable::Full);
+        let data = batch();
+        let whole = read_vec(m.loss_tensor(&data, None).unwrap())[0];
+        let windowed = m.loss(&data).unwrap();
+        assert!((whole - windowed).abs() < 1e-5, "{whole} vs {windowed}");
+    }
+
+    #[test]
+    fn distillation_toward_the_float_teacher_lowers_the_kl() {
+        let cfg = tiny_config();
+        let weights = random_weights(&cfg, 21);
+        let teacher = oqt_model::llama_from_weights(&cfg, weights.clone(), &Device::flex());
+        let data = batch();
+        let targets: Vec<_> = data
+            .iter()
+            .map(|w| crate::distill::teacher_targets(&teacher, w, 8).unwrap())
+            .collect();
+        let d = Distill {
+            targets: &targets,
+            weight: 1.0,
+        };
+        let mut m = model(Trainable::Lightweight);
+        let start = m.objective(&data, Some(d)).unwrap();
+        assert!(
+            start > 0.0 && start.is_finite(),
+            "quantized student differs from the float teacher: {start}"
+        );
+        let cfg = SpsaConfig {
+            eps: 1e-2,
+            lr: 3e-2,
+            n_spsa: 2,
+            seed: 2,
+            grad_clip: 20.0,
+            ..Default::default()
+        };
+        for step in 0..30 {
+            spsa_step(&mut m, &cfg, step, 30, &mut |m: &QatModel| m.objective(&data, Some(d))).unwrap();
+        }
+        let end = m.objective(&data, Some(d)).unwrap();
+        assert!(end < start, "KL {start} → {end}");
+    }
+
+    #[test]
+    fn lightweight_stores_the_integers_the_full_model_computes_with() {
+        // Same start, same grid: the frozen integers' forward equals the fake quantizers'.
+        let (full, light) = (model(Trainable::Full), model(Trainable::Lightweight));
+        let data = batch();
+        let (a, b) = (full.loss(&data).unwrap(), light.loss(&data).unwrap());
+        assert!((a - b).abs() < 1e-4, "full {a} vs lightweight {b}");
+        let trained = light.into_trained(&BTreeMap::new());
+        assert_eq!(trained.quantized.len(), tiny_config().num_layers * 7);
+        let q = &trained.quantized[&Proj::Q.weight_name(0)];
+        assert!(q.q.iter().any(|&v| v != 0));
+    }
+
+    fn static_model(trainable: Trainable, seed: u64) -> (QatModel, BTreeMap<String, ActGrid>) {
+        let cfg = tiny_config();
+        let weights = random_weights(&cfg, seed);
+        let device = Device::flex();
+        let llama = oqt_model::llama_from_weights(&cfg, weights.clone(), &device);
+        let recipe = builtin_recipe("w4a8").unwrap().unwrap();
+        let windows: Vec<Vec<u32>> = batch();
+        let grids =
+            crate::calibrate::calibrate(&llama, &recipe.spec, &recipe.calibration, &windows, |_, _| {}).unwrap();
+        let llama = oqt_model::llama_from_weights(&cfg, weights, &device);
+        (
+            QatModel::new(llama, recipe.spec, trainable, Some(&grids)).unwrap(),
+            grids,
+        )
+    }
+
+    #[test]
+    fn static_recipes_train_their_activation_ranges() {
+        let (mut m, start_grids) = static_model(Trainable::Lightweight, 3);
+        assert_eq!(m.tensor_names().last().unwrap(), ACT_RANGES_NAME);
+        assert_eq!(
+            m.act_grids().unwrap(),
+            start_grids,
+            "untrained ranges are the starting grids"
+        );
+        let data = batch();
+        let start = m.loss(&data).unwrap();
+        let cfg = SpsaConfig {
+            eps: 1e-2,
+            lr: 3e-2,
+            n_spsa: 2,
+            seed: 1,
+            grad_clip: 20.0,
+            ..Default::default()
+        };
+        for step in 0..40 {
+            spsa_step(&mut m, &cfg, step, 40, &mut |m: &QatModel| m.loss(&data)).unwrap();
+        }
+        let end = m.loss(&data).unwrap();
+        assert!(end < start - 0.01, "loss {start} → {end}");
+        let trained = m.act_grids().unwrap();
+        assert!(trained.iter().any(|(k, g)| g.scale != start_grids[k].scale));
+        assert!(trained.iter().all(|(k, g)| g.zero_point == start_grids[k].zero_point));
+    }
+
+    #[test]
+    fn static_recipes_without_grids_are_refused_with_a_reason() {
         let cfg = tiny_config();
         let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 1), &Device::flex());
         let spec = builtin_recipe("w4a8").unwrap().unwrap().spec;
-        let e = QatModel::new(llama, spec, Trainable::Full).err().unwrap().to_string();
-        assert!(e.contains("static"), "{e}");
+        let e = QatModel::new(llama, spec, Trainable::Full, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--from"), "{e}");
     }
 }

@@ -6,8 +6,8 @@ use crate::output::print_json;
 use anyhow::{Context, bail};
 use clap::Args;
 use oqt_compress::qat::{
-    CheckpointState, QatObserver, QatOptions, TrainTokens, default_checkpoint_dir, read_checkpoint_state,
-    restore_checkpoint, train_zeroth_order,
+    CheckpointState, QatObserver, QatOptions, TrainTokens, default_checkpoint_dir, precompute_teacher,
+    read_checkpoint_state, restore_checkpoint, train_first_order, train_zeroth_order,
 };
 use oqt_compress::qat_model::{QatModel, Trainable};
 use oqt_compress::zeroqat::{LrSchedule, SpsaConfig, SpsaStep};
@@ -25,12 +25,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct QatArgs {
     /// The float model (alias, GGUF, HF directory or hub id).
     pub model: String,
-    /// Forward-only training (SPSA with the seed trick). Required for now: the
-    /// first-order STE baseline is not implemented yet.
+    /// Forward-only training (SPSA with the seed trick): memory of inference.
+    /// Without it: the first-order baseline (straight-through gradients,
+    /// backprop, AdamW) on the same loss, quantizers and trainable set.
     #[arg(long)]
     pub zeroth_order: bool,
-    /// Quantization recipe whose fake quantizers are trained through (dynamic or
-    /// float activations: w4a8-dyn, w4a16, gguf-q4_0, …).
+    /// Quantization recipe whose fake quantizers are trained through (w4a8-dyn,
+    /// w4a8, gguf-q4_0, …). Static recipes (w4a8, w8a8) start from the `--from`
+    /// bundle's activation grids, or calibrate as the recipe says.
     #[arg(long)]
     pub recipe: String,
     /// Start from this bundle's weights (a PTQ result) instead of the float model's.
@@ -44,11 +46,22 @@ pub struct QatArgs {
     pub held_out: f64,
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
-    /// Train only the RMSNorm gains (see `oqt_compress::qat_model`).
+    /// Train only the quantizer-facing parameters — RMSNorm gains and static
+    /// activation ranges — with the decoder weights frozen as integers (see
+    /// `oqt_compress::qat_model`).
     #[arg(long)]
     pub lightweight: bool,
     #[arg(long, default_value_t = 1e-5)]
     pub lr: f64,
+    /// Add logit distillation from the float model with this weight:
+    /// loss = (1 − w)·cross-entropy + w·KL(teacher ‖ student). The teacher's
+    /// top-k targets for every batch are computed before training and the
+    /// teacher dropped, so memory stays at inference size.
+    #[arg(long, default_value_t = 0.0)]
+    pub distill: f32,
+    /// Teacher tokens kept per position for --distill.
+    #[arg(long, default_value_t = 32)]
+    pub distill_top_k: usize,
     /// Perturbation size ε.
     #[arg(long, default_value_t = 1e-2)]
     pub eps: f32,
@@ -135,8 +148,10 @@ impl QatObserver for Reporter {
 }
 
 pub fn run(a: QatArgs) -> anyhow::Result<()> {
-    if !a.zeroth_order {
-        bail!("first-order QAT (STE + backprop) is not implemented yet; pass --zeroth-order");
+    if !a.zeroth_order && a.resume.is_some() {
+        bail!(
+            "--resume: first-order runs do not checkpoint (their AdamW moments are not saved); only --zeroth-order runs resume"
+        );
     }
     let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
     let schedule = match a.schedule.as_str() {
@@ -166,7 +181,12 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         } else {
             Trainable::Full
         },
+        distill_weight: a.distill,
+        distill_top_k: a.distill_top_k,
     };
+    if !(0.0..=1.0).contains(&a.distill) {
+        bail!("--distill: expected a weight in [0, 1], found {}", a.distill);
+    }
     let start = a.from.as_ref().map_or(a.model.clone(), |b| b.display().to_string());
     let mut start_step = 0;
     if let Some(r) = &a.resume {
@@ -189,9 +209,41 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     }
 
     let mut model = load(&a.model)?;
+    let static_grids = recipe.spec.activations.mode == oqt_core::quant::ActMode::Static;
+    // Static recipes: the starting activation grids and where they came from.
+    let mut grids = None;
+    // The float model's weights, kept only as the distillation teacher.
+    let mut float_weights = None;
     if let Some(b) = &a.from {
         let bundle = Bundle::open(b)?;
-        model.weights = bundle.dequantized_weights()?;
+        if static_grids {
+            if bundle.site_grids()?.is_none() {
+                bail!(
+                    "--from {}: recipe `{}` has static activation grids but the bundle has none (it was made with `{}`); start from a {} bundle",
+                    b.display(),
+                    recipe.name,
+                    bundle.manifest.recipe.as_ref().map_or("no recipe", |r| r.name.as_str()),
+                    recipe.name
+                );
+            }
+            grids = Some((
+                bundle.manifest.act_grids.clone(),
+                InputRecord {
+                    role: "start".into(),
+                    path: b.display().to_string(),
+                    sha256: oqt_core::datasets::sha256_file(b)?,
+                },
+            ));
+        }
+        let start = bundle.dequantized_weights()?;
+        float_weights = Some(std::mem::replace(&mut model.weights, start));
+    } else if static_grids {
+        let pb = crate::output::bar(recipe.calibration.samples as u64, "calibrating");
+        let c = oqt_compress::calibrate::calibrate_model(&model, &recipe.spec, &recipe.calibration, |d, _| {
+            pb.set_position(d as u64)
+        })?;
+        pb.finish_and_clear();
+        grids = Some((c.grids, c.input));
     }
     // Names and storage types only: the weights themselves move into the Burn model.
     let source_types: std::collections::BTreeMap<String, String> = model
@@ -209,9 +261,26 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         .with_context(|| format!("tokenizing {}", data.name))?;
     let tokens = TrainTokens::split(tokens, a.held_out);
 
-    let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)?;
+    let teacher = if options.distill_weight > 0.0 {
+        let cpu = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)?;
+        let weights = float_weights.take().unwrap_or_else(|| model.weights.clone());
+        let teacher = oqt_model::llama_from_weights(&model.config, weights, &cpu);
+        let pb = crate::output::bar(options.steps - start_step, "teacher targets");
+        let t = precompute_teacher(&teacher, &tokens, &options, start_step, |d, _| pb.set_position(d))?;
+        pb.finish_and_clear();
+        Some(t)
+    } else {
+        None
+    };
+    drop(float_weights);
+    let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, !a.zeroth_order)?;
     let llama = oqt_model::llama_from_weights(&model.config, std::mem::take(&mut model.weights), &device);
-    let mut qat = QatModel::new(llama, recipe.spec.clone(), options.trainable)?;
+    let mut qat = QatModel::new(
+        llama,
+        recipe.spec.clone(),
+        options.trainable,
+        grids.as_ref().map(|(g, _)| g),
+    )?;
     if let Some(r) = &a.resume {
         restore_checkpoint(r, &mut qat)?;
     }
@@ -231,7 +300,10 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     }
-    let pb = crate::output::bar(options.steps, "zeroqat");
+    let pb = crate::output::bar(
+        options.steps,
+        if a.zeroth_order { "zeroqat" } else { "qat (first-order)" },
+    );
     pb.set_position(start_step);
     let mut reporter = Reporter {
         pb,
@@ -239,15 +311,28 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         stop,
     };
     let t0 = std::time::Instant::now();
-    let outcome = train_zeroth_order(
-        &mut qat,
-        &tokens,
-        &options,
-        start_step,
-        Some((&ckpt_dir, &state)),
-        &mut reporter,
-    )?;
+    let (qat, outcome) = if a.zeroth_order {
+        let outcome = train_zeroth_order(
+            &mut qat,
+            &tokens,
+            &options,
+            start_step,
+            Some((&ckpt_dir, &state)),
+            teacher.as_ref(),
+            &mut reporter,
+        )?;
+        (qat, outcome)
+    } else {
+        train_first_order(qat, &tokens, &options, teacher.as_ref(), &mut reporter)?
+    };
+    drop(teacher);
     reporter.pb.finish_and_clear();
+    if outcome.interrupted && !a.zeroth_order {
+        bail!(
+            "interrupted at step {}: first-order runs keep no checkpoint, nothing written",
+            outcome.next_step
+        );
+    }
     if outcome.interrupted {
         eprintln!(
             "interrupted at step {}; checkpoint saved to {} — continue with --resume {}",
@@ -258,32 +343,44 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    // The trained latent weights on the recipe's grid: what the fake quantizers computed.
-    model.weights = qat.float_weights(&source_types);
-    drop(qat);
-    let mut writer = oqt_compress::rtn::quantize_rtn(
+    // The trained latent weights on the recipe's grid (what the fake quantizers
+    // computed), the frozen integers as they were, the trained activation grids.
+    let method = match (a.zeroth_order, a.lightweight) {
+        (true, false) => "zeroqat",
+        (true, true) => "zeroqat-lightweight",
+        (false, false) => "qat-first-order",
+        (false, true) => "qat-first-order-lightweight",
+    };
+    let trained = qat.into_trained(&source_types);
+    model.weights = trained.weights;
+    let mut start_recorded = false;
+    let calibrated = match (trained.act_grids, grids) {
+        (Some(g), Some((_, input))) => {
+            start_recorded = input.role == "start";
+            Some(oqt_compress::rtn::Calibrated { grids: g, input })
+        }
+        _ => None,
+    };
+    let mut writer = oqt_compress::rtn::assemble(
         &model,
+        oqt_compress::rtn::Prepared {
+            weights: &model.weights,
+            quantized: trained.quantized,
+            method: method.into(),
+        },
         &recipe,
         oqt_compress::rtn::RtnOptions { clip_search: false },
-        None,
+        calibrated,
         concat!("oqt ", env!("CARGO_PKG_VERSION")),
         |_, _| {},
     )?;
     let m = writer.manifest_mut();
-    m.method = Some(
-        if a.lightweight {
-            "zeroqat-lightweight"
-        } else {
-            "zeroqat"
-        }
-        .into(),
-    );
     m.inputs.push(InputRecord {
         role: "training".into(),
         path: data.path.display().to_string(),
         sha256: oqt_core::datasets::sha256_file(&data.path)?,
     });
-    if let Some(b) = &a.from {
+    if let Some(b) = a.from.as_ref().filter(|_| !start_recorded) {
         m.inputs.push(InputRecord {
             role: "start".into(),
             path: b.display().to_string(),
@@ -291,7 +388,7 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         });
     }
     m.training = Some(serde_json::json!({
-        "method": if a.lightweight { "zeroqat-lightweight" } else { "zeroqat" },
+        "method": method,
         "options": options,
         "steps_run": outcome.next_step,
         "held_out_perplexity": outcome.evals,
