@@ -596,6 +596,13 @@ impl ZoTrainable for QatModel {
     }
 
     fn update(&mut self, i: usize, a: f32, b: f32, z: &[f32]) {
+        if self.targets[i] == Target::ActRanges {
+            let s = self.sites.as_mut().expect("static sites");
+            for (q, &zk) in s.params.sites.iter_mut().zip(z) {
+                q.log_scale = Param::from_tensor((q.log_scale.val() * a).add_scalar(b * zk));
+            }
+            return;
+        }
         let device = self.llama.device();
         let z = Tensor::<1>::from_data(TensorData::new(z.to_vec(), [z.len()]), &device);
         match self.targets[i] {
@@ -617,13 +624,7 @@ impl ZoTrainable for QatModel {
                 let g = &mut self.llama.norm.gamma;
                 *g = Param::from_tensor(g.val() * a + z * b);
             }
-            Target::ActRanges => {
-                let s = self.sites.as_mut().expect("static sites");
-                for (k, q) in s.params.sites.iter_mut().enumerate() {
-                    let zk = z.clone().slice([k..k + 1]);
-                    q.log_scale = Param::from_tensor(q.log_scale.val() * a + zk * b);
-                }
-            }
+            Target::ActRanges => unreachable!("updated above"),
         }
     }
 }
