@@ -810,7 +810,6 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         let mut c = oqt();
         c.arg("qat")
             .arg(gguf.as_os_str())
-            .args(["--dataset", text.to_str().unwrap()])
             .args(["--steps", "3", "--batch", "2", "--seq-len", "32", "--eval-every", "0"])
             .args(["--eval-windows", "2", "--json", "--output"])
             .arg(out)
@@ -836,6 +835,8 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
             "0.5",
             "--lr",
             "1e-2",
+            "--dataset",
+            text.to_str().unwrap(),
         ],
     );
     let b = oqt_core::bundle::Bundle::open(&light).unwrap();
@@ -847,8 +848,25 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         "static: runtime {rt} vs simulation {sim}"
     );
 
+    // Instruction data through a prompt template, first-order.
+    let jsonl = dir.path().join("instructions.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"instruction\": \"name a pet\", \"output\": \"the cat\"}\n".repeat(60),
+    )
+    .unwrap();
     let first = dir.path().join("first.oqt");
-    let v = run(&first, &["--recipe", "w4a8-dyn", "--lr", "1e-3"]);
+    let v = run(
+        &first,
+        &[
+            "--recipe",
+            "w4a8-dyn",
+            "--lr",
+            "1e-3",
+            "--dataset",
+            jsonl.to_str().unwrap(),
+        ],
+    );
     assert_eq!(v["steps"], 3);
     let b = oqt_core::bundle::Bundle::open(&first).unwrap();
     assert_eq!(b.manifest.method.as_deref(), Some("qat-first-order"));

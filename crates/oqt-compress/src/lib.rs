@@ -9,6 +9,7 @@ pub mod inputs;
 pub mod mobilequant;
 pub mod ptq;
 pub mod qat;
+pub mod qat_data;
 pub mod qat_model;
 pub mod rtn;
 pub mod sensitivity;

@@ -38,9 +38,15 @@ pub struct QatArgs {
     /// Start from this bundle's weights (a PTQ result) instead of the float model's.
     #[arg(long)]
     pub from: Option<PathBuf>,
-    /// Training text: a dataset name (training role) or a text file.
+    /// Training text: a dataset name (training role), a text file, or
+    /// instruction data as a `.jsonl` file (`text`, `messages`, or
+    /// prompt/instruction + response/output per line).
     #[arg(long, default_value = "tinyshakespeare")]
     pub dataset: String,
+    /// How a JSONL prompt/response pair becomes text: `{prompt}` and
+    /// `{response}` are replaced (default: the model's chat template).
+    #[arg(long)]
+    pub prompt_template: Option<String>,
     /// Fraction of the text held out for evaluation (its tail).
     #[arg(long, default_value_t = 0.1)]
     pub held_out: f64,
@@ -255,10 +261,20 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     if data.is_eval_set() {
         bail!("--dataset {}: an evaluation set cannot be trained on", data.name);
     }
-    let tokens = model
-        .tokenizer
-        .encode(&data.read_text()?, false)
-        .with_context(|| format!("tokenizing {}", data.name))?;
+    let tokens = if oqt_compress::qat_data::is_jsonl(&data.path) {
+        oqt_compress::qat_data::jsonl_tokens(&model.tokenizer, &data.path, a.prompt_template.as_deref())?
+    } else {
+        if a.prompt_template.is_some() {
+            bail!(
+                "--prompt-template applies to .jsonl instruction data, not {}",
+                data.path.display()
+            );
+        }
+        model
+            .tokenizer
+            .encode(&data.read_text()?, false)
+            .with_context(|| format!("tokenizing {}", data.name))?
+    };
     let tokens = TrainTokens::split(tokens, a.held_out);
 
     let teacher = if options.distill_weight > 0.0 {
