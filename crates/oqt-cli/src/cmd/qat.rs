@@ -216,41 +216,6 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
 
     let mut model = load(&a.model)?;
     let static_grids = recipe.spec.activations.mode == oqt_core::quant::ActMode::Static;
-    // Static recipes: the starting activation grids and where they came from.
-    let mut grids = None;
-    // The float model's weights, kept only as the distillation teacher.
-    let mut float_weights = None;
-    if let Some(b) = &a.from {
-        let bundle = Bundle::open(b)?;
-        if static_grids {
-            if bundle.site_grids()?.is_none() {
-                bail!(
-                    "--from {}: recipe `{}` has static activation grids but the bundle has none (it was made with `{}`); start from a {} bundle",
-                    b.display(),
-                    recipe.name,
-                    bundle.manifest.recipe.as_ref().map_or("no recipe", |r| r.name.as_str()),
-                    recipe.name
-                );
-            }
-            grids = Some((
-                bundle.manifest.act_grids.clone(),
-                InputRecord {
-                    role: "start".into(),
-                    path: b.display().to_string(),
-                    sha256: oqt_core::datasets::sha256_file(b)?,
-                },
-            ));
-        }
-        let start = bundle.dequantized_weights()?;
-        float_weights = Some(std::mem::replace(&mut model.weights, start));
-    } else if static_grids {
-        let pb = crate::output::bar(recipe.calibration.samples as u64, "calibrating");
-        let c = oqt_compress::calibrate::calibrate_model(&model, &recipe.spec, &recipe.calibration, |d, _| {
-            pb.set_position(d as u64)
-        })?;
-        pb.finish_and_clear();
-        grids = Some((c.grids, c.input));
-    }
     // Names and storage types only: the weights themselves move into the Burn model.
     let source_types: std::collections::BTreeMap<String, String> = model
         .weights
@@ -277,10 +242,43 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     };
     let tokens = TrainTokens::split(tokens, a.held_out);
 
+    // Static recipes: the starting activation grids and where they came from.
+    let mut grids = None;
+    let bundle = a.from.as_ref().map(Bundle::open).transpose()?;
+    if let (Some(b), Some(bundle)) = (&a.from, &bundle) {
+        if static_grids {
+            if bundle.site_grids()?.is_none() {
+                bail!(
+                    "--from {}: recipe `{}` has static activation grids but the bundle has none (it was made with `{}`); start from a {} bundle",
+                    b.display(),
+                    recipe.name,
+                    bundle.manifest.recipe.as_ref().map_or("no recipe", |r| r.name.as_str()),
+                    recipe.name
+                );
+            }
+            grids = Some((
+                bundle.manifest.act_grids.clone(),
+                InputRecord {
+                    role: "start".into(),
+                    path: b.display().to_string(),
+                    sha256: oqt_core::datasets::sha256_file(b)?,
+                },
+            ));
+        }
+    } else if static_grids {
+        let pb = crate::output::bar(recipe.calibration.samples as u64, "calibrating");
+        let c = oqt_compress::calibrate::calibrate_model(&model, &recipe.spec, &recipe.calibration, |d, _| {
+            pb.set_position(d as u64)
+        })?;
+        pb.finish_and_clear();
+        grids = Some((c.grids, c.input));
+    }
+
+    // Distillation targets from the float model, computed before the student
+    // exists; one copy of the weights is held at a time.
     let teacher = if options.distill_weight > 0.0 {
         let cpu = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)?;
-        let weights = float_weights.take().unwrap_or_else(|| model.weights.clone());
-        let teacher = oqt_model::llama_from_weights(&model.config, weights, &cpu);
+        let teacher = oqt_model::llama_from_weights(&model.config, std::mem::take(&mut model.weights), &cpu);
         let pb = crate::output::bar(options.steps - start_step, "teacher targets");
         let t = precompute_teacher(&teacher, &tokens, &options, start_step, |d, _| pb.set_position(d))?;
         pb.finish_and_clear();
@@ -288,7 +286,16 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    drop(float_weights);
+    // The starting weights: the PTQ bundle's, or the float model's.
+    model.weights = match &bundle {
+        Some(b) => {
+            model.weights = Default::default();
+            b.dequantized_weights()?
+        }
+        None if teacher.is_some() => load(&a.model)?.weights,
+        None => std::mem::take(&mut model.weights),
+    };
+    drop(bundle);
     let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, !a.zeroth_order)?;
     let llama = oqt_model::llama_from_weights(&model.config, std::mem::take(&mut model.weights), &device);
     let mut qat = QatModel::new(
