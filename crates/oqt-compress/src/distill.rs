@@ -9,7 +9,6 @@
 //! tokens and a teacher's mass sits in a few dozen of them; k = 32 keeps
 //! 32 × 12 bytes a position.
 
-use burn::tensor::{Int, Tensor, TensorData};
 use oqt_core::{CoreError, Result};
 use oqt_model::llama::Llama;
 
@@ -33,10 +32,7 @@ pub fn teacher_targets(teacher: &Llama, window: &[u32], k: usize) -> Result<Wind
             "distillation needs windows of at least 2 tokens and k ≥ 1 (found {s} tokens, k = {k})"
         )));
     }
-    let device = teacher.device();
-    let ids: Vec<i64> = window.iter().map(|&t| t as i64).collect();
-    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, s]), &device);
-    let hidden = teacher.forward_hidden(tokens, None);
+    let hidden = teacher.forward_hidden(teacher.tokens_tensor(window), None);
     let d = hidden.dims()[2];
     let logits = teacher.logits(hidden.slice([0..1, 0..s - 1, 0..d]));
     let vocab = logits.dims()[2];
@@ -86,9 +82,7 @@ mod tests {
         let t = teacher_targets(&teacher, &window, 4).unwrap();
         assert_eq!((t.positions, t.k, t.tokens.len()), (11, 4, 44));
         // Against the full log-softmax: same ranking, same differences.
-        let ids: Vec<i64> = window.iter().map(|&v| v as i64).collect();
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 12]), &Device::flex());
-        let full: Vec<f32> = log_softmax(teacher.forward(tokens, None), 2)
+        let full: Vec<f32> = log_softmax(teacher.forward(teacher.tokens_tensor(&window), None), 2)
             .into_data()
             .convert::<f32>()
             .try_into_vec()

@@ -97,6 +97,17 @@ impl TrainTokens {
         let held_out = train.split_off(cut);
         Self { train, held_out }
     }
+
+    /// Training needs at least one window of `seq_len` tokens (and its next token).
+    fn check_window(&self, seq_len: usize) -> Result<()> {
+        if self.train.len() < seq_len + 1 {
+            return Err(CoreError::Other(format!(
+                "training text has {} tokens, fewer than one window of {seq_len}",
+                self.train.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The windows of `step`: `batch` random offsets into `tokens`, from `(seed, step)`.
@@ -154,6 +165,50 @@ pub struct QatOutcome {
     pub steps: Vec<SpsaStep>,
     /// `(step, held-out perplexity)`.
     pub evals: Vec<(u64, f64)>,
+}
+
+impl QatOutcome {
+    fn starting_at(step: u64) -> Self {
+        Self {
+            next_step: step,
+            interrupted: false,
+            steps: Vec::new(),
+            evals: Vec::new(),
+        }
+    }
+
+    /// Whether the step just completed is an evaluation step.
+    fn eval_due(&self, opts: &QatOptions) -> bool {
+        opts.eval_every > 0 && self.next_step.is_multiple_of(opts.eval_every)
+    }
+
+    /// Held-out perplexity at `next_step`: reported and recorded.
+    fn evaluate(
+        &mut self,
+        model: &QatModel,
+        data: &TrainTokens,
+        opts: &QatOptions,
+        obs: &mut dyn QatObserver,
+    ) -> Result<()> {
+        let ppl = held_out_perplexity(model, &data.held_out, opts.seq_len, opts.eval_windows, opts.batch)?;
+        obs.on_eval(self.next_step, ppl);
+        self.evals.push((self.next_step, ppl));
+        Ok(())
+    }
+
+    /// A run always ends on an evaluation of its final weights.
+    fn evaluate_last(
+        &mut self,
+        model: &QatModel,
+        data: &TrainTokens,
+        opts: &QatOptions,
+        obs: &mut dyn QatObserver,
+    ) -> Result<()> {
+        if self.evals.last().is_some_and(|(s, _)| *s == self.next_step) {
+            return Ok(());
+        }
+        self.evaluate(model, data, opts, obs)
+    }
 }
 
 /// Checkpoint: the trainable tensors and the next step, plus the options they
@@ -251,19 +306,8 @@ pub fn train_zeroth_order(
     teacher: Option<&TeacherTargets>,
     obs: &mut dyn QatObserver,
 ) -> Result<QatOutcome> {
-    if data.train.len() < opts.seq_len + 1 {
-        return Err(CoreError::Other(format!(
-            "training text has {} tokens, fewer than one window of {}",
-            data.train.len(),
-            opts.seq_len
-        )));
-    }
-    let mut out = QatOutcome {
-        next_step: start_step,
-        interrupted: false,
-        steps: Vec::new(),
-        evals: Vec::new(),
-    };
+    data.check_window(opts.seq_len)?;
+    let mut out = QatOutcome::starting_at(start_step);
     let save = |model: &QatModel, next: u64, obs: &mut dyn QatObserver| -> Result<()> {
         if let Some((dir, state)) = checkpoint {
             let state = CheckpointState {
@@ -275,12 +319,8 @@ pub fn train_zeroth_order(
         }
         Ok(())
     };
-    let eval =
-        |model: &QatModel| held_out_perplexity(model, &data.held_out, opts.seq_len, opts.eval_windows, opts.batch);
     if start_step == 0 && opts.eval_every > 0 {
-        let ppl = eval(model)?;
-        obs.on_eval(0, ppl);
-        out.evals.push((0, ppl));
+        out.evaluate(model, data, opts, obs)?;
     }
     for step in start_step..opts.steps {
         if obs.interrupted() {
@@ -299,20 +339,14 @@ pub fn train_zeroth_order(
         obs.on_step(&s, tokens / t0.elapsed().as_secs_f64());
         out.steps.push(s);
         out.next_step = step + 1;
-        if opts.eval_every > 0 && out.next_step.is_multiple_of(opts.eval_every) {
-            let ppl = eval(model)?;
-            obs.on_eval(out.next_step, ppl);
-            out.evals.push((out.next_step, ppl));
+        if out.eval_due(opts) {
+            out.evaluate(model, data, opts, obs)?;
         }
         if opts.checkpoint_every > 0 && out.next_step.is_multiple_of(opts.checkpoint_every) {
             save(model, out.next_step, obs)?;
         }
     }
-    if out.evals.last().is_none_or(|(s, _)| *s != out.next_step) {
-        let ppl = eval(model)?;
-        obs.on_eval(out.next_step, ppl);
-        out.evals.push((out.next_step, ppl));
-    }
+    out.evaluate_last(model, data, opts, obs)?;
     save(model, out.next_step, obs)?;
     Ok(out)
 }
@@ -334,25 +368,10 @@ pub fn train_first_order(
     teacher: Option<&TeacherTargets>,
     obs: &mut dyn QatObserver,
 ) -> Result<(QatModel, QatOutcome)> {
-    if data.train.len() < opts.seq_len + 1 {
-        return Err(CoreError::Other(format!(
-            "training text has {} tokens, fewer than one window of {}",
-            data.train.len(),
-            opts.seq_len
-        )));
-    }
-    let mut out = QatOutcome {
-        next_step: 0,
-        interrupted: false,
-        steps: Vec::new(),
-        evals: Vec::new(),
-    };
-    let eval =
-        |model: &QatModel| held_out_perplexity(model, &data.held_out, opts.seq_len, opts.eval_windows, opts.batch);
+    data.check_window(opts.seq_len)?;
+    let mut out = QatOutcome::starting_at(0);
     if opts.eval_every > 0 {
-        let ppl = eval(&model)?;
-        obs.on_eval(0, ppl);
-        out.evals.push((0, ppl));
+        out.evaluate(&model, data, opts, obs)?;
     }
     let mut adam = crate::qat_model::FirstOrder::new(opts.spsa.weight_decay);
     for step in 0..opts.steps {
@@ -376,17 +395,11 @@ pub fn train_first_order(
         obs.on_step(&s, (opts.batch * opts.seq_len) as f64 / t0.elapsed().as_secs_f64());
         out.steps.push(s);
         out.next_step = step + 1;
-        if opts.eval_every > 0 && out.next_step.is_multiple_of(opts.eval_every) {
-            let ppl = eval(&model)?;
-            obs.on_eval(out.next_step, ppl);
-            out.evals.push((out.next_step, ppl));
+        if out.eval_due(opts) {
+            out.evaluate(&model, data, opts, obs)?;
         }
     }
-    if out.evals.last().is_none_or(|(s, _)| *s != out.next_step) {
-        let ppl = eval(&model)?;
-        obs.on_eval(out.next_step, ppl);
-        out.evals.push((out.next_step, ppl));
-    }
+    out.evaluate_last(&model, data, opts, obs)?;
     Ok((model, out))
 }
 

@@ -77,10 +77,9 @@ fn render_example(tok: &Tokenizer, v: &Value, template: Option<&str>) -> std::re
                 }
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let eos = tok.eos_id.and_then(|i| tok.token_str(i)).unwrap_or_default();
         // The template ends with the assistant's prompt; the last turn is already in it.
         let rendered = render_chat(tok, &messages).map_err(|e| e.to_string())?;
-        return Ok(format!("{rendered}{eos}"));
+        return Ok(format!("{rendered}{}", eos_text(tok)));
     }
     let prompt = PROMPT_KEYS.iter().find_map(|k| string(k)).ok_or_else(|| {
         format!(
@@ -101,11 +100,15 @@ fn render_example(tok: &Tokenizer, v: &Value, template: Option<&str>) -> std::re
         return Ok(t.replace("{prompt}", &prompt).replace("{response}", response));
     }
     if tok.chat_template.is_some() {
-        let eos = tok.eos_id.and_then(|i| tok.token_str(i)).unwrap_or_default();
         let head = render_chat(tok, &[ChatMessage::new("user", &prompt)]).map_err(|e| e.to_string())?;
-        return Ok(format!("{head}{response}{eos}"));
+        return Ok(format!("{head}{response}{}", eos_text(tok)));
     }
     Ok(format!("{prompt}\n{response}"))
+}
+
+/// The end-of-sequence token as text (empty when the model names none).
+fn eos_text(tok: &Tokenizer) -> String {
+    tok.eos_id.and_then(|i| tok.token_str(i)).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -37,7 +37,8 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use oqt_core::quant::{
-    ActGrid, ActMode, ActSite, QuantSpec, QuantizedWeight, WeightSpec, dequantize_weight, quantize_weight, static_sites,
+    ActGrid, ActMode, ActSite, QuantSpec, QuantizedWeight, SiteGrids, WeightSpec, dequantize_weight, quantize_weight,
+    static_sites,
 };
 use oqt_core::weights::{ModelWeights, TensorF32, names};
 use oqt_core::{CoreError, Result};
@@ -473,7 +474,7 @@ impl QatModel {
     /// AdamW on the same trainable set. Needs an autodiff device. Returns the
     /// model and the loss before the step.
     pub fn first_order_step(
-        self,
+        mut self,
         windows: &[Vec<u32>],
         distill: Option<Distill<'_>>,
         lr: f64,
@@ -492,43 +493,15 @@ impl QatModel {
             )));
         }
         let mut grads = loss.backward();
-        let Self {
-            llama,
-            spec,
-            targets,
-            specs,
-            frozen,
-            sites,
-        } = self;
-        let g = GradientsParams::from_module(&mut grads, &llama);
-        let llama = opt.model.step(lr, llama, g);
-        let sites = match sites {
-            Some(StaticSites {
-                params,
-                keys,
-                index,
-                probs,
-            }) => {
-                let g = GradientsParams::from_module(&mut grads, &params);
-                let params = opt.ranges.step(lr, params, g);
-                Some(StaticSites {
-                    params,
-                    keys,
-                    index,
-                    probs,
-                })
-            }
-            None => None,
-        };
-        let model = Self {
-            llama,
-            spec,
-            targets,
-            specs,
-            frozen,
-            sites,
-        };
-        Ok((model, value))
+        // The optimizers take modules by value: move each out and back in.
+        let g = GradientsParams::from_module(&mut grads, &self.llama);
+        self.llama = opt.model.step(lr, self.llama, g);
+        if let Some(mut s) = self.sites.take() {
+            let g = GradientsParams::from_module(&mut grads, &s.params);
+            s.params = opt.ranges.step(lr, s.params, g);
+            self.sites = Some(s);
+        }
+        Ok((self, value))
     }
 }
 
@@ -555,24 +528,15 @@ fn static_sites_from(
     grids: &BTreeMap<String, ActGrid>,
     device: &Device,
 ) -> Result<StaticSites> {
+    // The runtime's own check of a manifest's grids: every site present, right bits, positive scale.
+    SiteGrids::from_map(spec, n_layers, grids).map_err(CoreError::Other)?;
     let mut keys = Vec::new();
     let mut sites = Vec::new();
-    let mut probs = None;
-    for (key, site, bits) in static_sites(spec, n_layers) {
+    for (key, site, _) in static_sites(spec, n_layers) {
         if site.is_fixed() {
-            probs = Some(ActGrid::probabilities(bits));
             continue;
         }
-        let g = grids
-            .get(&key)
-            .ok_or_else(|| CoreError::Other(format!("act_grids: no grid for static site `{key}`")))?;
-        if g.bits != bits {
-            return Err(CoreError::Other(format!(
-                "act_grids.{key}: expected a {bits}-bit grid, found {} bits",
-                g.bits
-            )));
-        }
-        let mut q = ActQuantizer::from_grid(g, device);
+        let mut q = ActQuantizer::from_grid(&grids[&key], device);
         // Ranges train through their scale; the zero point stays the starting grid's.
         q.zero_shift = q.zero_shift.set_require_grad(false);
         sites.push(q);
@@ -583,7 +547,7 @@ fn static_sites_from(
         params: RangeParams { sites },
         keys,
         index,
-        probs: probs.unwrap_or(ActGrid::probabilities(spec.activations.bits)),
+        probs: ActGrid::probabilities(ActSite::Probs.bits(spec)),
     })
 }
 
@@ -643,6 +607,29 @@ mod tests {
         QatModel::new(llama, spec, trainable, None).unwrap()
     }
 
+    /// `steps` SPSA steps (ε 1e-2, 2 probes) on `objective`; its value before and after.
+    fn spsa_train(
+        m: &mut QatModel,
+        lr: f64,
+        seed: u64,
+        steps: u64,
+        objective: impl Fn(&QatModel) -> Result<f32>,
+    ) -> (f32, f32) {
+        let start = objective(m).unwrap();
+        let cfg = SpsaConfig {
+            eps: 1e-2,
+            lr,
+            n_spsa: 2,
+            seed,
+            grad_clip: 20.0,
+            ..Default::default()
+        };
+        for step in 0..steps {
+            spsa_step(m, &cfg, step, steps, &mut |m: &QatModel| objective(m)).unwrap();
+        }
+        (start, objective(m).unwrap())
+    }
+
     fn batch() -> Vec<Vec<u32>> {
         (0..2)
             .map(|b| (0..24).map(|i| ((i * 7 + b * 3) % 40) as u32 + 5).collect())
@@ -656,19 +643,7 @@ mod tests {
         for (trainable, lr) in [(Trainable::Lightweight, 3e-2), (Trainable::Full, 1e-3)] {
             let mut m = model(trainable);
             let data = batch();
-            let start = m.loss(&data).unwrap();
-            let cfg = SpsaConfig {
-                eps: 1e-2,
-                lr,
-                n_spsa: 2,
-                seed: 5,
-                grad_clip: 20.0,
-                ..Default::default()
-            };
-            for step in 0..40 {
-                spsa_step(&mut m, &cfg, step, 40, &mut |m: &QatModel| m.loss(&data)).unwrap();
-            }
-            let end = m.loss(&data).unwrap();
+            let (start, end) = spsa_train(&mut m, lr, 5, 40, |m| m.loss(&data));
             assert!(end < start - 0.01, "{trainable:?}: loss {start} → {end}");
         }
     }
@@ -697,23 +672,11 @@ mod tests {
             weight: 1.0,
         };
         let mut m = model(Trainable::Lightweight);
-        let start = m.objective(&data, Some(d)).unwrap();
+        let (start, end) = spsa_train(&mut m, 3e-2, 2, 30, |m| m.objective(&data, Some(d)));
         assert!(
             start > 0.0 && start.is_finite(),
             "quantized student differs from the float teacher: {start}"
         );
-        let cfg = SpsaConfig {
-            eps: 1e-2,
-            lr: 3e-2,
-            n_spsa: 2,
-            seed: 2,
-            grad_clip: 20.0,
-            ..Default::default()
-        };
-        for step in 0..30 {
-            spsa_step(&mut m, &cfg, step, 30, &mut |m: &QatModel| m.objective(&data, Some(d))).unwrap();
-        }
-        let end = m.objective(&data, Some(d)).unwrap();
         assert!(end < start, "KL {start} → {end}");
     }
 
@@ -756,19 +719,7 @@ mod tests {
             "untrained ranges are the starting grids"
         );
         let data = batch();
-        let start = m.loss(&data).unwrap();
-        let cfg = SpsaConfig {
-            eps: 1e-2,
-            lr: 3e-2,
-            n_spsa: 2,
-            seed: 1,
-            grad_clip: 20.0,
-            ..Default::default()
-        };
-        for step in 0..40 {
-            spsa_step(&mut m, &cfg, step, 40, &mut |m: &QatModel| m.loss(&data)).unwrap();
-        }
-        let end = m.loss(&data).unwrap();
+        let (start, end) = spsa_train(&mut m, 3e-2, 1, 40, |m| m.loss(&data));
         assert!(end < start - 0.01, "loss {start} → {end}");
         let trained = m.act_grids().unwrap();
         assert!(trained.iter().any(|(k, g)| g.scale != start_grids[k].scale));

@@ -245,6 +245,14 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     // Static recipes: the starting activation grids and where they came from.
     let mut grids = None;
     let bundle = a.from.as_ref().map(Bundle::open).transpose()?;
+    let start_record = match &a.from {
+        Some(b) => Some(InputRecord {
+            role: "start".into(),
+            path: b.display().to_string(),
+            sha256: oqt_core::datasets::sha256_file(b)?,
+        }),
+        None => None,
+    };
     if let (Some(b), Some(bundle)) = (&a.from, &bundle) {
         if static_grids {
             if bundle.site_grids()?.is_none() {
@@ -258,11 +266,7 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
             }
             grids = Some((
                 bundle.manifest.act_grids.clone(),
-                InputRecord {
-                    role: "start".into(),
-                    path: b.display().to_string(),
-                    sha256: oqt_core::datasets::sha256_file(b)?,
-                },
+                start_record.clone().expect("--from given"),
             ));
         }
     } else if static_grids {
@@ -376,14 +380,12 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     };
     let trained = qat.into_trained(&source_types);
     model.weights = trained.weights;
-    let mut start_recorded = false;
     let calibrated = match (trained.act_grids, grids) {
-        (Some(g), Some((_, input))) => {
-            start_recorded = input.role == "start";
-            Some(oqt_compress::rtn::Calibrated { grids: g, input })
-        }
+        (Some(g), Some((_, input))) => Some(oqt_compress::rtn::Calibrated { grids: g, input }),
         _ => None,
     };
+    // A static run's grids came from the start bundle: assemble records it once already.
+    let start_in_grids = calibrated.as_ref().is_some_and(|c| c.input.role == "start");
     let mut writer = oqt_compress::rtn::assemble(
         &model,
         oqt_compress::rtn::Prepared {
@@ -403,12 +405,8 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         path: data.path.display().to_string(),
         sha256: oqt_core::datasets::sha256_file(&data.path)?,
     });
-    if let Some(b) = a.from.as_ref().filter(|_| !start_recorded) {
-        m.inputs.push(InputRecord {
-            role: "start".into(),
-            path: b.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(b)?,
-        });
+    if let Some(r) = start_record.filter(|_| !start_in_grids) {
+        m.inputs.push(r);
     }
     m.training = Some(serde_json::json!({
         "method": method,
