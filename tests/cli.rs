@@ -848,6 +848,64 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         "static: runtime {rt} vs simulation {sim}"
     );
 
+    // From a PTQ bundle without a teacher: the float model is never loaded,
+    // each linear is frozen as it is read, and the bundle keeps the start's integers.
+    let start = dir.path().join("rtn.oqt");
+    let text_arg = text.to_str().unwrap();
+    json_of(oqt().args([
+        "quantize",
+        gguf.to_str().unwrap(),
+        "--recipe",
+        "w4a8",
+        "--method",
+        "rtn",
+        "--calib-data",
+        text_arg,
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "32",
+        "--output",
+        start.to_str().unwrap(),
+        "--no-eval",
+        "--json",
+    ]));
+    let from = dir.path().join("from.oqt");
+    run(
+        &from,
+        &[
+            "--zeroth-order",
+            "--recipe",
+            "w4a8",
+            "--lightweight",
+            "--lr",
+            "1e-2",
+            "--dataset",
+            text_arg,
+            "--from",
+            start.to_str().unwrap(),
+        ],
+    );
+    let (a, b) = (
+        oqt_core::bundle::Bundle::open(&start).unwrap(),
+        oqt_core::bundle::Bundle::open(&from).unwrap(),
+    );
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ] {
+        assert_eq!(a.quantized(name).unwrap(), b.quantized(name).unwrap(), "{name}");
+    }
+    assert_ne!(
+        a.manifest.act_grids, b.manifest.act_grids,
+        "the activation ranges trained"
+    );
+    let (rt, sim) = (ppl(&from, &[]), ppl(&from, &["--simulate"]));
+    assert!(
+        (rt - sim).abs() / sim < 1e-3,
+        "from a bundle: runtime {rt} vs simulation {sim}"
+    );
+
     // Instruction data through a prompt template, first-order.
     let jsonl = dir.path().join("instructions.jsonl");
     std::fs::write(

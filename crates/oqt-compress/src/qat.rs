@@ -10,7 +10,7 @@ use crate::zeroqat::{SpsaConfig, SpsaStep, ZoTrainable, spsa_step};
 use oqt_core::{CoreError, Result};
 use oqt_model::llama::Llama;
 use rand::{Rng, SeedableRng};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -225,23 +225,53 @@ pub struct CheckpointState {
 const STATE_FILE: &str = "state.json";
 const TENSORS_FILE: &str = "tensors.safetensors";
 
+/// One trainable tensor of a checkpoint, read from the model only when the
+/// writer reaches it: the file is streamed tensor by tensor, so saving costs
+/// one tensor of memory, not a second copy of the trainable weights.
+struct CheckpointTensor<'a> {
+    model: &'a QatModel,
+    index: usize,
+    shape: [usize; 1],
+}
+
+impl safetensors::View for CheckpointTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let values = self.model.tensor_values(self.index);
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape[0] * 4
+    }
+}
+
 /// Write `state` and `model`'s trainable tensors to `dir`, replacing it atomically
 /// (written beside it, then renamed).
 pub fn save_checkpoint(dir: &Path, state: &CheckpointState, model: &QatModel) -> Result<()> {
     oqt_core::fs::write_dir_atomically(dir, |tmp| {
-        let names = model.tensor_names();
-        let data: Vec<Vec<u8>> = (0..names.len())
-            .map(|i| model.tensor_values(i).iter().flat_map(|v| v.to_le_bytes()).collect())
-            .collect();
-        let views = names
-            .iter()
-            .zip(&data)
-            .map(|(n, b)| {
-                TensorView::new(Dtype::F32, vec![b.len() / 4], b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| CoreError::Other(format!("checkpoint tensor `{n}`: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let views = model
+            .tensor_names()
+            .into_iter()
+            .zip(model.tensor_sizes())
+            .enumerate()
+            .map(|(index, (name, size))| {
+                (
+                    name,
+                    CheckpointTensor {
+                        model,
+                        index,
+                        shape: [size],
+                    },
+                )
+            });
         let tensors = tmp.join(TENSORS_FILE);
         safetensors::serialize_to_file(views, None, &tensors)
             .map_err(|e| CoreError::Other(format!("{}: {e}", tensors.display())))?;
@@ -265,7 +295,11 @@ pub fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState> {
 /// Put a checkpoint's tensors into `model` (same trainable set required).
 pub fn restore_checkpoint(dir: &Path, model: &mut QatModel) -> Result<()> {
     let p = dir.join(TENSORS_FILE);
-    let bytes = std::fs::read(&p).map_err(|e| CoreError::io(&p, e))?;
+    // Mapped, not read: resuming holds the model plus one tensor at a time.
+    let file = std::fs::File::open(&p).map_err(|e| CoreError::io(&p, e))?;
+    // SAFETY: the checkpoint is only read; oqt replaces checkpoints by renaming
+    // a new directory into place, never by rewriting this file.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CoreError::io(&p, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| CoreError::Malformed {
         path: p.clone(),
         format: "safetensors",

@@ -88,7 +88,7 @@ struct StaticSites {
 
 /// What training ends with, ready for the bundle writer.
 pub struct TrainedWeights {
-    /// Canonical float weights (trained tensors as trained; frozen linears dequantized).
+    /// Canonical float weights (everything but the frozen linears).
     pub weights: ModelWeights,
     /// Linears already on their grid (lightweight runs' frozen integers).
     pub quantized: BTreeMap<String, QuantizedWeight>,
@@ -185,6 +185,68 @@ impl QatModel {
         trainable: Trainable,
         grids: Option<&BTreeMap<String, ActGrid>>,
     ) -> Result<Self> {
+        let mut llama = llama;
+        let frozen = match trainable {
+            Trainable::Full => None,
+            Trainable::Lightweight => {
+                let device = llama.device();
+                let mut frozen = Vec::with_capacity(llama.layers.len());
+                for l in 0..llama.layers.len() {
+                    let mut row = Vec::with_capacity(Proj::PER_LAYER.len());
+                    for &p in &Proj::PER_LAYER {
+                        let lin = llama.decoder_linear_mut(l, p);
+                        // Burn's [in, out] → canonical [out, in], then the bundle's integers.
+                        let w = lin.weight.val().transpose();
+                        let [rows, cols] = w.dims();
+                        row.push(quantize_weight(
+                            &read_vec(w),
+                            rows,
+                            cols,
+                            &spec.weights_for(&p.weight_name(l)),
+                            1.0,
+                        ));
+                        // The integers are the storage from here on: release the float weight.
+                        lin.weight = Param::from_tensor(Tensor::zeros([1, 1], &device)).set_require_grad(false);
+                    }
+                    frozen.push(row);
+                }
+                Some(frozen)
+            }
+        };
+        Self::build(llama, spec, frozen, grids)
+    }
+
+    /// The lightweight model from decoder linears frozen beforehand
+    /// ([`FreezeLinears`]): `llama`'s own linears are placeholders and
+    /// the float weights never exist in the Burn model.
+    pub fn new_frozen(
+        llama: Llama,
+        spec: QuantSpec,
+        frozen: Vec<Vec<QuantizedWeight>>,
+        grids: Option<&BTreeMap<String, ActGrid>>,
+    ) -> Result<Self> {
+        if frozen.len() != llama.layers.len() || frozen.iter().any(|r| r.len() != Proj::PER_LAYER.len()) {
+            return Err(CoreError::Other(format!(
+                "frozen linears: expected {} layers of {}, found {} layers",
+                llama.layers.len(),
+                Proj::PER_LAYER.len(),
+                frozen.len()
+            )));
+        }
+        Self::build(llama, spec, Some(frozen), grids)
+    }
+
+    fn build(
+        llama: Llama,
+        spec: QuantSpec,
+        frozen: Option<Vec<Vec<QuantizedWeight>>>,
+        grids: Option<&BTreeMap<String, ActGrid>>,
+    ) -> Result<Self> {
+        let trainable = if frozen.is_some() {
+            Trainable::Lightweight
+        } else {
+            Trainable::Full
+        };
         if llama.layers.iter().any(|b| b.attn.q_proj.bias.is_some()) {
             return Err(CoreError::Other(
                 "QAT of models with q/k/v biases is not implemented yet".into(),
@@ -227,33 +289,27 @@ impl QatModel {
             .collect();
 
         let mut llama = llama;
-        // Embedding and head: on their grids once, never trained.
-        let embed = llama.embed_tokens.weight.val();
-        let q_embed = fake_quant_weight(embed.transpose(), &spec.weights_for(names::EMBED), 1.0).transpose();
-        llama.embed_tokens.weight = Param::from_tensor(q_embed.detach()).set_require_grad(false);
+        // Embedding and head: on their grids once, never trained. The
+        // embedding (the largest tensor) is rounded in place on the host, a
+        // block of rows at a time, so it is never held twice.
+        let embed = std::mem::replace(
+            &mut llama.embed_tokens.weight,
+            Param::from_tensor(Tensor::zeros([1, 1], &device)),
+        )
+        .into_value();
+        let [vocab, hidden] = embed.dims();
+        let mut values = read_vec(embed);
+        let embed_spec = spec.weights_for(names::EMBED);
+        for rows in values.chunks_mut(4096 * hidden) {
+            let q = quantize_weight(rows, rows.len() / hidden, hidden, &embed_spec, 1.0);
+            rows.copy_from_slice(&dequantize_weight(&q));
+        }
+        let q_embed = Tensor::<2>::from_data(TensorData::new(values, [vocab, hidden]), &device);
+        llama.embed_tokens.weight = Param::from_tensor(q_embed).set_require_grad(false);
         if let Some(h) = &mut llama.lm_head {
             let q = fake_quant_weight(h.weight.val(), &spec.weights_for(names::LM_HEAD), 1.0);
             h.weight = Param::from_tensor(q.detach()).set_require_grad(false);
         }
-        let frozen = if trainable == Trainable::Lightweight {
-            let mut frozen = Vec::with_capacity(n);
-            for (l, layer_specs) in specs.iter().enumerate() {
-                let mut row = Vec::with_capacity(7);
-                for (&p, spec_w) in Proj::PER_LAYER.iter().zip(layer_specs) {
-                    let lin = llama.decoder_linear_mut(l, p);
-                    // Burn's [in, out] → canonical [out, in], then the bundle's integers.
-                    let w = lin.weight.val().transpose();
-                    let [rows, cols] = w.dims();
-                    row.push(quantize_weight(&read_vec(w), rows, cols, spec_w, 1.0));
-                    // The integers are the storage from here on: release the float weight.
-                    lin.weight = Param::from_tensor(Tensor::zeros([1, 1], &device)).set_require_grad(false);
-                }
-                frozen.push(row);
-            }
-            Some(frozen)
-        } else {
-            None
-        };
         Ok(Self {
             llama,
             spec,
@@ -430,12 +486,7 @@ impl QatModel {
             match frozen_row {
                 Some(row) => {
                     for (&p, qw) in Proj::PER_LAYER.iter().zip(row) {
-                        let name = p.weight_name(l);
-                        put(
-                            name.clone(),
-                            TensorF32::new(vec![qw.rows, qw.cols], dequantize_weight(&qw)),
-                        );
-                        quantized.insert(name, qw);
+                        quantized.insert(p.weight_name(l), qw);
                     }
                 }
                 None => {
@@ -549,6 +600,111 @@ fn static_sites_from(
         index,
         probs: ActGrid::probabilities(ActSite::Probs.bits(spec)),
     })
+}
+
+/// Lightweight QAT's starting weights, gathered one tensor at a time: every
+/// decoder linear is stored on its grid as it arrives (leaving a 1 × 1
+/// placeholder for the Burn model), everything else stays float. Fed from a
+/// bundle ([`oqt_core::bundle::Bundle::for_each_dequantized`]) the model is
+/// never resident in f32. Hand the result to [`QatModel::new_frozen`].
+pub struct FreezeLinears {
+    spec: QuantSpec,
+    config: oqt_core::LlamaConfig,
+    /// Where the tensors come from, for errors.
+    source: std::path::PathBuf,
+    linears: HashMap<String, (usize, usize)>,
+    weights: ModelWeights,
+    frozen: Vec<Vec<Option<QuantizedWeight>>>,
+}
+
+impl FreezeLinears {
+    pub fn new(spec: &QuantSpec, config: &oqt_core::LlamaConfig, source: &std::path::Path) -> Self {
+        let n_layers = config.num_layers;
+        let linears = (0..n_layers)
+            .flat_map(|l| {
+                Proj::PER_LAYER
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, p)| (p.weight_name(l), (l, i)))
+            })
+            .collect();
+        Self {
+            spec: spec.clone(),
+            config: config.clone(),
+            source: source.to_path_buf(),
+            linears,
+            weights: ModelWeights::default(),
+            frozen: vec![vec![None; Proj::PER_LAYER.len()]; n_layers],
+        }
+    }
+
+    pub fn add(&mut self, name: &str, t: TensorF32, source: String) -> Result<()> {
+        if let Some(&(l, i)) = self.linears.get(name) {
+            // The model's own shape, checked before the float tensor is gone.
+            let expected = ModelWeights::expected(&self.config);
+            let want = &expected.iter().find(|(n, _)| n == name).expect("a decoder linear").1;
+            if *want != t.shape {
+                return Err(CoreError::BadField {
+                    path: self.source.clone(),
+                    field: name.to_string(),
+                    expected: format!("shape {want:?}"),
+                    found: format!("shape {:?}", t.shape),
+                });
+            }
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            self.frozen[l][i] = Some(quantize_weight(&t.data, rows, cols, &self.spec.weights_for(name), 1.0));
+            self.weights
+                .insert(name.to_string(), TensorF32::new(vec![1, 1], vec![0.0]), source);
+        } else {
+            self.weights.insert(name.to_string(), t, source);
+        }
+        Ok(())
+    }
+
+    /// The float weights (with placeholders) and the frozen linears
+    /// (`[layer][position in Proj::PER_LAYER]`), every tensor the config calls
+    /// for present with its shape.
+    pub fn finish(self) -> Result<(ModelWeights, Vec<Vec<QuantizedWeight>>)> {
+        for (name, shape) in ModelWeights::expected(&self.config) {
+            if self.linears.contains_key(&name) {
+                continue;
+            }
+            match self.weights.get(&name) {
+                None => {
+                    return Err(CoreError::Missing {
+                        path: self.source.clone(),
+                        what: "tensor",
+                        name,
+                    });
+                }
+                Some(t) if t.shape != shape => {
+                    return Err(CoreError::BadField {
+                        path: self.source.clone(),
+                        field: name,
+                        expected: format!("shape {shape:?}"),
+                        found: format!("shape {:?}", t.shape),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let mut frozen = Vec::with_capacity(self.frozen.len());
+        for (l, row) in self.frozen.into_iter().enumerate() {
+            let row = row
+                .into_iter()
+                .zip(Proj::PER_LAYER)
+                .map(|(q, p)| {
+                    q.ok_or_else(|| CoreError::Missing {
+                        path: self.source.clone(),
+                        what: "tensor",
+                        name: p.weight_name(l),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            frozen.push(row);
+        }
+        Ok((self.weights, frozen))
+    }
 }
 
 impl ZoTrainable for QatModel {
@@ -691,6 +847,59 @@ mod tests {
         assert_eq!(trained.quantized.len(), tiny_config().num_layers * 7);
         let q = &trained.quantized[&Proj::Q.weight_name(0)];
         assert!(q.q.iter().any(|&v| v != 0));
+    }
+
+    #[test]
+    fn linears_frozen_while_loading_give_the_same_model() {
+        // FreezeLinears (the CLI's path: no float linear ever reaches Burn)
+        // must build exactly the model QatModel::new freezes itself.
+        let cfg = tiny_config();
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        let mut weights = random_weights(&cfg, 21);
+        let mut freeze = FreezeLinears::new(&spec, &cfg, std::path::Path::new("start.oqt"));
+        for n in weights.names().cloned().collect::<Vec<_>>() {
+            let source = weights.source_type(&n).unwrap_or("f32").to_string();
+            freeze.add(&n, weights.take(&n).unwrap(), source).unwrap();
+        }
+        let (start, frozen) = freeze.finish().unwrap();
+        let llama = oqt_model::llama_from_weights(&cfg, start, &Device::flex());
+        let streamed = QatModel::new_frozen(llama, spec, frozen, None).unwrap();
+        let built = model(Trainable::Lightweight);
+        let data = batch();
+        assert_eq!(streamed.loss(&data).unwrap(), built.loss(&data).unwrap());
+        let (a, b) = (
+            streamed.into_trained(&BTreeMap::new()),
+            built.into_trained(&BTreeMap::new()),
+        );
+        assert_eq!(a.quantized, b.quantized);
+        assert!(
+            a.weights.get(&Proj::Q.weight_name(0)).is_none(),
+            "frozen linears are handed over as integers only"
+        );
+    }
+
+    #[test]
+    fn freezing_names_the_tensor_of_a_wrong_or_missing_shape() {
+        let cfg = tiny_config();
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        let path = std::path::Path::new("start.oqt");
+        let mut freeze = FreezeLinears::new(&spec, &cfg, path);
+        let name = Proj::Down.weight_name(1);
+        let err = freeze
+            .add(&name, TensorF32::new(vec![2, 3], vec![0.0; 6]), "F32".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&name) && err.contains("start.oqt") && err.contains("[2, 3]"),
+            "{err}"
+        );
+        let weights = random_weights(&cfg, 1);
+        let mut freeze = FreezeLinears::new(&spec, &cfg, path);
+        for n in weights.names().filter(|n| **n != name) {
+            freeze.add(n, weights.get(n).unwrap().clone(), "F32".into()).unwrap();
+        }
+        let err = freeze.finish().expect_err("a linear is missing").to_string();
+        assert!(err.contains(&name) && err.contains("start.oqt"), "{err}");
     }
 
     fn static_model(trainable: Trainable, seed: u64) -> (QatModel, BTreeMap<String, ActGrid>) {

@@ -46,7 +46,9 @@ pub fn quantize_rtn(
 /// (transformations folded in) and the weights it quantized itself (GPTQ's
 /// updates, learned clips); everything else is rounded to nearest here.
 pub struct Prepared<'a> {
+    /// Float tensors to quantize (or store) on the recipe's grids.
     pub weights: &'a oqt_core::weights::ModelWeights,
+    /// Tensors already quantized, written as they are (`weights` need not hold them).
     pub quantized: BTreeMap<String, oqt_core::quant::QuantizedWeight>,
     pub method: String,
 }
@@ -87,13 +89,18 @@ pub fn assemble(
         });
     }
     let mut w = BundleWriter::new(manifest);
-    let names: Vec<&String> = prepared.weights.names().collect();
+    // Tensors already quantized need no float copy in `weights`.
+    let names: std::collections::BTreeSet<&String> =
+        prepared.weights.names().chain(prepared.quantized.keys()).collect();
     let total = names.len();
     for (done, name) in names.into_iter().enumerate() {
-        let t = prepared.weights.get(name).expect("listed");
         if let Some(qw) = prepared.quantized.get(name) {
             w.add_quantized(name, qw);
-        } else if t.shape.len() == 2 {
+            progress(done + 1, total);
+            continue;
+        }
+        let t = prepared.weights.get(name).expect("listed");
+        if t.shape.len() == 2 {
             let spec = recipe.spec.weights_for(name);
             let per_tensor = spec.granularity == oqt_core::quant::Granularity::PerTensor;
             let qw = if opts.clip_search && !per_tensor {

@@ -125,10 +125,54 @@ pub fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
     Ok(config)
 }
 
+/// Config, tokenizer and name, and each canonical tensor's storage type,
+/// without reading a weight: for runs whose weights come from elsewhere (a
+/// bundle), so the float model is never resident.
+pub fn load_model_meta(path: &Path) -> Result<(LoadedModel, BTreeMap<String, String>)> {
+    match detect_format(path)? {
+        ModelFormat::Gguf => {
+            let g = GgufFile::open(path)?;
+            let types = g
+                .tensors
+                .iter()
+                .filter_map(|info| canonical_gguf_name(&info.name).map(|n| (n, info.ty.name().to_string())))
+                .collect();
+            Ok((gguf_model(&g, path, ModelWeights::default())?, types))
+        }
+        // Safetensors headers carry the dtypes too, but an HF checkpoint is
+        // float already: load it and keep only the types.
+        ModelFormat::Hf => {
+            let mut m = load_hf_dir(path)?;
+            let types = m
+                .weights
+                .names()
+                .map(|n| (n.clone(), m.weights.source_type(n).unwrap_or("f32").to_string()))
+                .collect();
+            m.weights = ModelWeights::default();
+            Ok((m, types))
+        }
+    }
+}
+
+/// A GGUF file's model with `weights` (its own, or none).
+fn gguf_model(g: &GgufFile, path: &Path, weights: ModelWeights) -> Result<LoadedModel> {
+    let name = g
+        .opt_str("general.name")?
+        .map(str::to_string)
+        .unwrap_or_else(|| file_stem(path));
+    Ok(LoadedModel {
+        path: path.into(),
+        format: crate::load::ModelFormat::Gguf,
+        name,
+        config: gguf_config(g)?,
+        weights,
+        tokenizer: Tokenizer::from_gguf(g)?,
+    })
+}
+
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
     let config = gguf_config(&g)?;
-    let tokenizer = Tokenizer::from_gguf(&g)?;
     let mut weights = ModelWeights::default();
     for info in &g.tensors {
         let Some(name) = canonical_gguf_name(&info.name) else {
@@ -145,18 +189,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         weights.insert(name, t, info.ty.name());
     }
     weights.validate(&config, path)?;
-    let name = g
-        .opt_str("general.name")?
-        .map(str::to_string)
-        .unwrap_or_else(|| file_stem(path));
-    Ok(LoadedModel {
-        path: path.into(),
-        format: crate::load::ModelFormat::Gguf,
-        name,
-        config,
-        weights,
-        tokenizer,
-    })
+    gguf_model(&g, path, weights)
 }
 
 fn file_stem(path: &Path) -> String {

@@ -55,6 +55,14 @@ pub fn load(spec: &str) -> anyhow::Result<LoadedModel> {
     Ok(loaded)
 }
 
+/// Resolve (fetch if needed) a model and read its config, tokenizer and
+/// tensor storage types, not its weights.
+pub fn load_meta(spec: &str) -> anyhow::Result<(LoadedModel, std::collections::BTreeMap<String, String>)> {
+    let resolved = oqt_hub::resolve_model(spec).with_context(|| format!("resolving model `{spec}`"))?;
+    tracing::info!(path = %resolved.path.display(), origin = %resolved.origin, "model resolved");
+    oqt_core::load::load_model_meta(&resolved.path).with_context(|| format!("loading model `{spec}`"))
+}
+
 /// Load a model and build it on the chosen device.
 pub fn load_burn(spec: &str, dev: &DeviceArgs) -> anyhow::Result<(LoadedModel, Llama)> {
     let device = oqt_model::select_device(dev.device, false)?;

@@ -9,7 +9,7 @@ use oqt_compress::qat::{
     CheckpointState, QatObserver, QatOptions, TrainTokens, default_checkpoint_dir, precompute_teacher,
     read_checkpoint_state, restore_checkpoint, train_first_order, train_zeroth_order,
 };
-use oqt_compress::qat_model::{QatModel, Trainable};
+use oqt_compress::qat_model::{FreezeLinears, QatModel, Trainable};
 use oqt_compress::zeroqat::{LrSchedule, SpsaConfig, SpsaStep};
 use oqt_core::bundle::{Bundle, InputRecord};
 use oqt_core::tensorboard::TbWriter;
@@ -214,14 +214,22 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         };
     }
 
-    let mut model = load(&a.model)?;
+    // The float weights are read only when something needs them: the start
+    // (no --from), a calibration (static recipe, no --from) or the teacher.
+    let float_needed = a.from.is_none() || options.distill_weight > 0.0;
+    let (mut model, source_types) = if float_needed {
+        let model = load(&a.model)?;
+        // Names and storage types only: the weights themselves move into the Burn model.
+        let types: std::collections::BTreeMap<String, String> = model
+            .weights
+            .names()
+            .map(|n| (n.clone(), model.weights.source_type(n).unwrap_or("f32").to_string()))
+            .collect();
+        (model, types)
+    } else {
+        super::load_meta(&a.model)?
+    };
     let static_grids = recipe.spec.activations.mode == oqt_core::quant::ActMode::Static;
-    // Names and storage types only: the weights themselves move into the Burn model.
-    let source_types: std::collections::BTreeMap<String, String> = model
-        .weights
-        .names()
-        .map(|n| (n.clone(), model.weights.source_type(n).unwrap_or("f32").to_string()))
-        .collect();
     let data = oqt_core::datasets::resolve(&a.dataset)?;
     if data.is_eval_set() {
         bail!("--dataset {}: an evaluation set cannot be trained on", data.name);
@@ -290,24 +298,56 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    // The starting weights: the PTQ bundle's, or the float model's.
-    model.weights = match &bundle {
+    // The starting weights: the PTQ bundle's, or the float model's. A
+    // lightweight run stores each decoder linear on its grid as it is read.
+    let source_path = a.from.clone().unwrap_or_else(|| model.path.clone());
+    let mut freeze = a
+        .lightweight
+        .then(|| FreezeLinears::new(&recipe.spec, &model.config, &source_path));
+    let mut start_weights = oqt_core::weights::ModelWeights::default();
+    let mut gather = |name: &str, t: oqt_core::weights::TensorF32, source: String| match &mut freeze {
+        Some(f) => f.add(name, t, source),
+        None => {
+            start_weights.insert(name.to_string(), t, source);
+            Ok(())
+        }
+    };
+    match &bundle {
         Some(b) => {
             model.weights = Default::default();
-            b.dequantized_weights()?
+            b.for_each_dequantized(&mut gather)?;
         }
-        None if teacher.is_some() => load(&a.model)?.weights,
-        None => std::mem::take(&mut model.weights),
-    };
+        None => {
+            let mut float = match teacher {
+                Some(_) => load(&a.model)?.weights,
+                None => std::mem::take(&mut model.weights),
+            };
+            let names: Vec<String> = float.names().cloned().collect();
+            for n in names {
+                let source = float.source_type(&n).unwrap_or("f32").to_string();
+                gather(&n, float.take(&n).expect("listed"), source)?;
+            }
+        }
+    }
     drop(bundle);
+    let frozen = match freeze {
+        Some(f) => {
+            let (weights, frozen) = f.finish()?;
+            start_weights = weights;
+            Some(frozen)
+        }
+        None => {
+            start_weights.validate(&model.config, &source_path)?;
+            None
+        }
+    };
     let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, !a.zeroth_order)?;
-    let llama = oqt_model::llama_from_weights(&model.config, std::mem::take(&mut model.weights), &device);
-    let mut qat = QatModel::new(
-        llama,
-        recipe.spec.clone(),
-        options.trainable,
-        grids.as_ref().map(|(g, _)| g),
-    )?;
+    let llama = oqt_model::llama_from_weights(&model.config, start_weights, &device);
+    let grids_ref = grids.as_ref().map(|(g, _)| g);
+    let mut qat = match frozen {
+        Some(frozen) => QatModel::new_frozen(llama, recipe.spec.clone(), frozen, grids_ref)?,
+        None => QatModel::new(llama, recipe.spec.clone(), Trainable::Full, grids_ref)?,
+    };
     if let Some(r) = &a.resume {
         restore_checkpoint(r, &mut qat)?;
     }

@@ -232,28 +232,38 @@ impl Bundle {
     /// model exactly as the bundle's grids represent it.
     pub fn dequantized_weights(&self) -> Result<crate::weights::ModelWeights> {
         let mut w = crate::weights::ModelWeights::default();
+        self.for_each_dequantized(|name, t, source| {
+            w.insert(name.to_string(), t, source);
+            Ok(())
+        })?;
+        w.validate(&self.manifest.config, &self.path)?;
+        Ok(w)
+    }
+
+    /// Hand each tensor, dequantized, with its storage type (`F32`, `int4`, …)
+    /// to `f`, one at a time: a caller that keeps something smaller than f32
+    /// never holds the whole model in float.
+    pub fn for_each_dequantized(&self, mut f: impl FnMut(&str, TensorF32, String) -> Result<()>) -> Result<()> {
         for (name, entry) in &self.manifest.tensors {
             match entry {
                 TensorEntry::F32 { shape } => {
-                    w.insert(
-                        name.clone(),
+                    f(
+                        name,
                         TensorF32::new(shape.clone(), self.f32_tensor(name)?),
-                        "F32",
-                    );
+                        "F32".into(),
+                    )?;
                 }
                 TensorEntry::Quantized { rows, cols, spec, .. } => {
-                    let qw = self.quantized(name)?;
-                    let data = crate::quant::dequantize_weight(&qw);
-                    w.insert(
-                        name.clone(),
+                    let data = crate::quant::dequantize_weight(&self.quantized(name)?);
+                    f(
+                        name,
                         TensorF32::new(vec![*rows, *cols], data),
                         format!("int{}", spec.bits),
-                    );
+                    )?;
                 }
             }
         }
-        w.validate(&self.manifest.config, &self.path)?;
-        Ok(w)
+        Ok(())
     }
 
     /// The static activation grids, when the recipe's activations are static.
