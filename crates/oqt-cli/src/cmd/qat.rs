@@ -110,6 +110,8 @@ pub struct QatArgs {
 
 struct Reporter {
     pb: indicatif::ProgressBar,
+    /// First-order steps have no projected gradient to log.
+    zeroth_order: bool,
     tb: Option<TbWriter>,
     stop: Arc<AtomicBool>,
 }
@@ -130,7 +132,9 @@ impl QatObserver for Reporter {
         if let Some(tb) = &mut self.tb {
             let _ = tb.scalar("train/loss", s.step, loss);
             let _ = tb.scalar("train/lr", s.step, s.lr as f32);
-            let _ = tb.scalar("train/projected_grad", s.step, s.projected_grad);
+            if self.zeroth_order {
+                let _ = tb.scalar("train/projected_grad", s.step, s.projected_grad);
+            }
             let _ = tb.scalar("train/tokens_per_s", s.step, tokens_per_s as f32);
         }
     }
@@ -374,6 +378,7 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     pb.set_position(start_step);
     let mut reporter = Reporter {
         pb,
+        zeroth_order: a.zeroth_order,
         tb: a.tensorboard.as_deref().map(TbWriter::create).transpose()?,
         stop,
     };
