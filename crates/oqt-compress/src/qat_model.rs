@@ -612,7 +612,8 @@ pub struct FreezeLinears {
     config: oqt_core::LlamaConfig,
     /// Where the tensors come from, for errors.
     source: std::path::PathBuf,
-    linears: HashMap<String, (usize, usize)>,
+    /// Each decoder linear's place (`[layer][position]`) and the shape the config gives it.
+    linears: HashMap<String, (usize, usize, Vec<usize>)>,
     weights: ModelWeights,
     frozen: Vec<Vec<Option<QuantizedWeight>>>,
 }
@@ -620,12 +621,17 @@ pub struct FreezeLinears {
 impl FreezeLinears {
     pub fn new(spec: &QuantSpec, config: &oqt_core::LlamaConfig, source: &std::path::Path) -> Self {
         let n_layers = config.num_layers;
+        let shapes: HashMap<String, Vec<usize>> = ModelWeights::expected(config).into_iter().collect();
         let linears = (0..n_layers)
             .flat_map(|l| {
                 Proj::PER_LAYER
                     .iter()
                     .enumerate()
-                    .map(move |(i, p)| (p.weight_name(l), (l, i)))
+                    .map(move |(i, p)| (p.weight_name(l), l, i))
+            })
+            .map(|(name, l, i)| {
+                let shape = shapes[&name].clone();
+                (name, (l, i, shape))
             })
             .collect();
         Self {
@@ -639,10 +645,9 @@ impl FreezeLinears {
     }
 
     pub fn add(&mut self, name: &str, t: TensorF32, source: String) -> Result<()> {
-        if let Some(&(l, i)) = self.linears.get(name) {
+        if let Some((l, i, want)) = self.linears.get(name) {
+            let (l, i) = (*l, *i);
             // The model's own shape, checked before the float tensor is gone.
-            let expected = ModelWeights::expected(&self.config);
-            let want = &expected.iter().find(|(n, _)| n == name).expect("a decoder linear").1;
             if *want != t.shape {
                 return Err(CoreError::BadField {
                     path: self.source.clone(),
@@ -665,29 +670,9 @@ impl FreezeLinears {
     /// (`[layer][position in Proj::PER_LAYER]`), every tensor the config calls
     /// for present with its shape.
     pub fn finish(self) -> Result<(ModelWeights, Vec<Vec<QuantizedWeight>>)> {
-        for (name, shape) in ModelWeights::expected(&self.config) {
-            if self.linears.contains_key(&name) {
-                continue;
-            }
-            match self.weights.get(&name) {
-                None => {
-                    return Err(CoreError::Missing {
-                        path: self.source.clone(),
-                        what: "tensor",
-                        name,
-                    });
-                }
-                Some(t) if t.shape != shape => {
-                    return Err(CoreError::BadField {
-                        path: self.source.clone(),
-                        field: name,
-                        expected: format!("shape {shape:?}"),
-                        found: format!("shape {:?}", t.shape),
-                    });
-                }
-                Some(_) => {}
-            }
-        }
+        // The linears hold placeholders here; their shapes were checked in `add`.
+        self.weights
+            .validate_except(&self.config, &self.source, |n| self.linears.contains_key(n))?;
         let mut frozen = Vec::with_capacity(self.frozen.len());
         for (l, row) in self.frozen.into_iter().enumerate() {
             let row = row
@@ -855,11 +840,9 @@ mod tests {
         // must build exactly the model QatModel::new freezes itself.
         let cfg = tiny_config();
         let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        let mut weights = random_weights(&cfg, 21);
         let mut freeze = FreezeLinears::new(&spec, &cfg, std::path::Path::new("start.oqt"));
-        for n in weights.names().cloned().collect::<Vec<_>>() {
-            let source = weights.source_type(&n).unwrap_or("f32").to_string();
-            freeze.add(&n, weights.take(&n).unwrap(), source).unwrap();
+        for (n, t, source) in random_weights(&cfg, 21).into_tensors() {
+            freeze.add(&n, t, source).unwrap();
         }
         let (start, frozen) = freeze.finish().unwrap();
         let llama = oqt_model::llama_from_weights(&cfg, start, &Device::flex());

@@ -137,25 +137,21 @@ pub fn load_model_meta(path: &Path) -> Result<(LoadedModel, BTreeMap<String, Str
                 .iter()
                 .filter_map(|info| canonical_gguf_name(&info.name).map(|n| (n, info.ty.name().to_string())))
                 .collect();
-            Ok((gguf_model(&g, path, ModelWeights::default())?, types))
+            Ok((gguf_model(&g, path, gguf_config(&g)?, ModelWeights::default())?, types))
         }
         // Safetensors headers carry the dtypes too, but an HF checkpoint is
         // float already: load it and keep only the types.
         ModelFormat::Hf => {
             let mut m = load_hf_dir(path)?;
-            let types = m
-                .weights
-                .names()
-                .map(|n| (n.clone(), m.weights.source_type(n).unwrap_or("f32").to_string()))
-                .collect();
+            let types = m.weights.source_types();
             m.weights = ModelWeights::default();
             Ok((m, types))
         }
     }
 }
 
-/// A GGUF file's model with `weights` (its own, or none).
-fn gguf_model(g: &GgufFile, path: &Path, weights: ModelWeights) -> Result<LoadedModel> {
+/// A GGUF file's model with `config` (read from it) and `weights` (its own, or none).
+fn gguf_model(g: &GgufFile, path: &Path, config: LlamaConfig, weights: ModelWeights) -> Result<LoadedModel> {
     let name = g
         .opt_str("general.name")?
         .map(str::to_string)
@@ -164,7 +160,7 @@ fn gguf_model(g: &GgufFile, path: &Path, weights: ModelWeights) -> Result<Loaded
         path: path.into(),
         format: crate::load::ModelFormat::Gguf,
         name,
-        config: gguf_config(g)?,
+        config,
         weights,
         tokenizer: Tokenizer::from_gguf(g)?,
     })
@@ -189,7 +185,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         weights.insert(name, t, info.ty.name());
     }
     weights.validate(&config, path)?;
-    gguf_model(&g, path, weights)
+    gguf_model(&g, path, config, weights)
 }
 
 fn file_stem(path: &Path) -> String {

@@ -83,6 +83,24 @@ impl ModelWeights {
         self.tensors.keys()
     }
 
+    /// Each tensor's name and storage type (`f32` where none was recorded).
+    pub fn source_types(&self) -> BTreeMap<String, String> {
+        self.tensors
+            .keys()
+            .map(|n| (n.clone(), self.source_type(n).unwrap_or("f32").to_string()))
+            .collect()
+    }
+
+    /// The tensors by value with their storage types, in name order; each is
+    /// released as the caller drops it.
+    pub fn into_tensors(self) -> impl Iterator<Item = (String, TensorF32, String)> {
+        let mut types = self.source_types;
+        self.tensors.into_iter().map(move |(n, t)| {
+            let source = types.remove(&n).unwrap_or_else(|| "f32".to_string());
+            (n, t, source)
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
@@ -126,7 +144,15 @@ impl ModelWeights {
 
     /// Check that every expected tensor is present with the right shape.
     pub fn validate(&self, cfg: &LlamaConfig, path: &Path) -> Result<()> {
+        self.validate_except(cfg, path, |_| false)
+    }
+
+    /// [`Self::validate`], leaving out the tensors `skip` names (held elsewhere).
+    pub fn validate_except(&self, cfg: &LlamaConfig, path: &Path, skip: impl Fn(&str) -> bool) -> Result<()> {
         for (name, shape) in Self::expected(cfg) {
+            if skip(&name) {
+                continue;
+            }
             match self.tensors.get(&name) {
                 None => {
                     return Err(CoreError::Missing {

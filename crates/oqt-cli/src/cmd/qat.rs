@@ -224,11 +224,7 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     let (mut model, source_types) = if float_needed {
         let model = load(&a.model)?;
         // Names and storage types only: the weights themselves move into the Burn model.
-        let types: std::collections::BTreeMap<String, String> = model
-            .weights
-            .names()
-            .map(|n| (n.clone(), model.weights.source_type(n).unwrap_or("f32").to_string()))
-            .collect();
+        let types = model.weights.source_types();
         (model, types)
     } else {
         super::load_meta(&a.model)?
@@ -322,14 +318,12 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
             b.for_each_dequantized(&mut gather)?;
         }
         None => {
-            let mut float = match teacher {
+            let float = match teacher {
                 Some(_) => load(&a.model)?.weights,
                 None => std::mem::take(&mut model.weights),
             };
-            let names: Vec<String> = float.names().cloned().collect();
-            for n in names {
-                let source = float.source_type(&n).unwrap_or("f32").to_string();
-                gather(&n, float.take(&n).expect("listed"), source)?;
+            for (n, t, source) in float.into_tensors() {
+                gather(&n, t, source)?;
             }
         }
     }
