@@ -849,7 +849,8 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
     );
 
     // From a PTQ bundle without a teacher: the float model is never loaded,
-    // each linear is frozen as it is read, and the bundle keeps the start's integers.
+    // each linear is frozen as it is read, and the bundle keeps the start's
+    // integers (its output-channel scales train).
     let start = dir.path().join("rtn.oqt");
     let text_arg = text.to_str().unwrap();
     json_of(oqt().args([
@@ -894,7 +895,9 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         "model.layers.0.self_attn.q_proj.weight",
         "model.layers.1.mlp.down_proj.weight",
     ] {
-        assert_eq!(a.quantized(name).unwrap(), b.quantized(name).unwrap(), "{name}");
+        let (qa, qb) = (a.quantized(name).unwrap(), b.quantized(name).unwrap());
+        assert_eq!(qa.q, qb.q, "{name}: integers frozen");
+        assert_ne!(qa.scales, qb.scales, "{name}: channel scales trained");
     }
     assert_ne!(
         a.manifest.act_grids, b.manifest.act_grids,

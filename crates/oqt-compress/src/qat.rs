@@ -453,7 +453,7 @@ mod tests {
         let cfg = tiny_config();
         let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &Device::flex());
         let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        QatModel::new(llama, spec, Trainable::Full, None).unwrap()
+        QatModel::new(llama, spec, None).unwrap()
     }
 
     struct Quiet {
@@ -552,7 +552,7 @@ mod tests {
         let device = Device::flex().autodiff();
         let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &device);
         let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        let model = QatModel::new(llama, spec, Trainable::Full, None).unwrap();
+        let model = QatModel::new(llama, spec, None).unwrap();
         let opts = QatOptions {
             spsa: SpsaConfig {
                 lr: 3e-3,

@@ -10,16 +10,24 @@
 //! * `Full`: every decoder linear's latent float weights (under the fake
 //!   quantizer, straight-through), every RMSNorm gain, and on static recipes
 //!   the activation ranges;
-//! * `Lightweight`: the quantizer-facing parameters only — the RMSNorm gains
-//!   (~0.03% of SmolLM2's parameters) and, on static recipes, the activation
-//!   ranges. A gain scales the input channels of the q/k/v or gate/up
-//!   projections before their inputs are quantized: a learned per-channel
-//!   smoothing of every quantized matmul. The frozen decoder linears are
-//!   stored as the bundle will store them — integers and scales
-//!   ([`QuantizedWeight`], one byte a weight instead of four) — and
-//!   dequantized layer by layer in the forward pass, so the run needs less
-//!   memory than inference on the float model, and the bundle holds exactly
-//!   the integers that were trained through.
+//! * `Lightweight`: the quantizer-facing parameters only (~0.14% of
+//!   SmolLM2's parameters), with every decoder linear's integers frozen:
+//!   - the RMSNorm gains: a gain scales the input channels of the q/k/v or
+//!     gate/up projections before their inputs are quantized — a learned
+//!     per-channel smoothing of every quantized matmul;
+//!   - each frozen linear's output-channel scales (PEQA-style), as one
+//!     log-offset per row (`row r ← row r · exp(δ_r)`): the integers stay, the
+//!     bundle's scales become `scale · exp(δ_r)`, so the runtime needs
+//!     nothing new. Not trained on per-tensor grids (one scale cannot hold a
+//!     row's factor) nor on llama.cpp grids (their f16 block scales would be
+//!     re-rounded; GGUF export must stay exact);
+//!   - on static recipes, the activation ranges.
+//!
+//!   The frozen decoder linears are stored as the bundle will store them —
+//!   integers and scales ([`QuantizedWeight`], one byte a weight instead of
+//!   four) — and dequantized layer by layer in the forward pass, so the run
+//!   needs less memory than inference on the float model, and the bundle
+//!   holds exactly the integers that were trained through.
 //!
 //! Activation ranges are one log-scale offset per static site
 //! (`scale = scale₀ · exp(δ)`, δ = 0 at the calibrated or PTQ grid): the
@@ -32,7 +40,7 @@
 use crate::distill::WindowTargets;
 use crate::mobilequant::RangeParams;
 use crate::zeroqat::ZoTrainable;
-use burn::module::Param;
+use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -61,6 +69,8 @@ enum Target {
     AttnNorm(usize),
     MlpNorm(usize),
     FinalNorm,
+    /// A frozen linear's per-output-channel log-scale offsets (lightweight).
+    ChannelScales(usize, Proj),
     /// Every static site's log-scale offset, as one tensor.
     ActRanges,
 }
@@ -86,6 +96,33 @@ struct StaticSites {
     probs: ActGrid,
 }
 
+/// Lightweight runs' per-output-channel log-scale offsets of the frozen
+/// linears, `[layer · 7 + position in Proj::PER_LAYER]`; row `r` of a linear
+/// computes with `exp(δ_r)` times its stored scales. Zero (the start) and not
+/// trained where the grid cannot hold a row factor ([`trains_channel_scales`]).
+#[derive(Module, Debug)]
+pub struct ChannelScales {
+    pub log_scale: Vec<Param<Tensor<1>>>,
+}
+
+/// Whether a frozen linear on `spec` trains its output-channel scales.
+pub fn trains_channel_scales(spec: &WeightSpec) -> bool {
+    spec.granularity != oqt_core::quant::Granularity::PerTensor && !spec.scale_rule.is_llama_cpp()
+}
+
+/// `qw`'s scales with row `r` multiplied by `exp(δ_r)`, stored as the grid
+/// stores scales: what the bundle holds after a lightweight run.
+fn fold_channel_scales(mut qw: QuantizedWeight, log_scale: &[f32]) -> QuantizedWeight {
+    let per_row = qw.scales.len() / qw.rows;
+    for (r, &d) in log_scale.iter().enumerate() {
+        let m = d.exp();
+        for s in &mut qw.scales[r * per_row..(r + 1) * per_row] {
+            *s = qw.spec.stored_scale(*s * m);
+        }
+    }
+    qw
+}
+
 /// What training ends with, ready for the bundle writer.
 pub struct TrainedWeights {
     /// Canonical float weights (everything but the frozen linears).
@@ -104,6 +141,8 @@ pub struct QatModel {
     specs: Vec<Vec<WeightSpec>>,
     /// Lightweight runs: the frozen decoder linears as integers (same indexing).
     frozen: Option<Vec<Vec<QuantizedWeight>>>,
+    /// Lightweight runs: their output-channel scale offsets.
+    channel_scales: Option<ChannelScales>,
     sites: Option<StaticSites>,
 }
 
@@ -149,8 +188,15 @@ impl ForwardHooks for QatHooks<'_> {
                 Some(f) => {
                     let qw = &f[layer][position(p)];
                     let device = m.llama.device();
-                    Tensor::<2>::from_data(TensorData::new(dequantize_weight(qw), [qw.rows, qw.cols]), &device)
-                        .transpose()
+                    let w = Tensor::<2>::from_data(TensorData::new(dequantize_weight(qw), [qw.rows, qw.cols]), &device);
+                    let w = match &m.channel_scales {
+                        Some(c) => {
+                            let d = c.log_scale[layer * Proj::PER_LAYER.len() + position(p)].val();
+                            w * d.exp().reshape([qw.rows, 1])
+                        }
+                        None => w,
+                    };
+                    w.transpose()
                 }
                 None => fake_quant_weight(
                     m.llama.decoder_linear(layer, p).weight.val(),
@@ -177,43 +223,11 @@ impl ForwardHooks for QatHooks<'_> {
 }
 
 impl QatModel {
+    /// Full QAT: every decoder linear trains its latent float weights.
     /// `grids`: the static sites' starting grids (a PTQ bundle's `act_grids`
     /// or a calibration), required by static recipes and ignored otherwise.
-    pub fn new(
-        llama: Llama,
-        spec: QuantSpec,
-        trainable: Trainable,
-        grids: Option<&BTreeMap<String, ActGrid>>,
-    ) -> Result<Self> {
-        let mut llama = llama;
-        let frozen = match trainable {
-            Trainable::Full => None,
-            Trainable::Lightweight => {
-                let device = llama.device();
-                let mut frozen = Vec::with_capacity(llama.layers.len());
-                for l in 0..llama.layers.len() {
-                    let mut row = Vec::with_capacity(Proj::PER_LAYER.len());
-                    for &p in &Proj::PER_LAYER {
-                        let lin = llama.decoder_linear_mut(l, p);
-                        // Burn's [in, out] → canonical [out, in], then the bundle's integers.
-                        let w = lin.weight.val().transpose();
-                        let [rows, cols] = w.dims();
-                        row.push(quantize_weight(
-                            &read_vec(w),
-                            rows,
-                            cols,
-                            &spec.weights_for(&p.weight_name(l)),
-                            1.0,
-                        ));
-                        // The integers are the storage from here on: release the float weight.
-                        lin.weight = Param::from_tensor(Tensor::zeros([1, 1], &device)).set_require_grad(false);
-                    }
-                    frozen.push(row);
-                }
-                Some(frozen)
-            }
-        };
-        Self::build(llama, spec, frozen, grids)
+    pub fn new(llama: Llama, spec: QuantSpec, grids: Option<&BTreeMap<String, ActGrid>>) -> Result<Self> {
+        Self::build(llama, spec, None, grids)
     }
 
     /// The lightweight model from decoder linears frozen beforehand
@@ -276,9 +290,6 @@ impl QatModel {
             targets.push(Target::MlpNorm(l));
         }
         targets.push(Target::FinalNorm);
-        if sites.is_some() {
-            targets.push(Target::ActRanges);
-        }
         let specs: Vec<Vec<WeightSpec>> = (0..n)
             .map(|l| {
                 Proj::PER_LAYER
@@ -287,6 +298,24 @@ impl QatModel {
                     .collect()
             })
             .collect();
+        let channel_scales = frozen.as_ref().map(|f| {
+            let mut log_scale = Vec::with_capacity(n * Proj::PER_LAYER.len());
+            for (l, row) in f.iter().enumerate() {
+                for ((&p, qw), ws) in Proj::PER_LAYER.iter().zip(row).zip(&specs[l]) {
+                    let d = Param::from_tensor(Tensor::<1>::zeros([qw.rows], &device));
+                    log_scale.push(if trains_channel_scales(ws) {
+                        targets.push(Target::ChannelScales(l, p));
+                        d
+                    } else {
+                        d.set_require_grad(false)
+                    });
+                }
+            }
+            ChannelScales { log_scale }
+        });
+        if sites.is_some() {
+            targets.push(Target::ActRanges);
+        }
 
         let mut llama = llama;
         // Embedding and head: on their grids once, never trained. The
@@ -316,6 +345,7 @@ impl QatModel {
             targets,
             specs,
             frozen,
+            channel_scales,
             sites,
         })
     }
@@ -401,6 +431,7 @@ impl QatModel {
                 Target::AttnNorm(l) => names::layer(l, names::ATTN_NORM),
                 Target::MlpNorm(l) => names::layer(l, names::MLP_NORM),
                 Target::FinalNorm => names::FINAL_NORM.to_string(),
+                Target::ChannelScales(l, p) => format!("{}.log_scale", p.weight_name(l)),
                 Target::ActRanges => ACT_RANGES_NAME.to_string(),
             })
             .collect()
@@ -432,7 +463,12 @@ impl QatModel {
     /// types come from `source_types` ("f32" for names it lacks).
     pub fn into_trained(self, source_types: &BTreeMap<String, String>) -> TrainedWeights {
         let act_grids = self.act_grids();
-        let Self { llama, frozen, .. } = self;
+        let Self {
+            llama,
+            frozen,
+            channel_scales,
+            ..
+        } = self;
         let Llama {
             embed_tokens,
             layers,
@@ -464,6 +500,7 @@ impl QatModel {
         put(names::FINAL_NORM.to_string(), vector(norm.gamma.into_value()));
         let mut quantized = BTreeMap::new();
         let mut frozen = frozen.map(|f| f.into_iter());
+        let mut channel_scales = channel_scales.map(|c| c.log_scale.into_iter());
         for (l, b) in layers.into_iter().enumerate() {
             put(
                 names::layer(l, names::ATTN_NORM),
@@ -486,6 +523,10 @@ impl QatModel {
             match frozen_row {
                 Some(row) => {
                     for (&p, qw) in Proj::PER_LAYER.iter().zip(row) {
+                        let qw = match channel_scales.as_mut().and_then(Iterator::next) {
+                            Some(d) => fold_channel_scales(qw, &read_vec(d.into_value())),
+                            None => qw,
+                        };
                         quantized.insert(p.weight_name(l), qw);
                     }
                 }
@@ -513,11 +554,17 @@ impl QatModel {
             Target::AttnNorm(l) => self.llama.layers[l].input_layernorm.gamma.val(),
             Target::MlpNorm(l) => self.llama.layers[l].post_attention_layernorm.gamma.val(),
             Target::FinalNorm => self.llama.norm.gamma.val(),
+            Target::ChannelScales(l, p) => self.channel_scale(l, p).val(),
             Target::ActRanges => {
                 let s = self.sites.as_ref().expect("static sites");
                 Tensor::cat(s.params.sites.iter().map(|q| q.log_scale.val()).collect(), 0)
             }
         }
+    }
+
+    fn channel_scale(&self, l: usize, p: Proj) -> &Param<Tensor<1>> {
+        let c = self.channel_scales.as_ref().expect("lightweight model");
+        &c.log_scale[l * Proj::PER_LAYER.len() + position(p)]
     }
 
     /// One first-order step (the baseline): backpropagate the batch loss
@@ -552,16 +599,22 @@ impl QatModel {
             s.params = opt.ranges.step(lr, s.params, g);
             self.sites = Some(s);
         }
+        if let Some(c) = self.channel_scales.take() {
+            let g = GradientsParams::from_module(&mut grads, &c);
+            self.channel_scales = Some(opt.channel_scales.step(lr, c, g));
+        }
         Ok((self, value))
     }
 }
 
 /// AdamW state of first-order QAT: one optimizer for the model's trainable
 /// parameters (decoupled weight decay as given), one for the activation
-/// ranges (no decay: a range's parameter is an offset from its start).
+/// ranges (no decay: a range's parameter is an offset from its start), one
+/// for the channel-scale offsets (decayed toward their start, 0).
 pub struct FirstOrder {
     model: ModuleOptimizer,
     ranges: ModuleOptimizer,
+    channel_scales: ModuleOptimizer,
 }
 
 impl FirstOrder {
@@ -569,6 +622,7 @@ impl FirstOrder {
         Self {
             model: AdamWConfig::new().with_weight_decay(weight_decay as f32).init(),
             ranges: AdamWConfig::new().with_weight_decay(0.0).init(),
+            channel_scales: AdamWConfig::new().with_weight_decay(weight_decay as f32).init(),
         }
     }
 }
@@ -729,6 +783,11 @@ impl ZoTrainable for QatModel {
                 let g = &mut self.llama.norm.gamma;
                 *g = Param::from_tensor(g.val() * a + z * b);
             }
+            Target::ChannelScales(l, p) => {
+                let c = self.channel_scales.as_mut().expect("lightweight model");
+                let g = &mut c.log_scale[l * Proj::PER_LAYER.len() + position(p)];
+                *g = Param::from_tensor(g.val() * a + z * b);
+            }
             Target::ActRanges => unreachable!("updated above"),
         }
     }
@@ -741,11 +800,44 @@ mod tests {
     use oqt_core::quant::builtin_recipe;
     use oqt_core::testing::{random_weights, tiny_config};
 
+    /// `weights` as QAT starts from them: full (latent float linears) or
+    /// lightweight (linears frozen as they are read, as the CLI does).
+    fn build(
+        trainable: Trainable,
+        weights: ModelWeights,
+        spec: QuantSpec,
+        grids: Option<&BTreeMap<String, ActGrid>>,
+    ) -> QatModel {
+        build_on(trainable, weights, spec, grids, Device::flex())
+    }
+
+    fn build_on(
+        trainable: Trainable,
+        weights: ModelWeights,
+        spec: QuantSpec,
+        grids: Option<&BTreeMap<String, ActGrid>>,
+        device: Device,
+    ) -> QatModel {
+        let cfg = tiny_config();
+        match trainable {
+            Trainable::Full => QatModel::new(oqt_model::llama_from_weights(&cfg, weights, &device), spec, grids),
+            Trainable::Lightweight => {
+                let mut freeze = FreezeLinears::new(&spec, &cfg, std::path::Path::new("start.oqt"));
+                for (n, t, source) in weights.into_tensors() {
+                    freeze.add(&n, t, source).unwrap();
+                }
+                let (start, frozen) = freeze.finish().unwrap();
+                let llama = oqt_model::llama_from_weights(&cfg, start, &device);
+                QatModel::new_frozen(llama, spec, frozen, grids)
+            }
+        }
+        .unwrap()
+    }
+
     fn model(trainable: Trainable) -> QatModel {
         let cfg = tiny_config();
-        let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 21), &Device::flex());
         let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        QatModel::new(llama, spec, trainable, None).unwrap()
+        build(trainable, random_weights(&cfg, 21), spec, None)
     }
 
     /// `steps` SPSA steps (ε 1e-2, 2 probes) on `objective`; its value before and after.
@@ -835,30 +927,80 @@ mod tests {
     }
 
     #[test]
-    fn linears_frozen_while_loading_give_the_same_model() {
-        // FreezeLinears (the CLI's path: no float linear ever reaches Burn)
-        // must build exactly the model QatModel::new freezes itself.
-        let cfg = tiny_config();
-        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        let mut freeze = FreezeLinears::new(&spec, &cfg, std::path::Path::new("start.oqt"));
-        for (n, t, source) in random_weights(&cfg, 21).into_tensors() {
-            freeze.add(&n, t, source).unwrap();
-        }
-        let (start, frozen) = freeze.finish().unwrap();
-        let llama = oqt_model::llama_from_weights(&cfg, start, &Device::flex());
-        let streamed = QatModel::new_frozen(llama, spec, frozen, None).unwrap();
-        let built = model(Trainable::Lightweight);
+    fn channel_scales_train_and_fold_into_the_exported_scales() {
+        let mut m = model(Trainable::Lightweight);
+        let names = m.tensor_names();
+        let scales = names.iter().filter(|n| n.ends_with(".weight.log_scale")).count();
+        assert_eq!(scales, tiny_config().num_layers * 7, "{names:?}");
+        let start = model(Trainable::Lightweight).into_trained(&BTreeMap::new()).quantized;
         let data = batch();
-        assert_eq!(streamed.loss(&data).unwrap(), built.loss(&data).unwrap());
-        let (a, b) = (
-            streamed.into_trained(&BTreeMap::new()),
-            built.into_trained(&BTreeMap::new()),
-        );
-        assert_eq!(a.quantized, b.quantized);
+        spsa_train(&mut m, 3e-2, 4, 20, |m| m.loss(&data));
+        let trained_loss = m.loss(&data).unwrap();
+        let trained = m.into_trained(&BTreeMap::new());
         assert!(
-            a.weights.get(&Proj::Q.weight_name(0)).is_none(),
+            trained.weights.get(&Proj::Q.weight_name(0)).is_none(),
             "frozen linears are handed over as integers only"
         );
+        for (name, q) in &trained.quantized {
+            assert_eq!(q.q, start[name].q, "{name}: the integers stay frozen");
+        }
+        let moved = trained
+            .quantized
+            .iter()
+            .filter(|(n, q)| q.scales != start[*n].scales)
+            .count();
+        assert_eq!(moved, trained.quantized.len(), "every linear's scales trained");
+        // The exported integers and scales compute what training computed.
+        let mut weights = trained.weights;
+        for (name, q) in &trained.quantized {
+            weights.insert(
+                name.clone(),
+                TensorF32::new(vec![q.rows, q.cols], dequantize_weight(q)),
+                "f32",
+            );
+        }
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        let reloaded = build(Trainable::Lightweight, weights, spec, None).loss(&data).unwrap();
+        assert!(
+            (reloaded - trained_loss).abs() < 1e-4,
+            "trained {trained_loss} vs exported {reloaded}"
+        );
+    }
+
+    #[test]
+    fn first_order_lightweight_steps_train_the_channel_scales() {
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        let weights = random_weights(&tiny_config(), 21);
+        let mut m = build_on(Trainable::Lightweight, weights, spec, None, Device::flex().autodiff());
+        let i = m.tensor_names().iter().position(|n| n.ends_with(".log_scale")).unwrap();
+        let mut opt = FirstOrder::new(0.0);
+        let data = batch();
+        let mut losses = Vec::new();
+        for _ in 0..15 {
+            let (next, loss) = m.first_order_step(&data, None, 1e-2, &mut opt).unwrap();
+            m = next;
+            losses.push(loss);
+        }
+        assert!(losses[14] < losses[0] - 0.01, "loss {losses:?}");
+        assert!(
+            m.tensor_values(i).iter().any(|&d| d != 0.0),
+            "backprop reached the channel scales"
+        );
+    }
+
+    #[test]
+    fn per_tensor_and_llama_cpp_grids_keep_their_scales() {
+        for recipe in ["gguf-q4_0", "gguf-q8_0"] {
+            let spec = builtin_recipe(recipe).unwrap().unwrap().spec;
+            let m = build(Trainable::Lightweight, random_weights(&tiny_config(), 2), spec, None);
+            assert!(
+                m.tensor_names().iter().all(|n| !n.ends_with(".log_scale")),
+                "{recipe}: f16 block scales are not trained"
+            );
+        }
+        let mut spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        spec.weights.granularity = oqt_core::quant::Granularity::PerTensor;
+        assert!(!trains_channel_scales(&spec.weights));
     }
 
     #[test]
@@ -894,11 +1036,7 @@ mod tests {
         let windows: Vec<Vec<u32>> = batch();
         let grids =
             crate::calibrate::calibrate(&llama, &recipe.spec, &recipe.calibration, &windows, |_, _| {}).unwrap();
-        let llama = oqt_model::llama_from_weights(&cfg, weights, &device);
-        (
-            QatModel::new(llama, recipe.spec, trainable, Some(&grids)).unwrap(),
-            grids,
-        )
+        (build(trainable, weights, recipe.spec, Some(&grids)), grids)
     }
 
     #[test]
@@ -923,10 +1061,7 @@ mod tests {
         let cfg = tiny_config();
         let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 1), &Device::flex());
         let spec = builtin_recipe("w4a8").unwrap().unwrap().spec;
-        let e = QatModel::new(llama, spec, Trainable::Full, None)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = QatModel::new(llama, spec, None).err().unwrap().to_string();
         assert!(e.contains("--from"), "{e}");
     }
 }

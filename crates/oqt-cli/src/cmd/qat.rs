@@ -18,10 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Args, Debug)]
-#[command(after_help = "Example (lightweight: RMSNorm gains only, a few minutes on 2 cores):
+#[command(
+    after_help = "Example (lightweight: norm gains and channel scales, a few minutes on 2 cores):
   oqt qat --zeroth-order --recipe w4a8-dyn smollm2-135m --dataset tinyshakespeare \\
       --steps 200 --lightweight --tensorboard runs/zo --output exports/zo.oqt
-  # Ctrl-C saves a checkpoint; continue with --resume exports/zo.ckpt")]
+  # Ctrl-C saves a checkpoint; continue with --resume exports/zo.ckpt"
+)]
 pub struct QatArgs {
     /// The float model (alias, GGUF, HF directory or hub id).
     pub model: String,
@@ -52,9 +54,9 @@ pub struct QatArgs {
     pub held_out: f64,
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
-    /// Train only the quantizer-facing parameters — RMSNorm gains and static
-    /// activation ranges — with the decoder weights frozen as integers (see
-    /// `oqt_compress::qat_model`).
+    /// Train only the quantizer-facing parameters — RMSNorm gains, each
+    /// decoder linear's output-channel scales and static activation ranges —
+    /// with the decoder weights' integers frozen (see `oqt_compress::qat_model`).
     #[arg(long)]
     pub lightweight: bool,
     #[arg(long, default_value_t = 1e-5)]
@@ -344,7 +346,7 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     let grids_ref = grids.as_ref().map(|(g, _)| g);
     let mut qat = match frozen {
         Some(frozen) => QatModel::new_frozen(llama, recipe.spec.clone(), frozen, grids_ref)?,
-        None => QatModel::new(llama, recipe.spec.clone(), Trainable::Full, grids_ref)?,
+        None => QatModel::new(llama, recipe.spec.clone(), grids_ref)?,
     };
     if let Some(r) = &a.resume {
         restore_checkpoint(r, &mut qat)?;
