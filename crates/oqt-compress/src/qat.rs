@@ -141,14 +141,6 @@ pub fn held_out_perplexity(
             tokens.len()
         )));
     }
-    // A first-order model evaluates off its autodiff graph (see `without_autodiff`).
-    let inference;
-    let model = if model.llama.device().is_autodiff() {
-        inference = model.without_autodiff();
-        &inference
-    } else {
-        model
-    };
     let mut total = 0f64;
     for chunk in all.chunks(batch.max(1)) {
         total += model.loss(chunk)? as f64 * chunk.len() as f64;

@@ -106,6 +106,16 @@ pub struct ChannelScales {
     pub log_scale: Vec<Param<Tensor<1>>>,
 }
 
+impl ChannelScales {
+    fn of(&self, layer: usize, p: Proj) -> &Param<Tensor<1>> {
+        &self.log_scale[layer * Proj::PER_LAYER.len() + position(p)]
+    }
+
+    fn of_mut(&mut self, layer: usize, p: Proj) -> &mut Param<Tensor<1>> {
+        &mut self.log_scale[layer * Proj::PER_LAYER.len() + position(p)]
+    }
+}
+
 /// Whether a frozen linear on `spec` trains its output-channel scales.
 pub fn trains_channel_scales(spec: &WeightSpec) -> bool {
     spec.granularity != oqt_core::quant::Granularity::PerTensor && !spec.scale_rule.is_llama_cpp()
@@ -192,10 +202,7 @@ impl ForwardHooks for QatHooks<'_> {
                     let device = m.llama.device();
                     let w = Tensor::<2>::from_data(TensorData::new(dequantize_weight(qw), [qw.rows, qw.cols]), &device);
                     let w = match &m.channel_scales {
-                        Some(c) => {
-                            let d = c.log_scale[layer * Proj::PER_LAYER.len() + position(p)].val();
-                            w * d.exp().reshape([qw.rows, 1])
-                        }
+                        Some(c) => w * c.of(layer, p).val().exp().reshape([qw.rows, 1]),
                         None => w,
                     };
                     w.transpose()
@@ -258,11 +265,6 @@ impl QatModel {
         frozen: Option<Vec<Vec<QuantizedWeight>>>,
         grids: Option<&BTreeMap<String, ActGrid>>,
     ) -> Result<Self> {
-        let trainable = if frozen.is_some() {
-            Trainable::Lightweight
-        } else {
-            Trainable::Full
-        };
         if llama.layers.iter().any(|b| b.attn.q_proj.bias.is_some()) {
             return Err(CoreError::Other(
                 "QAT of models with q/k/v biases is not implemented yet".into(),
@@ -282,7 +284,8 @@ impl QatModel {
             None
         };
         let mut targets = Vec::new();
-        if trainable == Trainable::Full {
+        if frozen.is_none() {
+            // Full QAT: the latent float linears train.
             for l in 0..n {
                 targets.extend(Proj::PER_LAYER.iter().map(|&p| Target::Linear(l, p)));
             }
@@ -407,10 +410,14 @@ impl QatModel {
 
     /// [`QatModel::loss_tensor`]'s value, one window at a time: the
     /// `[tokens, vocab]` logits of a single window are the largest buffer, as
-    /// in evaluation.
+    /// in evaluation. Never backpropagated, so a first-order model computes
+    /// it off its autodiff graph ([`QatModel::without_autodiff`]).
     pub fn objective(&self, windows: &[Vec<u32>], distill: Option<Distill<'_>>) -> Result<f32> {
         if windows.is_empty() {
             return Err(CoreError::Other("a training batch needs at least one window".into()));
+        }
+        if self.llama.device().is_autodiff() {
+            return self.without_autodiff().objective(windows, distill);
         }
         let mut total = 0f64;
         for (i, w) in windows.iter().enumerate() {
@@ -556,7 +563,7 @@ impl QatModel {
             Target::AttnNorm(l) => self.llama.layers[l].input_layernorm.gamma.val(),
             Target::MlpNorm(l) => self.llama.layers[l].post_attention_layernorm.gamma.val(),
             Target::FinalNorm => self.llama.norm.gamma.val(),
-            Target::ChannelScales(l, p) => self.channel_scale(l, p).val(),
+            Target::ChannelScales(l, p) => self.channel_scales.as_ref().expect("lightweight model").of(l, p).val(),
             Target::ActRanges => {
                 let s = self.sites.as_ref().expect("static sites");
                 Tensor::cat(s.params.sites.iter().map(|q| q.log_scale.val()).collect(), 0)
@@ -565,9 +572,10 @@ impl QatModel {
     }
 
     /// The same model off the autodiff graph (tensors shared, nothing
-    /// copied): what a first-order run evaluates with, since every forward on
-    /// an autodiff device that is never backpropagated keeps its graph alive
-    /// (a held-out evaluation of 16 windows grew first-order runs by ~3 GiB).
+    /// copied): what [`QatModel::objective`] runs on for a first-order model,
+    /// since every forward on an autodiff device that is never
+    /// backpropagated keeps its graph alive (a held-out evaluation of 16
+    /// windows grew first-order runs by ~3 GiB).
     pub fn without_autodiff(&self) -> QatModel {
         QatModel {
             llama: self.llama.valid(),
@@ -583,11 +591,6 @@ impl QatModel {
                 probs: s.probs,
             }),
         }
-    }
-
-    fn channel_scale(&self, l: usize, p: Proj) -> &Param<Tensor<1>> {
-        let c = self.channel_scales.as_ref().expect("lightweight model");
-        &c.log_scale[l * Proj::PER_LAYER.len() + position(p)]
     }
 
     /// One first-order step (the baseline): backpropagate the batch loss
@@ -807,8 +810,7 @@ impl ZoTrainable for QatModel {
                 *g = Param::from_tensor(g.val() * a + z * b);
             }
             Target::ChannelScales(l, p) => {
-                let c = self.channel_scales.as_mut().expect("lightweight model");
-                let g = &mut c.log_scale[l * Proj::PER_LAYER.len() + position(p)];
+                let g = self.channel_scales.as_mut().expect("lightweight model").of_mut(l, p);
                 *g = Param::from_tensor(g.val() * a + z * b);
             }
             Target::ActRanges => unreachable!("updated above"),
@@ -1027,6 +1029,11 @@ mod tests {
         let data = batch();
         let plain = build(Trainable::Lightweight, weights, spec, None).loss(&data).unwrap();
         assert_eq!(view.loss(&data).unwrap(), plain);
+        assert_eq!(
+            on_graph.loss(&data).unwrap(),
+            plain,
+            "loss evaluates off the graph itself"
+        );
     }
 
     #[test]
