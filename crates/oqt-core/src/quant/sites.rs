@@ -18,6 +18,12 @@
 //! The norm input *is* the residual tensor, so `norm_input` in a recipe's
 //! `act16_sites` widens the residual grids just as `residual` does.
 //!
+//! `act16_sites` may also widen linear inputs (`qkv_input`, `o_proj_input`,
+//! `gate_up_input`, `down_proj_input`, `lm_head_input`): W8A16-style layers
+//! an NPU runs with 16-bit activations. The runtime multiplies those in f32 on
+//! the 16-bit grid's values (no int16 kernel yet), exactly as the simulation
+//! does; the main use today is finding which inputs an 8-bit layout loses most on.
+//!
 //! Grids are stored signed: 8-bit values in `[−128, 127]`, 16-bit in
 //! `[−32768, 32767]`, with a zero point; an unsigned NPU grid is the same grid
 //! shifted by `2^(b−1)` (value and zero point alike).
@@ -85,7 +91,11 @@ impl ActSite {
             Self::OOut => &["o_proj_output"],
             Self::DownOut => &["down_proj_output"],
             Self::Probs => &["softmax"],
-            _ => &[],
+            Self::AttnIn => &["qkv_input"],
+            Self::AttnOut => &["o_proj_input"],
+            Self::MlpIn => &["gate_up_input"],
+            Self::DownIn => &["down_proj_input"],
+            Self::FinalIn => &["lm_head_input"],
         }
     }
 
@@ -105,7 +115,18 @@ impl ActSite {
 }
 
 /// The names `act16_sites` accepts.
-pub const ACT16_SITE_NAMES: [&str; 5] = ["residual", "norm_input", "o_proj_output", "down_proj_output", "softmax"];
+pub const ACT16_SITE_NAMES: [&str; 10] = [
+    "residual",
+    "norm_input",
+    "o_proj_output",
+    "down_proj_output",
+    "softmax",
+    "qkv_input",
+    "o_proj_input",
+    "gate_up_input",
+    "down_proj_input",
+    "lm_head_input",
+];
 
 /// One static per-tensor grid: `q = clamp(round_half_even(x · (1/scale)) + zp, qmin, qmax)`,
 /// value `(q − zp) · scale`, with `1/scale` computed once in f32.
@@ -304,6 +325,17 @@ mod tests {
         assert_eq!(ActSite::MlpResidual.bits(&residual_only), 16);
         assert_eq!(ActSite::DownOut.bits(&residual_only), 8);
         assert_eq!(static_sites(&w8a8, 2).len(), 2 + 2 * 9);
+        // A widened linear input: that site only, and its GEMM leaves the int8 kernels.
+        let mut wide_down = w8a8.clone();
+        wide_down.act16_sites.push("down_proj_input".into());
+        assert!(wide_down.problems().is_empty(), "{:?}", wide_down.problems());
+        for site in ActSite::PER_LAYER.into_iter().chain([ActSite::Embed, ActSite::FinalIn]) {
+            let widened = site == ActSite::DownIn;
+            assert_eq!(site.bits(&wide_down) != site.bits(&w8a8), widened, "{site:?}");
+        }
+        let grid = |site: ActSite| Some(ActGrid::from_range(-1.0, 1.0, site.bits(&wide_down)));
+        assert!(!int8_input(ActMode::Static, grid(ActSite::DownIn)));
+        assert!(int8_input(ActMode::Static, grid(ActSite::MlpIn)));
         let dynamic = crate::quant::load_recipe("w4a8-dyn").unwrap().spec;
         assert!(static_sites(&dynamic, 2).is_empty());
     }
