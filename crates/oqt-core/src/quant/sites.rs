@@ -114,19 +114,21 @@ impl ActSite {
     }
 }
 
-/// The names `act16_sites` accepts.
-pub const ACT16_SITE_NAMES: [&str; 10] = [
-    "residual",
-    "norm_input",
-    "o_proj_output",
-    "down_proj_output",
-    "softmax",
-    "qkv_input",
-    "o_proj_input",
-    "gate_up_input",
-    "down_proj_input",
-    "lm_head_input",
-];
+/// The names `act16_sites` accepts: every site's recipe names,
+/// in forward order, each once.
+pub fn act16_site_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    let sites = [ActSite::Embed]
+        .into_iter()
+        .chain(ActSite::PER_LAYER)
+        .chain([ActSite::FinalIn]);
+    for name in sites.flat_map(|s| s.recipe_names().iter().copied()) {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
 
 /// One static per-tensor grid: `q = clamp(round_half_even(x · (1/scale)) + zp, qmin, qmax)`,
 /// value `(q − zp) · scale`, with `1/scale` computed once in f32.
@@ -329,6 +331,15 @@ mod tests {
         let mut wide_down = w8a8.clone();
         wide_down.act16_sites.push("down_proj_input".into());
         assert!(wide_down.problems().is_empty(), "{:?}", wide_down.problems());
+        let mut typo = w8a8.clone();
+        typo.act16_sites.push("down_input".into());
+        let problems = typo.problems();
+        assert!(
+            problems.len() == 1
+                && problems[0].starts_with("act16_sites[5]: unknown site `down_input`")
+                && problems[0].contains("down_proj_input"),
+            "{problems:?}"
+        );
         for site in ActSite::PER_LAYER.into_iter().chain([ActSite::Embed, ActSite::FinalIn]) {
             let widened = site == ActSite::DownIn;
             assert_eq!(site.bits(&wide_down) != site.bits(&w8a8), widened, "{site:?}");
@@ -338,5 +349,20 @@ mod tests {
         assert!(int8_input(ActMode::Static, grid(ActSite::MlpIn)));
         let dynamic = crate::quant::load_recipe("w4a8-dyn").unwrap().spec;
         assert!(static_sites(&dynamic, 2).is_empty());
+        assert_eq!(
+            act16_site_names(),
+            [
+                "residual",
+                "norm_input",
+                "qkv_input",
+                "softmax",
+                "o_proj_input",
+                "o_proj_output",
+                "gate_up_input",
+                "down_proj_input",
+                "down_proj_output",
+                "lm_head_input"
+            ]
+        );
     }
 }

@@ -257,11 +257,12 @@ impl QuantSpec {
                 a.bits
             ));
         }
+        let known = super::sites::act16_site_names();
         for (i, site) in self.act16_sites.iter().enumerate() {
-            if !super::sites::ACT16_SITE_NAMES.contains(&site.as_str()) {
+            if !known.contains(&site.as_str()) {
                 out.push(format!(
                     "act16_sites[{i}]: unknown site `{site}`; expected one of {}",
-                    super::sites::ACT16_SITE_NAMES.join(", ")
+                    known.join(", ")
                 ));
             }
         }
