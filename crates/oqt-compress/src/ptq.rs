@@ -171,7 +171,7 @@ pub fn quantize(
         }
         Method::Awq => {
             let st = stats(awq_gather(opts, windows.len()), progress)?;
-            let scales = awq_scales(model, recipe, &st, progress)?;
+            let scales = awq_scales(model, recipe, &st, false, progress)?;
             let mut w = model.weights.clone();
             fold(cfg, &mut w, &scales)?;
             Some(w)
@@ -250,27 +250,35 @@ pub fn quantize(
                     let st = stats(Gather::default(), progress)?;
                     smoothquant_scales(cfg, &model.weights, &st, opts.smooth_alpha)?
                 }
-                TransformInit::Awq => {
+                TransformInit::Awq | TransformInit::AwqSmoothquant => {
                     let st = stats(awq_gather(opts, windows.len()), progress)?;
-                    awq_scales(model, recipe, &st, progress)?
+                    let max_family = opts.mobilequant.init == TransformInit::AwqSmoothquant;
+                    awq_scales(model, recipe, &st, max_family, progress)?
                 }
             };
-            let mut w = model.weights.clone();
-            fold(cfg, &mut w, &init)?;
+            let initialised = || -> Result<ModelWeights> {
+                let mut w = model.weights.clone();
+                fold(cfg, &mut w, &init)?;
+                Ok(w)
+            };
+            let w = initialised()?;
             progress.phase("calibrating", windows.len());
             let grids = calibrate(&float_llama(cfg, &w), spec, &opts.calibration, &windows, |d, _| {
                 progress.set(d)
             })?;
             progress.phase("MobileQuant", opts.mobilequant.steps);
+            // Training takes the weights; they are rebuilt (the same fold)
+            // afterwards rather than kept: one copy fewer while a 1B model trains.
             let Learned {
                 scales,
                 clips,
                 grids,
                 losses: l,
-            } = mobilequant::train(cfg, &w, spec, &grids, &windows, &opts.mobilequant, &mut |s, n, loss| {
+            } = mobilequant::train(cfg, w, spec, &grids, &windows, &opts.mobilequant, &mut |s, n, loss| {
                 progress.loss(s, n, loss)
             })?;
             losses = l;
+            let mut w = initialised()?;
             fold(cfg, &mut w, &scales)?;
             for (name, c) in &clips {
                 let t = w.get(name).expect("validated");
@@ -335,6 +343,7 @@ fn awq_scales(
     model: &LoadedModel,
     recipe: &Recipe,
     stats: &[[InputStats; 4]],
+    max_family: bool,
     progress: &mut dyn Progress,
 ) -> Result<Vec<LayerScales>> {
     let cfg = &model.config;
@@ -342,6 +351,7 @@ fn awq_scales(
     let act_bits = (spec.activations.mode == ActMode::Static).then_some(spec.activations.bits);
     let opts = AwqOptions {
         act_bits,
+        max_family: max_family && act_bits.is_some(),
         ..AwqOptions::default()
     };
     progress.phase("AWQ search", cfg.num_layers * 3);
@@ -372,6 +382,7 @@ fn awq_scales(
                 layer = l,
                 input = gi,
                 alpha = r.alpha,
+                by_max = r.by_max,
                 gain = r.error / r.rtn_error.max(1e-30),
                 "AWQ"
             );

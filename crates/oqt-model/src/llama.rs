@@ -52,6 +52,14 @@ pub struct Llama {
     pub rope_inv_freq: Vec<f64>,
 }
 
+/// RoPE tables and causal mask of a window, shared by every layer.
+#[derive(Debug, Clone)]
+pub struct Positions {
+    pub cos: Tensor<4>,
+    pub sin: Tensor<4>,
+    pub mask: Tensor<4, Bool>,
+}
+
 /// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, t, head_dim]`.
 #[derive(Debug, Default)]
 pub struct KvCache {
@@ -322,6 +330,28 @@ impl Llama {
             c.len += s;
         }
         x
+    }
+
+    /// The embedding of `tokens` through `hooks` (the decoder stack's input):
+    /// with [`Llama::positions`] and [`Llama::layer_with`], the layer-by-layer
+    /// form of [`Llama::forward_residual_with`] that per-layer recomputation uses.
+    pub fn embed_with(&self, tokens: Tensor<2, Int>, hooks: &dyn ForwardHooks) -> Tensor<3> {
+        hooks.act(0, ActSite::Embed, self.embed_tokens.forward(tokens))
+    }
+
+    /// RoPE tables and causal mask for `seq` fresh positions (no cache).
+    pub fn positions(&self, seq: usize, device: &Device) -> Positions {
+        let (cos, sin) = rope_tables(&self.rope_inv_freq, 0, seq, device);
+        Positions {
+            cos,
+            sin,
+            mask: causal_mask(0, seq, seq, device),
+        }
+    }
+
+    /// Decoder layer `layer` on its input `x` (no cache).
+    pub fn layer_with(&self, layer: usize, x: Tensor<3>, pos: &Positions, hooks: &dyn ForwardHooks) -> Tensor<3> {
+        self.layers[layer].forward(layer, hooks, x, &pos.cos, &pos.sin, &pos.mask, None)
     }
 
     /// Logits for hidden states: `[batch, seq, vocab]`.

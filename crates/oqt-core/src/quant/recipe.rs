@@ -55,7 +55,10 @@ pub struct MobileQuantSpec {
     /// Optimizer steps (one calibration window each, cycling): the time budget.
     pub steps: usize,
     /// Where the learned transformations start: `awq` (AWQ's searched scales,
-    /// activation-aware) or `smoothquant` (the paper's, with `alpha`).
+    /// activation-aware), `awq-smoothquant` (AWQ's objective searched over both
+    /// AWQ's statistic, the channel mean, and SmoothQuant's, the channel max:
+    /// on static grids a rare massive value sets the range without moving the
+    /// mean) or `smoothquant` (the paper's, with `alpha`).
     pub init: TransformInit,
     /// SmoothQuant migration strength of the `smoothquant` initialisation.
     pub alpha: f32,
@@ -69,6 +72,21 @@ pub struct MobileQuantSpec {
     /// zero-point shift in units of the grid's span), so one rate fits 8- and
     /// 16-bit grids.
     pub lr_range: [f64; 2],
+    /// Whether backward keeps the whole stack's graph (`off`) or recomputes
+    /// one decoder layer at a time from its saved input (`per-layer`: one
+    /// layer's graph in memory, one extra forward per step, same gradients);
+    /// `auto` picks per-layer above 300 M decoder-linear parameters, where the
+    /// whole graph (~5 weight-sized tensors per linear) would not fit in 24 GiB.
+    pub checkpointing: Checkpointing,
+}
+
+/// See [`MobileQuantSpec::checkpointing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Checkpointing {
+    Auto,
+    PerLayer,
+    Off,
 }
 
 impl Default for MobileQuantSpec {
@@ -81,6 +99,7 @@ impl Default for MobileQuantSpec {
             lr_smooth: [1e-3, 1e-4],
             lr_clip: [1e-2, 1e-3],
             lr_range: [1e-3, 1e-4],
+            checkpointing: Checkpointing::Auto,
         }
     }
 }
@@ -90,6 +109,7 @@ impl Default for MobileQuantSpec {
 #[serde(rename_all = "kebab-case")]
 pub enum TransformInit {
     Awq,
+    AwqSmoothquant,
     Smoothquant,
 }
 
@@ -244,5 +264,26 @@ mod tests {
         assert!(e.contains("samplez"), "{e}");
         let e = load_recipe("w5a5").unwrap_err().to_string();
         assert!(e.contains("w4a8-dyn"), "{e}");
+    }
+
+    #[test]
+    fn mobilequant_checkpointing_is_a_recipe_field() {
+        let w4a8 = include_str!("../../../../recipes/w4a8.toml");
+        let p = Path::new("my.toml");
+        assert_eq!(
+            load_recipe("w4a8").unwrap().mobilequant.checkpointing,
+            Checkpointing::Auto
+        );
+        let with = |v: &str| parse(&format!("{w4a8}\n[mobilequant]\ncheckpointing = \"{v}\"\n"), p);
+        assert_eq!(
+            with("per-layer").unwrap().mobilequant.checkpointing,
+            Checkpointing::PerLayer
+        );
+        assert_eq!(with("off").unwrap().mobilequant.checkpointing, Checkpointing::Off);
+        let e = with("sometimes").unwrap_err().to_string();
+        assert!(
+            e.contains("my.toml") && e.contains("checkpointing") && e.contains("per-layer"),
+            "{e}"
+        );
     }
 }
