@@ -65,12 +65,6 @@ pub struct AwqOptions {
     /// Bits of the static per-tensor activation grid the input is fake-quantized
     /// on inside the objective; `None` for weight-only layouts.
     pub act_bits: Option<u8>,
-    /// Also score SmoothQuant's statistic, the channel's largest `|x|`, on the
-    /// same α grid (the objective picks between the two families). On static
-    /// grids a rare huge value — SmolLM2's massive activations at the down
-    /// projection's input — sets the per-tensor range while barely moving the
-    /// channel's mean, so only the max-based family can shrink it.
-    pub max_family: bool,
 }
 
 impl Default for AwqOptions {
@@ -78,7 +72,6 @@ impl Default for AwqOptions {
         Self {
             n_grid: 20,
             act_bits: None,
-            max_family: false,
         }
     }
 }
@@ -89,8 +82,6 @@ pub struct AwqResult {
     pub scales: Vec<f32>,
     /// The exponent chosen (0 means `scales` are all 1).
     pub alpha: f32,
-    /// Whether the chosen scales follow the channel max (else the mean).
-    pub by_max: bool,
     /// Objective at the chosen scales (sum of squared output errors over the sample).
     pub error: f64,
     /// Objective at `s = 1` (plain round-to-nearest, with the activation grid if any).
@@ -102,34 +93,25 @@ pub struct AwqResult {
 pub fn search_scales(x: &[f32], cols: usize, linears: &[AwqLinear], opts: &AwqOptions) -> AwqResult {
     assert!(opts.n_grid >= 1, "AWQ needs at least one grid point");
     let objective = Objective::new(x, cols, linears, opts.act_bits, Isa::detect());
-    let mut families = vec![(false, channel_means(x, cols))];
-    if opts.max_family {
-        families.push((true, channel_abs_max(x, cols)));
-    }
-    let mut best: Option<(f64, f32, bool, Vec<f32>)> = None;
+    let means = channel_means(x, cols);
+    let mut best: Option<(f64, f32, Vec<f32>)> = None;
     let mut rtn_error = f64::NAN;
-    for (by_max, stat) in families {
-        // α = 0 is all ones in every family: score it once.
-        let first = if by_max { 1 } else { 0 };
-        for i in first..opts.n_grid {
-            let alpha = i as f32 / opts.n_grid as f32;
-            let scales = scales_for_alpha(&stat, alpha);
-            let err = objective.error(&scales);
-            if i == 0 {
-                rtn_error = err;
-            }
-            // Strictly lower: ties keep the smaller α (the gentler transform)
-            // and the mean family (AWQ's own).
-            if best.as_ref().is_none_or(|b| err < b.0) {
-                best = Some((err, alpha, by_max, scales));
-            }
+    for i in 0..opts.n_grid {
+        let alpha = i as f32 / opts.n_grid as f32;
+        let scales = scales_for_alpha(&means, alpha);
+        let err = objective.error(&scales);
+        if i == 0 {
+            rtn_error = err;
+        }
+        // Strictly lower: ties keep the smaller α (the gentler transform).
+        if best.as_ref().is_none_or(|b| err < b.0) {
+            best = Some((err, alpha, scales));
         }
     }
-    let (error, alpha, by_max, scales) = best.expect("n_grid >= 1");
+    let (error, alpha, scales) = best.expect("n_grid >= 1");
     AwqResult {
         scales,
         alpha,
-        by_max,
         error,
         rtn_error,
     }
@@ -156,22 +138,6 @@ pub fn channel_means(x: &[f32], cols: usize) -> Vec<f32> {
         }
     }
     sums.iter().map(|&s| (s / n.max(1) as f64) as f32).collect()
-}
-
-/// Largest `|x|` of every column of `x` (`[n, cols]`).
-pub fn channel_abs_max(x: &[f32], cols: usize) -> Vec<f32> {
-    assert!(
-        cols > 0 && x.len().is_multiple_of(cols),
-        "{} values are not rows of {cols}",
-        x.len()
-    );
-    let mut m = vec![0f32; cols];
-    for row in x.chunks_exact(cols) {
-        for (a, &v) in m.iter_mut().zip(row) {
-            *a = a.max(v.abs());
-        }
-    }
-    m
 }
 
 /// AWQ's scales for exponent `alpha`: `max(mean^α, 1e-4)`, divided by the
@@ -527,16 +493,7 @@ mod tests {
         let ws = weights(&[64, 32, 32], cols, 100);
         let lins = linears(&ws, cols, spec(4, Granularity::PerGroup(32)));
         for act_bits in [None, Some(8)] {
-            let r = search_scales(
-                &x,
-                cols,
-                &lins,
-                &AwqOptions {
-                    n_grid: 20,
-                    act_bits,
-                    max_family: false,
-                },
-            );
+            let r = search_scales(&x, cols, &lins, &AwqOptions { n_grid: 20, act_bits });
             let ratio = r.error / r.rtn_error;
             println!(
                 "act_bits {act_bits:?}: alpha {}, error {:.4e}, rtn {:.4e}, ratio {ratio:.3}",
@@ -559,49 +516,6 @@ mod tests {
     }
 
     #[test]
-    fn a_rare_massive_value_is_tamed_only_by_the_max_family() {
-        // One channel is ordinary except on one token in 256 (SmolLM2's massive
-        // activations at the down projection's input): its mean barely moves,
-        // its max sets the static 8-bit range for every other channel.
-        let (n, cols) = (256, 64);
-        let mut x = activations(n, cols, &[], 1.0, 11);
-        x[5] = 400.0;
-        let ws = weights(&[48], cols, 300);
-        let lins = linears(&ws, cols, spec(8, Granularity::PerChannel));
-        let opts = |max_family| AwqOptions {
-            n_grid: 20,
-            act_bits: Some(8),
-            max_family,
-        };
-        let (mean_only, both) = (
-            search_scales(&x, cols, &lins, &opts(false)),
-            search_scales(&x, cols, &lins, &opts(true)),
-        );
-        println!(
-            "mean family: α {} ratio {:.3}; with max: α {} by_max {} ratio {:.3}",
-            mean_only.alpha,
-            mean_only.error / mean_only.rtn_error,
-            both.alpha,
-            both.by_max,
-            both.error / both.rtn_error
-        );
-        assert!(!mean_only.by_max);
-        assert!(both.by_max && both.alpha > 0.0);
-        assert!(
-            both.error < 0.5 * mean_only.error,
-            "{} vs {}",
-            both.error,
-            mean_only.error
-        );
-        assert_eq!(both.rtn_error, mean_only.rtn_error);
-        // The massive channel is the one divided most.
-        let top = (0..cols)
-            .max_by(|&a, &b| both.scales[a].total_cmp(&both.scales[b]))
-            .unwrap();
-        assert_eq!(top, 5);
-    }
-
-    #[test]
     fn uniform_activations_are_never_worse_than_rtn() {
         let (n, cols) = (128, 96);
         let x = activations(n, cols, &[], 1.0, 3);
@@ -612,16 +526,7 @@ mod tests {
             (spec(3, Granularity::PerTensor), None),
         ] {
             let lins = linears(&ws, cols, sp);
-            let r = search_scales(
-                &x,
-                cols,
-                &lins,
-                &AwqOptions {
-                    n_grid: 20,
-                    act_bits,
-                    max_family: false,
-                },
-            );
+            let r = search_scales(&x, cols, &lins, &AwqOptions { n_grid: 20, act_bits });
             println!(
                 "{:?} act_bits {act_bits:?}: alpha {}, ratio {:.4}",
                 sp.granularity,
@@ -645,16 +550,7 @@ mod tests {
         let ws = weights(&[5, 19, 3], cols, 300);
         let lins = linears(&ws, cols, spec(3, Granularity::PerGroup(8)));
         for act_bits in [None, Some(8)] {
-            let r = search_scales(
-                &x,
-                cols,
-                &lins,
-                &AwqOptions {
-                    n_grid: 20,
-                    act_bits,
-                    max_family: false,
-                },
-            );
+            let r = search_scales(&x, cols, &lins, &AwqOptions { n_grid: 20, act_bits });
             let means = channel_means(&x, cols);
             for (what, s, got) in [
                 ("chosen", r.scales.clone(), r.error),
@@ -706,16 +602,7 @@ mod tests {
             let lins = linears(&ws, cols, spec(4, Granularity::PerGroup(32)));
             for act_bits in [None, Some(8)] {
                 let t = std::time::Instant::now();
-                let r = search_scales(
-                    &x,
-                    cols,
-                    &lins,
-                    &AwqOptions {
-                        n_grid: 20,
-                        act_bits,
-                        max_family: false,
-                    },
-                );
+                let r = search_scales(&x, cols, &lins, &AwqOptions { n_grid: 20, act_bits });
                 println!(
                     "{what}: n {n}, cols {cols}, rows {}, act_bits {act_bits:?}: {:.2} s ({} threads), alpha {}, ratio {:.3}",
                     rows.iter().sum::<usize>(),

@@ -171,7 +171,7 @@ pub fn quantize(
         }
         Method::Awq => {
             let st = stats(awq_gather(opts, windows.len()), progress)?;
-            let scales = awq_scales(model, recipe, &st, false, progress)?;
+            let scales = awq_scales(model, recipe, &st, progress)?;
             let mut w = model.weights.clone();
             fold(cfg, &mut w, &scales)?;
             Some(w)
@@ -250,10 +250,9 @@ pub fn quantize(
                     let st = stats(Gather::default(), progress)?;
                     smoothquant_scales(cfg, &model.weights, &st, opts.smooth_alpha)?
                 }
-                TransformInit::Awq | TransformInit::AwqSmoothquant => {
+                TransformInit::Awq => {
                     let st = stats(awq_gather(opts, windows.len()), progress)?;
-                    let max_family = opts.mobilequant.init == TransformInit::AwqSmoothquant;
-                    awq_scales(model, recipe, &st, max_family, progress)?
+                    awq_scales(model, recipe, &st, progress)?
                 }
             };
             let initialised = || -> Result<ModelWeights> {
@@ -343,7 +342,6 @@ fn awq_scales(
     model: &LoadedModel,
     recipe: &Recipe,
     stats: &[[InputStats; 4]],
-    max_family: bool,
     progress: &mut dyn Progress,
 ) -> Result<Vec<LayerScales>> {
     let cfg = &model.config;
@@ -351,7 +349,6 @@ fn awq_scales(
     let act_bits = (spec.activations.mode == ActMode::Static).then_some(spec.activations.bits);
     let opts = AwqOptions {
         act_bits,
-        max_family: max_family && act_bits.is_some(),
         ..AwqOptions::default()
     };
     progress.phase("AWQ search", cfg.num_layers * 3);
@@ -382,7 +379,6 @@ fn awq_scales(
                 layer = l,
                 input = gi,
                 alpha = r.alpha,
-                by_max = r.by_max,
                 gain = r.error / r.rtn_error.max(1e-30),
                 "AWQ"
             );

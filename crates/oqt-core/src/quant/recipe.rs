@@ -55,10 +55,7 @@ pub struct MobileQuantSpec {
     /// Optimizer steps (one calibration window each, cycling): the time budget.
     pub steps: usize,
     /// Where the learned transformations start: `awq` (AWQ's searched scales,
-    /// activation-aware), `awq-smoothquant` (AWQ's objective searched over both
-    /// AWQ's statistic, the channel mean, and SmoothQuant's, the channel max:
-    /// on static grids a rare massive value sets the range without moving the
-    /// mean) or `smoothquant` (the paper's, with `alpha`).
+    /// activation-aware) or `smoothquant` (the paper's, with `alpha`).
     pub init: TransformInit,
     /// SmoothQuant migration strength of the `smoothquant` initialisation.
     pub alpha: f32,
@@ -109,7 +106,6 @@ impl Default for MobileQuantSpec {
 #[serde(rename_all = "kebab-case")]
 pub enum TransformInit {
     Awq,
-    AwqSmoothquant,
     Smoothquant,
 }
 
