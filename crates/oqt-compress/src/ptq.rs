@@ -136,6 +136,7 @@ pub fn quantize(
 ) -> Result<PtqOutcome> {
     let cfg = &model.config;
     let spec = &recipe.spec;
+    crate::rtn::check_layers(recipe, cfg.num_layers)?;
     let is_static = spec.activations.mode == ActMode::Static;
     let needs_windows = is_static || method != Method::Rtn;
     let (windows, calibration_input) = if needs_windows {

@@ -53,6 +53,20 @@ pub struct Prepared<'a> {
     pub method: String,
 }
 
+/// Fails naming every `act16_sites` entry that names a layer the model lacks.
+pub fn check_layers(recipe: &Recipe, n_layers: usize) -> Result<()> {
+    let problems = recipe.spec.layer_problems(n_layers);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CoreError::Other(format!(
+            "recipe `{}`: {}",
+            recipe.name,
+            problems.join("; ")
+        )))
+    }
+}
+
 /// Write `prepared` as a bundle of `model` under `recipe`.
 pub fn assemble(
     model: &LoadedModel,
@@ -63,6 +77,7 @@ pub fn assemble(
     created_by: &str,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BundleWriter> {
+    check_layers(recipe, model.config.num_layers)?;
     let mut manifest = Manifest::for_model(model, created_by)?;
     match (recipe.spec.activations.mode, calibrated) {
         (ActMode::Static, Some(c)) => {

@@ -99,12 +99,27 @@ impl ActSite {
         }
     }
 
-    /// Bits of this site's grid under `spec` (static recipes).
+    /// Bits of this site's grid under `spec` (static recipes), for sites the
+    /// model has once (embedding, head input, softmax) or in every layer alike.
     pub fn bits(self, spec: &QuantSpec) -> u8 {
-        let wide = self
-            .recipe_names()
-            .iter()
-            .any(|n| spec.act16_sites.iter().any(|s| s == n));
+        self.bits_in(None, spec)
+    }
+
+    /// Bits of this site's grid in decoder layer `layer`: `act16_sites` entries
+    /// `name` widen it in every layer, `name@layer` in that layer only.
+    pub fn bits_at(self, layer: usize, spec: &QuantSpec) -> u8 {
+        self.bits_in(Some(layer), spec)
+    }
+
+    fn bits_in(self, layer: Option<usize>, spec: &QuantSpec) -> u8 {
+        let wide = spec.act16_sites.iter().any(|entry| {
+            let (name, at) = split_layer(entry);
+            self.recipe_names().contains(&name)
+                && match at {
+                    None => true,
+                    Some(l) => layer.is_some_and(|layer| l == Ok(layer)),
+                }
+        });
         if wide { 16 } else { spec.activations.bits }
     }
 
@@ -112,6 +127,29 @@ impl ActSite {
     pub fn is_fixed(self) -> bool {
         self == Self::Probs
     }
+}
+
+/// An `act16_sites` entry as `(name, layer)`: `"down_proj_input@11"` →
+/// `("down_proj_input", Some(Ok(11)))`; the layer is `Err` when not a number.
+pub fn split_layer(entry: &str) -> (&str, Option<std::result::Result<usize, std::num::ParseIntError>>) {
+    match entry.split_once('@') {
+        Some((name, layer)) => (name, Some(layer.parse())),
+        None => (entry, None),
+    }
+}
+
+/// The `act16_sites` names that may name one layer (`name@layer`): those of
+/// per-layer sites except the softmax, whose fixed grid is one per model.
+pub fn act16_per_layer_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for s in ActSite::PER_LAYER.into_iter().filter(|s| !s.is_fixed()) {
+        for &n in s.recipe_names() {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    names
 }
 
 /// The names `act16_sites` accepts: every site's recipe names,
@@ -213,7 +251,7 @@ pub fn static_sites(spec: &QuantSpec, n_layers: usize) -> Vec<(String, ActSite, 
     let mut out = vec![("embed".to_string(), ActSite::Embed, ActSite::Embed.bits(spec))];
     for l in 0..n_layers {
         for s in ActSite::PER_LAYER {
-            out.push((s.key(l), s, s.bits(spec)));
+            out.push((s.key(l), s, s.bits_at(l, spec)));
         }
     }
     out.push(("final_in".into(), ActSite::FinalIn, ActSite::FinalIn.bits(spec)));
@@ -237,7 +275,10 @@ impl SiteGrids {
         grids: &std::collections::BTreeMap<String, ActGrid>,
     ) -> std::result::Result<Self, String> {
         let get = |site: ActSite, layer: usize| -> std::result::Result<ActGrid, String> {
-            let bits = site.bits(spec);
+            let bits = match site {
+                ActSite::Embed | ActSite::FinalIn | ActSite::Probs => site.bits(spec),
+                _ => site.bits_at(layer, spec),
+            };
             if site.is_fixed() {
                 return Ok(ActGrid::probabilities(bits));
             }
@@ -349,6 +390,41 @@ mod tests {
         assert!(int8_input(ActMode::Static, grid(ActSite::MlpIn)));
         let dynamic = crate::quant::load_recipe("w4a8-dyn").unwrap().spec;
         assert!(static_sites(&dynamic, 2).is_empty());
+        // `name@layer` widens that layer only.
+        let mut one_layer = w8a8.clone();
+        one_layer.act16_sites.push("down_proj_input@1".into());
+        assert!(one_layer.problems().is_empty(), "{:?}", one_layer.problems());
+        assert!(one_layer.layer_problems(2).is_empty());
+        let bits: Vec<(String, u8)> = static_sites(&one_layer, 3)
+            .into_iter()
+            .filter(|(_, s, _)| *s == ActSite::DownIn)
+            .map(|(k, _, b)| (k, b))
+            .collect();
+        assert_eq!(
+            bits,
+            [
+                ("layers.0.down_in".to_string(), 8),
+                ("layers.1.down_in".to_string(), 16),
+                ("layers.2.down_in".to_string(), 8)
+            ]
+        );
+        assert_eq!(ActSite::DownIn.bits(&one_layer), 8);
+        assert_eq!(ActSite::MlpIn.bits_at(1, &one_layer), 8);
+        let e = one_layer.layer_problems(1);
+        assert!(
+            e.len() == 1 && e[0].contains("down_proj_input@1") && e[0].contains("0..1"),
+            "{e:?}"
+        );
+        for (entry, want) in [
+            ("softmax@1", "one grid per model"),
+            ("down_proj_input@x", "decoder layer number"),
+            ("down_input@1", "unknown site `down_input`"),
+        ] {
+            let mut bad = w8a8.clone();
+            bad.act16_sites.push(entry.into());
+            let p = bad.problems();
+            assert!(p.len() == 1 && p[0].contains(want), "{entry}: {p:?}");
+        }
         assert_eq!(
             act16_site_names(),
             [

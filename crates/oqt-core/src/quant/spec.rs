@@ -258,12 +258,25 @@ impl QuantSpec {
             ));
         }
         let known = super::sites::act16_site_names();
-        for (i, site) in self.act16_sites.iter().enumerate() {
-            if !known.contains(&site.as_str()) {
+        let per_layer = super::sites::act16_per_layer_names();
+        for (i, entry) in self.act16_sites.iter().enumerate() {
+            let (site, layer) = super::sites::split_layer(entry);
+            if !known.contains(&site) {
                 out.push(format!(
-                    "act16_sites[{i}]: unknown site `{site}`; expected one of {}",
+                    "act16_sites[{i}]: unknown site `{site}`; expected one of {} (optionally `@LAYER` for one decoder layer)",
                     known.join(", ")
                 ));
+            } else if let Some(layer) = layer {
+                if !per_layer.contains(&site) {
+                    out.push(format!(
+                        "act16_sites[{i}]: `{entry}`: `{site}` is one grid per model, it cannot be widened in one layer; per-layer names are {}",
+                        per_layer.join(", ")
+                    ));
+                } else if layer.is_err() {
+                    out.push(format!(
+                        "act16_sites[{i}]: `{entry}`: expected a decoder layer number after `@`"
+                    ));
+                }
             }
         }
         if let Some(kv) = &self.kv_cache
@@ -272,5 +285,20 @@ impl QuantSpec {
             out.push(format!("kv_cache.bits: expected 8 or 16, found {}", kv.bits));
         }
         out
+    }
+
+    /// Problems with this spec on a model of `n_layers` decoder layers
+    /// (`act16_sites` entries naming a layer it does not have).
+    pub fn layer_problems(&self, n_layers: usize) -> Vec<String> {
+        self.act16_sites
+            .iter()
+            .enumerate()
+            .filter_map(|(i, entry)| match super::sites::split_layer(entry) {
+                (_, Some(Ok(l))) if l >= n_layers => Some(format!(
+                    "act16_sites[{i}]: `{entry}`: the model has decoder layers 0..{n_layers}"
+                )),
+                _ => None,
+            })
+            .collect()
     }
 }
