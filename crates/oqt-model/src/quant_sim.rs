@@ -88,6 +88,7 @@ fn integer_linear(
     s_w: &Tensor<3>,
     k_pad: usize,
     w_max_abs: f32,
+    x_span: f32,
 ) -> Tensor<2> {
     let [m, k] = x_int.dims();
     let [groups, group, n] = w_int.dims();
@@ -97,9 +98,10 @@ fn integer_linear(
     } else {
         x_int
     };
-    // |q_a − zp| ≤ 255: a group's dot is exact in f32 while 255 · max|q_w| · group < 2^24;
-    // otherwise (int8 weights over long rows) sum in f64, still exact, rounded once as the kernels do.
-    let wide = 255.0 * w_max_abs * group as f32 >= (1u32 << 24) as f32;
+    // |q_a − zp| ≤ x_span (255 for 8-bit inputs): a group's dot is exact in f32 while
+    // x_span · max|q_w| · group < 2^24; otherwise (int8 weights over long rows, 16-bit
+    // inputs) sum in f64, still exact, rounded once as the kernels do.
+    let wide = x_span * w_max_abs * group as f32 >= (1u32 << 24) as f32;
     let dot = |a: Tensor<3>, b: Tensor<3>| {
         if wide {
             a.cast(FloatDType::F64)
@@ -155,15 +157,21 @@ impl SimLinear {
             ) => {
                 let [b, s, d] = x.dims();
                 let x2 = x.reshape([b * s, d]);
-                let (x_int, s_a) = match input {
+                let (x_int, s_a, x_span) = match input {
                     Some(g) => {
                         let s_a = Tensor::full([b * s, 1], g.scale, &x2.device());
-                        (integer_on_grid(x2, g), s_a)
+                        (integer_on_grid(x2, g), s_a, (g.qmax() - g.qmin()) as f32)
                     }
-                    None if mode == ActMode::LlamaCppQ8_0 => q8_0_blocks_integer(x2),
-                    None => dynamic_rows_integer(x2),
+                    None if mode == ActMode::LlamaCppQ8_0 => {
+                        let (x, s) = q8_0_blocks_integer(x2);
+                        (x, s, 255.0)
+                    }
+                    None => {
+                        let (x, s) = dynamic_rows_integer(x2);
+                        (x, s, 255.0)
+                    }
                 };
-                let y = integer_linear(x_int, s_a, w_int, s_w, *k_pad, *w_max_abs);
+                let y = integer_linear(x_int, s_a, w_int, s_w, *k_pad, *w_max_abs, x_span);
                 let n = y.dims()[1];
                 y.reshape([b, s, n])
             }
@@ -279,7 +287,11 @@ impl QuantSim {
 fn sim_weights(qw: &QuantizedWeight, mode: ActMode, input: Option<ActGrid>, device: &Device) -> SimWeights {
     // Q8_0 block activations pair with weights in blocks of 32 only (as in the runtime).
     let pairs = |g: &usize| mode != ActMode::LlamaCppQ8_0 || *g == 32;
-    let Some(group) = kernel_group(qw).filter(|g| int8_input(mode, input) && pairs(g)) else {
+    // 16-bit static inputs also take the integer contract (the runtime's
+    // Int16Input kernel): a float GEMM would differ from the runtime's in the
+    // last bits, and the next 8-bit grid turns those into different roundings.
+    let wide_input = mode == ActMode::Static && input.is_some_and(|g| g.bits == 16);
+    let Some(group) = kernel_group(qw).filter(|g| (int8_input(mode, input) || wide_input) && pairs(g)) else {
         return SimWeights::Dequantized(transposed(&dequantize_weight(qw), qw.rows, qw.cols, device));
     };
     let k_pad = padded_len(qw.cols);

@@ -16,6 +16,59 @@ pub enum Kernel {
     Int4(PackedInt4),
     /// Int8 activations × int8 weights.
     Int8(PackedInt8),
+    /// 16-bit static activations × int4/int8 weights (a W8A16-style layer):
+    /// exact integer dots per group (i64), then the kernels' scale-and-sum.
+    Int16Input(WideWeights),
+}
+
+/// Integer weights for [`Kernel::Int16Input`]: `q` `[rows, cols]`, one scale per
+/// row and group of `group` columns (`groups` per row).
+pub struct WideWeights {
+    pub q: Vec<i8>,
+    pub rows: usize,
+    pub cols: usize,
+    pub group: usize,
+    pub groups: usize,
+    pub scales: Vec<f32>,
+}
+
+impl WideWeights {
+    /// `x` `[m, cols]` on grid `g` → `[m, rows]`: per group `v = (s_a·s_w)·dot`
+    /// (the dot exact in i64, rounded once to f32), groups summed in eight
+    /// interleaved partial sums finished pairwise — the Int4/Int8 kernels'
+    /// contract, which the simulation follows.
+    fn forward(&self, x: &[f32], m: usize, g: ActGrid) -> Vec<f32> {
+        let inv = g.inv_scale();
+        let xq: Vec<i32> = x.iter().map(|&v| g.quantize(v, inv) - g.zero_point).collect();
+        let mut y = vec![0f32; m * self.rows];
+        by_weight_rows(m, self.rows, &mut y, |i, n| {
+            let (xr, wr) = (
+                &xq[i * self.cols..(i + 1) * self.cols],
+                &self.q[n * self.cols..(n + 1) * self.cols],
+            );
+            let mut lanes = [0f32; 8];
+            for gi in 0..self.groups {
+                let lo = gi * self.group;
+                let hi = ((gi + 1) * self.group).min(self.cols);
+                let dot: i64 = if lo < hi {
+                    xr[lo..hi]
+                        .iter()
+                        .zip(&wr[lo..hi])
+                        .map(|(&a, &b)| a as i64 * b as i64)
+                        .sum()
+                } else {
+                    0
+                };
+                let v = (g.scale * self.scales[n * self.groups + gi]) * dot as f32;
+                if self.groups == 1 {
+                    return v;
+                }
+                lanes[gi % 8] += v;
+            }
+            ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+        });
+        y
+    }
 }
 
 /// What happens to a linear layer's input before the multiply.
@@ -41,6 +94,7 @@ impl Linear {
             Kernel::F32 { out, .. } => *out,
             Kernel::Int4(w) => w.rows,
             Kernel::Int8(w) => w.rows,
+            Kernel::Int16Input(w) => w.rows,
         }
     }
 
@@ -69,6 +123,20 @@ impl Linear {
                 _ => kernel_group(qw).is_some(),
             };
         let group = (qw.group != qw.cols).then_some(qw.group);
+        if let (InputQuant::Static(g), Some(kg)) = (input, kernel_group(qw))
+            && g.bits == 16
+        {
+            let k_pad = oqt_core::quant::pack::padded_len(qw.cols);
+            let kernel = Kernel::Int16Input(WideWeights {
+                q: qw.q.clone(),
+                rows: qw.rows,
+                cols: qw.cols,
+                group: kg,
+                groups: k_pad / kg,
+                scales: qw.scales.clone(),
+            });
+            return Self { kernel, input };
+        }
         let kernel = match (integer, qw.spec.bits) {
             (true, b) if b <= 4 => Kernel::Int4(PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
             (true, 8) => Kernel::Int8(PackedInt8::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
@@ -100,6 +168,10 @@ impl Linear {
             }
             Kernel::Int4(w) => matmul_int4(isa, &quantized(w.k), w, &mut y),
             Kernel::Int8(w) => matmul_int8(isa, &quantized(w.k), w, &mut y),
+            Kernel::Int16Input(w) => match self.input {
+                InputQuant::Static(g) => return w.forward(x, m, g),
+                _ => unreachable!("16-bit input kernels are built for static grids only"),
+            },
         }
         y
     }

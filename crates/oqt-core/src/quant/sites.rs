@@ -234,7 +234,7 @@ impl ActGrid {
 
 /// Whether a linear layer's input reaches the integer kernels as int8: dynamic
 /// rows and Q8_0 blocks always, static grids when 8-bit (16-bit static inputs
-/// are multiplied in f32).
+/// take the runtime's exact 16-bit-input kernel instead).
 pub fn int8_input(mode: ActMode, static_grid: Option<ActGrid>) -> bool {
     match mode {
         ActMode::Dynamic | ActMode::LlamaCppQ8_0 => true,
