@@ -176,12 +176,6 @@ fn read1(t: Tensor<1>) -> Vec<f32> {
 /// Llama-3.2-1B's (973 M) ran out of 24 GiB.
 const AUTO_CHECKPOINT_PARAMS: usize = 300_000_000;
 
-fn decoder_linear_params(cfg: &LlamaConfig) -> usize {
-    let h = cfg.hidden_size;
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    cfg.num_layers * (2 * h * q + 2 * h * kv + 3 * h * cfg.intermediate_size)
-}
-
 fn check_finite(step: usize, loss: f32) -> Result<()> {
     if loss.is_finite() {
         Ok(())
@@ -332,7 +326,7 @@ pub fn train(
     let per_layer = match opts.checkpointing {
         Checkpointing::PerLayer => true,
         Checkpointing::Off => false,
-        Checkpointing::Auto => decoder_linear_params(cfg) > AUTO_CHECKPOINT_PARAMS,
+        Checkpointing::Auto => cfg.decoder_linear_params() > AUTO_CHECKPOINT_PARAMS,
     };
     tracing::debug!(per_layer, "MobileQuant backward");
     let seq = windows[0].len();
@@ -463,6 +457,36 @@ mod tests {
     use super::*;
     use oqt_core::testing::{random_weights, tiny_config};
 
+    /// A tiny random model (`seed`), `n` windows of `len` tokens (token `i` of
+    /// window `w` is `i·mul + w·off` mod vocab) and its `w4a8` grids.
+    fn calibrated_tiny_model(
+        seed: u64,
+        n: usize,
+        len: usize,
+        mul: usize,
+        off: usize,
+    ) -> (
+        LlamaConfig,
+        ModelWeights,
+        oqt_core::quant::Recipe,
+        Vec<Vec<u32>>,
+        BTreeMap<String, ActGrid>,
+    ) {
+        let cfg = tiny_config();
+        let weights = random_weights(&cfg, seed);
+        let spec = oqt_core::quant::load_recipe("w4a8").unwrap();
+        let windows: Vec<Vec<u32>> = (0..n)
+            .map(|w| {
+                (0..len)
+                    .map(|i| ((i * mul + w * off) % cfg.vocab_size) as u32)
+                    .collect()
+            })
+            .collect();
+        let llama = oqt_model::llama_from_weights(&cfg, weights.clone(), &Device::flex());
+        let grids = crate::calibrate::calibrate(&llama, &spec.spec, &spec.calibration, &windows, |_, _| {}).unwrap();
+        (cfg, weights, spec, windows, grids)
+    }
+
     #[test]
     fn cosine_schedule_runs_from_start_to_end() {
         assert!((cosine_lr([1e-2, 1e-3], 0, 11) - 1e-2).abs() < 1e-12);
@@ -472,14 +496,7 @@ mod tests {
 
     #[test]
     fn per_layer_checkpointing_learns_what_the_whole_graph_learns() {
-        let cfg = tiny_config();
-        let weights = random_weights(&cfg, 7);
-        let spec = oqt_core::quant::load_recipe("w4a8").unwrap();
-        let windows: Vec<Vec<u32>> = (0..2)
-            .map(|w| (0..24).map(|i| ((i * 29 + w * 13) % cfg.vocab_size) as u32).collect())
-            .collect();
-        let llama = oqt_model::llama_from_weights(&cfg, weights.clone(), &Device::flex());
-        let grids = crate::calibrate::calibrate(&llama, &spec.spec, &spec.calibration, &windows, |_, _| {}).unwrap();
+        let (cfg, weights, spec, windows, grids) = calibrated_tiny_model(7, 2, 24, 29, 13);
         let run = |checkpointing| {
             let opts = MobileQuantSpec {
                 steps: 6,
@@ -525,14 +542,7 @@ mod tests {
 
     #[test]
     fn training_lowers_the_loss_and_exports_every_grid_and_clip() {
-        let cfg = tiny_config();
-        let weights = random_weights(&cfg, 12);
-        let spec = oqt_core::quant::load_recipe("w4a8").unwrap();
-        let windows: Vec<Vec<u32>> = (0..1)
-            .map(|w| (0..32).map(|i| ((i * 37 + w * 11) % cfg.vocab_size) as u32).collect())
-            .collect();
-        let llama = oqt_model::llama_from_weights(&cfg, weights.clone(), &Device::flex());
-        let grids = crate::calibrate::calibrate(&llama, &spec.spec, &spec.calibration, &windows, |_, _| {}).unwrap();
+        let (cfg, weights, spec, windows, grids) = calibrated_tiny_model(12, 1, 32, 37, 11);
         let opts = MobileQuantSpec {
             steps: 30,
             ..MobileQuantSpec::default()

@@ -136,6 +136,7 @@ pub fn quantize(
 ) -> Result<PtqOutcome> {
     let cfg = &model.config;
     let spec = &recipe.spec;
+    // Fail before calibration, not only when the bundle is assembled.
     crate::rtn::check_layers(recipe, cfg.num_layers)?;
     let is_static = spec.activations.mode == ActMode::Static;
     let needs_windows = is_static || method != Method::Rtn;

@@ -72,11 +72,20 @@ impl LlamaConfig {
         let h = self.hidden_size;
         let kv = self.num_kv_heads * self.head_dim;
         let q = self.num_heads * self.head_dim;
-        let attn = h * q + 2 * h * kv + q * h + if self.attention_bias { q + 2 * kv } else { 0 };
-        let mlp = 3 * h * self.intermediate_size;
-        let block = attn + mlp + 2 * h;
+        let per_layer_extra = if self.attention_bias { q + 2 * kv } else { 0 } + 2 * h;
         let emb = self.vocab_size * h;
-        emb + self.num_layers * block + h + if self.tie_word_embeddings { 0 } else { emb }
+        emb + self.decoder_linear_params()
+            + self.num_layers * per_layer_extra
+            + h
+            + if self.tie_word_embeddings { 0 } else { emb }
+    }
+
+    /// Weights of the decoder layers' seven linears (no biases, norms or embeddings).
+    pub fn decoder_linear_params(&self) -> usize {
+        let h = self.hidden_size;
+        let kv = self.num_kv_heads * self.head_dim;
+        let q = self.num_heads * self.head_dim;
+        self.num_layers * (2 * h * q + 2 * h * kv + 3 * h * self.intermediate_size)
     }
 
     fn validate(self, path: &Path) -> Result<Self> {

@@ -321,7 +321,7 @@ impl Llama {
         let start = cache.as_ref().map_or(0, |c| c.len);
         let (cos, sin) = rope_tables(&self.rope_inv_freq, start, s, &device);
         let mask = causal_mask(start, s, start + s, &device);
-        let mut x = hooks.act(0, ActSite::Embed, self.embed_tokens.forward(tokens));
+        let mut x = self.embed_with(tokens, hooks);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(i, hooks, x, &cos, &sin, &mask, slot);

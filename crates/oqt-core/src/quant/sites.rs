@@ -112,6 +112,8 @@ impl ActSite {
     }
 
     fn bits_in(self, layer: Option<usize>, spec: &QuantSpec) -> u8 {
+        // The embedding and the head input exist once: `name@layer` never names them.
+        let layer = layer.filter(|_| !matches!(self, Self::Embed | Self::FinalIn));
         let wide = spec.act16_sites.iter().any(|entry| {
             let (name, at) = split_layer(entry);
             self.recipe_names().contains(&name)
@@ -141,25 +143,23 @@ pub fn split_layer(entry: &str) -> (&str, Option<std::result::Result<usize, std:
 /// The `act16_sites` names that may name one layer (`name@layer`): those of
 /// per-layer sites except the softmax, whose fixed grid is one per model.
 pub fn act16_per_layer_names() -> Vec<&'static str> {
-    let mut names: Vec<&'static str> = Vec::new();
-    for s in ActSite::PER_LAYER.into_iter().filter(|s| !s.is_fixed()) {
-        for &n in s.recipe_names() {
-            if !names.contains(&n) {
-                names.push(n);
-            }
-        }
-    }
-    names
+    recipe_names_of(ActSite::PER_LAYER.into_iter().filter(|s| !s.is_fixed()))
 }
 
 /// The names `act16_sites` accepts: every site's recipe names,
 /// in forward order, each once.
 pub fn act16_site_names() -> Vec<&'static str> {
+    recipe_names_of(
+        [ActSite::Embed]
+            .into_iter()
+            .chain(ActSite::PER_LAYER)
+            .chain([ActSite::FinalIn]),
+    )
+}
+
+/// The recipe names of `sites`, in order, each once.
+fn recipe_names_of(sites: impl Iterator<Item = ActSite>) -> Vec<&'static str> {
     let mut names: Vec<&'static str> = Vec::new();
-    let sites = [ActSite::Embed]
-        .into_iter()
-        .chain(ActSite::PER_LAYER)
-        .chain([ActSite::FinalIn]);
     for name in sites.flat_map(|s| s.recipe_names().iter().copied()) {
         if !names.contains(&name) {
             names.push(name);
@@ -275,10 +275,7 @@ impl SiteGrids {
         grids: &std::collections::BTreeMap<String, ActGrid>,
     ) -> std::result::Result<Self, String> {
         let get = |site: ActSite, layer: usize| -> std::result::Result<ActGrid, String> {
-            let bits = match site {
-                ActSite::Embed | ActSite::FinalIn | ActSite::Probs => site.bits(spec),
-                _ => site.bits_at(layer, spec),
-            };
+            let bits = site.bits_at(layer, spec);
             if site.is_fixed() {
                 return Ok(ActGrid::probabilities(bits));
             }
