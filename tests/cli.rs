@@ -16,6 +16,25 @@ fn json_of(cmd: &mut Command) -> Value {
     serde_json::from_slice(&out).expect("stdout is one JSON object")
 }
 
+/// A fresh temporary directory holding a tiny random Llama as `tiny.gguf`
+/// (weights drawn from `seed`): the edge-case model of the tests below.
+fn tiny_model(seed: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config();
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, seed)).unwrap();
+    (dir, gguf)
+}
+
+/// `line` repeated `times`, written to `text.txt` in `dir`: a tiny training
+/// or evaluation text.
+fn write_text(dir: &tempfile::TempDir, line: &str, times: usize) -> std::path::PathBuf {
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, line.repeat(times)).unwrap();
+    text
+}
+
 #[test]
 fn eval_16_chunks_matches_the_f32_reference_perplexity() {
     let v = json_of(oqt().args([
@@ -119,12 +138,11 @@ fn gguf_and_hf_copies_of_one_model_score_identically() {
     let hf = dir.path().join("tiny-hf");
     write_tiny_gguf(&gguf, &cfg, &w).unwrap();
     write_tiny_hf_dir(&hf, &cfg, &w, &gguf).unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(
-        &text,
-        "the cat in the hat sat on the mat; then the hat sat on the cat. ".repeat(20),
-    )
-    .unwrap();
+    let text = write_text(
+        &dir,
+        "the cat in the hat sat on the mat; then the hat sat on the cat. ",
+        20,
+    );
     let ppl = |model: &std::path::Path| {
         let v = json_of(oqt().args([
             "eval",
@@ -146,11 +164,7 @@ fn gguf_and_hf_copies_of_one_model_score_identically() {
 
 #[test]
 fn inspect_reads_bundles() {
-    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let gguf = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 2)).unwrap();
+    let (dir, gguf) = tiny_model(2);
     let b = dir.path().join("tiny.oqt");
     oqt()
         .args([
@@ -178,17 +192,12 @@ fn inspect_reads_bundles() {
 
 #[test]
 fn quantize_then_eval_the_bundle_with_the_runtime() {
-    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let gguf = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 6)).unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(
-        &text,
-        "the cat in the hat sat on the mat; then the hat sat on the cat. ".repeat(20),
-    )
-    .unwrap();
+    let (dir, gguf) = tiny_model(6);
+    let text = write_text(
+        &dir,
+        "the cat in the hat sat on the mat; then the hat sat on the cat. ",
+        20,
+    );
     let eval = |args: &[&str]| -> f64 {
         let mut all = vec!["eval"];
         all.extend_from_slice(args);
@@ -299,13 +308,9 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
 
 #[test]
 fn every_methods_static_bundle_runs_as_simulated_and_benches() {
-    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let gguf = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 7)).unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(&text, "a quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let (dir, gguf) = tiny_model(7);
+    let cfg = oqt_core::testing::tiny_config();
+    let text = write_text(&dir, "a quick brown fox jumps over the lazy dog. ", 40);
     // Every method's bundle runs in the runtime exactly as simulated.
     for (recipe, method) in [
         ("w4a8", "rtn"),
@@ -384,13 +389,8 @@ fn every_methods_static_bundle_runs_as_simulated_and_benches() {
 
 #[test]
 fn eval_recipe_fails_when_a_result_regresses_beyond_its_tolerance() {
-    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let gguf = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(&text, "a quick brown fox jumps over the lazy dog. ".repeat(30)).unwrap();
+    let (dir, gguf) = tiny_model(8);
+    let text = write_text(&dir, "a quick brown fox jumps over the lazy dog. ", 30);
     let recipe = |float: f64, rtn: f64| {
         format!(
             r#"name = "tiny"
@@ -447,11 +447,8 @@ tolerance = 0.02
 
 #[test]
 fn sensitivity_reports_every_layer_and_saves_the_report() {
-    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let gguf = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 9)).unwrap();
+    let (dir, gguf) = tiny_model(9);
+    let cfg = oqt_core::testing::tiny_config();
     let out = dir.path().join("sens.json");
     let v = json_of(oqt().args([
         "sensitivity",
@@ -719,17 +716,12 @@ fn gguf_export_refuses_what_gguf_cannot_hold_and_writes_nothing() {
 /// exactly as simulated, with its training provenance in the manifest.
 #[test]
 fn zeroth_order_qat_trains_resumes_and_writes_a_runnable_bundle() {
-    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let gguf = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 12)).unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(
-        &text,
-        "the cat in the hat sat on the mat; then the hat sat on the cat. ".repeat(40),
-    )
-    .unwrap();
+    let (dir, gguf) = tiny_model(12);
+    let text = write_text(
+        &dir,
+        "the cat in the hat sat on the mat; then the hat sat on the cat. ",
+        40,
+    );
     let out = dir.path().join("zo.oqt");
     let tb = dir.path().join("tb");
     let common = |steps: &str| {
@@ -795,17 +787,8 @@ fn zeroth_order_qat_trains_resumes_and_writes_a_runnable_bundle() {
 /// both bundles run in the runtime as simulated.
 #[test]
 fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
-    use oqt_core::testing::{random_weights, tiny_config, write_tiny_gguf};
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config();
-    let gguf = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 13)).unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(
-        &text,
-        "a stitch in time saves nine; nine lives has the cat. ".repeat(40),
-    )
-    .unwrap();
+    let (dir, gguf) = tiny_model(13);
+    let text = write_text(&dir, "a stitch in time saves nine; nine lives has the cat. ", 40);
     let run = |out: &std::path::Path, extra: &[&str]| {
         let mut c = oqt();
         c.arg("qat")
