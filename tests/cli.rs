@@ -387,6 +387,97 @@ fn every_methods_static_bundle_runs_as_simulated_and_benches() {
     assert!(v["peak_rss_mib"].as_f64().unwrap_or(1.0) > 0.0);
 }
 
+/// Outlier channel splitting widens the MLP of the layers it touches; the
+/// bundle records the per-layer widths and the runtime runs it as simulated.
+#[test]
+fn mobilequant_with_outlier_splitting_runs_as_simulated() {
+    let (dir, gguf) = tiny_model(11);
+    let cfg = oqt_core::testing::tiny_config();
+    let text = write_text(&dir, "a quick brown fox jumps over the lazy dog. ", 40);
+    // The w8a8 recipe, splitting every channel above the 16th-largest.
+    let w8a8 = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/w8a8.toml")).unwrap();
+    let with_ratio = |ratio: &str| -> String {
+        w8a8.lines()
+            .filter(|l| !l.starts_with("split_down_ratio"))
+            .map(|l| match l {
+                "[mobilequant]" => format!("[mobilequant]\nsplit_down_ratio = {ratio}\n"),
+                other => format!("{other}\n"),
+            })
+            .collect()
+    };
+    let recipe = dir.path().join("w8a8-split.toml");
+    std::fs::write(&recipe, with_ratio("1.0")).unwrap();
+    let out = dir.path().join("split.oqt");
+    json_of(oqt().args([
+        "quantize",
+        gguf.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--calib-data",
+        text.to_str().unwrap(),
+        "--calib-samples",
+        "3",
+        "--calib-seq-len",
+        "48",
+        "--output",
+        out.to_str().unwrap(),
+        "--no-eval",
+        "--json",
+    ]));
+    let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
+    let sizes = bundle
+        .manifest
+        .config
+        .layer_intermediate_sizes
+        .clone()
+        .expect("per-layer widths");
+    assert_eq!(sizes.len(), cfg.num_layers);
+    assert!(
+        sizes.iter().all(|&s| s > cfg.intermediate_size),
+        "every layer has channels above its 16th-largest: {sizes:?}"
+    );
+    let eval = |extra: &[&str]| -> f64 {
+        let mut args = vec![
+            "eval",
+            "--bundle",
+            out.to_str().unwrap(),
+            "--dataset",
+            text.to_str().unwrap(),
+            "--ctx",
+            "64",
+        ];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        json_of(oqt().args(&args))["perplexity"].as_f64().unwrap()
+    };
+    let (runtime, simulated) = (eval(&[]), eval(&["--simulate"]));
+    assert!(
+        (runtime - simulated).abs() / simulated < 1e-3,
+        "runtime {runtime} vs simulation {simulated}"
+    );
+    oqt()
+        .args(["inspect"])
+        .arg(&out)
+        .assert()
+        .success()
+        .stdout(contains("outlier channels split"));
+    // A bad ratio is named with its field.
+    std::fs::write(&recipe, with_ratio("0.5")).unwrap();
+    oqt()
+        .args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--no-eval",
+        ])
+        .assert()
+        .failure()
+        .stderr(contains("mobilequant.split_down_ratio"));
+}
+
 #[test]
 fn eval_recipe_fails_when_a_result_regresses_beyond_its_tolerance() {
     let (dir, gguf) = tiny_model(8);

@@ -14,4 +14,5 @@ pub mod qat_model;
 pub mod rtn;
 pub mod sensitivity;
 pub mod smoothing;
+pub mod split;
 pub mod zeroqat;

@@ -286,12 +286,12 @@ pub fn train(
     let probs = (spec.activations.mode == oqt_core::quant::ActMode::Static)
         .then(|| ActGrid::probabilities(ActSite::Probs.bits(spec)));
 
-    let ones = LayerScales::identity(cfg);
+    let ones: Vec<LayerScales> = (0..n_layers).map(|l| LayerScales::identity(cfg, l)).collect();
     let mut smooth = SmoothParams {
-        attn: (0..n_layers).map(|_| param1(&ones.attn, &device)).collect(),
-        mlp: (0..n_layers).map(|_| param1(&ones.mlp, &device)).collect(),
-        down: (0..n_layers).map(|_| param1(&ones.down, &device)).collect(),
-        vo: (0..n_layers).map(|_| param1(&ones.vo, &device)).collect(),
+        attn: ones.iter().map(|o| param1(&o.attn, &device)).collect(),
+        mlp: ones.iter().map(|o| param1(&o.mlp, &device)).collect(),
+        down: ones.iter().map(|o| param1(&o.down, &device)).collect(),
+        vo: ones.iter().map(|o| param1(&o.vo, &device)).collect(),
     };
     let specs: Vec<[WeightSpec; 7]> = (0..n_layers)
         .map(|l| Proj::PER_LAYER.map(|p| spec.weights_for(&p.weight_name(l))))

@@ -10,6 +10,11 @@
 //! | `awq` | AWQ scales searched per input (q/k/v, gate/up, down) folded, then RTN | of the scaled model |
 //! | `gptq` | GPTQ on every decoder linear (Hessians of the float model's inputs, plus the static input grid's rounding noise) | of the GPTQ model |
 //! | `mobilequant` | AWQ (or SmoothQuant) init, then learned smoothing + clipping, folded | learned |
+//!
+//! Before any of them, a static recipe may split the down projection's outlier
+//! input channels into exact copies ([`crate::split`]; MobileQuant's
+//! `split_down_ratio`, or `--split-down` for any method): the layers it touches
+//! get wider MLPs, which the bundle's config records per layer.
 
 use crate::awq::{AwqLinear, AwqOptions, search_scales};
 use crate::calibrate::{calibrate, load_windows};
@@ -98,6 +103,10 @@ pub struct PtqOptions {
     pub gptq: GptqOptions,
     /// AWQ: calibration rows replayed by the scale search, in all.
     pub awq_sample_rows: usize,
+    /// Outlier channel splitting of the down projection's input for any
+    /// static method (`None`: the recipe's `[mobilequant] split_down_ratio`
+    /// for MobileQuant, off for the others; `0` = off).
+    pub split_down_ratio: Option<f32>,
 }
 
 impl PtqOptions {
@@ -110,6 +119,7 @@ impl PtqOptions {
             mobilequant: recipe.mobilequant.clone(),
             gptq: GptqOptions::default(),
             awq_sample_rows: 1024,
+            split_down_ratio: None,
         }
     }
 }
@@ -151,6 +161,51 @@ pub fn quantize(
     } else {
         (Vec::new(), None)
     };
+    // Outlier channel splitting (MobileQuant, when the recipe asks): the rest of
+    // the method, and the bundle, see the widened model.
+    let split_model;
+    let split_ratio = match opts.split_down_ratio {
+        Some(r) => r,
+        None if method == Method::MobileQuant => opts.mobilequant.split_down_ratio,
+        None => 0.0,
+    };
+    if split_ratio > 0.0 && !is_static {
+        return Err(CoreError::Other(format!(
+            "outlier channel splitting narrows static activation grids; recipe `{}` quantizes activations per token at run time — drop the split ratio",
+            recipe.name
+        )));
+    }
+    let model = if split_ratio > 0.0 {
+        progress.phase("input statistics (channel splitting)", windows.len());
+        let st = gather_inputs(
+            &float_llama(cfg, &model.weights),
+            &windows,
+            Gather::default(),
+            |d, _| progress.set(d),
+        )?;
+        let plan = crate::split::plan(&st, split_ratio, 16, opts.mobilequant.split_down_max);
+        let mut weights = model.weights.clone();
+        let sizes = crate::split::apply(cfg, &mut weights, &plan)?;
+        tracing::info!(
+            added = plan.total_extra(),
+            ?sizes,
+            "split down-projection input channels"
+        );
+        let mut config = cfg.clone();
+        config.layer_intermediate_sizes = Some(sizes);
+        split_model = LoadedModel {
+            path: model.path.clone(),
+            format: model.format,
+            name: model.name.clone(),
+            config,
+            weights,
+            tokenizer: model.tokenizer.clone(),
+        };
+        &split_model
+    } else {
+        model
+    };
+    let cfg = &model.config;
     let stats = |gather: Gather, progress: &mut dyn Progress| -> Result<Vec<[InputStats; 4]>> {
         progress.phase("input statistics", windows.len());
         gather_inputs(&float_llama(cfg, &model.weights), &windows, gather, |d, _| {
@@ -357,7 +412,7 @@ fn awq_scales(
     let mut out = Vec::with_capacity(cfg.num_layers);
     let mut done = 0;
     for (l, groups) in stats.iter().enumerate() {
-        let mut s = LayerScales::identity(cfg);
+        let mut s = LayerScales::identity(cfg, l);
         for (gi, projs) in [
             (0usize, &[Proj::Q, Proj::K, Proj::V][..]),
             (2, &[Proj::Gate, Proj::Up][..]),

@@ -40,11 +40,12 @@ pub fn kv_channel(cfg: &LlamaConfig, c: usize) -> usize {
 }
 
 impl LayerScales {
-    pub fn identity(cfg: &LlamaConfig) -> Self {
+    /// No transformation of decoder layer `layer`.
+    pub fn identity(cfg: &LlamaConfig, layer: usize) -> Self {
         Self {
             attn: vec![1.0; cfg.hidden_size],
             mlp: vec![1.0; cfg.hidden_size],
-            down: vec![1.0; cfg.intermediate_size],
+            down: vec![1.0; cfg.intermediate_size_of(layer)],
             vo: vec![1.0; cfg.num_kv_heads * cfg.head_dim],
         }
     }

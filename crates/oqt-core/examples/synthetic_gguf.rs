@@ -29,6 +29,7 @@ fn llama_3_2_1b() -> LlamaConfig {
         attention_bias: false,
         rope_scaling: None,
         rope_freq_factors: None,
+        layer_intermediate_sizes: None,
     }
 }
 

@@ -35,9 +35,27 @@ pub struct LlamaConfig {
     /// (llama.cpp's form of the same Llama 3 scaling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_freq_factors: Option<Vec<f64>>,
+    /// Per-layer MLP widths where they differ from `intermediate_size`
+    /// (outlier channel splitting widens a few layers; llama.cpp reads the
+    /// same as an array-valued `feed_forward_length`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_intermediate_sizes: Option<Vec<usize>>,
 }
 
 impl LlamaConfig {
+    /// The MLP width of decoder layer `l`.
+    pub fn intermediate_size_of(&self, l: usize) -> usize {
+        self.layer_intermediate_sizes
+            .as_ref()
+            .and_then(|s| s.get(l).copied())
+            .unwrap_or(self.intermediate_size)
+    }
+
+    /// Every layer's MLP width.
+    pub fn intermediate_sizes(&self) -> Vec<usize> {
+        (0..self.num_layers).map(|l| self.intermediate_size_of(l)).collect()
+    }
+
     /// Inverse RoPE frequencies, one per rotated pair (`head_dim / 2` values),
     /// with Llama 3 scaling applied when configured.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
@@ -85,7 +103,7 @@ impl LlamaConfig {
         let h = self.hidden_size;
         let kv = self.num_kv_heads * self.head_dim;
         let q = self.num_heads * self.head_dim;
-        self.num_layers * (2 * h * q + 2 * h * kv + 3 * h * self.intermediate_size)
+        self.num_layers * (2 * h * q + 2 * h * kv) + 3 * h * self.intermediate_sizes().iter().sum::<usize>()
     }
 
     fn validate(self, path: &Path) -> Result<Self> {
@@ -106,6 +124,15 @@ impl LlamaConfig {
             if v == 0 {
                 return Err(bad(name, "a positive integer", "0".into()));
             }
+        }
+        if let Some(sizes) = &self.layer_intermediate_sizes
+            && (sizes.len() != self.num_layers || sizes.contains(&0))
+        {
+            return Err(bad(
+                "feed_forward_length",
+                &format!("{} positive per-layer widths", self.num_layers),
+                format!("{sizes:?}"),
+            ));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(
@@ -155,9 +182,28 @@ impl LlamaConfig {
                 });
             }
         };
+        // One width, or (llama.cpp's per-layer form) one per layer.
+        let ffn_key = key("feed_forward_length");
+        let (intermediate_size, layer_intermediate_sizes) = match g.get(&ffn_key) {
+            Some(v @ MetaValue::Array(items)) => {
+                let sizes = items
+                    .iter()
+                    .map(|v| v.as_u64().map(|v| v as usize))
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or_else(|| g.bad(&ffn_key, "an integer or an array of integers", v))?;
+                let layers = g.get_u64(&key("block_count"))? as usize;
+                if sizes.len() != layers {
+                    return Err(g.bad(&ffn_key, &format!("one width per layer ({layers})"), v));
+                }
+                let first = sizes.first().copied().unwrap_or(0);
+                let uniform = sizes.iter().all(|&s| s == first);
+                (first, (!uniform).then_some(sizes))
+            }
+            _ => (g.get_u64(&ffn_key)? as usize, None),
+        };
         Self {
             hidden_size: hidden,
-            intermediate_size: g.get_u64(&key("feed_forward_length"))? as usize,
+            intermediate_size,
             num_layers: g.get_u64(&key("block_count"))? as usize,
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -172,6 +218,7 @@ impl LlamaConfig {
             // the loader turns that tensor back into this struct.
             rope_scaling,
             rope_freq_factors: None,
+            layer_intermediate_sizes,
         }
         .validate(g.path())
     }
@@ -186,7 +233,13 @@ impl LlamaConfig {
             u("block_count", self.num_layers),
             u("context_length", self.max_position_embeddings),
             u("embedding_length", self.hidden_size),
-            u("feed_forward_length", self.intermediate_size),
+            match &self.layer_intermediate_sizes {
+                None => u("feed_forward_length", self.intermediate_size),
+                Some(sizes) => (
+                    "llama.feed_forward_length".to_string(),
+                    MetaValue::Array(sizes.iter().map(|&s| MetaValue::U32(s as u32)).collect()),
+                ),
+            },
             u("attention.head_count", self.num_heads),
             u("attention.head_count_kv", self.num_kv_heads),
             f("rope.freq_base", self.rope_theta),
@@ -261,6 +314,7 @@ impl LlamaConfig {
             attention_bias: raw.attention_bias.unwrap_or(arch == "qwen2"),
             rope_scaling,
             rope_freq_factors: None,
+            layer_intermediate_sizes: None,
         }
         .validate(path)
     }
@@ -328,6 +382,32 @@ mod tests {
         assert!(c.tie_word_embeddings);
         // SmolLM2-135M has 134.5M parameters.
         assert_eq!(c.n_params(), 134_515_008);
+    }
+
+    #[test]
+    fn per_layer_mlp_widths_travel_through_gguf() {
+        let mut cfg = crate::testing::tiny_config();
+        cfg.layer_intermediate_sizes = Some(vec![101, 96]);
+        let weights = crate::testing::random_weights(&cfg, 7);
+        assert_eq!(
+            weights.get("model.layers.0.mlp.down_proj.weight").unwrap().shape,
+            [64, 101]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("split.gguf");
+        crate::testing::write_tiny_gguf(&path, &cfg, &weights).unwrap();
+        let loaded = crate::load_model(&path).unwrap();
+        assert_eq!(loaded.config.layer_intermediate_sizes, Some(vec![101, 96]));
+        assert_eq!(loaded.config.intermediate_sizes(), [101, 96]);
+        assert_eq!(
+            loaded.config.decoder_linear_params(),
+            2 * (2 * 64 * 64 + 2 * 64 * 32) + 3 * 64 * (101 + 96)
+        );
+        // A width list of the wrong length is named.
+        cfg.layer_intermediate_sizes = Some(vec![101]);
+        crate::testing::write_tiny_gguf(&path, &cfg, &weights).unwrap();
+        let msg = crate::load_model(&path).unwrap_err().to_string();
+        assert!(msg.contains("feed_forward_length"), "{msg}");
     }
 
     #[test]

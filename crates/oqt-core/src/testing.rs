@@ -23,6 +23,7 @@ pub fn tiny_config() -> LlamaConfig {
         attention_bias: false,
         rope_scaling: None,
         rope_freq_factors: None,
+        layer_intermediate_sizes: None,
     }
 }
 

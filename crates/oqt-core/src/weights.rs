@@ -123,6 +123,7 @@ impl ModelWeights {
             out.push((LM_HEAD.to_string(), vec![cfg.vocab_size, h]));
         }
         for i in 0..cfg.num_layers {
+            let inter = cfg.intermediate_size_of(i);
             let mut l = vec![
                 (ATTN_NORM, vec![h]),
                 (MLP_NORM, vec![h]),
@@ -130,9 +131,9 @@ impl ModelWeights {
                 (K, vec![kv, h]),
                 (V, vec![kv, h]),
                 (O, vec![h, q]),
-                (GATE, vec![cfg.intermediate_size, h]),
-                (UP, vec![cfg.intermediate_size, h]),
-                (DOWN, vec![h, cfg.intermediate_size]),
+                (GATE, vec![inter, h]),
+                (UP, vec![inter, h]),
+                (DOWN, vec![h, inter]),
             ];
             if cfg.attention_bias {
                 l.extend([(Q_BIAS, vec![q]), (K_BIAS, vec![kv]), (V_BIAS, vec![kv])]);

@@ -50,6 +50,13 @@ fn unsupported(path: &Path, what: &'static str, detail: String) -> CoreError {
 /// `config.json` for `LlamaForCausalLM`.
 fn config_json(src: &ExportSource, dtype: HfDtype) -> Result<serde_json::Value> {
     let c = &src.config;
+    if c.layer_intermediate_sizes.is_some() {
+        return Err(unsupported(
+            &src.path,
+            "per-layer MLP widths",
+            "the model's layers have different intermediate sizes (outlier channel splitting); Llama's config.json has one `intermediate_size` — export to GGUF or a bundle instead".into(),
+        ));
+    }
     if c.rope_freq_factors.is_some() && c.rope_scaling.is_none() {
         return Err(unsupported(
             &src.path,

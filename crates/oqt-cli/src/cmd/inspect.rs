@@ -64,6 +64,7 @@ fn inspect_bundle(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
         m.method.as_deref().unwrap_or("-"),
         m.recipe.as_ref().map_or("-", |r| r.name.as_str())
     );
+    println!("MLP {}", mlp_widths(&m.config));
     for (k, n) in &kinds {
         println!("  {n:>4} tensors {k}");
     }
@@ -87,9 +88,10 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     }
     let c = &s.config;
     println!("{}  ({:?}, {})", s.path, s.format, mib(s.file_bytes));
+    let mlp = mlp_widths(c);
     println!(
-        "architecture: llama-family, {} layers, hidden {}, MLP {}, heads {} / kv {} of {}, vocab {}",
-        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+        "architecture: llama-family, {} layers, hidden {}, MLP {mlp}, heads {} / kv {} of {}, vocab {}",
+        c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
     );
     println!(
         "rope theta {}{}, rms eps {:e}, context {}, {} embeddings{}",
@@ -141,4 +143,20 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The MLP width, or the range of per-layer widths and what splitting added.
+fn mlp_widths(c: &oqt_core::LlamaConfig) -> String {
+    match &c.layer_intermediate_sizes {
+        None => c.intermediate_size.to_string(),
+        Some(sizes) => format!(
+            "{}–{} per layer (outlier channels split: +{} in all)",
+            sizes.iter().min().unwrap_or(&0),
+            sizes.iter().max().unwrap_or(&0),
+            sizes
+                .iter()
+                .sum::<usize>()
+                .saturating_sub(c.intermediate_size * c.num_layers)
+        ),
+    }
 }

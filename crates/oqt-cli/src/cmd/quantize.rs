@@ -43,6 +43,12 @@ pub struct QuantizeArgs {
     /// MobileQuant optimizer steps instead of the recipe's `[mobilequant] steps`.
     #[arg(long, value_name = "N")]
     pub steps: Option<usize>,
+    /// Split the down projection's outlier input channels above RATIO × the
+    /// layer's 16th-largest (an exact transformation for static grids; any
+    /// method; 0 = off). Default: the recipe's `[mobilequant] split_down_ratio`
+    /// for mobilequant, off for the other methods.
+    #[arg(long, value_name = "RATIO")]
+    pub split_down: Option<f32>,
     /// SmoothQuant's migration strength α (smoothquant, and MobileQuant's initialisation).
     #[arg(long)]
     pub alpha: Option<f32>,
@@ -167,6 +173,12 @@ fn options(a: &QuantizeArgs, recipe: &Recipe) -> anyhow::Result<PtqOptions> {
     o.gptq.damp_percent = a.damp;
     if let Some(s) = a.steps {
         o.mobilequant.steps = s;
+    }
+    if let Some(r) = a.split_down {
+        if !(r == 0.0 || r >= 1.0) || !r.is_finite() {
+            bail!("--split-down must be 0 (off) or a ratio ≥ 1, found {r}");
+        }
+        o.split_down_ratio = Some(r);
     }
     if let Some(alpha) = a.alpha {
         if !(0.0..=1.0).contains(&alpha) {

@@ -439,7 +439,7 @@ impl GgufFile {
         }
     }
 
-    fn bad(&self, key: &str, expected: &str, v: &MetaValue) -> CoreError {
+    pub(crate) fn bad(&self, key: &str, expected: &str, v: &MetaValue) -> CoreError {
         CoreError::BadField {
             path: self.path.clone(),
             field: key.into(),

@@ -75,6 +75,14 @@ pub struct MobileQuantSpec {
     /// `auto` picks per-layer above 300 M decoder-linear parameters, where the
     /// whole graph (~5 weight-sized tensors per linear) would not fit in 24 GiB.
     pub checkpointing: Checkpointing,
+    /// Outlier channel splitting of the down projection's input, before
+    /// anything else: a channel whose calibration maximum exceeds this many
+    /// times the layer's reference maximum (its 16th-largest channel, where
+    /// the bulk begins) becomes as many exact copies as bring it under that
+    /// threshold. `0` = off.
+    pub split_down_ratio: f32,
+    /// At most this many channels added to any one layer.
+    pub split_down_max: usize,
 }
 
 /// See [`MobileQuantSpec::checkpointing`].
@@ -97,6 +105,8 @@ impl Default for MobileQuantSpec {
             lr_clip: [1e-2, 1e-3],
             lr_range: [1e-3, 1e-4],
             checkpointing: Checkpointing::Auto,
+            split_down_ratio: 0.0,
+            split_down_max: 256,
         }
     }
 }
@@ -172,6 +182,12 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
     }
     if recipe.calibration.samples == 0 || recipe.calibration.seq_len < 2 {
         problems.push("calibration: samples must be ≥ 1 and seq_len ≥ 2".into());
+    }
+    let ratio = recipe.mobilequant.split_down_ratio;
+    if !(ratio == 0.0 || ratio >= 1.0) || !ratio.is_finite() {
+        problems.push(format!(
+            "mobilequant.split_down_ratio: expected 0 (off) or a value ≥ 1, found {ratio}"
+        ));
     }
     match problems.first() {
         None => Ok(recipe),

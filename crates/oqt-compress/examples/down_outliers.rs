@@ -1,0 +1,28 @@
+//! Diagnostic behind `split_down_ratio`: per-layer channel maxima of the
+//! q/k/v (g0), gate/up (g2) and down (g3) inputs over 8 × 512 Tiny Shakespeare
+//! tokens. `cargo run --release -p oqt-compress --example down_outliers -- MODEL.gguf`
+use oqt_compress::calibrate::calibration_windows;
+use oqt_compress::inputs::{Gather, gather_inputs};
+
+fn main() {
+    let path = std::env::args().nth(1).expect("model path");
+    let model = oqt_core::load_model(std::path::Path::new(&path)).unwrap();
+    let data = oqt_core::datasets::resolve("tinyshakespeare").unwrap();
+    let windows = calibration_windows(&model.tokenizer, &data.read_text().unwrap(), 8, 512).unwrap();
+    let llama = oqt_model::llama_from_weights(&model.config, model.weights.clone(), &burn::tensor::Device::flex());
+    let st = gather_inputs(&llama, &windows, Gather::default(), |_, _| {}).unwrap();
+    for (l, g) in st.iter().enumerate() {
+        for gi in [0usize, 2, 3] {
+            let mut m = g[gi].abs_max.clone();
+            m.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            let n = m.len();
+            println!(
+                "L{l:2} g{gi} top {:?} | p1 {:.2} p5 {:.2} med {:.2}",
+                &m[..8].iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
+                m[n / 100],
+                m[n / 20],
+                m[n / 2]
+            );
+        }
+    }
+}
