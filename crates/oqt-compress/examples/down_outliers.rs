@@ -11,6 +11,10 @@ fn main() {
     let windows = calibration_windows(&model.tokenizer, &data.read_text().unwrap(), 8, 512).unwrap();
     let llama = oqt_model::llama_from_weights(&model.config, model.weights.clone(), &burn::tensor::Device::flex());
     let st = gather_inputs(&llama, &windows, Gather::default(), |_, _| {}).unwrap();
+    if std::env::var_os("PLANS").is_some() {
+        plans(&st);
+        return;
+    }
     for (l, g) in st.iter().enumerate() {
         for gi in [0usize, 2, 3] {
             let mut m = g[gi].abs_max.clone();
@@ -24,5 +28,26 @@ fn main() {
                 m[n / 2]
             );
         }
+    }
+}
+
+#[allow(dead_code)]
+fn plans(st: &[[oqt_compress::inputs::InputStats; 4]]) {
+    for (ratio, rank, cap) in [(2.0, 16, 256), (1.0, 16, 256), (1.0, 16, 512), (1.0, 32, 512), (1.0, 64, 1024), (0.0, 0, 0)] {
+        if cap == 0 {
+            break;
+        }
+        let p = oqt_compress::split::plan(st, ratio, rank, cap);
+        let widest: Vec<f32> = st
+            .iter()
+            .zip(&p.copies)
+            .map(|(g, k)| g[3].abs_max.iter().zip(k).map(|(m, &k)| m / k as f32).fold(0f32, f32::max))
+            .collect();
+        println!(
+            "ratio {ratio} rank {rank} cap {cap}: +{} ({:.2}% of MLP) widest per layer {:?}",
+            p.total_extra(),
+            100.0 * p.total_extra() as f64 / (1536.0 * 30.0),
+            widest.iter().map(|v| v.round()).collect::<Vec<_>>()
+        );
     }
 }
