@@ -31,9 +31,15 @@ fn main() {
     }
 }
 
-#[allow(dead_code)]
 fn plans(st: &[[oqt_compress::inputs::InputStats; 4]]) {
-    for (ratio, rank, cap) in [(2.0, 16, 256), (1.0, 16, 256), (1.0, 16, 512), (1.0, 32, 512), (1.0, 64, 1024), (0.0, 0, 0)] {
+    for (ratio, rank, cap) in [
+        (2.0, 16, 256),
+        (1.0, 16, 256),
+        (1.0, 16, 512),
+        (1.0, 32, 512),
+        (1.0, 64, 1024),
+        (0.0, 0, 0),
+    ] {
         if cap == 0 {
             break;
         }
@@ -41,7 +47,13 @@ fn plans(st: &[[oqt_compress::inputs::InputStats; 4]]) {
         let widest: Vec<f32> = st
             .iter()
             .zip(&p.copies)
-            .map(|(g, k)| g[3].abs_max.iter().zip(k).map(|(m, &k)| m / k as f32).fold(0f32, f32::max))
+            .map(|(g, k)| {
+                g[3].abs_max
+                    .iter()
+                    .zip(k)
+                    .map(|(m, &k)| m / k as f32)
+                    .fold(0f32, f32::max)
+            })
             .collect();
         println!(
             "ratio {ratio} rank {rank} cap {cap}: +{} ({:.2}% of MLP) widest per layer {:?}",
