@@ -934,6 +934,9 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         "w4a8",
         "--method",
         "rtn",
+        // A start with per-layer MLP widths: ZeroQAT trains and writes it as is.
+        "--split-down",
+        "1",
         "--calib-data",
         text_arg,
         "--calib-samples",
@@ -964,6 +967,11 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
     let (a, b) = (
         oqt_core::bundle::Bundle::open(&start).unwrap(),
         oqt_core::bundle::Bundle::open(&from).unwrap(),
+    );
+    assert!(a.manifest.config.layer_intermediate_sizes.is_some());
+    assert_eq!(
+        a.manifest.config, b.manifest.config,
+        "the widths travel through training"
     );
     for name in [
         "model.layers.0.self_attn.q_proj.weight",

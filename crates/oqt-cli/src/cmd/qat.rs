@@ -300,6 +300,11 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // A PTQ start may have split outlier channels (wider MLPs than the float
+    // model, which only the teacher above runs): the student takes its widths.
+    if let Some(b) = &bundle {
+        model.config.layer_intermediate_sizes = b.manifest.config.layer_intermediate_sizes.clone();
+    }
     // The starting weights: the PTQ bundle's, or the float model's. A
     // lightweight run stores each decoder linear on its grid as it is read.
     let source_path = a.from.clone().unwrap_or_else(|| model.path.clone());
