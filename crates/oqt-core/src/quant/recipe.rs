@@ -286,7 +286,14 @@ mod tests {
             load_recipe("w4a8").unwrap().mobilequant.checkpointing,
             Checkpointing::Auto
         );
-        let with = |v: &str| parse(&format!("{w4a8}\n[mobilequant]\ncheckpointing = \"{v}\"\n"), p);
+        // w4a8 has a `[mobilequant]` table already (its channel splitting).
+        assert!(w4a8.contains("[mobilequant]\n"));
+        let with = |v: &str| {
+            parse(
+                &w4a8.replace("[mobilequant]\n", &format!("[mobilequant]\ncheckpointing = \"{v}\"\n")),
+                p,
+            )
+        };
         assert_eq!(
             with("per-layer").unwrap().mobilequant.checkpointing,
             Checkpointing::PerLayer
