@@ -35,6 +35,26 @@ fn write_text(dir: &tempfile::TempDir, line: &str, times: usize) -> std::path::P
     text
 }
 
+/// Asserts that the runtime reproduces `--simulate`'s perplexity of `bundle`
+/// on `text` (ctx 64) within 0.1%: what was simulated is what runs.
+fn assert_runs_as_simulated(bundle: &std::path::Path, text: &std::path::Path, what: &str) {
+    let ppl = |extra: &[&str]| -> f64 {
+        let mut c = oqt();
+        c.args(["eval", "--bundle"])
+            .arg(bundle)
+            .arg("--dataset")
+            .arg(text)
+            .args(["--ctx", "64", "--json"])
+            .args(extra);
+        json_of(&mut c)["perplexity"].as_f64().unwrap()
+    };
+    let (runtime, simulated) = (ppl(&[]), ppl(&["--simulate"]));
+    assert!(
+        (runtime - simulated).abs() / simulated < 1e-3,
+        "{what}: runtime {runtime} vs simulation {simulated}"
+    );
+}
+
 #[test]
 fn eval_16_chunks_matches_the_f32_reference_perplexity() {
     let v = json_of(oqt().args([
@@ -349,25 +369,7 @@ fn every_methods_static_bundle_runs_as_simulated_and_benches() {
         // Every static site has a calibrated grid; the calibration file is recorded.
         assert_eq!(bundle.manifest.act_grids.len(), 2 + cfg.num_layers * 8);
         assert!(bundle.manifest.inputs.iter().any(|i| i.role == "calibration"));
-        let eval = |extra: &[&str]| -> f64 {
-            let mut args = vec![
-                "eval",
-                "--bundle",
-                out.to_str().unwrap(),
-                "--dataset",
-                text_arg,
-                "--ctx",
-                "64",
-            ];
-            args.extend_from_slice(extra);
-            args.push("--json");
-            json_of(oqt().args(&args))["perplexity"].as_f64().unwrap()
-        };
-        let (runtime, simulated) = (eval(&[]), eval(&["--simulate"]));
-        assert!(
-            (runtime - simulated).abs() / simulated < 1e-3,
-            "{recipe}/{method}: runtime {runtime} vs simulation {simulated}"
-        );
+        assert_runs_as_simulated(&out, &text, &format!("{recipe}/{method}"));
     }
     let v = json_of(oqt().args([
         "bench",
@@ -438,25 +440,7 @@ fn mobilequant_with_outlier_splitting_runs_as_simulated() {
         sizes.iter().all(|&s| s > cfg.intermediate_size),
         "every layer has channels above its 16th-largest: {sizes:?}"
     );
-    let eval = |extra: &[&str]| -> f64 {
-        let mut args = vec![
-            "eval",
-            "--bundle",
-            out.to_str().unwrap(),
-            "--dataset",
-            text.to_str().unwrap(),
-            "--ctx",
-            "64",
-        ];
-        args.extend_from_slice(extra);
-        args.push("--json");
-        json_of(oqt().args(&args))["perplexity"].as_f64().unwrap()
-    };
-    let (runtime, simulated) = (eval(&[]), eval(&["--simulate"]));
-    assert!(
-        (runtime - simulated).abs() / simulated < 1e-3,
-        "runtime {runtime} vs simulation {simulated}"
-    );
+    assert_runs_as_simulated(&out, &text, "split bundle");
     oqt()
         .args(["inspect"])
         .arg(&out)
@@ -856,20 +840,7 @@ fn zeroth_order_qat_trains_resumes_and_writes_a_runnable_bundle() {
     let b = oqt_core::bundle::Bundle::open(&out).unwrap();
     assert_eq!(b.manifest.method.as_deref(), Some("zeroqat"));
     assert!(b.manifest.training.is_some() && b.manifest.inputs.iter().any(|i| i.role == "training"));
-    let ppl = |extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--bundle",
-            out.to_str().unwrap(),
-            "--dataset",
-            text.to_str().unwrap(),
-        ];
-        args.extend_from_slice(&["--ctx", "64", "--json"]);
-        args.extend_from_slice(extra);
-        json_of(oqt().args(&args))["perplexity"].as_f64().unwrap()
-    };
-    let (rt, sim) = (ppl(&[]), ppl(&["--simulate"]));
-    assert!((rt - sim).abs() / sim < 1e-3, "runtime {rt} vs simulation {sim}");
+    assert_runs_as_simulated(&out, &text, "zeroqat");
 }
 
 /// The other training modes end to end on a tiny model: lightweight
@@ -889,12 +860,6 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
             .arg(out)
             .args(extra);
         json_of(&mut c)
-    };
-    let ppl = |bundle: &std::path::Path, extra: &[&str]| {
-        let mut args = vec!["eval", "--bundle", bundle.to_str().unwrap()];
-        args.extend_from_slice(&["--dataset", text.to_str().unwrap(), "--ctx", "64", "--json"]);
-        args.extend_from_slice(extra);
-        json_of(oqt().args(&args))["perplexity"].as_f64().unwrap()
     };
 
     let light = dir.path().join("light.oqt");
@@ -916,11 +881,7 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
     let b = oqt_core::bundle::Bundle::open(&light).unwrap();
     assert_eq!(b.manifest.method.as_deref(), Some("zeroqat-lightweight"));
     assert!(b.site_grids().unwrap().is_some(), "static grids exported");
-    let (rt, sim) = (ppl(&light, &[]), ppl(&light, &["--simulate"]));
-    assert!(
-        (rt - sim).abs() / sim < 1e-3,
-        "static: runtime {rt} vs simulation {sim}"
-    );
+    assert_runs_as_simulated(&light, &text, "static");
 
     // From a PTQ bundle without a teacher: the float model is never loaded,
     // each linear is frozen as it is read, and the bundle keeps the start's
@@ -985,11 +946,7 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         a.manifest.act_grids, b.manifest.act_grids,
         "the activation ranges trained"
     );
-    let (rt, sim) = (ppl(&from, &[]), ppl(&from, &["--simulate"]));
-    assert!(
-        (rt - sim).abs() / sim < 1e-3,
-        "from a bundle: runtime {rt} vs simulation {sim}"
-    );
+    assert_runs_as_simulated(&from, &text, "from a bundle");
 
     // Instruction data through a prompt template, first-order.
     let jsonl = dir.path().join("instructions.jsonl");
@@ -1013,11 +970,7 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
     assert_eq!(v["steps"], 3);
     let b = oqt_core::bundle::Bundle::open(&first).unwrap();
     assert_eq!(b.manifest.method.as_deref(), Some("qat-first-order"));
-    let (rt, sim) = (ppl(&first, &[]), ppl(&first, &["--simulate"]));
-    assert!(
-        (rt - sim).abs() / sim < 1e-3,
-        "first-order: runtime {rt} vs simulation {sim}"
-    );
+    assert_runs_as_simulated(&first, &text, "first-order");
     // First-order runs keep no optimizer state to resume from: a clear error.
     oqt()
         .args(["qat", "--recipe", "w4a8-dyn", gguf.to_str().unwrap(), "--resume"])

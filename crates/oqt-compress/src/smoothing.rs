@@ -223,11 +223,7 @@ mod tests {
             weights.get(&names::layer(0, names::O))
         );
         let after = run(folded);
-        let worst = before
-            .iter()
-            .zip(&after)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = oqt_core::testing::max_abs_diff(&before, &after);
         assert!(worst < 1e-3, "logits moved by {worst}");
     }
 }

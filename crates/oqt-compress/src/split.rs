@@ -217,11 +217,7 @@ mod tests {
         split.validate(&split_cfg, std::path::Path::new("split")).unwrap();
 
         let (after, split_stats) = run(&split_cfg, &split);
-        let worst = before
-            .iter()
-            .zip(&after)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = oqt_core::testing::max_abs_diff(&before, &after);
         assert!(worst < 1e-3, "logits moved by {worst}");
         assert!(
             widest(&split_stats) < widest(&stats) / 2.0,

@@ -27,6 +27,12 @@ pub fn tiny_config() -> LlamaConfig {
     }
 }
 
+/// The largest elementwise `|a − b|`: how far two logit vectors moved.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "compared vectors differ in length");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
 /// Deterministic pseudo-random values in [-scale, scale] (SplitMix64).
 pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed;

@@ -90,11 +90,7 @@ fn w4a8_dyn_bundle_runs_on_the_integer_kernels() {
     for t in &tokens[12..20] {
         stepped.extend(rt.forward_hidden(&[*t], &mut cache).unwrap());
     }
-    let d = full
-        .iter()
-        .zip(&stepped)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = oqt_core::testing::max_abs_diff(&full, &stepped);
     assert!(d < 1e-3 * h as f32, "cache vs full: {d}");
 }
 
