@@ -87,6 +87,35 @@ pub fn row_int4_scalar(a: ActRow<'_>, w: WeightRow<'_, u8>) -> f32 {
     combine_reference(&a, w.scales, &dots)
 }
 
+/// Exact `Σ a_i·w_i` of 16-bit-grid activations (`a = q − zp`, so `|a| ≤ 65,535`)
+/// and int8 weights: the dot of the runtime's 16-bit-input layers (W8A16).
+/// Products are at most 65,535 · 128 = 8,388,480 in size, so 128 of them sum
+/// exactly in an i32 (≤ 1.07 · 10⁹ < 2³¹); the chunks add up in i64. The
+/// result is the same integer on every path.
+pub fn dot_wide(isa: Isa, a: &[i32], w: &[i8]) -> i64 {
+    debug_assert_eq!(a.len(), w.len());
+    match isa {
+        // Plain Rust compiled with AVX2 enabled: the i32 chunks vectorize (vpmulld).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { dot_wide_avx2(a, w) },
+        _ => dot_wide_chunked(a, w),
+    }
+}
+
+#[inline(always)]
+fn dot_wide_chunked(a: &[i32], w: &[i8]) -> i64 {
+    a.chunks(128)
+        .zip(w.chunks(128))
+        .map(|(a, w)| a.iter().zip(w).map(|(&x, &y)| x * y as i32).sum::<i32>() as i64)
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_wide_avx2(a: &[i32], w: &[i8]) -> i64 {
+    dot_wide_chunked(a, w)
+}
+
 pub fn row_int8(isa: Isa, a: ActRow<'_>, w: WeightRow<'_, i8>) -> f32 {
     debug_assert_eq!(a.q.len(), w.data.len());
     match isa {

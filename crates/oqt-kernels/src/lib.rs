@@ -26,7 +26,7 @@ pub mod pack;
 pub mod requant;
 
 pub use act_quant::{QuantizedRows, quantize_row, quantize_rows, quantize_rows_q8_0, quantize_rows_static};
-pub use dot::{ActRow, WeightRow};
+pub use dot::{ActRow, WeightRow, dot_wide};
 pub use gemm::{by_weight_rows, matmul_int4, matmul_int8};
 pub use pack::{BLOCK, PackedInt4, PackedInt8};
 

@@ -229,3 +229,31 @@ fn quantized_matmul_approximates_the_float_product() {
         }
     }
 }
+
+/// The 16-bit-input dot is exact on every path, at the extremes its chunking
+/// relies on (|a| = 65,535, w = −128, long rows) and on random values.
+#[test]
+fn wide_dots_are_exact_at_the_extremes() {
+    use oqt_kernels::dot_wide;
+    let exact = |a: &[i32], w: &[i8]| -> i64 { a.iter().zip(w).map(|(&x, &y)| x as i64 * y as i64).sum() };
+    let n = 4099; // more than 32 chunks of 128, and a ragged tail
+    let a = vec![65_535; n];
+    let w = vec![-128i8; n];
+    let mut rng = 7u64;
+    let mut next = || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) as u32
+    };
+    let ra: Vec<i32> = (0..n).map(|_| (next() % 131_071) as i32 - 65_535).collect();
+    let rw: Vec<i8> = (0..n).map(|_| (next() % 256) as i32 as u8 as i8).collect();
+    for isa in Isa::available() {
+        assert_eq!(dot_wide(isa, &a, &w), exact(&a, &w), "{}", isa.name());
+        assert_eq!(dot_wide(isa, &ra, &rw), exact(&ra, &rw), "{}", isa.name());
+        assert_eq!(
+            dot_wide(isa, &ra[..5], &rw[..5]),
+            exact(&ra[..5], &rw[..5]),
+            "{}",
+            isa.name()
+        );
+    }
+}

@@ -4,7 +4,7 @@ use oqt_core::quant::pack::kernel_group;
 use oqt_core::quant::sites::int8_input;
 use oqt_core::quant::{ActGrid, ActMode, QuantizedWeight, dequantize_weight};
 use oqt_kernels::{
-    Isa, PackedInt4, PackedInt8, by_weight_rows, matmul_int4, matmul_int8, quantize_row, quantize_rows,
+    Isa, PackedInt4, PackedInt8, by_weight_rows, dot_wide, matmul_int4, matmul_int8, quantize_row, quantize_rows,
     quantize_rows_q8_0, quantize_rows_static,
 };
 
@@ -37,7 +37,7 @@ impl WideWeights {
     /// (the dot exact in i64, rounded once to f32), groups summed in eight
     /// interleaved partial sums finished pairwise — the Int4/Int8 kernels'
     /// contract, which the simulation follows.
-    fn forward(&self, x: &[f32], m: usize, g: ActGrid) -> Vec<f32> {
+    fn forward(&self, isa: Isa, x: &[f32], m: usize, g: ActGrid) -> Vec<f32> {
         let inv = g.inv_scale();
         let xq: Vec<i32> = x.iter().map(|&v| g.quantize(v, inv) - g.zero_point).collect();
         let mut y = vec![0f32; m * self.rows];
@@ -51,11 +51,7 @@ impl WideWeights {
                 let lo = gi * self.group;
                 let hi = ((gi + 1) * self.group).min(self.cols);
                 let dot: i64 = if lo < hi {
-                    xr[lo..hi]
-                        .iter()
-                        .zip(&wr[lo..hi])
-                        .map(|(&a, &b)| a as i64 * b as i64)
-                        .sum()
+                    dot_wide(isa, &xr[lo..hi], &wr[lo..hi])
                 } else {
                     0
                 };
@@ -169,7 +165,7 @@ impl Linear {
             Kernel::Int4(w) => matmul_int4(isa, &quantized(w.k), w, &mut y),
             Kernel::Int8(w) => matmul_int8(isa, &quantized(w.k), w, &mut y),
             Kernel::Int16Input(w) => match self.input {
-                InputQuant::Static(g) => return w.forward(x, m, g),
+                InputQuant::Static(g) => return w.forward(isa, x, m, g),
                 _ => unreachable!("16-bit input kernels are built for static grids only"),
             },
         }
