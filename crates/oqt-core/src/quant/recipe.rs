@@ -26,7 +26,8 @@ pub struct CalibrationSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ActRange {
-    /// The extremes seen over all calibration windows.
+    /// The extremes seen over all calibration windows (the head's input:
+    /// narrowed to the least logit error, `oqt_compress::calibrate`).
     #[default]
     Minmax,
     /// Per-window percentiles, averaged over the windows (ignores rare outliers).
