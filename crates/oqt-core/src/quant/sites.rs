@@ -360,6 +360,9 @@ mod tests {
         assert_eq!(ActSite::AttnIn.bits(&w4a8), 8);
         let w8a8 = crate::quant::load_recipe("w8a8").unwrap().spec;
         assert_eq!(ActSite::DownOut.bits(&w8a8), 16);
+        // w8a8's head takes a 16-bit input; w4a8's an 8-bit one.
+        assert_eq!(ActSite::FinalIn.bits(&w8a8), 16);
+        assert_eq!(ActSite::FinalIn.bits(&w4a8), 8);
         let mut residual_only = w8a8.clone();
         residual_only.act16_sites = vec!["residual".into()];
         assert_eq!(ActSite::MlpResidual.bits(&residual_only), 16);
@@ -374,7 +377,7 @@ mod tests {
         let problems = typo.problems();
         assert!(
             problems.len() == 1
-                && problems[0].starts_with("act16_sites[5]: unknown site `down_input`")
+                && problems[0].starts_with("act16_sites[6]: unknown site `down_input`")
                 && problems[0].contains("down_proj_input"),
             "{problems:?}"
         );
