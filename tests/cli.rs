@@ -980,4 +980,13 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         .assert()
         .failure()
         .stderr(contains("first-order runs do not checkpoint"));
+    // A projected-gradient clip must be positive.
+    oqt()
+        .args(["qat", "--zeroth-order", "--recipe", "w4a8-dyn", gguf.to_str().unwrap()])
+        .args(["--grad-clip", "0", "--output"])
+        .arg(dir.path().join("clip.oqt"))
+        .assert()
+        .failure()
+        .stderr(contains("--grad-clip"));
+    assert!(!dir.path().join("clip.oqt").exists());
 }

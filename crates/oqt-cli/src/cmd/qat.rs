@@ -76,6 +76,10 @@ pub struct QatArgs {
     /// Directions averaged per step.
     #[arg(long, default_value_t = 1)]
     pub n_spsa: u32,
+    /// Clamp each projected gradient to ±this (default: MeZO's 0.2/ε, which at
+    /// larger ε clips the typical directional derivative)
+    #[arg(long)]
+    pub grad_clip: Option<f32>,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// constant, linear or cosine.
@@ -165,6 +169,11 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
             "--resume: first-order runs do not checkpoint (their AdamW moments are not saved); only --zeroth-order runs resume"
         );
     }
+    if let Some(c) = a.grad_clip
+        && !(c > 0.0 && c.is_finite())
+    {
+        bail!("--grad-clip must be a positive number, found {c}");
+    }
     let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
     let schedule = match a.schedule.as_str() {
         "constant" => LrSchedule::Constant,
@@ -179,7 +188,7 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
             schedule,
             weight_decay: a.weight_decay,
             n_spsa: a.n_spsa,
-            grad_clip: 0.2 / a.eps,
+            grad_clip: a.grad_clip.unwrap_or(0.2 / a.eps),
             seed: a.seed,
         },
         steps: a.steps,
