@@ -32,17 +32,14 @@ fn main() {
 }
 
 fn plans(st: &[[oqt_compress::inputs::InputStats; 4]]) {
+    let mlp_channels: usize = st.iter().map(|g| g[3].abs_max.len()).sum();
     for (ratio, rank, cap) in [
         (2.0, 16, 256),
         (1.0, 16, 256),
         (1.0, 16, 512),
         (1.0, 32, 512),
         (1.0, 64, 1024),
-        (0.0, 0, 0),
     ] {
-        if cap == 0 {
-            break;
-        }
         let p = oqt_compress::split::plan(st, ratio, rank, cap);
         let widest: Vec<f32> = st
             .iter()
@@ -58,7 +55,7 @@ fn plans(st: &[[oqt_compress::inputs::InputStats; 4]]) {
         println!(
             "ratio {ratio} rank {rank} cap {cap}: +{} ({:.2}% of MLP) widest per layer {:?}",
             p.total_extra(),
-            100.0 * p.total_extra() as f64 / (1536.0 * 30.0),
+            100.0 * p.total_extra() as f64 / mlp_channels as f64,
             widest.iter().map(|v| v.round()).collect::<Vec<_>>()
         );
     }

@@ -66,12 +66,11 @@ impl RangeObserver {
     }
 
     fn record<const D: usize>(&self, key: String, x: &Tensor<D>) {
-        let mut v: Vec<f32> = x
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 activations");
+        self.record_values(key, tensor_values(x.clone()));
+    }
+
+    /// [`RangeObserver::record`] of activations already read out of their tensor.
+    fn record_values(&self, key: String, mut v: Vec<f32>) {
         let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
         for &a in &v {
             lo = lo.min(a);
@@ -148,33 +147,38 @@ pub fn calibrate(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BTreeMap<String, ActGrid>> {
     let observer = RangeObserver::new(calibration.act_range, calibration.percentile);
+    let search_head = calibration.act_range == ActRange::Minmax;
     let total_tokens: usize = windows.iter().map(Vec::len).sum();
     let stride = total_tokens.div_ceil(HEAD_INPUT_SAMPLES).max(1);
     let mut head_inputs = Vec::new();
     for (i, w) in windows.iter().enumerate() {
         let hidden = model.forward_hidden_with(model.tokens_tensor(w), None, &observer);
         // The head's input is the final norm's output at every position:
-        // recorded directly (the logits are not needed), and sampled for the
-        // range search below.
-        observer.record(ActSite::FinalIn.key(0), &hidden);
+        // recorded directly (the logits are not needed) and, for the range
+        // search below, sampled.
         let d = hidden.dims()[2];
-        let rows = hidden
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 activations");
-        head_inputs.extend(rows.chunks_exact(d).step_by(stride).flatten());
+        let rows = tensor_values(hidden);
+        if search_head {
+            head_inputs.extend(rows.chunks_exact(d).step_by(stride).flatten());
+        }
+        observer.record_values(ActSite::FinalIn.key(0), rows);
         progress(i + 1, windows.len());
     }
     let mut ranges = observer.ranges();
-    if calibration.act_range == ActRange::Minmax
-        && let Some(&(lo, hi)) = ranges.get(&ActSite::FinalIn.key(0))
-    {
+    if search_head && let Some(&(lo, hi)) = ranges.get(&ActSite::FinalIn.key(0)) {
         let bits = ActSite::FinalIn.bits(spec);
         let searched = search_head_input_range(&head_inputs, &head_column_weights(model), lo, hi, bits);
         ranges.insert(ActSite::FinalIn.key(0), searched);
     }
     grids_from_ranges(spec, model.n_layers(), &ranges)
+}
+
+/// A tensor's values, row-major, as f32.
+fn tensor_values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 tensor")
 }
 
 /// Head-input rows kept for the range search (~19 MiB at SmolLM2's width).
@@ -195,11 +199,7 @@ fn head_column_weights(model: &Llama) -> Vec<f32> {
             (w.clone() * w).sum_dim(0)
         }
     };
-    squares
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 weights")
+    tensor_values(squares)
 }
 
 /// The head's input range `[a·lo, b·hi]` (`a, b` on a 5% grid) whose static
