@@ -38,7 +38,9 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Gradients;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use oqt_core::quant::{ActGrid, ActSite, Checkpointing, MobileQuantSpec, QuantSpec, WeightSpec, static_sites};
+use oqt_core::quant::{
+    ActGrid, ActSite, Checkpointing, LayerLoss, MobileQuantSpec, QuantSpec, WeightSpec, static_sites,
+};
 use oqt_core::weights::ModelWeights;
 use oqt_core::{CoreError, LlamaConfig, Result};
 use oqt_model::fake_quant::{ActQuantizer, fake_quant_weight_learned};
@@ -313,14 +315,15 @@ pub fn train(
     );
 
     let tokens: Vec<Tensor<2, Int>> = windows.iter().map(|w| model.tokens_tensor(w)).collect();
+    // What the loss compares (see `MobileQuantSpec::loss`).
+    let compared = |out: Tensor<3>| match opts.loss {
+        LayerLoss::LastLayer => out,
+        LayerLoss::FinalNorm => model.final_norm(out),
+    };
     // Float targets once: the model is frozen, so this builds no graph.
     let targets: Vec<Tensor<3>> = tokens
         .iter()
-        .map(|t| {
-            model
-                .forward_residual_with(t.clone(), None, &oqt_model::NoHooks)
-                .detach()
-        })
+        .map(|t| compared(model.forward_residual_with(t.clone(), None, &oqt_model::NoHooks)).detach())
         .collect();
 
     let per_layer = match opts.checkpointing {
@@ -386,10 +389,22 @@ pub fn train(
                 }
             }
             let out = inputs.pop().expect("n_layers + 1 inputs");
-            let diff = (out - targets[i].clone()).inner();
-            let value = read1(diff.clone().powi_scalar(2).mean().reshape([1]))[0];
+            let (value, mut upstream) = match opts.loss {
+                LayerLoss::LastLayer => {
+                    let diff = (out - targets[i].clone()).inner();
+                    let value = read1(diff.clone().powi_scalar(2).mean().reshape([1]))[0];
+                    (value, diff.mul_scalar(2.0 / targets[i].shape().num_elements() as f32))
+                }
+                LayerLoss::FinalNorm => {
+                    // The loss's gradient at the last layer's output, through the norm.
+                    let out = out.inner().autodiff().require_grad();
+                    let loss = (compared(out.clone()) - targets[i].clone()).powi_scalar(2).mean();
+                    let value = read1(loss.clone().detach().reshape([1]))[0];
+                    let grads = loss.backward();
+                    (value, out.grad(&grads).expect("the output is tracked"))
+                }
+            };
             check_finite(step, value)?;
-            let mut upstream = diff.mul_scalar(2.0 / targets[i].shape().num_elements() as f32);
             for l in (0..n_layers).rev() {
                 let x = inputs.pop().expect("layer input").autodiff().require_grad();
                 let mut grads = {
@@ -412,7 +427,7 @@ pub fn train(
         } else {
             let loss = {
                 let h = hooks!(&smooth, &clip, &ranges);
-                let out = model.forward_residual_with(tokens[i].clone(), None, &h);
+                let out = compared(model.forward_residual_with(tokens[i].clone(), None, &h));
                 (out - targets[i].clone()).powi_scalar(2).mean()
             };
             let value = read1(loss.clone().detach().reshape([1]))[0];
@@ -496,11 +511,29 @@ mod tests {
 
     #[test]
     fn per_layer_checkpointing_learns_what_the_whole_graph_learns() {
+        per_layer_checkpointing_matches_the_whole_graph(LayerLoss::LastLayer);
+    }
+
+    #[test]
+    fn per_layer_checkpointing_matches_the_whole_graph_through_the_final_norm() {
+        let normed = per_layer_checkpointing_matches_the_whole_graph(LayerLoss::FinalNorm);
+        let raw = per_layer_checkpointing_matches_the_whole_graph(LayerLoss::LastLayer);
+        // The norm is applied: same start, a different quantity compared.
+        assert!(
+            (normed[0] - raw[0]).abs() > 1e-3 * raw[0].abs(),
+            "{normed:?} vs {raw:?}"
+        );
+    }
+
+    /// Trains 6 steps with and without per-layer checkpointing, asserts the
+    /// two agree, and returns the losses.
+    fn per_layer_checkpointing_matches_the_whole_graph(loss: LayerLoss) -> Vec<f32> {
         let (cfg, weights, spec, windows, grids) = calibrated_tiny_model(7, 2, 24, 29, 13);
         let run = |checkpointing| {
             let opts = MobileQuantSpec {
                 steps: 6,
                 checkpointing,
+                loss,
                 ..MobileQuantSpec::default()
             };
             train(
@@ -538,6 +571,7 @@ mod tests {
             );
         }
         assert!(whole.grids.iter().any(|(k, g)| grids[k] != *g), "the ranges moved");
+        whole.losses
     }
 
     #[test]

@@ -332,6 +332,11 @@ impl Llama {
         x
     }
 
+    /// The final RMSNorm alone, in float (no hooks): what the head reads.
+    pub fn final_norm(&self, hidden: Tensor<3>) -> Tensor<3> {
+        norm(&self.norm, hidden, &NoHooks)
+    }
+
     /// The embedding of `tokens` through `hooks` (the decoder stack's input):
     /// with [`Llama::positions`] and [`Llama::layer_with`], the layer-by-layer
     /// form of [`Llama::forward_residual_with`] that per-layer recomputation uses.

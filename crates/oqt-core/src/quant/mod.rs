@@ -11,7 +11,7 @@ pub mod spec;
 pub mod weights;
 
 pub use recipe::{
-    ActRange, CalibrationSpec, Checkpointing, MobileQuantSpec, Recipe, TransformInit, builtin_recipe,
+    ActRange, CalibrationSpec, Checkpointing, LayerLoss, MobileQuantSpec, Recipe, TransformInit, builtin_recipe,
     builtin_recipe_names, load_recipe,
 };
 pub use sites::{ActGrid, ActSite, SiteGrids, static_sites};

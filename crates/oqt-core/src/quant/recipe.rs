@@ -84,6 +84,20 @@ pub struct MobileQuantSpec {
     pub split_down_ratio: f32,
     /// At most this many channels added to any one layer.
     pub split_down_max: usize,
+    /// What the loss compares: the last decoder layer's output (`last-layer`,
+    /// the paper's) or that output through the model's final RMSNorm
+    /// (`final-norm`: what the head reads, every token at unit scale, so a
+    /// few massive-activation values no longer dominate the mean).
+    pub loss: LayerLoss,
+}
+
+/// See [`MobileQuantSpec::loss`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerLoss {
+    #[default]
+    LastLayer,
+    FinalNorm,
 }
 
 /// See [`MobileQuantSpec::checkpointing`].
@@ -108,6 +122,7 @@ impl Default for MobileQuantSpec {
             checkpointing: Checkpointing::Auto,
             split_down_ratio: 0.0,
             split_down_max: 256,
+            loss: LayerLoss::LastLayer,
         }
     }
 }
