@@ -15,7 +15,8 @@
 //!    quantizer, initialised from calibration min/max.
 //!
 //! The loss is the MSE between the float and the fake-quantized output of the
-//! last decoder layer; AdamW (no weight decay), one learning rate per group
+//! last decoder layer (or, `[mobilequant] loss = "final-norm"`, of that output
+//! through the final RMSNorm — no better on SmolLM2, so not the default); AdamW (no weight decay), one learning rate per group
 //! with cosine decay, one window per step. Afterwards the transformations are
 //! folded into the weights and the clips into the weight grids, so the
 //! exported bundle is a plain static model the runtime runs as is.
