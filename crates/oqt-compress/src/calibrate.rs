@@ -4,6 +4,7 @@
 //! Windows are `seq_len` tokens taken at evenly spaced offsets across the whole
 //! text (deterministic, and covering more than its beginning).
 
+use crate::inputs::to_vec;
 use burn::tensor::Tensor;
 use oqt_core::datasets::ResolvedDataset;
 use oqt_core::quant::{ActGrid, ActRange, ActSite, CalibrationSpec, QuantSpec, static_sites};
@@ -66,7 +67,7 @@ impl RangeObserver {
     }
 
     fn record<const D: usize>(&self, key: String, x: &Tensor<D>) {
-        self.record_values(key, tensor_values(x.clone()));
+        self.record_values(key, to_vec(x.clone()));
     }
 
     /// [`RangeObserver::record`] of activations already read out of their tensor.
@@ -157,7 +158,7 @@ pub fn calibrate(
         // recorded directly (the logits are not needed) and, for the range
         // search below, sampled.
         let d = hidden.dims()[2];
-        let rows = tensor_values(hidden);
+        let rows = to_vec(hidden);
         if search_head {
             head_inputs.extend(rows.chunks_exact(d).step_by(stride).flatten());
         }
@@ -171,14 +172,6 @@ pub fn calibrate(
         ranges.insert(ActSite::FinalIn.key(0), searched);
     }
     grids_from_ranges(spec, model.n_layers(), &ranges)
-}
-
-/// A tensor's values, row-major, as f32.
-fn tensor_values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
-    x.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 tensor")
 }
 
 /// Head-input rows kept for the range search (~19 MiB at SmolLM2's width).
@@ -199,7 +192,7 @@ fn head_column_weights(model: &Llama) -> Vec<f32> {
             (w.clone() * w).sum_dim(0)
         }
     };
-    tensor_values(squares)
+    to_vec(squares)
 }
 
 /// The head's input range `[a·lo, b·hi]` (`a, b` on a 5% grid) whose static

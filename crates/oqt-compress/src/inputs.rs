@@ -114,7 +114,8 @@ impl ForwardHooks for InputObserver {
     }
 }
 
-fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+/// A tensor's values, row-major, as f32.
+pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
