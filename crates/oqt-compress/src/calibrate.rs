@@ -56,6 +56,10 @@ struct SiteStats {
 pub struct RangeObserver {
     percentile: Option<f64>,
     stats: RefCell<BTreeMap<String, SiteStats>>,
+    /// Sites whose input rows are sampled (every `stride`-th position) for a
+    /// range search, and the rows kept so far.
+    sampled: BTreeMap<String, RefCell<Vec<f32>>>,
+    stride: usize,
 }
 
 impl RangeObserver {
@@ -63,7 +67,16 @@ impl RangeObserver {
         Self {
             percentile: (range == ActRange::Percentile).then_some(percentile),
             stats: RefCell::new(BTreeMap::new()),
+            sampled: BTreeMap::new(),
+            stride: 1,
         }
+    }
+
+    /// Also keep every `stride`-th input row of the sites `keys`.
+    fn sampling(mut self, keys: impl IntoIterator<Item = String>, stride: usize) -> Self {
+        self.sampled = keys.into_iter().map(|k| (k, RefCell::new(Vec::new()))).collect();
+        self.stride = stride.max(1);
+        self
     }
 
     fn record<const D: usize>(&self, key: String, x: &Tensor<D>) {
@@ -126,7 +139,14 @@ impl ForwardHooks for RangeObserver {
     fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         // q/k/v share one input and gate/up another: record each tensor once.
         if !matches!(proj, Proj::K | Proj::V | Proj::Up) {
-            self.record(proj.input_site().key(layer), &x);
+            let key = proj.input_site().key(layer);
+            let values = to_vec(x.clone());
+            if let Some(rows) = self.sampled.get(&key) {
+                let d = x.dims()[2];
+                rows.borrow_mut()
+                    .extend(values.chunks_exact(d).step_by(self.stride).flatten());
+            }
+            self.record_values(key, values);
         }
         float(x)
     }
@@ -139,7 +159,8 @@ impl ForwardHooks for RangeObserver {
 
 /// Observe `windows` through `model` and return every static site's grid under
 /// `spec`; `progress(done, total)` after each window. Under the min/max rule
-/// the head's input range is then narrowed by [`search_head_input_range`].
+/// the head's input range is then narrowed by [`search_input_range`]; under
+/// the search rule every 8-bit decoder linear input's range is too.
 pub fn calibrate(
     model: &Llama,
     spec: &QuantSpec,
@@ -147,9 +168,20 @@ pub fn calibrate(
     windows: &[Vec<u32>],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BTreeMap<String, ActGrid>> {
-    let observer = RangeObserver::new(calibration.act_range, calibration.percentile);
-    let search_head = calibration.act_range == ActRange::Minmax;
+    let search_head = matches!(calibration.act_range, ActRange::Minmax | ActRange::Search);
+    let searched_inputs: Vec<(usize, Proj)> = if calibration.act_range == ActRange::Search {
+        (0..model.n_layers())
+            .flat_map(|l| [Proj::Q, Proj::O, Proj::Gate, Proj::Down].map(|p| (l, p)))
+            .filter(|&(l, p)| p.input_site().bits_at(l, spec) == 8)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let total_tokens: usize = windows.iter().map(Vec::len).sum();
+    let observer = RangeObserver::new(calibration.act_range, calibration.percentile).sampling(
+        searched_inputs.iter().map(|&(l, p)| p.input_site().key(l)),
+        total_tokens.div_ceil(LINEAR_INPUT_SAMPLES),
+    );
     let stride = total_tokens.div_ceil(HEAD_INPUT_SAMPLES).max(1);
     let mut head_inputs = Vec::new();
     for (i, w) in windows.iter().enumerate() {
@@ -168,10 +200,45 @@ pub fn calibrate(
     let mut ranges = observer.ranges();
     if search_head && let Some(&(lo, hi)) = ranges.get(&ActSite::FinalIn.key(0)) {
         let bits = ActSite::FinalIn.bits(spec);
-        let searched = search_head_input_range(&head_inputs, &head_column_weights(model), lo, hi, bits);
+        let searched = search_input_range(&head_inputs, &head_column_weights(model), lo, hi, bits);
         ranges.insert(ActSite::FinalIn.key(0), searched);
     }
+    for &(l, p) in &searched_inputs {
+        let key = p.input_site().key(l);
+        if let (Some(&(lo, hi)), Some(rows)) = (ranges.get(&key), observer.sampled.get(&key)) {
+            let searched = search_input_range(&rows.take(), &input_column_weights(model, l, p), lo, hi, 8);
+            tracing::debug!(%key, ?searched, observed = ?(lo, hi), "searched input range");
+            ranges.insert(key, searched);
+        }
+    }
     grids_from_ranges(spec, model.n_layers(), &ranges)
+}
+
+/// Input rows kept per decoder linear input for the search rule (~6 MiB per
+/// site at SmolLM2's MLP width).
+const LINEAR_INPUT_SAMPLES: usize = 1024;
+
+/// `Σ_o W[o, j]²` over every projection reading `proj`'s input (q, k and v
+/// share one; gate and up another): how much an error in input channel `j`
+/// moves their outputs.
+fn input_column_weights(model: &Llama, layer: usize, proj: Proj) -> Vec<f32> {
+    let readers: &[Proj] = match proj {
+        Proj::Q | Proj::K | Proj::V => &[Proj::Q, Proj::K, Proj::V],
+        Proj::Gate | Proj::Up => &[Proj::Gate, Proj::Up],
+        Proj::O => &[Proj::O],
+        Proj::Down => &[Proj::Down],
+        Proj::Head => return head_column_weights(model),
+    };
+    let squares = readers
+        .iter()
+        .map(|&p| {
+            // Burn's Linear stores `[d_in, d_out]`.
+            let w = model.decoder_linear(layer, p).weight.val();
+            (w.clone() * w).sum_dim(1)
+        })
+        .reduce(|a, b| a + b)
+        .expect("at least one reader");
+    to_vec(squares)
 }
 
 /// Head-input rows kept for the range search (~19 MiB at SmolLM2's width).
@@ -195,35 +262,31 @@ fn head_column_weights(model: &Llama) -> Vec<f32> {
     to_vec(squares)
 }
 
-/// The head's input range `[a·lo, b·hi]` (`a, b` on a 5% grid) whose static
-/// grid gives the least logit error `Σ_j w_j·(x_j − q(x_j))²` over `rows`.
+/// The input range `[a·lo, b·hi]` (`a, b` on a 5% grid) whose static grid
+/// gives the least output error `Σ_j w_j·(x_j − q(x_j))²` over `rows`, where
+/// `w_j` is how much an error in channel `j` moves the consuming layer.
 ///
-/// A min/max range over the final norm's output is set by a handful of
-/// tokens: on SmolLM2 it spans ~82 where the bulk is a few units, an 8-bit
-/// step of 0.32. MobileQuant does not train this grid (its loss ends at the
-/// last decoder layer), so every static method takes it from here. SmolLM2
-/// `w8a8` RTN with a 16-bit down-projection input, WikiText-2 16 chunks:
-/// min/max 30.95, searched 30.67, the head input at 16 bits 30.26.
-pub fn search_head_input_range(rows: &[f32], col_weights: &[f32], lo: f32, hi: f32, bits: u8) -> (f32, f32) {
+/// A min/max range is set by a handful of tokens. On SmolLM2 the final norm's
+/// output spans ~82 where the bulk is a few units, an 8-bit step of 0.32;
+/// MobileQuant does not train the head's grid (its loss ends at the last
+/// decoder layer), so every static method takes it from here. SmolLM2 `w8a8`
+/// RTN with a 16-bit down-projection input, WikiText-2 16 chunks: min/max
+/// 30.95, searched 30.67, the head input at 16 bits 30.26.
+///
+/// The error is summed over a channel-weighted histogram of the values
+/// (2¹⁶ bins over `[lo, hi]`, each keeping `Σw`, `Σw·x`, `Σw·x²`), so each
+/// of the 400 candidates costs one pass over the bins, not over the rows: it
+/// is exact except in the bins a rounding boundary cuts — for 8-bit grids a
+/// bin is at most 1/13 of the narrowest candidate's step; for 16-bit grids
+/// the rounding term is coarse but the clipping term, which decides there,
+/// stays exact.
+pub fn search_input_range(rows: &[f32], col_weights: &[f32], lo: f32, hi: f32, bits: u8) -> (f32, f32) {
     let d = col_weights.len();
-    if rows.is_empty() || d == 0 {
+    if rows.is_empty() || d == 0 || hi <= lo || !(lo.is_finite() && hi.is_finite()) {
         return (lo, hi);
     }
-    let error = |lo: f32, hi: f32| -> f64 {
-        let grid = ActGrid::from_range(lo, hi, bits);
-        let inv = grid.inv_scale();
-        rows.chunks_exact(d)
-            .map(|row| {
-                row.iter()
-                    .zip(col_weights)
-                    .map(|(&x, &w)| {
-                        let e = x - (grid.quantize(x, inv) - grid.zero_point) as f32 * grid.scale;
-                        (w * e * e) as f64
-                    })
-                    .sum::<f64>()
-            })
-            .sum()
-    };
+    let bins = weighted_histogram(rows, col_weights, lo, hi);
+    let error = |lo: f32, hi: f32| binned_error(&bins, ActGrid::from_range(lo, hi, bits));
     let fractions: Vec<f32> = (1..=20).map(|k| k as f32 / 20.0).collect();
     let mut best = ((lo, hi), error(lo, hi));
     for &a in &fractions {
@@ -236,6 +299,40 @@ pub fn search_head_input_range(rows: &[f32], col_weights: &[f32], lo: f32, hi: f
         }
     }
     best.0
+}
+
+const HISTOGRAM_BINS: usize = 1 << 16;
+
+/// The non-empty bins of `rows`' values over `[lo, hi]`, value `x` of channel
+/// `j` counted with weight `w_j`: `[Σw, Σw·x, Σw·x²]` per bin.
+fn weighted_histogram(rows: &[f32], col_weights: &[f32], lo: f32, hi: f32) -> Vec<[f64; 3]> {
+    let mut bins = vec![[0f64; 3]; HISTOGRAM_BINS];
+    let per_unit = HISTOGRAM_BINS as f64 / (hi as f64 - lo as f64);
+    for row in rows.chunks_exact(col_weights.len()) {
+        for (&x, &w) in row.iter().zip(col_weights) {
+            let i = (((x as f64 - lo as f64) * per_unit) as usize).min(HISTOGRAM_BINS - 1);
+            let (x, w) = (x as f64, w as f64);
+            let b = &mut bins[i];
+            b[0] += w;
+            b[1] += w * x;
+            b[2] += w * x * x;
+        }
+    }
+    bins.retain(|b| b[0] > 0.0);
+    bins
+}
+
+/// `Σ w·(x − q(x))²` over the histogram, each bin quantized at its mean.
+fn binned_error(bins: &[[f64; 3]], grid: ActGrid) -> f64 {
+    let inv = grid.inv_scale();
+    bins.iter()
+        .map(|&[s0, s1, s2]| {
+            let mean = (s1 / s0) as f32;
+            let q = ((grid.quantize(mean, inv) - grid.zero_point) as f32 * grid.scale) as f64;
+            // Σw(x − q)² with q constant over the bin; clamp the rounding residue.
+            (s2 - 2.0 * q * s1 + q * q * s0).max(0.0)
+        })
+        .sum()
 }
 
 /// Grids for every static site of `spec` from observed ranges.
@@ -306,7 +403,7 @@ mod tests {
         rows[0] = 3.0;
         let (lo, hi) = rows.iter().fold((0f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
         let even = vec![1.0; d];
-        let searched = search_head_input_range(&rows, &even, lo, hi, 8);
+        let searched = search_input_range(&rows, &even, lo, hi, 8);
         assert!(
             searched.1 <= 0.7 * hi,
             "the outlier is clipped: {searched:?} of {:?}",
@@ -318,12 +415,69 @@ mod tests {
         );
         // The same outlier in a channel the head weighs 100× more keeps more range.
         let heavy = vec![100.0, 1.0, 1.0, 1.0];
-        let kept = search_head_input_range(&rows, &heavy, lo, hi, 8);
+        let kept = search_input_range(&rows, &heavy, lo, hi, 8);
         assert!(
             kept.1 > searched.1,
             "a heavy channel's outlier keeps more: {kept:?} vs {searched:?}"
         );
         // Without samples the range is left as observed.
-        assert_eq!(search_head_input_range(&[], &even, lo, hi, 8), (lo, hi));
+        assert_eq!(search_input_range(&[], &even, lo, hi, 8), (lo, hi));
+    }
+
+    #[test]
+    fn the_binned_error_is_the_exact_error_to_within_a_part_in_a_thousand() {
+        let d = 16;
+        let mut rows = pseudo_random(4096 * d, 9, 2.0);
+        rows[7] = 40.0;
+        rows[100] = -15.0;
+        let w = pseudo_random(d, 4, 1.0)
+            .iter()
+            .map(|v| v.abs() + 0.1)
+            .collect::<Vec<_>>();
+        let (lo, hi) = (-15.0, 40.0);
+        let bins = weighted_histogram(&rows, &w, lo, hi);
+        for (a, b) in [(1.0, 1.0), (0.5, 0.2), (0.05, 0.05), (1.0, 0.1)] {
+            let exact = weighted_error(&rows, &w, (a * lo, b * hi)) as f64;
+            let binned = binned_error(&bins, ActGrid::from_range(a * lo, b * hi, 8));
+            assert!(
+                (binned - exact).abs() <= 1e-3 * exact,
+                "{a}·lo, {b}·hi: binned {binned} vs exact {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_search_rule_narrows_only_the_eight_bit_linear_inputs() {
+        use oqt_core::testing::{random_weights, tiny_config};
+        let cfg = tiny_config();
+        let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 5), &burn::tensor::Device::flex());
+        let recipe = oqt_core::quant::load_recipe("w8a8").unwrap();
+        let windows: Vec<Vec<u32>> = (0..3)
+            .map(|w| (0..40).map(|i| ((i * 17 + w * 5) % cfg.vocab_size) as u32).collect())
+            .collect();
+        let with = |rule| {
+            let c = CalibrationSpec {
+                act_range: rule,
+                ..recipe.calibration.clone()
+            };
+            calibrate(&llama, &recipe.spec, &c, &windows, |_, _| {}).unwrap()
+        };
+        let (minmax, searched) = (with(ActRange::Minmax), with(ActRange::Search));
+        assert_eq!(minmax.keys().collect::<Vec<_>>(), searched.keys().collect::<Vec<_>>());
+        let mut narrowed = 0;
+        for (key, m) in &minmax {
+            let s = &searched[key];
+            let linear_input = ["attn_in", "attn_out", "mlp_in", "down_in"]
+                .iter()
+                .any(|n| key.ends_with(n));
+            if linear_input && m.bits == 8 {
+                let width = |g: &ActGrid| g.scale * ((1u32 << g.bits) - 1) as f32;
+                assert!(width(s) <= width(m) * (1.0 + 1e-6), "{key}: {s:?} wider than {m:?}");
+                narrowed += usize::from(width(s) < width(m));
+            } else if key != "final_in" {
+                assert_eq!(s, m, "{key} is not searched");
+            }
+        }
+        assert!(narrowed > 0, "some 8-bit input range is narrowed");
     }
 }

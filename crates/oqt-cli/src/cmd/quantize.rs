@@ -34,7 +34,7 @@ pub struct QuantizeArgs {
     /// Tokens per calibration window instead of the recipe's.
     #[arg(long, value_name = "N")]
     pub calib_seq_len: Option<usize>,
-    /// How static activation ranges are taken: `minmax` or `percentile` (instead of the recipe's).
+    /// How static activation ranges are taken: `minmax`, `percentile` or `search` (instead of the recipe's).
     #[arg(long, value_name = "RULE")]
     pub act_range: Option<oqt_core::quant::ActRange>,
     /// The percentile kept with `--act-range percentile` (e.g. 99.99).

@@ -32,6 +32,9 @@ pub enum ActRange {
     Minmax,
     /// Per-window percentiles, averaged over the windows (ignores rare outliers).
     Percentile,
+    /// The extremes, then every 8-bit linear input's range (and the head's)
+    /// narrowed to the least output error of the weights that consume it.
+    Search,
 }
 
 impl std::str::FromStr for ActRange {
@@ -40,7 +43,8 @@ impl std::str::FromStr for ActRange {
         match s {
             "minmax" => Ok(Self::Minmax),
             "percentile" => Ok(Self::Percentile),
-            other => Err(format!("`{other}`: expected `minmax` or `percentile`")),
+            "search" => Ok(Self::Search),
+            other => Err(format!("`{other}`: expected `minmax`, `percentile` or `search`")),
         }
     }
 }
