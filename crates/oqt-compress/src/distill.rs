@@ -37,11 +37,7 @@ pub fn teacher_targets(teacher: &Llama, window: &[u32], k: usize) -> Result<Wind
     let logits = teacher.logits(hidden.slice([0..1, 0..s - 1, 0..d]));
     let vocab = logits.dims()[2];
     let k = k.min(vocab);
-    let values = logits
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| CoreError::Other(format!("reading teacher logits: {e:?}")))?;
+    let values = crate::inputs::to_vec(logits);
     let mut out = WindowTargets {
         positions: s - 1,
         k,
@@ -82,11 +78,7 @@ mod tests {
         let t = teacher_targets(&teacher, &window, 4).unwrap();
         assert_eq!((t.positions, t.k, t.tokens.len()), (11, 4, 44));
         // Against the full log-softmax: same ranking, same differences.
-        let full: Vec<f32> = log_softmax(teacher.forward(teacher.tokens_tensor(&window), None), 2)
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .unwrap();
+        let full = crate::inputs::to_vec(log_softmax(teacher.forward(teacher.tokens_tensor(&window), None), 2));
         let v = cfg.vocab_size;
         for p in 0..11 {
             let row = &full[p * v..(p + 1) * v];

@@ -33,7 +33,7 @@
 //! backward recomputes one layer at a time: the same gradients (a test
 //! compares both), one layer's graph in memory, ~50% more time per step.
 
-use crate::inputs::group_index;
+use crate::inputs::{group_index, to_vec};
 use crate::smoothing::{LayerScales, kv_channel};
 use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
@@ -166,13 +166,6 @@ impl ForwardHooks for TrainHooks<'_> {
 
 fn param1(v: &[f32], device: &Device) -> Param<Tensor<1>> {
     Param::from_tensor(Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device))
-}
-
-fn read1(t: Tensor<1>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 parameter")
 }
 
 /// Above this many decoder-linear parameters `checkpointing = "auto"` goes
@@ -394,14 +387,14 @@ pub fn train(
             let (value, mut upstream) = match opts.loss {
                 LayerLoss::LastLayer => {
                     let diff = (out - targets[i].clone()).inner();
-                    let value = read1(diff.clone().powi_scalar(2).mean().reshape([1]))[0];
+                    let value = to_vec(diff.clone().powi_scalar(2).mean().reshape([1]))[0];
                     (value, diff.mul_scalar(2.0 / targets[i].shape().num_elements() as f32))
                 }
                 LayerLoss::FinalNorm => {
                     // The loss's gradient at the last layer's output, through the norm.
                     let out = out.inner().autodiff().require_grad();
                     let loss = (compared(out.clone()) - targets[i].clone()).powi_scalar(2).mean();
-                    let value = read1(loss.clone().detach().reshape([1]))[0];
+                    let value = to_vec(loss.clone().detach().reshape([1]))[0];
                     let grads = loss.backward();
                     (value, out.grad(&grads).expect("the output is tracked"))
                 }
@@ -432,7 +425,7 @@ pub fn train(
                 let out = compared(model.forward_residual_with(tokens[i].clone(), None, &h));
                 (out - targets[i].clone()).powi_scalar(2).mean()
             };
-            let value = read1(loss.clone().detach().reshape([1]))[0];
+            let value = to_vec(loss.clone().detach().reshape([1]))[0];
             check_finite(step, value)?;
             let mut grads = loss.backward();
             (smooth, clip, ranges) = opt.step(lrs, smooth, clip, ranges, &mut grads);
@@ -444,16 +437,16 @@ pub fn train(
 
     let scales = (0..n_layers)
         .map(|l| LayerScales {
-            attn: read1(smooth.attn[l].val()),
-            mlp: read1(smooth.mlp[l].val()),
-            down: read1(smooth.down[l].val()),
-            vo: read1(smooth.vo[l].val()),
+            attn: to_vec(smooth.attn[l].val()),
+            mlp: to_vec(smooth.mlp[l].val()),
+            down: to_vec(smooth.down[l].val()),
+            vo: to_vec(smooth.vo[l].val()),
         })
         .collect();
     let mut clips = BTreeMap::new();
     for l in 0..n_layers {
         for (j, p) in Proj::PER_LAYER.iter().enumerate() {
-            let c: Vec<f32> = read1(sigmoid(clip.logits[l * 7 + j].val()));
+            let c: Vec<f32> = to_vec(sigmoid(clip.logits[l * 7 + j].val()));
             clips.insert(p.weight_name(l), c);
         }
     }

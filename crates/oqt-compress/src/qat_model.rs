@@ -38,6 +38,7 @@
 //! train): the embedding lookup then reads the values the runtime reads.
 
 use crate::distill::WindowTargets;
+use crate::inputs::to_vec;
 use crate::mobilequant::RangeParams;
 use crate::zeroqat::ZoTrainable;
 use burn::module::{Module, Param};
@@ -160,13 +161,6 @@ pub struct QatModel {
 
 fn position(p: Proj) -> usize {
     Proj::PER_LAYER.iter().position(|&q| q == p).expect("decoder linear")
-}
-
-fn read_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 tensor")
 }
 
 struct QatHooks<'a> {
@@ -332,7 +326,7 @@ impl QatModel {
         )
         .into_value();
         let [vocab, hidden] = embed.dims();
-        let mut values = read_vec(embed);
+        let mut values = to_vec(embed);
         let embed_spec = spec.weights_for(names::EMBED);
         for rows in values.chunks_mut(4096 * hidden) {
             let q = quantize_weight(rows, rows.len() / hidden, hidden, &embed_spec, 1.0);
@@ -425,7 +419,7 @@ impl QatModel {
                 targets: &d.targets[i..i + 1],
                 weight: d.weight,
             });
-            let v = read_vec(self.loss_tensor(std::slice::from_ref(w), d)?.detach());
+            let v = to_vec(self.loss_tensor(std::slice::from_ref(w), d)?.detach());
             total += v[0] as f64;
         }
         Ok((total / windows.len() as f64) as f32)
@@ -448,7 +442,7 @@ impl QatModel {
 
     /// Tensor `i` as it stands (Burn layout, flattened).
     pub fn tensor_values(&self, i: usize) -> Vec<f32> {
-        read_vec(self.values_of(self.targets[i]))
+        to_vec(self.values_of(self.targets[i]))
     }
 
     /// Replace tensor `i` (checkpoint restore): `θ_i ← values`.
@@ -489,10 +483,10 @@ impl QatModel {
         let linear = |w: Tensor<2>| {
             let w = w.transpose();
             let shape = w.dims().to_vec();
-            TensorF32::new(shape, read_vec(w))
+            TensorF32::new(shape, to_vec(w))
         };
         let vector = |g: Tensor<1>| {
-            let v = read_vec(g);
+            let v = to_vec(g);
             TensorF32::new(vec![v.len()], v)
         };
         let mut weights = ModelWeights::default();
@@ -502,7 +496,7 @@ impl QatModel {
         };
         let e = embed_tokens.weight.into_value();
         let shape = e.dims().to_vec();
-        put(names::EMBED.to_string(), TensorF32::new(shape, read_vec(e)));
+        put(names::EMBED.to_string(), TensorF32::new(shape, to_vec(e)));
         if let Some(h) = lm_head {
             put(names::LM_HEAD.to_string(), linear(h.weight.into_value()));
         }
@@ -533,7 +527,7 @@ impl QatModel {
                 Some(row) => {
                     for (&p, qw) in Proj::PER_LAYER.iter().zip(row) {
                         let qw = match channel_scales.as_mut().and_then(Iterator::next) {
-                            Some(d) => fold_channel_scales(qw, &read_vec(d.into_value())),
+                            Some(d) => fold_channel_scales(qw, &to_vec(d.into_value())),
                             None => qw,
                         };
                         quantized.insert(p.weight_name(l), qw);
@@ -610,7 +604,7 @@ impl QatModel {
             ));
         }
         let loss = self.loss_tensor(windows, distill)?;
-        let value = read_vec(loss.clone().detach())[0];
+        let value = to_vec(loss.clone().detach())[0];
         if !value.is_finite() {
             return Err(CoreError::Other(format!(
                 "first-order QAT diverged (loss {value}); lower --lr"
@@ -910,7 +904,7 @@ mod tests {
     fn per_window_loss_is_the_batch_loss() {
         let m = model(Trainable::Full);
         let data = batch();
-        let whole = read_vec(m.loss_tensor(&data, None).unwrap())[0];
+        let whole = to_vec(m.loss_tensor(&data, None).unwrap())[0];
         let windowed = m.loss(&data).unwrap();
         assert!((whole - windowed).abs() < 1e-5, "{whole} vs {windowed}");
     }

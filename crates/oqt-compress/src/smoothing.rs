@@ -194,12 +194,7 @@ mod tests {
         let run = |w: ModelWeights| {
             let llama = oqt_model::llama_from_weights(cfg, w, &device);
             let t = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(tokens.clone(), [1, 12]), &device);
-            llama
-                .forward(t, None)
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .unwrap()
+            crate::inputs::to_vec(llama.forward(t, None))
         };
         let before = run(weights.clone());
         let wobble = |n: usize, seed: u64| -> Vec<f32> {

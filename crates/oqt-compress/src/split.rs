@@ -191,12 +191,7 @@ mod tests {
             .collect();
         let run = |cfg: &LlamaConfig, w: &ModelWeights| {
             let llama = oqt_model::llama_from_weights(cfg, w.clone(), &device);
-            let logits = llama
-                .forward(llama.tokens_tensor(&windows[0]), None)
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .unwrap();
+            let logits = crate::inputs::to_vec(llama.forward(llama.tokens_tensor(&windows[0]), None));
             let stats = gather_inputs(&llama, &windows, Gather::default(), |_, _| {}).unwrap();
             (logits, stats)
         };
