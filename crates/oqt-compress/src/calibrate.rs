@@ -56,10 +56,13 @@ struct SiteStats {
 pub struct RangeObserver {
     percentile: Option<f64>,
     stats: RefCell<BTreeMap<String, SiteStats>>,
-    /// Sites whose input rows are sampled (every `stride`-th position) for a
-    /// range search, and the rows kept so far.
+    /// Sites whose input rows are sampled for a range search, and the rows
+    /// kept so far: every `stride`-th position of the windows taken end to
+    /// end, so no position within a window is favoured.
     sampled: BTreeMap<String, RefCell<Vec<f32>>>,
     stride: usize,
+    /// Positions in the windows observed before the current one.
+    seen: std::cell::Cell<usize>,
 }
 
 impl RangeObserver {
@@ -69,14 +72,21 @@ impl RangeObserver {
             stats: RefCell::new(BTreeMap::new()),
             sampled: BTreeMap::new(),
             stride: 1,
+            seen: std::cell::Cell::new(0),
         }
     }
 
-    /// Also keep every `stride`-th input row of the sites `keys`.
+    /// Also keep every `stride`-th input row of the sites `keys` (call
+    /// [`RangeObserver::window_done`] after each window).
     fn sampling(mut self, keys: impl IntoIterator<Item = String>, stride: usize) -> Self {
         self.sampled = keys.into_iter().map(|k| (k, RefCell::new(Vec::new()))).collect();
         self.stride = stride.max(1);
         self
+    }
+
+    /// The window just observed had `positions` positions.
+    fn window_done(&self, positions: usize) {
+        self.seen.set(self.seen.get() + positions);
     }
 
     fn record<const D: usize>(&self, key: String, x: &Tensor<D>) {
@@ -143,8 +153,9 @@ impl ForwardHooks for RangeObserver {
             let values = to_vec(x.clone());
             if let Some(rows) = self.sampled.get(&key) {
                 let d = x.dims()[2];
+                let first = (self.stride - self.seen.get() % self.stride) % self.stride;
                 rows.borrow_mut()
-                    .extend(values.chunks_exact(d).step_by(self.stride).flatten());
+                    .extend(values.chunks_exact(d).skip(first).step_by(self.stride).flatten());
             }
             self.record_values(key, values);
         }
@@ -195,6 +206,7 @@ pub fn calibrate(
             head_inputs.extend(rows.chunks_exact(d).step_by(stride).flatten());
         }
         observer.record_values(ActSite::FinalIn.key(0), rows);
+        observer.window_done(w.len());
         progress(i + 1, windows.len());
     }
     let mut ranges = observer.ranges();
@@ -206,7 +218,7 @@ pub fn calibrate(
     for &(l, p) in &searched_inputs {
         let key = p.input_site().key(l);
         if let (Some(&(lo, hi)), Some(rows)) = (ranges.get(&key), observer.sampled.get(&key)) {
-            let searched = search_input_range(&rows.take(), &input_column_weights(model, l, p), lo, hi, 8);
+            let searched = search_input_range(&rows.take(), &input_column_weights(model, l, p.input_site()), lo, hi, 8);
             tracing::debug!(%key, ?searched, observed = ?(lo, hi), "searched input range");
             ranges.insert(key, searched);
         }
@@ -214,21 +226,16 @@ pub fn calibrate(
     grids_from_ranges(spec, model.n_layers(), &ranges)
 }
 
-/// Input rows kept per decoder linear input for the search rule (~6 MiB per
-/// site at SmolLM2's MLP width).
+/// Input rows kept per decoder linear input for the search rule, all held
+/// until the pass ends: ~6 MiB per site at SmolLM2's MLP width, ~380 MiB
+/// for its 120 sites, ~0.9 GiB at Llama-3.2-1B's shapes.
 const LINEAR_INPUT_SAMPLES: usize = 1024;
 
-/// `Σ_o W[o, j]²` over every projection reading `proj`'s input (q, k and v
-/// share one; gate and up another): how much an error in input channel `j`
-/// moves their outputs.
-fn input_column_weights(model: &Llama, layer: usize, proj: Proj) -> Vec<f32> {
-    let readers: &[Proj] = match proj {
-        Proj::Q | Proj::K | Proj::V => &[Proj::Q, Proj::K, Proj::V],
-        Proj::Gate | Proj::Up => &[Proj::Gate, Proj::Up],
-        Proj::O => &[Proj::O],
-        Proj::Down => &[Proj::Down],
-        Proj::Head => return head_column_weights(model),
-    };
+/// `Σ_o W[o, j]²` over every decoder linear reading `site` (q, k and v
+/// share one input; gate and up another): how much an error in input channel
+/// `j` moves their outputs.
+fn input_column_weights(model: &Llama, layer: usize, site: ActSite) -> Vec<f32> {
+    let readers: Vec<Proj> = Proj::PER_LAYER.into_iter().filter(|p| p.input_site() == site).collect();
     let squares = readers
         .iter()
         .map(|&p| {
@@ -266,9 +273,10 @@ fn head_column_weights(model: &Llama) -> Vec<f32> {
 /// gives the least output error `Σ_j w_j·(x_j − q(x_j))²` over `rows`, where
 /// `w_j` is how much an error in channel `j` moves the consuming layer.
 ///
-/// A min/max range is set by a handful of tokens. On SmolLM2 the final norm's
-/// output spans ~82 where the bulk is a few units, an 8-bit step of 0.32;
-/// MobileQuant does not train the head's grid (its loss ends at the last
+/// A min/max range is set by a handful of tokens. The head's input, where
+/// this search began: on SmolLM2 the final norm's output spans ~82 where the
+/// bulk is a few units, an 8-bit step of 0.32; MobileQuant does not train
+/// the head's grid (its loss ends at the last
 /// decoder layer), so every static method takes it from here. SmolLM2 `w8a8`
 /// RTN with a 16-bit down-projection input, WikiText-2 16 chunks: min/max
 /// 30.95, searched 30.67, the head input at 16 bits 30.26.
@@ -277,7 +285,7 @@ fn head_column_weights(model: &Llama) -> Vec<f32> {
 /// (2¹⁶ bins over `[lo, hi]`, each keeping `Σw`, `Σw·x`, `Σw·x²`), so each
 /// of the 400 candidates costs one pass over the bins, not over the rows: it
 /// is exact except in the bins a rounding boundary cuts — for 8-bit grids a
-/// bin is at most 1/13 of the narrowest candidate's step; for 16-bit grids
+/// bin is under 1/12 of the narrowest candidate's step; for 16-bit grids
 /// the rounding term is coarse but the clipping term, which decides there,
 /// stays exact.
 pub fn search_input_range(rows: &[f32], col_weights: &[f32], lo: f32, hi: f32, bits: u8) -> (f32, f32) {
@@ -288,9 +296,12 @@ pub fn search_input_range(rows: &[f32], col_weights: &[f32], lo: f32, hi: f32, b
     let bins = weighted_histogram(rows, col_weights, lo, hi);
     let error = |lo: f32, hi: f32| binned_error(&bins, ActGrid::from_range(lo, hi, bits));
     let fractions: Vec<f32> = (1..=20).map(|k| k as f32 / 20.0).collect();
+    // A grid always holds 0: an end on 0's side of it gains nothing by shrinking.
+    let shrinks = |end: f32| if end < 0.0 { fractions.clone() } else { vec![1.0] };
+    let (a_values, b_values) = (shrinks(lo), shrinks(-hi));
     let mut best = ((lo, hi), error(lo, hi));
-    for &a in &fractions {
-        for &b in &fractions {
+    for &a in &a_values {
+        for &b in &b_values {
             let candidate = (a * lo, b * hi);
             let e = error(candidate.0, candidate.1);
             if e < best.1 {
@@ -306,10 +317,12 @@ const HISTOGRAM_BINS: usize = 1 << 16;
 /// The non-empty bins of `rows`' values over `[lo, hi]`, value `x` of channel
 /// `j` counted with weight `w_j`: `[Σw, Σw·x, Σw·x²]` per bin.
 fn weighted_histogram(rows: &[f32], col_weights: &[f32], lo: f32, hi: f32) -> Vec<[f64; 3]> {
+    debug_assert_eq!(rows.len() % col_weights.len(), 0, "rows of the weights' width");
     let mut bins = vec![[0f64; 3]; HISTOGRAM_BINS];
     let per_unit = HISTOGRAM_BINS as f64 / (hi as f64 - lo as f64);
     for row in rows.chunks_exact(col_weights.len()) {
-        for (&x, &w) in row.iter().zip(col_weights) {
+        // A non-finite value has no bin (and would poison one).
+        for (&x, &w) in row.iter().zip(col_weights).filter(|(x, _)| x.is_finite()) {
             let i = (((x as f64 - lo as f64) * per_unit) as usize).min(HISTOGRAM_BINS - 1);
             let (x, w) = (x as f64, w as f64);
             let b = &mut bins[i];
@@ -451,7 +464,9 @@ mod tests {
         use oqt_core::testing::{random_weights, tiny_config};
         let cfg = tiny_config();
         let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 5), &burn::tensor::Device::flex());
-        let recipe = oqt_core::quant::load_recipe("w8a8").unwrap();
+        let mut recipe = oqt_core::quant::load_recipe("w8a8").unwrap();
+        // One 16-bit linear input: not searched.
+        recipe.spec.act16_sites.push("down_proj_input@0".into());
         let windows: Vec<Vec<u32>> = (0..3)
             .map(|w| (0..40).map(|i| ((i * 17 + w * 5) % cfg.vocab_size) as u32).collect())
             .collect();
@@ -470,7 +485,9 @@ mod tests {
             let linear_input = ["attn_in", "attn_out", "mlp_in", "down_in"]
                 .iter()
                 .any(|n| key.ends_with(n));
-            if linear_input && m.bits == 8 {
+            if key == "layers.0.down_in" {
+                assert_eq!((m.bits, s), (16, m), "the 16-bit input keeps its min/max range");
+            } else if linear_input && m.bits == 8 {
                 let width = |g: &ActGrid| g.scale * ((1u32 << g.bits) - 1) as f32;
                 assert!(width(s) <= width(m) * (1.0 + 1e-6), "{key}: {s:?} wider than {m:?}");
                 narrowed += usize::from(width(s) < width(m));

@@ -32,8 +32,9 @@ pub enum ActRange {
     Minmax,
     /// Per-window percentiles, averaged over the windows (ignores rare outliers).
     Percentile,
-    /// The extremes, then every 8-bit linear input's range (and the head's)
-    /// narrowed to the least output error of the weights that consume it.
+    /// The extremes, then every 8-bit decoder linear input's range (and the
+    /// head's input at any width, as under `Minmax`) narrowed to the least
+    /// output error of the weights that read it.
     Search,
 }
 
