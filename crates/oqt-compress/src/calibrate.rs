@@ -235,17 +235,20 @@ const LINEAR_INPUT_SAMPLES: usize = 1024;
 /// share one input; gate and up another): how much an error in input channel
 /// `j` moves their outputs.
 fn input_column_weights(model: &Llama, layer: usize, site: ActSite) -> Vec<f32> {
-    let readers: Vec<Proj> = Proj::PER_LAYER.into_iter().filter(|p| p.input_site() == site).collect();
-    let squares = readers
-        .iter()
-        .map(|&p| {
-            // Burn's Linear stores `[d_in, d_out]`.
-            let w = model.decoder_linear(layer, p).weight.val();
-            (w.clone() * w).sum_dim(1)
-        })
+    let squares = Proj::PER_LAYER
+        .into_iter()
+        .filter(|p| p.input_site() == site)
+        .map(|p| input_channel_squares(model.decoder_linear(layer, p)))
         .reduce(|a, b| a + b)
         .expect("at least one reader");
     to_vec(squares)
+}
+
+/// `Σ_o W[o, j]²` of one linear layer, per input channel `j`.
+fn input_channel_squares(linear: &burn::nn::Linear) -> Tensor<2> {
+    // Burn's Linear stores `[d_in, d_out]`.
+    let w = linear.weight.val();
+    (w.clone() * w).sum_dim(1)
 }
 
 /// Head-input rows kept for the range search (~19 MiB at SmolLM2's width).
@@ -256,11 +259,7 @@ const HEAD_INPUT_SAMPLES: usize = 8192;
 /// the logits.
 fn head_column_weights(model: &Llama) -> Vec<f32> {
     let squares = match &model.lm_head {
-        // Burn's Linear stores `[d_in, d_out]`.
-        Some(head) => {
-            let w = head.weight.val();
-            (w.clone() * w).sum_dim(1)
-        }
+        Some(head) => input_channel_squares(head),
         None => {
             let w = model.embed_tokens.weight.val(); // [vocab, d]
             (w.clone() * w).sum_dim(0)
@@ -276,10 +275,10 @@ fn head_column_weights(model: &Llama) -> Vec<f32> {
 /// A min/max range is set by a handful of tokens. The head's input, where
 /// this search began: on SmolLM2 the final norm's output spans ~82 where the
 /// bulk is a few units, an 8-bit step of 0.32; MobileQuant does not train
-/// the head's grid (its loss ends at the last
-/// decoder layer), so every static method takes it from here. SmolLM2 `w8a8`
-/// RTN with a 16-bit down-projection input, WikiText-2 16 chunks: min/max
-/// 30.95, searched 30.67, the head input at 16 bits 30.26.
+/// the head's grid (its loss ends at the last decoder layer), so every
+/// static method takes it from here. SmolLM2 `w8a8` RTN with a 16-bit
+/// down-projection input, WikiText-2 16 chunks: min/max 30.95, searched
+/// 30.67, the head input at 16 bits 30.26.
 ///
 /// The error is summed over a channel-weighted histogram of the values
 /// (2¹⁶ bins over `[lo, hi]`, each keeping `Σw`, `Σw·x`, `Σw·x²`), so each
