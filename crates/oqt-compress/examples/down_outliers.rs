@@ -1,8 +1,17 @@
 //! Diagnostic behind `split_down_ratio`: per-layer channel maxima of the
 //! q/k/v (g0), gate/up (g2) and down (g3) inputs over 8 × 512 Tiny Shakespeare
 //! tokens. `cargo run --release -p oqt-compress --example down_outliers -- MODEL.gguf`
+//!
+//! `PLANS=1`: the split plans of a few ratios, ranks and caps. `SINK=1`: where
+//! the down projection's massive inputs sit — per layer, its largest |x| at
+//! each window's first position (the attention sink) and at every later one,
+//! with the position and token of the later maximum.
+use burn::tensor::Tensor;
 use oqt_compress::calibrate::calibration_windows;
-use oqt_compress::inputs::{Gather, gather_inputs};
+use oqt_compress::inputs::{Gather, gather_inputs, to_vec};
+use oqt_model::hooks::{ForwardHooks, Proj};
+use oqt_model::llama::Llama;
+use std::cell::RefCell;
 
 fn main() {
     let path = std::env::args().nth(1).expect("model path");
@@ -10,6 +19,10 @@ fn main() {
     let data = oqt_core::datasets::resolve("tinyshakespeare").unwrap();
     let windows = calibration_windows(&model.tokenizer, &data.read_text().unwrap(), 8, 512).unwrap();
     let llama = oqt_model::llama_from_weights(&model.config, model.weights.clone(), &burn::tensor::Device::flex());
+    if std::env::var_os("SINK").is_some() {
+        sink(&model, &llama, &windows);
+        return;
+    }
     let st = gather_inputs(&llama, &windows, Gather::default(), |_, _| {}).unwrap();
     if std::env::var_os("PLANS").is_some() {
         plans(&st);
@@ -57,6 +70,63 @@ fn plans(st: &[[oqt_compress::inputs::InputStats; 4]]) {
             p.total_extra(),
             100.0 * p.total_extra() as f64 / mlp_channels as f64,
             widest.iter().map(|v| v.round()).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Per layer: (max at position 0, max after it, its position, its window).
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    first: f32,
+    rest: f32,
+    rest_pos: usize,
+    rest_window: usize,
+}
+
+struct Observer {
+    window: RefCell<usize>,
+    seen: RefCell<Vec<Seen>>,
+}
+
+impl ForwardHooks for Observer {
+    fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        if proj == Proj::Down {
+            let [_, s, _] = x.dims();
+            let per_pos = to_vec(x.clone().abs().max_dim(2).reshape([s]));
+            let mut seen = self.seen.borrow_mut();
+            let e = &mut seen[layer];
+            e.first = e.first.max(per_pos[0]);
+            for (p, &v) in per_pos.iter().enumerate().skip(1) {
+                if v > e.rest {
+                    *e = Seen {
+                        rest: v,
+                        rest_pos: p,
+                        rest_window: *self.window.borrow(),
+                        ..*e
+                    };
+                }
+            }
+        }
+        float(x)
+    }
+}
+
+fn sink(model: &oqt_core::LoadedModel, llama: &Llama, windows: &[Vec<u32>]) {
+    let obs = Observer {
+        window: RefCell::new(0),
+        seen: RefCell::new(vec![Seen::default(); model.config.num_layers]),
+    };
+    for (i, w) in windows.iter().enumerate() {
+        *obs.window.borrow_mut() = i;
+        let _ = llama.forward_residual_with(llama.tokens_tensor(w), None, &obs);
+    }
+    println!("layer | max at position 0 | max after it | at position (window) | token there");
+    for (l, e) in obs.seen.borrow().iter().enumerate() {
+        let token = windows[e.rest_window][e.rest_pos];
+        let text = model.tokenizer.decode(&[token], false).unwrap_or_default();
+        println!(
+            "{l:2} | {:9.1} | {:9.1} | {:3} ({}) | {token} {text:?}",
+            e.first, e.rest, e.rest_pos, e.rest_window
         );
     }
 }

@@ -115,7 +115,7 @@ impl ForwardHooks for InputObserver {
 }
 
 /// A tensor's values, row-major, as f32.
-pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
