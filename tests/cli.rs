@@ -872,14 +872,15 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
             "--lightweight",
             "--distill",
             "0.5",
-            "--lr",
-            "1e-2",
             "--dataset",
             text.to_str().unwrap(),
         ],
     );
     let b = oqt_core::bundle::Bundle::open(&light).unwrap();
     assert_eq!(b.manifest.method.as_deref(), Some("zeroqat-lightweight"));
+    // Without --lr a lightweight run takes its own default, not full QAT's 1e-5.
+    let training = b.manifest.training.as_ref().expect("training provenance");
+    assert_eq!(training["options"]["spsa"]["lr"], 1e-4);
     assert!(b.site_grids().unwrap().is_some(), "static grids exported");
     assert_runs_as_simulated(&light, &text, "static");
 
