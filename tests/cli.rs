@@ -340,6 +340,8 @@ fn every_methods_static_bundle_runs_as_simulated_and_benches() {
         ("w4a8", "awq"),
         ("w4a8", "mobilequant"),
         ("w8a8", "mobilequant"),
+        // A16W8 down projections: a 16-bit linear input the runtime matches too.
+        ("w8a8-down16", "mobilequant"),
     ] {
         let out = dir.path().join(format!("{recipe}-{method}.oqt"));
         let text_arg = text.to_str().unwrap();

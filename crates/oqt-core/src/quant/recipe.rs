@@ -169,6 +169,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("w4a8", include_str!("../../../../recipes/w4a8.toml")),
     ("w4a8-dyn", include_str!("../../../../recipes/w4a8-dyn.toml")),
     ("w8a8", include_str!("../../../../recipes/w8a8.toml")),
+    ("w8a8-down16", include_str!("../../../../recipes/w8a8-down16.toml")),
     ("w4a16", include_str!("../../../../recipes/w4a16.toml")),
     ("w4a16-g128", include_str!("../../../../recipes/w4a16-g128.toml")),
     ("w8a16", include_str!("../../../../recipes/w8a16.toml")),
