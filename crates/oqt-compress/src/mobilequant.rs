@@ -16,7 +16,9 @@
 //!
 //! The loss is the MSE between the float and the fake-quantized output of the
 //! last decoder layer (or, `[mobilequant] loss = "final-norm"`, of that output
-//! through the final RMSNorm — no better on SmolLM2, so not the default);
+//! through the final RMSNorm; or `"logits-kl"`, the KL divergence of the
+//! next-token distributions through the float head — neither better on
+//! SmolLM2, so not the default);
 //! AdamW (no weight decay), one learning rate per group with cosine decay, one
 //! window per step. Afterwards the transformations are
 //! folded into the weights and the clips into the weight grids, so the
@@ -38,7 +40,7 @@ use crate::smoothing::{LayerScales, kv_channel};
 use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Gradients;
-use burn::tensor::activation::sigmoid;
+use burn::tensor::activation::{log_softmax, sigmoid};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use oqt_core::quant::{
     ActGrid, ActSite, Checkpointing, LayerLoss, MobileQuantSpec, QuantSpec, WeightSpec, static_sites,
@@ -313,7 +315,22 @@ pub fn train(
     // What the loss compares (see `MobileQuantSpec::loss`).
     let compared = |out: Tensor<3>| match opts.loss {
         LayerLoss::LastLayer => out,
-        LayerLoss::FinalNorm => model.final_norm(out),
+        LayerLoss::FinalNorm | LayerLoss::LogitsKl => model.final_norm(out),
+    };
+    // The loss between a compared output and its float target: mean squared
+    // error, or KL(float ‖ quantized) of the next-token distributions per position.
+    let loss_of = |out: Tensor<3>, target: Tensor<3>| -> Tensor<1> {
+        match opts.loss {
+            LayerLoss::LastLayer | LayerLoss::FinalNorm => (out - target).powi_scalar(2).mean(),
+            LayerLoss::LogitsKl => {
+                let [b, s, _] = out.dims();
+                let teacher = log_softmax(model.logits(target), 2).detach();
+                let student = log_softmax(model.logits(out), 2);
+                (teacher.clone().exp() * (teacher - student))
+                    .sum()
+                    .div_scalar((b * s) as f32)
+            }
+        }
     };
     // Float targets once: the model is frozen, so this builds no graph.
     let targets: Vec<Tensor<3>> = tokens
@@ -390,10 +407,10 @@ pub fn train(
                     let value = to_vec(diff.clone().powi_scalar(2).mean().reshape([1]))[0];
                     (value, diff.mul_scalar(2.0 / targets[i].shape().num_elements() as f32))
                 }
-                LayerLoss::FinalNorm => {
+                LayerLoss::FinalNorm | LayerLoss::LogitsKl => {
                     // The loss's gradient at the last layer's output, through the norm.
                     let out = out.inner().autodiff().require_grad();
-                    let loss = (compared(out.clone()) - targets[i].clone()).powi_scalar(2).mean();
+                    let loss = loss_of(compared(out.clone()), targets[i].clone());
                     let value = to_vec(loss.clone().detach().reshape([1]))[0];
                     let grads = loss.backward();
                     (value, out.grad(&grads).expect("the output is tracked"))
@@ -423,7 +440,7 @@ pub fn train(
             let loss = {
                 let h = hooks!(&smooth, &clip, &ranges);
                 let out = compared(model.forward_residual_with(tokens[i].clone(), None, &h));
-                (out - targets[i].clone()).powi_scalar(2).mean()
+                loss_of(out, targets[i].clone())
             };
             let value = to_vec(loss.clone().detach().reshape([1]))[0];
             check_finite(step, value)?;
@@ -505,7 +522,7 @@ mod tests {
     }
 
     #[test]
-    fn per_layer_checkpointing_learns_what_the_whole_graph_learns_under_either_loss() {
+    fn per_layer_checkpointing_learns_what_the_whole_graph_learns_under_every_loss() {
         let raw = per_layer_checkpointing_matches_the_whole_graph(LayerLoss::LastLayer);
         let normed = per_layer_checkpointing_matches_the_whole_graph(LayerLoss::FinalNorm);
         // The norm is applied: same start, a different quantity compared.
@@ -513,6 +530,10 @@ mod tests {
             (normed[0] - raw[0]).abs() > 1e-3 * raw[0].abs(),
             "{normed:?} vs {raw:?}"
         );
+        let kl = per_layer_checkpointing_matches_the_whole_graph(LayerLoss::LogitsKl);
+        // A divergence: positive, and smaller as the quantizers learn.
+        assert!(kl.iter().all(|&v| v > 0.0), "{kl:?}");
+        assert!(kl[5] < kl[0], "{kl:?}");
     }
 
     /// Trains 6 steps with and without per-layer checkpointing, asserts the

@@ -92,7 +92,9 @@ pub struct MobileQuantSpec {
     /// What the loss compares: the last decoder layer's output (`last-layer`,
     /// the paper's) or that output through the model's final RMSNorm
     /// (`final-norm`: what the head reads, every token at unit scale, so a
-    /// few massive-activation values no longer dominate the mean).
+    /// few massive-activation values no longer dominate the mean), or the
+    /// KL divergence of the next-token distributions through the float head
+    /// (`logits-kl`: the metric's own quantity, one head product per step).
     pub loss: LayerLoss,
 }
 
@@ -103,6 +105,9 @@ pub enum LayerLoss {
     #[default]
     LastLayer,
     FinalNorm,
+    /// KL divergence of the student's next-token distribution from the float
+    /// model's, through the final norm and the float head.
+    LogitsKl,
 }
 
 /// See [`MobileQuantSpec::checkpointing`].
