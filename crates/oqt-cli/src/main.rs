@@ -89,8 +89,51 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_message(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, `outer: inner: …`. Several of the
+/// library errors already print their source (`{path}: {source}`), so a cause
+/// whose text ends the line so far is not repeated.
+fn error_message(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.is_empty() {
+            message = text;
+        } else if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_message;
+    use anyhow::Context;
+
+    #[test]
+    fn a_source_the_message_already_prints_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let error = anyhow::Error::new(oqt_core::CoreError::io("missing.oqt", io));
+        assert_eq!(error_message(&error), "missing.oqt: No such file or directory");
+    }
+
+    #[test]
+    fn context_and_causes_are_joined_in_order() {
+        let result: anyhow::Result<()> = Err(anyhow::anyhow!("header too small"));
+        let error = result
+            .context("reading b.oqt")
+            .context("loading the bundle")
+            .unwrap_err();
+        assert_eq!(
+            error_message(&error),
+            "loading the bundle: reading b.oqt: header too small"
+        );
     }
 }
