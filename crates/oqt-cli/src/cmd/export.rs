@@ -26,6 +26,7 @@ pub enum Format {
 pub struct ExportArgs {
     /// An oqt bundle, or a model (alias, GGUF file, HF directory, hub id).
     pub input: String,
+    /// Output format.
     #[arg(long, value_enum)]
     pub format: Format,
     /// Where to write (a file for gguf, a new directory for hf).

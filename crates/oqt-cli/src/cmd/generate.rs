@@ -31,6 +31,7 @@ pub struct GenerateArgs {
     /// Nucleus sampling mass.
     #[arg(long, default_value_t = 0.9)]
     pub top_p: f32,
+    /// Sampling seed (with --temperature above 0): the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]

@@ -19,9 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Example (lightweight: norm gains and channel scales, a few minutes on 2 cores):
-  oqt qat --zeroth-order --recipe w4a8-dyn smollm2-135m --dataset tinyshakespeare \\
-      --steps 200 --lightweight --tensorboard runs/zo --output exports/zo.oqt
+    after_help = "Example (lightweight: norm gains, channel scales and ranges; ~1 h at 1 thread,
+held-out Tiny Shakespeare -9.4% and WikiText-2 -0.5% on SmolLM2-135M, see BENCHMARKS.md):
+  oqt quantize --recipe w4a8-dyn smollm2-135m --no-eval --output exports/rtn.oqt
+  oqt qat --zeroth-order --recipe w4a8-dyn smollm2-135m --from exports/rtn.oqt \\
+      --lightweight --distill 0.5 --lr 1e-3 --n-spsa 8 --batch 2 --steps 100 --seq-len 128 \\
+      --tensorboard runs/zo --output exports/zo.oqt
   # Ctrl-C saves a checkpoint; continue with --resume exports/zo.ckpt"
 )]
 pub struct QatArgs {
@@ -52,6 +55,8 @@ pub struct QatArgs {
     /// Fraction of the text held out for evaluation (its tail).
     #[arg(long, default_value_t = 0.1)]
     pub held_out: f64,
+    /// Optimizer steps in all (with --resume: the total, counting the steps
+    /// already taken).
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
     /// Train only the quantizer-facing parameters — RMSNorm gains, each
@@ -85,20 +90,26 @@ pub struct QatArgs {
     /// larger ε clips the typical directional derivative)
     #[arg(long)]
     pub grad_clip: Option<f32>,
+    /// Decoupled weight decay λ (each step multiplies the trained values by 1 − lr·λ).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// constant, linear or cosine.
     #[arg(long, default_value = "constant")]
     pub schedule: String,
+    /// Training windows per step (each a random slice of the training text).
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Tokens per training and held-out window.
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
+    /// Seeds the batches and the SPSA directions: the same seed and options
+    /// give the same weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Held-out evaluation every N steps (0: only at the start and the end).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
+    /// Held-out windows (of --seq-len tokens, from the held-out tail's start) per evaluation.
     #[arg(long, default_value_t = 8)]
     pub eval_windows: usize,
     /// Checkpoint every N steps (0: only at the end and on Ctrl-C).
@@ -113,8 +124,10 @@ pub struct QatArgs {
     /// Write TensorBoard scalars (loss, lr, projected gradient, held-out perplexity) here.
     #[arg(long)]
     pub tensorboard: Option<PathBuf>,
+    /// Where to write the trained bundle (the runtime runs it like a PTQ bundle).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Print one JSON object (held-out curve, timing, peak memory) instead of a summary.
     #[arg(long)]
     pub json: bool,
 }
