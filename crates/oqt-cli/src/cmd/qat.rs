@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Example (lightweight: norm gains, channel scales and ranges; ~1 h at 1 thread,
-held-out Tiny Shakespeare -9.4% and WikiText-2 -0.5% on SmolLM2-135M, see BENCHMARKS.md):
+    after_help = "Example (lightweight: norm gains, channel scales and ranges; 1 h 30 min at 1 thread,
+held-out Tiny Shakespeare -9.9% and WikiText-2 -1.0% on SmolLM2-135M, see BENCHMARKS.md):
   oqt quantize --recipe w4a8-dyn smollm2-135m --no-eval --output exports/rtn.oqt
   oqt qat --zeroth-order --recipe w4a8-dyn smollm2-135m --from exports/rtn.oqt \\
-      --lightweight --distill 0.5 --lr 1e-3 --n-spsa 8 --batch 2 --steps 100 --seq-len 128 \\
-      --tensorboard runs/zo --output exports/zo.oqt
+      --lightweight --distill 0.5 --lr 1e-3 --n-spsa 8 --schedule cosine --batch 2 --steps 150 \\
+      --seq-len 128 --tensorboard runs/zo --output exports/zo.oqt
   # Ctrl-C saves a checkpoint; continue with --resume exports/zo.ckpt"
 )]
 pub struct QatArgs {
@@ -90,7 +90,8 @@ pub struct QatArgs {
     /// larger ε clips the typical directional derivative)
     #[arg(long)]
     pub grad_clip: Option<f32>,
-    /// Decoupled weight decay λ (each step multiplies the trained values by 1 − lr·λ).
+    /// Decoupled weight decay λ (zeroth-order: each step multiplies every trained
+    /// value by 1 − lr·λ; first-order: AdamW's, activation ranges not decayed).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// constant, linear or cosine.
