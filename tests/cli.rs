@@ -845,6 +845,46 @@ fn zeroth_order_qat_trains_resumes_and_writes_a_runnable_bundle() {
     assert_runs_as_simulated(&out, &text, "zeroqat");
 }
 
+/// `--keep-best` end to end: a rate that overshoots on a tiny model, and the
+/// bundle holds the weights of the lowest held-out perplexity, recorded in the
+/// manifest, kept on disk beside the checkpoint.
+#[test]
+fn keep_best_writes_the_lowest_held_out_weights() {
+    let (dir, gguf) = tiny_model(14);
+    let text = write_text(&dir, "the owl and the pussycat went to sea in a pea-green boat. ", 40);
+    let out = dir.path().join("best.oqt");
+    let v = json_of(
+        oqt()
+            .args(["qat", "--zeroth-order", "--recipe", "w4a8-dyn", gguf.to_str().unwrap()])
+            .args(["--dataset", text.to_str().unwrap(), "--steps", "5", "--batch", "2"])
+            .args([
+                "--seq-len",
+                "32",
+                "--eval-every",
+                "1",
+                "--eval-windows",
+                "2",
+                "--lr",
+                "3e-2",
+            ])
+            .args(["--keep-best", "--json", "--output"])
+            .arg(&out),
+    );
+    let evals: Vec<(u64, f64)> = serde_json::from_value(v["held_out_perplexity"].clone()).unwrap();
+    let (best_step, lowest) = evals
+        .iter()
+        .copied()
+        .fold((0, f64::INFINITY), |b, e| if e.1 < b.1 { e } else { b });
+    assert_eq!(v["kept"]["step"], best_step, "{evals:?}");
+    assert_eq!(v["kept"]["held_out_perplexity"], lowest);
+    assert!(best_step != 5, "the test needs a best before the last step: {evals:?}");
+    assert!(dir.path().join("best.best/tensors.safetensors").is_file());
+    let b = oqt_core::bundle::Bundle::open(&out).unwrap();
+    let training = b.manifest.training.as_ref().expect("training provenance");
+    assert_eq!(training["kept"], v["kept"]);
+    assert_runs_as_simulated(&out, &text, "keep-best");
+}
+
 /// The other training modes end to end on a tiny model: lightweight
 /// zeroth-order QAT of a static recipe (calibrated start, trained activation
 /// ranges, frozen integers) with distillation, and the first-order baseline;

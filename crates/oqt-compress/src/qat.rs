@@ -36,6 +36,11 @@ pub struct QatOptions {
     /// Teacher tokens kept per position for distillation.
     #[serde(default = "default_top_k")]
     pub distill_top_k: usize,
+    /// End on the weights of the lowest held-out perplexity evaluated (the
+    /// start's included) instead of the last step's. Does not change the
+    /// training path: the checkpoints still hold the last step's weights.
+    #[serde(default)]
+    pub keep_best: bool,
 }
 
 fn default_top_k() -> usize {
@@ -157,6 +162,20 @@ pub trait QatObserver {
     fn interrupted(&self) -> bool;
 }
 
+/// The lowest held-out perplexity a run has evaluated, and after which step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestEval {
+    pub step: u64,
+    pub held_out_perplexity: f64,
+}
+
+impl BestEval {
+    /// Whether `ppl` beats `best` (a first finite evaluation always does).
+    fn improved_by(best: Option<Self>, ppl: f64) -> bool {
+        ppl.is_finite() && best.is_none_or(|b| ppl < b.held_out_perplexity)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct QatOutcome {
     /// Steps completed (the next step to run).
@@ -165,6 +184,9 @@ pub struct QatOutcome {
     pub steps: Vec<SpsaStep>,
     /// `(step, held-out perplexity)`.
     pub evals: Vec<(u64, f64)>,
+    /// With `keep_best`: the evaluation whose weights the model ends on
+    /// (counting evaluations before a resume, from the checkpoint).
+    pub best: Option<BestEval>,
 }
 
 impl QatOutcome {
@@ -174,7 +196,17 @@ impl QatOutcome {
             interrupted: false,
             steps: Vec::new(),
             evals: Vec::new(),
+            best: None,
         }
+    }
+
+    /// The last evaluation, if it beats the best so far (`keep_best` runs).
+    fn new_best(&self, opts: &QatOptions) -> Option<BestEval> {
+        let &(step, ppl) = self.evals.last()?;
+        (opts.keep_best && step == self.next_step && BestEval::improved_by(self.best, ppl)).then_some(BestEval {
+            step,
+            held_out_perplexity: ppl,
+        })
     }
 
     /// Whether the step just completed is an evaluation step.
@@ -220,6 +252,17 @@ pub struct CheckpointState {
     /// Recipe name and model the run started from, for the resumer to check.
     pub recipe: String,
     pub start: String,
+    /// With `keep_best`: the best evaluation so far, whose weights are in
+    /// [`best_weights_dir`] of the checkpoint.
+    #[serde(default)]
+    pub best: Option<BestEval>,
+}
+
+/// Where a `keep_best` run keeps the best weights so far: beside its
+/// checkpoint (`run.ckpt` → `run.best`), on disk, so memory stays at
+/// inference size. Same format as a checkpoint.
+pub fn best_weights_dir(checkpoint: &Path) -> PathBuf {
+    checkpoint.with_extension("best")
 }
 
 const STATE_FILE: &str = "state.json";
@@ -331,6 +374,9 @@ pub fn restore_checkpoint(dir: &Path, model: &mut QatModel) -> Result<()> {
 }
 
 /// Run steps `start_step..opts.steps`; checkpoints go to `checkpoint` (if any).
+/// With `opts.keep_best` the best evaluated weights are saved to
+/// [`best_weights_dir`] of the checkpoint (which is then required) and the
+/// model ends on them; the last checkpoint keeps the last step's weights.
 pub fn train_zeroth_order(
     model: &mut QatModel,
     data: &TrainTokens,
@@ -341,25 +387,53 @@ pub fn train_zeroth_order(
     obs: &mut dyn QatObserver,
 ) -> Result<QatOutcome> {
     data.check_window(opts.seq_len)?;
+    let best_dir = match (opts.keep_best, checkpoint) {
+        (false, _) => None,
+        (true, Some((dir, _))) => Some(best_weights_dir(dir)),
+        (true, None) => {
+            return Err(CoreError::Other(
+                "keep_best needs a checkpoint directory: the best weights are kept beside it".into(),
+            ));
+        }
+    };
     let mut out = QatOutcome::starting_at(start_step);
-    let save = |model: &QatModel, next: u64, obs: &mut dyn QatObserver| -> Result<()> {
-        if let Some((dir, state)) = checkpoint {
-            let state = CheckpointState {
-                next_step: next,
-                ..state.clone()
-            };
+    out.best = checkpoint.and_then(|(_, s)| s.best).filter(|_| opts.keep_best);
+    let state_at = |next: u64, best: Option<BestEval>| {
+        checkpoint.map(|(dir, state)| {
+            (
+                dir,
+                CheckpointState {
+                    next_step: next,
+                    best,
+                    ..state.clone()
+                },
+            )
+        })
+    };
+    let save = |model: &QatModel, next: u64, best: Option<BestEval>, obs: &mut dyn QatObserver| -> Result<()> {
+        if let Some((dir, state)) = state_at(next, best) {
             save_checkpoint(dir, &state, model)?;
             obs.on_checkpoint(next, dir);
         }
         Ok(())
     };
+    // After each evaluation: a new best's weights go to the best directory.
+    let keep = |model: &QatModel, out: &mut QatOutcome| -> Result<()> {
+        if let (Some(best), Some(dir)) = (out.new_best(opts), &best_dir) {
+            let (_, state) = state_at(best.step, Some(best)).expect("keep_best has a checkpoint");
+            save_checkpoint(dir, &state, model)?;
+            out.best = Some(best);
+        }
+        Ok(())
+    };
     if start_step == 0 && opts.eval_every > 0 {
         out.evaluate(model, data, opts, obs)?;
+        keep(model, &mut out)?;
     }
     for step in start_step..opts.steps {
         if obs.interrupted() {
             out.interrupted = true;
-            save(model, step, obs)?;
+            save(model, step, out.best, obs)?;
             return Ok(out);
         }
         let windows = batch_windows(&data.train, opts.spsa.seed, step, opts.batch, opts.seq_len);
@@ -375,13 +449,21 @@ pub fn train_zeroth_order(
         out.next_step = step + 1;
         if out.eval_due(opts) {
             out.evaluate(model, data, opts, obs)?;
+            keep(model, &mut out)?;
         }
         if opts.checkpoint_every > 0 && out.next_step.is_multiple_of(opts.checkpoint_every) {
-            save(model, out.next_step, obs)?;
+            save(model, out.next_step, out.best, obs)?;
         }
     }
     out.evaluate_last(model, data, opts, obs)?;
-    save(model, out.next_step, obs)?;
+    keep(model, &mut out)?;
+    // The checkpoint continues the training path; the model ends on the best.
+    save(model, out.next_step, out.best, obs)?;
+    if let (Some(best), Some(dir)) = (out.best, &best_dir)
+        && best.step != out.next_step
+    {
+        restore_checkpoint(dir, model)?;
+    }
     Ok(out)
 }
 
@@ -394,7 +476,9 @@ pub fn train_zeroth_order(
 /// the whole batch kept for the backward pass. No checkpoints (the AdamW
 /// moments are not saved): an interrupted run stops without a result.
 /// Steps are reported with `loss_plus = loss_minus =` the batch loss and a
-/// projected gradient of 0.
+/// projected gradient of 0. With `opts.keep_best` the best evaluated
+/// trainable tensors are copied in memory (first-order memory is several
+/// times inference's already) and the model ends on them.
 pub fn train_first_order(
     mut model: QatModel,
     data: &TrainTokens,
@@ -404,8 +488,20 @@ pub fn train_first_order(
 ) -> Result<(QatModel, QatOutcome)> {
     data.check_window(opts.seq_len)?;
     let mut out = QatOutcome::starting_at(0);
+    let mut best_values: Option<Vec<Vec<f32>>> = None;
+    let mut keep = |model: &QatModel, out: &mut QatOutcome| {
+        if let Some(best) = out.new_best(opts) {
+            best_values = Some(
+                (0..model.tensor_sizes().len())
+                    .map(|i| model.tensor_values(i))
+                    .collect(),
+            );
+            out.best = Some(best);
+        }
+    };
     if opts.eval_every > 0 {
         out.evaluate(&model, data, opts, obs)?;
+        keep(&model, &mut out);
     }
     let mut adam = crate::qat_model::FirstOrder::new(opts.spsa.weight_decay);
     for step in 0..opts.steps {
@@ -431,9 +527,18 @@ pub fn train_first_order(
         out.next_step = step + 1;
         if out.eval_due(opts) {
             out.evaluate(&model, data, opts, obs)?;
+            keep(&model, &mut out);
         }
     }
     out.evaluate_last(&model, data, opts, obs)?;
+    keep(&model, &mut out);
+    if let (Some(best), Some(values)) = (out.best, best_values)
+        && best.step != out.next_step
+    {
+        for (i, v) in values.iter().enumerate() {
+            model.set_tensor(i, v);
+        }
+    }
     Ok((model, out))
 }
 
@@ -489,6 +594,7 @@ mod tests {
             trainable: Trainable::Full,
             distill_weight: 0.0,
             distill_top_k: 32,
+            keep_best: false,
         }
     }
 
@@ -507,6 +613,7 @@ mod tests {
             options: opts.clone(),
             recipe: "w4a8-dyn".into(),
             start: "tiny".into(),
+            best: None,
         };
         let mut straight = model();
         let mut quiet = Quiet { stop_at: None, seen: 0 };
@@ -569,6 +676,177 @@ mod tests {
         let last: f32 = out.steps[9..].iter().map(|s| s.loss_plus).sum();
         assert!(last < first - 0.03, "loss {first} → {last} (sums of 3 steps)");
         assert_eq!(out.evals.len(), 1, "held-out perplexity at the end");
+    }
+
+    fn assert_same_weights(a: &QatModel, b: &QatModel, what: &str) {
+        for i in 0..a.tensor_sizes().len() {
+            let (x, y) = (a.tensor_values(i), b.tensor_values(i));
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "tensor {i} differs: {what}"
+            );
+        }
+    }
+
+    /// Options under which held-out perplexity first falls, then rises above
+    /// its best (a rate too large for the tiny model), so the best is not the last.
+    fn overshooting() -> QatOptions {
+        QatOptions {
+            spsa: SpsaConfig {
+                lr: 3e-2,
+                ..options().spsa
+            },
+            steps: 12,
+            eval_every: 2,
+            keep_best: true,
+            ..options()
+        }
+    }
+
+    /// `keep_best`: the model ends on the weights of the lowest held-out
+    /// evaluation, not the last step's, and the checkpoint keeps the last
+    /// step's for a resume.
+    #[test]
+    fn keep_best_ends_on_the_lowest_held_out_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let (opts, data) = (overshooting(), tokens());
+        let ckpt = dir.path().join("run.ckpt");
+        let state = CheckpointState {
+            next_step: 0,
+            options: opts.clone(),
+            recipe: "w4a8-dyn".into(),
+            start: "tiny".into(),
+            best: None,
+        };
+        let mut m = model();
+        let mut quiet = Quiet { stop_at: None, seen: 0 };
+        let out = train_zeroth_order(&mut m, &data, &opts, 0, Some((&ckpt, &state)), None, &mut quiet).unwrap();
+        let best = out.best.expect("a best evaluation");
+        let lowest = out.evals.iter().map(|e| e.1).fold(f64::INFINITY, f64::min);
+        assert_eq!(best.held_out_perplexity, lowest);
+        let last = out.evals.last().unwrap();
+        assert!(
+            best.step != last.0 && best.step > 0 && last.1 > lowest,
+            "the test needs a best in the middle of the run: {:?}",
+            out.evals
+        );
+        let ppl = held_out_perplexity(&m, &data.held_out, opts.seq_len, opts.eval_windows, opts.batch).unwrap();
+        assert_eq!(ppl, lowest, "the model holds the best weights");
+
+        // Without keep_best the same run ends on the last step's weights,
+        // which the checkpoint holds.
+        let mut plain = model();
+        let no_keep = QatOptions {
+            keep_best: false,
+            ..opts.clone()
+        };
+        let out = train_zeroth_order(&mut plain, &data, &no_keep, 0, None, None, &mut quiet).unwrap();
+        assert!(out.best.is_none());
+        let mut from_ckpt = model();
+        restore_checkpoint(&ckpt, &mut from_ckpt).unwrap();
+        assert_same_weights(&plain, &from_ckpt, "the checkpoint holds the last step");
+        let saved = read_checkpoint_state(&ckpt).unwrap();
+        assert_eq!((saved.next_step, saved.best), (opts.steps, Some(best)));
+        // And the best directory holds what the model ended on.
+        let mut from_best = model();
+        restore_checkpoint(&best_weights_dir(&ckpt), &mut from_best).unwrap();
+        assert_same_weights(&m, &from_best, "the best directory holds the best");
+    }
+
+    /// A `keep_best` run stopped before its best and resumed still ends on
+    /// the uninterrupted run's best; one stopped after it remembers it.
+    #[test]
+    fn keep_best_survives_a_resume() {
+        let (opts, data) = (overshooting(), tokens());
+        let straight_dir = tempfile::tempdir().unwrap();
+        let state = CheckpointState {
+            next_step: 0,
+            options: opts.clone(),
+            recipe: "w4a8-dyn".into(),
+            start: "tiny".into(),
+            best: None,
+        };
+        let straight_ckpt = straight_dir.path().join("run.ckpt");
+        let mut straight = model();
+        let mut quiet = Quiet { stop_at: None, seen: 0 };
+        let want = train_zeroth_order(
+            &mut straight,
+            &data,
+            &opts,
+            0,
+            Some((&straight_ckpt, &state)),
+            None,
+            &mut quiet,
+        )
+        .unwrap()
+        .best
+        .unwrap();
+        for stop_at in [1, 11] {
+            let dir = tempfile::tempdir().unwrap();
+            let ckpt = dir.path().join("run.ckpt");
+            let mut first = model();
+            let mut stopper = Quiet {
+                stop_at: Some(stop_at),
+                seen: 0,
+            };
+            let o = train_zeroth_order(&mut first, &data, &opts, 0, Some((&ckpt, &state)), None, &mut stopper).unwrap();
+            assert!(o.interrupted && o.next_step == stop_at);
+            let saved = read_checkpoint_state(&ckpt).unwrap();
+            let mut resumed = model();
+            restore_checkpoint(&ckpt, &mut resumed).unwrap();
+            let got = train_zeroth_order(
+                &mut resumed,
+                &data,
+                &saved.options,
+                saved.next_step,
+                Some((&ckpt, &saved)),
+                None,
+                &mut quiet,
+            )
+            .unwrap()
+            .best;
+            assert_eq!(got, Some(want), "stopped at {stop_at}");
+            assert_same_weights(&straight, &resumed, &format!("resumed from step {stop_at}"));
+        }
+    }
+
+    #[test]
+    fn keep_best_without_a_checkpoint_directory_is_refused() {
+        let mut m = model();
+        let mut quiet = Quiet { stop_at: None, seen: 0 };
+        let e = train_zeroth_order(&mut m, &tokens(), &overshooting(), 0, None, None, &mut quiet).unwrap_err();
+        assert!(e.to_string().contains("checkpoint directory"), "{e}");
+    }
+
+    #[test]
+    fn first_order_keep_best_ends_on_the_lowest_held_out_weights() {
+        let cfg = tiny_config();
+        let device = Device::flex().autodiff();
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        let make = || {
+            let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &device);
+            QatModel::new(llama, spec.clone(), None).unwrap()
+        };
+        let opts = QatOptions {
+            spsa: SpsaConfig {
+                lr: 0.3,
+                ..options().spsa
+            },
+            ..overshooting()
+        };
+        let data = tokens();
+        let mut quiet = Quiet { stop_at: None, seen: 0 };
+        let (m, out) = train_first_order(make(), &data, &opts, None, &mut quiet).unwrap();
+        let best = out.best.expect("a best evaluation");
+        let lowest = out.evals.iter().map(|e| e.1).fold(f64::INFINITY, f64::min);
+        let last = out.evals.last().unwrap();
+        assert!(
+            best.held_out_perplexity == lowest && best.step != last.0 && last.1 > lowest,
+            "the test needs a best before the end: {:?}",
+            out.evals
+        );
+        let ppl = held_out_perplexity(&m, &data.held_out, opts.seq_len, opts.eval_windows, opts.batch).unwrap();
+        assert_eq!(ppl, lowest, "the model holds the best weights");
     }
 
     #[test]

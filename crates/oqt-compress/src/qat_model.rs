@@ -775,10 +775,14 @@ impl ZoTrainable for QatModel {
     }
 
     fn update(&mut self, i: usize, a: f32, b: f32, z: &[f32]) {
+        // a = 0 replaces θ (a restore): θ·0 would keep the NaN of a diverged run.
+        fn times<const D: usize>(t: Tensor<D>, a: f32) -> Tensor<D> {
+            if a == 0.0 { t.zeros_like() } else { t * a }
+        }
         if self.targets[i] == Target::ActRanges {
             let s = self.sites.as_mut().expect("static sites");
             for (q, &zk) in s.params.sites.iter_mut().zip(z) {
-                q.log_scale = Param::from_tensor((q.log_scale.val() * a).add_scalar(b * zk));
+                q.log_scale = Param::from_tensor(times(q.log_scale.val(), a).add_scalar(b * zk));
             }
             return;
         }
@@ -789,23 +793,23 @@ impl ZoTrainable for QatModel {
                 let lin = self.llama.decoder_linear_mut(l, p);
                 let w = lin.weight.val();
                 let dims = w.dims();
-                lin.weight = Param::from_tensor(w * a + z.reshape(dims) * b);
+                lin.weight = Param::from_tensor(times(w, a) + z.reshape(dims) * b);
             }
             Target::AttnNorm(l) => {
                 let g = &mut self.llama.layers[l].input_layernorm.gamma;
-                *g = Param::from_tensor(g.val() * a + z * b);
+                *g = Param::from_tensor(times(g.val(), a) + z * b);
             }
             Target::MlpNorm(l) => {
                 let g = &mut self.llama.layers[l].post_attention_layernorm.gamma;
-                *g = Param::from_tensor(g.val() * a + z * b);
+                *g = Param::from_tensor(times(g.val(), a) + z * b);
             }
             Target::FinalNorm => {
                 let g = &mut self.llama.norm.gamma;
-                *g = Param::from_tensor(g.val() * a + z * b);
+                *g = Param::from_tensor(times(g.val(), a) + z * b);
             }
             Target::ChannelScales(l, p) => {
                 let g = self.channel_scales.as_mut().expect("lightweight model").of_mut(l, p);
-                *g = Param::from_tensor(g.val() * a + z * b);
+                *g = Param::from_tensor(times(g.val(), a) + z * b);
             }
             Target::ActRanges => unreachable!("updated above"),
         }

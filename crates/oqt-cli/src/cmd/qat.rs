@@ -119,6 +119,13 @@ pub struct QatArgs {
     /// Checkpoint directory (default: the output path with `.ckpt`).
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Write the weights of the lowest held-out perplexity evaluated (every
+    /// --eval-every steps, the start's included) instead of the last step's.
+    /// Zeroth-order runs keep them on disk beside the checkpoint (`.best`), so
+    /// memory stays at inference size; the checkpoint keeps the last step's
+    /// for --resume. The manifest records which step was kept.
+    #[arg(long)]
+    pub keep_best: bool,
     /// Continue a run from its checkpoint (same options; bit-identical to not stopping).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -223,12 +230,14 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         },
         distill_weight: a.distill,
         distill_top_k: a.distill_top_k,
+        keep_best: a.keep_best,
     };
     if !(0.0..=1.0).contains(&a.distill) {
         bail!("--distill: expected a weight in [0, 1], found {}", a.distill);
     }
     let start = a.from.as_ref().map_or(a.model.clone(), |b| b.display().to_string());
     let mut start_step = 0;
+    let mut best = None;
     if let Some(r) = &a.resume {
         let saved = read_checkpoint_state(r).with_context(|| format!("reading checkpoint {}", r.display()))?;
         if saved.recipe != recipe.name || saved.start != start {
@@ -240,10 +249,14 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
                 recipe.name
             );
         }
-        // The saved options win: a resume continues the same run.
+        // The saved options win: a resume continues the same run. Keeping
+        // the best does not change its path, so a resume may turn it on (the
+        // best is then taken over the evaluations from here on).
         start_step = saved.next_step;
+        best = saved.best;
         options = QatOptions {
             steps: a.steps.max(saved.options.steps),
+            keep_best: saved.options.keep_best || a.keep_best,
             ..saved.options
         };
     }
@@ -394,6 +407,7 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         options: options.clone(),
         recipe: recipe.name.clone(),
         start: start.clone(),
+        best,
     };
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -487,16 +501,22 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         "options": options,
         "steps_run": outcome.next_step,
         "held_out_perplexity": outcome.evals,
+        "kept": outcome.best,
         "dataset": data.name,
     }));
     writer.write(&a.output)?;
     let first = outcome.evals.first().map(|e| e.1);
-    let last = outcome.evals.last().map(|e| e.1);
+    // What the bundle holds: the kept best's perplexity, or the last step's.
+    let last = outcome
+        .best
+        .map(|b| b.held_out_perplexity)
+        .or(outcome.evals.last().map(|e| e.1));
     if a.json {
         return print_json(&serde_json::json!({
             "output": a.output,
             "steps": outcome.next_step,
             "held_out_perplexity": outcome.evals,
+            "kept": outcome.best,
             "wall_s": t0.elapsed().as_secs_f64(),
             "peak_rss_mib": oqt_core::sys::peak_rss_mib(),
         }));
@@ -509,5 +529,8 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         first.map_or("-".into(), |v| format!("{v:.4}")),
         last.map_or("-".into(), |v| format!("{v:.4}"))
     );
+    if let Some(b) = outcome.best.filter(|b| b.step != outcome.next_step) {
+        println!("kept the weights after step {} (--keep-best)", b.step);
+    }
     Ok(())
 }
