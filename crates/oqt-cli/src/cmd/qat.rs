@@ -107,7 +107,7 @@ pub struct QatArgs {
     /// give the same weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Held-out evaluation every N steps (0: only at the start and the end).
+    /// Held-out evaluation every N steps and at the start (0: only at the end).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
     /// Held-out windows (of --seq-len tokens, from the held-out tail's start) per evaluation.
