@@ -602,19 +602,42 @@ mod tests {
         TrainTokens::split((0..400u32).map(|i| (i * 37 % 250) + 3).collect(), 0.2)
     }
 
+    /// The checkpoint state of a run of `opts` that has not started.
+    fn start_state(opts: &QatOptions) -> CheckpointState {
+        CheckpointState {
+            next_step: 0,
+            options: opts.clone(),
+            recipe: "w4a8-dyn".into(),
+            start: "tiny".into(),
+            best: None,
+        }
+    }
+
+    fn assert_same_weights(a: &QatModel, b: &QatModel, what: &str) {
+        for i in 0..a.tensor_sizes().len() {
+            let (x, y) = (a.tensor_values(i), b.tensor_values(i));
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "tensor {i} differs: {what}"
+            );
+        }
+    }
+
+    /// A first-order (autodiff) student of the tiny model.
+    fn first_order_model() -> QatModel {
+        let cfg = tiny_config();
+        let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &Device::flex().autodiff());
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        QatModel::new(llama, spec, None).unwrap()
+    }
+
     /// The resume contract, on a synthetic model: interrupt (as Ctrl-C
     /// does), resume from the checkpoint, end on the uninterrupted run's weights.
     #[test]
     fn an_interrupted_and_resumed_run_ends_on_the_same_weights() {
         let dir = tempfile::tempdir().unwrap();
         let (opts, data) = (options(), tokens());
-        let state = CheckpointState {
-            next_step: 0,
-            options: opts.clone(),
-            recipe: "w4a8-dyn".into(),
-            start: "tiny".into(),
-            best: None,
-        };
+        let state = start_state(&opts);
         let mut straight = model();
         let mut quiet = Quiet { stop_at: None, seen: 0 };
         train_zeroth_order(&mut straight, &data, &opts, 0, None, None, &mut quiet).unwrap();
@@ -644,22 +667,12 @@ mod tests {
             &mut quiet,
         )
         .unwrap();
-        for i in 0..straight.tensor_sizes().len() {
-            let (a, b) = (straight.tensor_values(i), resumed.tensor_values(i));
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "tensor {i} differs after resume"
-            );
-        }
+        assert_same_weights(&straight, &resumed, "after resume");
     }
 
     #[test]
     fn first_order_training_lowers_the_loss_on_the_same_batches() {
-        let cfg = tiny_config();
-        let device = Device::flex().autodiff();
-        let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &device);
-        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        let model = QatModel::new(llama, spec, None).unwrap();
+        let model = first_order_model();
         let opts = QatOptions {
             spsa: SpsaConfig {
                 lr: 3e-3,
@@ -676,16 +689,6 @@ mod tests {
         let last: f32 = out.steps[9..].iter().map(|s| s.loss_plus).sum();
         assert!(last < first - 0.03, "loss {first} → {last} (sums of 3 steps)");
         assert_eq!(out.evals.len(), 1, "held-out perplexity at the end");
-    }
-
-    fn assert_same_weights(a: &QatModel, b: &QatModel, what: &str) {
-        for i in 0..a.tensor_sizes().len() {
-            let (x, y) = (a.tensor_values(i), b.tensor_values(i));
-            assert!(
-                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "tensor {i} differs: {what}"
-            );
-        }
     }
 
     /// Options under which held-out perplexity first falls, then rises above
@@ -711,13 +714,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (opts, data) = (overshooting(), tokens());
         let ckpt = dir.path().join("run.ckpt");
-        let state = CheckpointState {
-            next_step: 0,
-            options: opts.clone(),
-            recipe: "w4a8-dyn".into(),
-            start: "tiny".into(),
-            best: None,
-        };
+        let state = start_state(&opts);
         let mut m = model();
         let mut quiet = Quiet { stop_at: None, seen: 0 };
         let out = train_zeroth_order(&mut m, &data, &opts, 0, Some((&ckpt, &state)), None, &mut quiet).unwrap();
@@ -759,13 +756,7 @@ mod tests {
     fn keep_best_survives_a_resume() {
         let (opts, data) = (overshooting(), tokens());
         let straight_dir = tempfile::tempdir().unwrap();
-        let state = CheckpointState {
-            next_step: 0,
-            options: opts.clone(),
-            recipe: "w4a8-dyn".into(),
-            start: "tiny".into(),
-            best: None,
-        };
+        let state = start_state(&opts);
         let straight_ckpt = straight_dir.path().join("run.ckpt");
         let mut straight = model();
         let mut quiet = Quiet { stop_at: None, seen: 0 };
@@ -820,13 +811,6 @@ mod tests {
 
     #[test]
     fn first_order_keep_best_ends_on_the_lowest_held_out_weights() {
-        let cfg = tiny_config();
-        let device = Device::flex().autodiff();
-        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
-        let make = || {
-            let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 8), &device);
-            QatModel::new(llama, spec.clone(), None).unwrap()
-        };
         let opts = QatOptions {
             spsa: SpsaConfig {
                 lr: 0.3,
@@ -836,7 +820,7 @@ mod tests {
         };
         let data = tokens();
         let mut quiet = Quiet { stop_at: None, seen: 0 };
-        let (m, out) = train_first_order(make(), &data, &opts, None, &mut quiet).unwrap();
+        let (m, out) = train_first_order(first_order_model(), &data, &opts, None, &mut quiet).unwrap();
         let best = out.best.expect("a best evaluation");
         let lowest = out.evals.iter().map(|e| e.1).fold(f64::INFINITY, f64::min);
         let last = out.evals.last().unwrap();
