@@ -291,8 +291,8 @@ fn quantize_then_eval_the_bundle_with_the_runtime() {
     ]));
     assert_eq!(v["rows"][0]["method"], "mobilequant");
     let m = oqt_core::bundle::Bundle::open(&out).unwrap().manifest;
-    assert_eq!(m.method.as_deref(), Some("mobilequant"));
-    assert!(!m.act_grids.is_empty());
+    assert_eq!(m.provenance.method.as_deref(), Some("mobilequant"));
+    assert!(!m.deployment.act_grids.is_empty());
     std::fs::remove_file(&out).unwrap();
     oqt()
         .args([
@@ -367,9 +367,9 @@ fn every_methods_static_bundle_runs_as_simulated_and_benches() {
         ]));
         assert_eq!(v["rows"][0]["method"], method);
         let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
-        assert_eq!(bundle.manifest.method.as_deref(), Some(method));
-        // Every static site has a calibrated grid; the calibration file is recorded.
-        assert_eq!(bundle.manifest.act_grids.len(), 2 + cfg.num_layers * 8);
+        assert_eq!(bundle.manifest.provenance.method.as_deref(), Some(method));
+        // Every static site has its grid (softmax's fixed one too); the calibration file is recorded.
+        assert_eq!(bundle.manifest.deployment.act_grids.len(), 2 + cfg.num_layers * 9);
         assert!(bundle.manifest.inputs.iter().any(|i| i.role == "calibration"));
         assert_runs_as_simulated(&out, &text, &format!("{recipe}/{method}"));
     }
@@ -840,8 +840,8 @@ fn zeroth_order_qat_trains_resumes_and_writes_a_runnable_bundle() {
     let v = json_of(common("6").arg("--resume").arg(dir.path().join("zo.ckpt")));
     assert_eq!(v["steps"], 6);
     let b = oqt_core::bundle::Bundle::open(&out).unwrap();
-    assert_eq!(b.manifest.method.as_deref(), Some("zeroqat"));
-    assert!(b.manifest.training.is_some() && b.manifest.inputs.iter().any(|i| i.role == "training"));
+    assert_eq!(b.manifest.provenance.method.as_deref(), Some("zeroqat"));
+    assert!(b.manifest.provenance.training.is_some() && b.manifest.inputs.iter().any(|i| i.role == "training"));
     assert_runs_as_simulated(&out, &text, "zeroqat");
 }
 
@@ -880,7 +880,7 @@ fn keep_best_writes_the_lowest_held_out_weights() {
     assert!(best_step != 5, "the test needs a best before the last step: {evals:?}");
     assert!(dir.path().join("best.best/tensors.safetensors").is_file());
     let b = oqt_core::bundle::Bundle::open(&out).unwrap();
-    let training = b.manifest.training.as_ref().expect("training provenance");
+    let training = b.manifest.provenance.training.as_ref().expect("training provenance");
     assert_eq!(training["kept"], v["kept"]);
     assert_runs_as_simulated(&out, &text, "keep-best");
 }
@@ -919,9 +919,9 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         ],
     );
     let b = oqt_core::bundle::Bundle::open(&light).unwrap();
-    assert_eq!(b.manifest.method.as_deref(), Some("zeroqat-lightweight"));
+    assert_eq!(b.manifest.provenance.method.as_deref(), Some("zeroqat-lightweight"));
     // Without --lr a lightweight run takes its own default, not full QAT's 1e-5.
-    let training = b.manifest.training.as_ref().expect("training provenance");
+    let training = b.manifest.provenance.training.as_ref().expect("training provenance");
     assert_eq!(training["options"]["spsa"]["lr"], 1e-4);
     assert!(b.site_grids().unwrap().is_some(), "static grids exported");
     assert_runs_as_simulated(&light, &text, "static");
@@ -986,7 +986,7 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         assert_ne!(qa.scales, qb.scales, "{name}: channel scales trained");
     }
     assert_ne!(
-        a.manifest.act_grids, b.manifest.act_grids,
+        a.manifest.deployment.act_grids, b.manifest.deployment.act_grids,
         "the activation ranges trained"
     );
     assert_runs_as_simulated(&from, &text, "from a bundle");
@@ -1012,7 +1012,7 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
     );
     assert_eq!(v["steps"], 3);
     let b = oqt_core::bundle::Bundle::open(&first).unwrap();
-    assert_eq!(b.manifest.method.as_deref(), Some("qat-first-order"));
+    assert_eq!(b.manifest.provenance.method.as_deref(), Some("qat-first-order"));
     assert_runs_as_simulated(&first, &text, "first-order");
     // First-order runs keep no optimizer state to resume from: a clear error.
     oqt()
@@ -1032,4 +1032,172 @@ fn static_lightweight_distilled_and_first_order_qat_write_runnable_bundles() {
         .failure()
         .stderr(contains("--grad-clip"));
     assert!(!dir.path().join("clip.oqt").exists());
+}
+
+/// Bundles written before the deployment spec (manifest version 1, checked in
+/// under `tests/data/bundle-v1`) open, and the runtime and the simulation
+/// reproduce the perplexities that version measured.
+#[test]
+fn version_1_bundles_evaluate_as_they_did() {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/bundle-v1"));
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    for (file, figures) in expected.as_object().unwrap() {
+        let bundle = dir.join(file);
+        let b = oqt_core::bundle::Bundle::open(&bundle).unwrap();
+        assert_eq!(b.manifest.format_version, 1, "{file}");
+        assert!(b.manifest.recipe_name().is_some(), "{file}: provenance kept");
+        for (engine, extra) in [("runtime", None), ("simulate", Some("--simulate"))] {
+            let mut c = oqt();
+            c.args(["eval", "--bundle"])
+                .arg(&bundle)
+                .args(["--dataset", "wikitext2", "--ctx", "64", "--max-chunks", "4", "--json"])
+                .args(extra);
+            let got = json_of(&mut c)["perplexity"].as_f64().unwrap();
+            let want = figures[engine].as_f64().unwrap();
+            assert!(
+                (got - want).abs() / want < 1e-6,
+                "{file} ({engine}): {got} vs {want} measured by the version that wrote it"
+            );
+        }
+    }
+}
+
+/// A two-step recipe (RTN, then zeroth-order QAT) on the tiny model: tiny
+/// step sizes, the real code path.
+fn two_step_recipe(dir: &std::path::Path) -> std::path::PathBuf {
+    let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/w4a8-dyn.toml")).unwrap();
+    let text = base.replace("name = \"w4a8-dyn\"", "name = \"two-step\"")
+        + "\n[[steps]]\nkind = \"quantize\"\nmethod = \"rtn\"\n\n[[steps]]\nkind = \"qat\"\nzeroth_order = true\n\
+           lightweight = true\nsteps = 6\nbatch = 1\nseq_len = 32\neval_every = 3\neval_windows = 2\ncheckpoint_every = 2\n";
+    let path = dir.join("two-step.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Every tensor of a bundle, by name: dtype, shape and bytes (the manifest,
+/// which records input paths, left out).
+fn tensors_of(path: &std::path::Path) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (format!("{:?}", v.dtype()), v.shape().to_vec(), v.data().to_vec())))
+        .collect()
+}
+
+#[test]
+fn a_two_step_recipe_equals_the_two_commands_and_resumes_between_steps() {
+    let (dir, gguf) = tiny_model(11);
+    let d = dir.path();
+    let recipe = two_step_recipe(d);
+    // By hand: quantize, then qat from its bundle.
+    oqt()
+        .args([
+            "quantize",
+            "--recipe",
+            "w4a8-dyn",
+            "--method",
+            "rtn",
+            "--no-eval",
+            "--json",
+            "-o",
+        ])
+        .arg(d.join("hand1.oqt"))
+        .arg(&gguf)
+        .assert()
+        .success();
+    oqt()
+        .args([
+            "qat",
+            "--zeroth-order",
+            "--lightweight",
+            "--recipe",
+            "w4a8-dyn",
+            "--from",
+        ])
+        .arg(d.join("hand1.oqt"))
+        .args(["--steps", "6", "--batch", "1", "--seq-len", "32", "--eval-every", "3"])
+        .args(["--eval-windows", "2", "--checkpoint-every", "2", "--json", "-o"])
+        .arg(d.join("hand2.oqt"))
+        .arg(&gguf)
+        .assert()
+        .success();
+    // One command.
+    let v = json_of(
+        oqt()
+            .arg("run")
+            .arg(&recipe)
+            .arg(&gguf)
+            .arg("-o")
+            .arg(d.join("one.oqt"))
+            .arg("--json"),
+    );
+    assert_eq!(v["report"]["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(tensors_of(&d.join("one.oqt")), tensors_of(&d.join("hand2.oqt")));
+    let b = oqt_core::bundle::Bundle::open(d.join("one.oqt")).unwrap();
+    assert_eq!(b.manifest.provenance.method.as_deref(), Some("zeroqat-lightweight"));
+    // Stopped after the first step (as a kill between steps leaves it), then resumed.
+    let out = d.join("resumed.oqt");
+    let v = json_of(
+        oqt()
+            .arg("run")
+            .arg(&recipe)
+            .arg(&gguf)
+            .arg("-o")
+            .arg(&out)
+            .args(["--stop-after", "1", "--json"]),
+    );
+    assert_eq!(v["report"]["stopped"], true);
+    assert!(!out.exists(), "no output before the last step");
+    // Without --resume an existing run is never overwritten.
+    oqt()
+        .arg("run")
+        .arg(&recipe)
+        .arg(&gguf)
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .failure()
+        .stderr(contains("resume it (--resume)"));
+    json_of(
+        oqt()
+            .arg("run")
+            .arg(&recipe)
+            .arg(&gguf)
+            .arg("-o")
+            .arg(&out)
+            .args(["--resume", "--json"]),
+    );
+    assert_eq!(tensors_of(&out), tensors_of(&d.join("hand2.oqt")));
+    assert_runs_as_simulated(
+        &out,
+        &write_text(&dir, "The quick brown fox jumps over the lazy dog. ", 40),
+        "pipeline",
+    );
+    // A resume refuses a changed step result and a different recipe.
+    let run_dir = d.join("resumed.oqt.run");
+    let step1 = run_dir.join("step-1-quantize.oqt");
+    let mut bytes = std::fs::read(&step1).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&step1, &bytes).unwrap();
+    oqt()
+        .arg("run")
+        .arg(&recipe)
+        .arg(&gguf)
+        .arg("-o")
+        .arg(&out)
+        .arg("--resume")
+        .assert()
+        .failure()
+        .stderr(contains("step-1-quantize.oqt").and(contains("sha256")));
+    oqt()
+        .args(["run", "w4a8-dyn"])
+        .arg(&gguf)
+        .arg("-o")
+        .arg(&out)
+        .arg("--resume")
+        .assert()
+        .failure()
+        .stderr(contains("state.json").and(contains("recipe")));
 }

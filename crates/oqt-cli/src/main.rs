@@ -49,6 +49,8 @@ enum Command {
     Export(cmd::export::ExportArgs),
     /// Quantization-aware training; `--zeroth-order`: forward passes only (SPSA), at inference memory.
     Qat(cmd::qat::QatArgs),
+    /// Run a recipe's pipeline (`[[steps]]`: quantize, then qat, …) from one command, resumable between steps.
+    Run(cmd::run::RunArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -85,6 +87,7 @@ fn main() -> std::process::ExitCode {
         Command::Sensitivity(a) => cmd::sensitivity::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Qat(a) => cmd::qat::run(a),
+        Command::Run(a) => cmd::run::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

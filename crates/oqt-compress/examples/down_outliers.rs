@@ -7,8 +7,8 @@
 //! each window's first position (the attention sink) and at every later one,
 //! with the position and token of the later maximum.
 use burn::tensor::Tensor;
-use oqt_compress::calibrate::calibration_windows;
-use oqt_compress::inputs::{Gather, gather_inputs, to_vec};
+use oqt_compress::stats::calibrate::calibration_windows;
+use oqt_compress::stats::inputs::{Gather, gather_inputs, to_vec};
 use oqt_model::hooks::{ForwardHooks, Proj};
 use oqt_model::llama::Llama;
 use std::cell::RefCell;
@@ -44,7 +44,7 @@ fn main() {
     }
 }
 
-fn plans(st: &[[oqt_compress::inputs::InputStats; 4]]) {
+fn plans(st: &[[oqt_compress::stats::inputs::InputStats; 4]]) {
     let mlp_channels: usize = st.iter().map(|g| g[3].abs_max.len()).sum();
     for (ratio, rank, cap) in [
         (2.0, 16, 256),
@@ -53,7 +53,7 @@ fn plans(st: &[[oqt_compress::inputs::InputStats; 4]]) {
         (1.0, 32, 512),
         (1.0, 64, 1024),
     ] {
-        let p = oqt_compress::split::plan(st, ratio, rank, cap);
+        let p = oqt_compress::ptq::split::plan(st, ratio, rank, cap);
         let widest: Vec<f32> = st
             .iter()
             .zip(&p.copies)

@@ -3,7 +3,7 @@
 //! computed once for every training batch before training starts, so the
 //! teacher is dropped before the student is built and a zeroth-order run keeps
 //! its inference-sized memory. The student's loss adds
-//! `KL(teacher_k ‖ student)` over those k tokens ([`crate::qat_model::QatModel::loss`]).
+//! `KL(teacher_k ‖ student)` over those k tokens ([`crate::qat::model::QatModel::loss`]).
 //!
 //! Top-k rather than the whole distribution: SmolLM2's vocabulary is 49,152
 //! tokens and a teacher's mass sits in a few dozen of them; k = 32 keeps
@@ -37,7 +37,7 @@ pub fn teacher_targets(teacher: &Llama, window: &[u32], k: usize) -> Result<Wind
     let logits = teacher.logits(hidden.slice([0..1, 0..s - 1, 0..d]));
     let vocab = logits.dims()[2];
     let k = k.min(vocab);
-    let values = crate::inputs::to_vec(logits);
+    let values = crate::stats::inputs::to_vec(logits);
     let mut out = WindowTargets {
         positions: s - 1,
         k,
@@ -78,7 +78,7 @@ mod tests {
         let t = teacher_targets(&teacher, &window, 4).unwrap();
         assert_eq!((t.positions, t.k, t.tokens.len()), (11, 4, 44));
         // Against the full log-softmax: same ranking, same differences.
-        let full = crate::inputs::to_vec(log_softmax(teacher.forward(teacher.tokens_tensor(&window), None), 2));
+        let full = crate::stats::inputs::to_vec(log_softmax(teacher.forward(teacher.tokens_tensor(&window), None), 2));
         let v = cfg.vocab_size;
         for p in 0..11 {
             let row = &full[p * v..(p + 1) * v];

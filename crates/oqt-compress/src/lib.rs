@@ -1,18 +1,20 @@
-//! oqt-compress: the methods that turn a float model into a compressed one.
-//! Methods never print or parse arguments; they report progress through a callback.
+//! oqt-compress: the methods that turn a float model into a compressed one,
+//! laid out by family:
+//!
+//! * [`ptq`] — post-training quantization: RTN, SmoothQuant, AWQ, GPTQ,
+//!   MobileQuant, outlier channel splitting, one entry point ([`ptq::quantize`]);
+//! * [`qat`] — quantization-aware training: the fake-quantized trainable model,
+//!   zeroth-order (SPSA) and first-order training, checkpoints, training data,
+//!   and one run from start to bundle ([`qat::job`]);
+//! * [`stats`] — calibration statistics shared by the methods (activation
+//!   ranges, input statistics and Hessians, sensitivity);
+//! * [`distill`] — the float teacher's targets.
+//!
+//! Methods never print or parse arguments; they report progress through a
+//! callback. The pipeline that chains them (`oqt-pipeline`) registers each
+//! family's entry point as a recipe step kind.
 
-pub mod awq;
-pub mod calibrate;
 pub mod distill;
-pub mod gptq;
-pub mod inputs;
-pub mod mobilequant;
 pub mod ptq;
 pub mod qat;
-pub mod qat_data;
-pub mod qat_model;
-pub mod rtn;
-pub mod sensitivity;
-pub mod smoothing;
-pub mod split;
-pub mod zeroqat;
+pub mod stats;

@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod chat;
 pub mod config;
 pub mod datasets;
+pub mod encoding;
 pub mod error;
 pub mod fs;
 pub mod generation;

@@ -11,8 +11,9 @@ use std::path::Path;
 fn write_bundle(m: &LoadedModel, recipe: &str, path: &Path) {
     let recipe = load_recipe(recipe).unwrap();
     let mut manifest = Manifest::for_model(m, "oqt tests").unwrap();
-    manifest.recipe = Some(recipe.clone());
-    manifest.method = Some("rtn".into());
+    // Provenance only: without calibrated grids the deployment keeps float activations.
+    manifest.provenance.recipe = Some(serde_json::to_value(&recipe).unwrap());
+    manifest.provenance.method = Some("rtn".into());
     let mut w = BundleWriter::new(manifest);
     for name in m.weights.names() {
         let t = m.weights.get(name).unwrap();
@@ -41,10 +42,10 @@ fn smollm2_w4a8_bundle_round_trips_and_is_under_a_third_of_f16() {
 
     let b = Bundle::open(&out).unwrap();
     assert_eq!(b.manifest.config, m.config);
-    assert_eq!(b.manifest.recipe.as_ref().unwrap().name, "w4a8");
+    assert_eq!(b.manifest.recipe_name(), Some("w4a8"));
     let name = "model.layers.7.mlp.down_proj.weight";
     let t = m.weights.get(name).unwrap();
-    let spec = b.manifest.recipe.as_ref().unwrap().spec.weights_for(name);
+    let spec = load_recipe("w4a8").unwrap().spec.weights_for(name);
     assert_eq!(
         b.quantized(name).unwrap(),
         quantize_weight(&t.data, t.shape[0], t.shape[1], &spec, 1.0)
@@ -132,8 +133,8 @@ fn newer_format_version_says_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let p = tiny_bundle(dir.path());
     let bytes = std::fs::read(&p).unwrap();
-    // Same-length edit inside the JSON header: version 1 → 9.
-    let needle = b"\\\"format_version\\\":1";
+    // Same-length edit inside the JSON header: version 2 → 9.
+    let needle = b"\\\"format_version\\\":2";
     let at = bytes
         .windows(needle.len())
         .position(|w| w == needle)
@@ -166,4 +167,62 @@ fn plain_safetensors_is_not_a_bundle_and_failed_writes_leave_nothing() {
     let w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
     assert!(w.write(&missing_dir).is_err());
     assert!(!missing_dir.exists());
+}
+
+/// Rewrite the manifest of the bundle at `p` through `edit` (the tensor data kept).
+fn rewrite_manifest(p: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let meta = &mut header["__metadata__"]["oqt.manifest"];
+    let mut manifest: serde_json::Value = serde_json::from_str(meta.as_str().unwrap()).unwrap();
+    edit(&mut manifest);
+    *meta = serde_json::Value::String(manifest.to_string());
+    let h = header.to_string().into_bytes();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(p, out).unwrap();
+}
+
+#[test]
+fn hostile_deployment_specs_are_refused_with_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_bundle(dir.path());
+    let original = std::fs::read(&p).unwrap();
+    // An encoding this oqt does not know.
+    rewrite_manifest(&p, |m| {
+        m["deployment"]["tensors"]["model.norm.weight"]["kind"] = "lut".into();
+    });
+    let msg = Bundle::open(&p).unwrap_err().to_string();
+    assert!(
+        msg.contains("tiny.oqt") && msg.contains("lut") && msg.contains("int4"),
+        "{msg}"
+    );
+    // An integer encoding whose stored values are too short for its shape.
+    std::fs::write(&p, &original).unwrap();
+    rewrite_manifest(&p, |m| {
+        m["deployment"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["cols"] = 4096.into();
+    });
+    let b = Bundle::open(&p).unwrap();
+    let msg = b
+        .quantized("model.layers.0.mlp.up_proj.weight")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("up_proj.weight.qweight") && msg.contains("bytes"), "{msg}");
+    // A static deployment with a broken grid.
+    std::fs::write(&p, &original).unwrap();
+    rewrite_manifest(&p, |m| {
+        m["deployment"]["activations"] = "static".into();
+        m["deployment"]["act_grids"] = serde_json::json!({ "embed": { "scale": 0.0, "zero_point": 0, "bits": 8 } });
+    });
+    let msg = Bundle::open(&p).unwrap().site_grids().unwrap_err().to_string();
+    assert!(msg.contains("deployment.act_grids"), "{msg}");
+    // A tensor the deployment names but the file lacks.
+    std::fs::write(&p, &original).unwrap();
+    rewrite_manifest(&p, |m| {
+        m["deployment"]["tensors"]["extra.weight"] = serde_json::json!({ "kind": "f32", "shape": [2] });
+    });
+    let msg = Bundle::open(&p).unwrap_err().to_string();
+    assert!(msg.contains("missing tensor `extra.weight`"), "{msg}");
 }

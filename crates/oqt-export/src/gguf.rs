@@ -127,12 +127,7 @@ fn file_type(ty: GgmlType) -> u32 {
 
 /// The type whose grid a bundle weight may already be on.
 fn natural_type(q: &QuantizedWeight) -> Option<GgmlType> {
-    match (q.spec.bits, q.spec.symmetric) {
-        (8, true) => Some(GgmlType::Q8_0),
-        (4, true) => Some(GgmlType::Q4_0),
-        (4, false) => Some(GgmlType::Q4_1),
-        _ => None,
-    }
+    oqt_core::encoding::natural_gguf_type(&q.spec)
 }
 
 fn unsupported(path: &Path, what: &'static str, detail: String) -> CoreError {
@@ -330,11 +325,10 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
     writer.write(out)?;
 
     let mut notes = Vec::new();
-    let acts = src.recipe.as_ref().map(|r| r.spec.activations.mode);
-    match acts {
+    match src.activations {
         Some(ActMode::LlamaCppQ8_0) | None => {}
         Some(mode) => notes.push(format!(
-            "the bundle's recipe quantizes activations as `{}`; llama.cpp quantizes the input of \
+            "the bundle quantizes activations as `{}`; llama.cpp quantizes the input of \
              every quantized matmul to Q8_0 blocks instead, so its results differ slightly from \
              oqt's simulation (a gguf-* recipe simulates exactly what llama.cpp does)",
             serde_json::to_value(mode)

@@ -6,7 +6,7 @@
 pub mod gguf;
 pub mod hf;
 
-use oqt_core::bundle::{Bundle, TensorEntry};
+use oqt_core::bundle::Bundle;
 use oqt_core::quant::{QuantizedWeight, dequantize_weight};
 use oqt_core::{LlamaConfig, LoadedModel, Result, TensorF32, Tokenizer};
 use std::collections::BTreeMap;
@@ -44,20 +44,18 @@ pub struct ExportSource {
     pub tokenizer: Tokenizer,
     /// Canonical names.
     pub tensors: BTreeMap<String, SourceTensor>,
-    /// The bundle's recipe spec, when there is one.
-    pub recipe: Option<oqt_core::quant::Recipe>,
+    /// How the bundle's deployment quantizes activations (`None` for a float model).
+    pub activations: Option<oqt_core::quant::ActMode>,
 }
 
 impl ExportSource {
     pub fn from_bundle(bundle: &Bundle) -> Result<Self> {
         let m = &bundle.manifest;
         let mut tensors = BTreeMap::new();
-        for (name, entry) in &m.tensors {
-            let t = match entry {
-                TensorEntry::F32 { shape } => {
-                    SourceTensor::Float(TensorF32::new(shape.clone(), bundle.f32_tensor(name)?))
-                }
-                TensorEntry::Quantized { .. } => SourceTensor::Quantized(bundle.quantized(name)?),
+        for (name, encoding) in &m.deployment.tensors {
+            let t = match encoding.int_grid() {
+                None => SourceTensor::Float(TensorF32::new(encoding.shape(), bundle.f32_tensor(name)?)),
+                Some(_) => SourceTensor::Quantized(bundle.quantized(name)?),
             };
             tensors.insert(name.clone(), t);
         }
@@ -67,7 +65,7 @@ impl ExportSource {
             config: m.config.clone(),
             tokenizer: bundle.tokenizer()?,
             tensors,
-            recipe: m.recipe.clone(),
+            activations: Some(m.deployment.activations),
         })
     }
 
@@ -87,7 +85,7 @@ impl ExportSource {
             config: model.config,
             tokenizer: model.tokenizer,
             tensors,
-            recipe: None,
+            activations: None,
         }
     }
 }

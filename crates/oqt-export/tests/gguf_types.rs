@@ -77,7 +77,7 @@ fn f32_export_reloads_to_the_same_model_and_llama3_scaling_becomes_rope_freqs() 
             .names()
             .map(|n| (n.clone(), oqt_export::SourceTensor::Float(w.get(n).unwrap().clone())))
             .collect(),
-        recipe: None,
+        activations: None,
     };
     let out = dir.path().join("f32.gguf");
     let opts = GgufOptions {

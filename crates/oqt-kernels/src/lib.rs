@@ -21,6 +21,7 @@
 
 pub mod act_quant;
 pub mod dot;
+pub mod f32_tiles;
 pub mod gemm;
 pub mod pack;
 pub mod requant;

@@ -23,9 +23,9 @@ use crate::hooks::{ForwardHooks, Proj};
 use crate::import::{llama_from_weights, transposed};
 use crate::llama::Llama;
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-use oqt_core::bundle::{Bundle, TensorEntry};
-use oqt_core::quant::pack::{kernel_group, padded_len};
-use oqt_core::quant::sites::int8_input;
+use oqt_core::bundle::Bundle;
+use oqt_core::encoding::{ActInput, KernelChoice, TensorEncoding, choose_kernel};
+use oqt_core::quant::pack::padded_len;
 use oqt_core::quant::{ActGrid, ActMode, ActSite, QuantizedWeight, SiteGrids, dequantize_weight};
 use oqt_core::weights::names;
 use oqt_core::{CoreError, Result};
@@ -215,8 +215,8 @@ impl QuantSim {
     pub fn from_bundle(bundle: &Bundle, device: &Device) -> Result<(Llama, Self)> {
         let m = &bundle.manifest;
         let cfg = &m.config;
-        let mode = m.recipe.as_ref().map_or(ActMode::None, |r| r.spec.activations.mode);
-        if m.recipe.as_ref().is_some_and(|r| r.spec.kv_cache.is_some()) {
+        let mode = m.deployment.activations;
+        if m.deployment.kv_cache.is_some() {
             return Err(CoreError::Unsupported {
                 path: bundle.path.clone(),
                 what: "quantization",
@@ -225,7 +225,7 @@ impl QuantSim {
         }
         let grids = bundle.site_grids()?;
         let bias = |name: &str| -> Result<Option<Tensor<1>>> {
-            if !cfg.attention_bias || !m.tensors.contains_key(name) {
+            if !cfg.attention_bias || !m.deployment.tensors.contains_key(name) {
                 return Ok(None);
             }
             let b = bundle.f32_tensor(name)?;
@@ -233,9 +233,10 @@ impl QuantSim {
             Ok(Some(Tensor::from_data(TensorData::new(b, [n]), device)))
         };
         let linear = |name: &str, bias: Option<Tensor<1>>, input: Option<ActGrid>| -> Result<SimLinear> {
-            let weights = match m.tensors.get(name) {
-                Some(TensorEntry::Quantized { .. }) => sim_weights(&bundle.quantized(name)?, mode, input, device),
-                Some(TensorEntry::F32 { shape }) => {
+            let weights = match m.deployment.tensors.get(name) {
+                Some(e) if e.int_grid().is_some() => sim_weights(&bundle.quantized(name)?, mode, input, device),
+                Some(e) => {
+                    let shape = e.shape();
                     SimWeights::Float(transposed(&bundle.f32_tensor(name)?, shape[0], shape[1], device))
                 }
                 None => {
@@ -282,17 +283,17 @@ impl QuantSim {
     }
 }
 
-/// The kernels run symmetric weights with 32-aligned groups under 8-bit
-/// activations (static or dynamic); the simulation then follows their arithmetic.
+/// The simulation of one quantized linear: the kernels' integer contract
+/// where the encoding table ([`choose_kernel`]) gives the runtime an integer
+/// kernel — 16-bit static inputs included (a float GEMM would differ from the
+/// runtime's in the last bits, and the next 8-bit grid turns those into
+/// different roundings) — and dequantized weights in f32 otherwise.
 fn sim_weights(qw: &QuantizedWeight, mode: ActMode, input: Option<ActGrid>, device: &Device) -> SimWeights {
-    // Q8_0 block activations pair with weights in blocks of 32 only (as in the runtime).
-    let pairs = |g: &usize| mode != ActMode::LlamaCppQ8_0 || *g == 32;
-    // 16-bit static inputs also take the integer contract (the runtime's
-    // Int16Input kernel): a float GEMM would differ from the runtime's in the
-    // last bits, and the next 8-bit grid turns those into different roundings.
-    let wide_input = mode == ActMode::Static && input.is_some_and(|g| g.bits == 16);
-    let Some(group) = kernel_group(qw).filter(|g| (int8_input(mode, input) || wide_input) && pairs(g)) else {
-        return SimWeights::Dequantized(transposed(&dequantize_weight(qw), qw.rows, qw.cols, device));
+    let group = match choose_kernel(&TensorEncoding::of_quantized(qw), ActInput::resolve(mode, input)) {
+        KernelChoice::Int8Input { group, .. } | KernelChoice::Int16Input { group } => group,
+        KernelChoice::Dequantized | KernelChoice::Float => {
+            return SimWeights::Dequantized(transposed(&dequantize_weight(qw), qw.rows, qw.cols, device));
+        }
     };
     let k_pad = padded_len(qw.cols);
     let groups = k_pad / group;

@@ -1,8 +1,7 @@
 //! A linear layer as the runtime stores it, and how its input is quantized.
 
-use oqt_core::quant::pack::kernel_group;
-use oqt_core::quant::sites::int8_input;
-use oqt_core::quant::{ActGrid, ActMode, QuantizedWeight, dequantize_weight};
+use oqt_core::encoding::{ActInput, KernelChoice, TensorEncoding, choose_kernel};
+use oqt_core::quant::{ActGrid, QuantizedWeight, dequantize_weight};
 use oqt_kernels::{
     Isa, PackedInt4, PackedInt8, by_weight_rows, dot_wide, matmul_int4, matmul_int8, quantize_row, quantize_rows,
     quantize_rows_q8_0, quantize_rows_static,
@@ -67,17 +66,9 @@ impl WideWeights {
     }
 }
 
-/// What happens to a linear layer's input before the multiply.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum InputQuant {
-    Float,
-    /// Per row, from the row's range (CPU style).
-    Dynamic,
-    /// One calibrated grid for the whole tensor (NPU style).
-    Static(ActGrid),
-    /// llama.cpp's Q8_0 blocks of 32 along each row (its CPU dot products).
-    Q8Blocks,
-}
+/// What happens to a linear layer's input before the multiply: its input
+/// site's quantizer as the deployment spec resolves it.
+pub type InputQuant = ActInput;
 
 pub struct Linear {
     pub kernel: Kernel,
@@ -101,42 +92,30 @@ impl Linear {
         }
     }
 
-    /// From a bundle's quantized weight. Its input is quantized as the recipe
-    /// says (`static_grid` for static recipes). Integer kernels run symmetric
-    /// weights with 32-aligned groups under quantized activations; anything else
-    /// (weight-only recipes, asymmetric grids) multiplies dequantized weights in f32.
-    pub fn from_quantized(qw: &QuantizedWeight, acts: ActMode, static_grid: Option<ActGrid>) -> Self {
-        let input = match (acts, static_grid) {
-            (ActMode::Static, Some(g)) => InputQuant::Static(g),
-            (ActMode::Dynamic, _) => InputQuant::Dynamic,
-            (ActMode::LlamaCppQ8_0, _) => InputQuant::Q8Blocks,
-            _ => InputQuant::Float,
-        };
-        let integer = int8_input(acts, static_grid)
-            && match input {
-                // Block activation scales pair with block weight scales.
-                InputQuant::Q8Blocks => kernel_group(qw) == Some(oqt_kernels::BLOCK),
-                _ => kernel_group(qw).is_some(),
-            };
+    /// From a bundle's quantized weight whose input is quantized as `input`
+    /// says; the encoding table ([`choose_kernel`]) picks the kernel, as it does
+    /// for the simulation.
+    pub fn from_quantized(qw: &QuantizedWeight, input: InputQuant) -> Self {
         let group = (qw.group != qw.cols).then_some(qw.group);
-        if let (InputQuant::Static(g), Some(kg)) = (input, kernel_group(qw))
-            && g.bits == 16
-        {
-            let k_pad = oqt_core::quant::pack::padded_len(qw.cols);
-            let kernel = Kernel::Int16Input(WideWeights {
-                q: qw.q.clone(),
-                rows: qw.rows,
-                cols: qw.cols,
-                group: kg,
-                groups: k_pad / kg,
-                scales: qw.scales.clone(),
-            });
-            return Self { kernel, input };
-        }
-        let kernel = match (integer, qw.spec.bits) {
-            (true, b) if b <= 4 => Kernel::Int4(PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
-            (true, 8) => Kernel::Int8(PackedInt8::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone())),
-            _ => Kernel::F32 {
+        let kernel = match choose_kernel(&TensorEncoding::of_quantized(qw), input) {
+            KernelChoice::Int16Input { group: kg } => {
+                let k_pad = oqt_core::quant::pack::padded_len(qw.cols);
+                Kernel::Int16Input(WideWeights {
+                    q: qw.q.clone(),
+                    rows: qw.rows,
+                    cols: qw.cols,
+                    group: kg,
+                    groups: k_pad / kg,
+                    scales: qw.scales.clone(),
+                })
+            }
+            KernelChoice::Int8Input { weight_bits: 4, .. } => {
+                Kernel::Int4(PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone()))
+            }
+            KernelChoice::Int8Input { .. } => {
+                Kernel::Int8(PackedInt8::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone()))
+            }
+            KernelChoice::Dequantized | KernelChoice::Float => Kernel::F32 {
                 w: dequantize_weight(qw),
                 out: qw.rows,
                 inp: qw.cols,

@@ -1,8 +1,8 @@
 //! The Llama-family forward pass over a bundle (or a GGUF file's Q4_0/Q8_0 blocks).
 
-use crate::linear::Linear;
+use crate::linear::{InputQuant, Linear};
 use crate::reference::{dot_f64, rms_norm, silu_mul, softmax};
-use oqt_core::bundle::{Bundle, TensorEntry};
+use oqt_core::bundle::Bundle;
 use oqt_core::gguf::GgufFile;
 use oqt_core::gguf::encode::decode_quantized;
 use oqt_core::quant::{ActMode, ActSite, QuantizedWeight, SiteGrids, dequantize_weight};
@@ -92,7 +92,7 @@ struct Parts<'a> {
 impl RuntimeModel {
     pub fn load(bundle: &Bundle) -> Result<Self> {
         let m = &bundle.manifest;
-        if m.recipe.as_ref().is_some_and(|r| r.spec.kv_cache.is_some()) {
+        if m.deployment.kv_cache.is_some() {
             return Err(CoreError::Unsupported {
                 path: bundle.path.clone(),
                 what: "quantization",
@@ -102,14 +102,12 @@ impl RuntimeModel {
         Self::build(Parts {
             config: m.config.clone(),
             tokenizer: bundle.tokenizer()?,
-            acts: m.recipe.as_ref().map_or(ActMode::None, |r| r.spec.activations.mode),
+            acts: m.deployment.activations,
             grids: bundle.site_grids()?,
             tensor: Box::new(|name| {
-                Ok(match m.tensors.get(name) {
-                    Some(TensorEntry::Quantized { .. }) => Some(SourceWeight::Quantized(bundle.quantized(name)?)),
-                    Some(TensorEntry::F32 { shape }) => {
-                        Some(SourceWeight::F32(bundle.f32_tensor(name)?, shape.clone()))
-                    }
+                Ok(match m.deployment.tensors.get(name) {
+                    Some(e) if e.int_grid().is_some() => Some(SourceWeight::Quantized(bundle.quantized(name)?)),
+                    Some(e) => Some(SourceWeight::F32(bundle.f32_tensor(name)?, e.shape())),
                     None => None,
                 })
             }),
@@ -181,7 +179,10 @@ impl RuntimeModel {
             match tensor(name)? {
                 Some(SourceWeight::Quantized(qw)) => {
                     weight_bytes += qw.q.len() * qw.spec.bits as usize / 8 + qw.scales.len() * 4;
-                    Ok(Linear::from_quantized(&qw, acts, grid(layer, input)))
+                    Ok(Linear::from_quantized(
+                        &qw,
+                        InputQuant::resolve(acts, grid(layer, input)),
+                    ))
                 }
                 Some(SourceWeight::F32(w, shape)) => {
                     weight_bytes += w.len() * 4;

@@ -18,10 +18,10 @@ fn rtn_bundle(m: &LoadedModel, recipe: &Recipe, path: &Path) -> Bundle {
     let calibrated = (recipe.spec.activations.mode == ActMode::Static).then(|| {
         let mut cal = recipe.calibration.clone();
         cal.samples = 4;
-        oqt_compress::calibrate::calibrate_model(m, &recipe.spec, &cal, |_, _| {}).unwrap()
+        oqt_compress::stats::calibrate::calibrate_model(m, &recipe.spec, &cal, |_, _| {}).unwrap()
     });
-    let opts = oqt_compress::rtn::RtnOptions { clip_search: false };
-    oqt_compress::rtn::quantize_rtn(m, recipe, opts, calibrated, "oqt tests", |_, _| {})
+    let opts = oqt_compress::ptq::rtn::RtnOptions { clip_search: false };
+    oqt_compress::ptq::rtn::quantize_rtn(m, recipe, opts, calibrated, "oqt tests", |_, _| {})
         .unwrap()
         .write(path)
         .unwrap();

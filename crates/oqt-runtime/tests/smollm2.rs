@@ -16,8 +16,9 @@ fn model() -> LoadedModel {
 fn bundle(m: &LoadedModel, recipe: Option<&str>, path: &Path) -> Bundle {
     let writer = match recipe {
         Some(r) => {
-            let opts = oqt_compress::rtn::RtnOptions { clip_search: false };
-            oqt_compress::rtn::quantize_rtn(m, &load_recipe(r).unwrap(), opts, None, "oqt tests", |_, _| {}).unwrap()
+            let opts = oqt_compress::ptq::rtn::RtnOptions { clip_search: false };
+            oqt_compress::ptq::rtn::quantize_rtn(m, &load_recipe(r).unwrap(), opts, None, "oqt tests", |_, _| {})
+                .unwrap()
         }
         None => {
             let mut w = BundleWriter::new(Manifest::for_model(m, "oqt tests").unwrap());
@@ -101,7 +102,15 @@ fn static_bundle_without_grids_is_refused_clearly() {
     let m = model();
     let dir = tempfile::tempdir().unwrap();
     let mut manifest = Manifest::for_model(&m, "oqt tests").unwrap();
-    manifest.recipe = Some(load_recipe("w8a8").unwrap());
+    // `set_recipe` refuses a static recipe without grids; write the deployment by hand.
+    assert!(
+        manifest
+            .set_recipe(&load_recipe("w8a8").unwrap(), &Default::default())
+            .unwrap_err()
+            .to_string()
+            .contains("no grid for site")
+    );
+    manifest.deployment.activations = oqt_core::quant::ActMode::Static;
     let mut w = BundleWriter::new(manifest);
     for name in m.weights.names() {
         let t = m.weights.get(name).unwrap();

@@ -18,23 +18,12 @@ pub struct InspectArgs {
 }
 
 fn inspect_bundle(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    use oqt_core::bundle::{Bundle, TensorEntry};
+    use oqt_core::bundle::Bundle;
     let b = Bundle::open(path)?;
     let m = &b.manifest;
     let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
-    for e in m.tensors.values() {
-        let k = match e {
-            TensorEntry::F32 { .. } => "f32".to_string(),
-            TensorEntry::Quantized { spec, group, cols, .. } => {
-                let g = if group == cols {
-                    "per-channel".to_string()
-                } else {
-                    format!("g{group}")
-                };
-                format!("int{} {} {}", spec.bits, g, if spec.symmetric { "sym" } else { "asym" })
-            }
-        };
-        *kinds.entry(k).or_default() += 1;
+    for e in m.deployment.tensors.values() {
+        *kinds.entry(e.describe()).or_default() += 1;
     }
     if json {
         return print_json(&serde_json::json!({
@@ -43,8 +32,9 @@ fn inspect_bundle(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
             "format_version": m.format_version,
             "created_by": m.created_by,
             "model_name": m.model_name,
-            "method": m.method,
-            "recipe": m.recipe,
+            "method": m.provenance.method,
+            "recipe": m.provenance.recipe,
+            "activations": m.deployment.activations,
             "config": m.config,
             "tensor_kinds": kinds,
             "data_bytes": b.data_bytes(),
@@ -61,8 +51,12 @@ fn inspect_bundle(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
     println!(
         "model {}, method {}, recipe {}",
         m.model_name,
-        m.method.as_deref().unwrap_or("-"),
-        m.recipe.as_ref().map_or("-", |r| r.name.as_str())
+        m.provenance.method.as_deref().unwrap_or("-"),
+        m.recipe_name().unwrap_or("-")
+    );
+    println!(
+        "activations {}",
+        serde_json::to_value(m.deployment.activations)?.as_str().unwrap_or("-")
     );
     println!("MLP {}", mlp_widths(&m.config));
     for (k, n) in &kinds {

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod inspect;
 pub mod qat;
 pub mod quantize;
+pub mod run;
 pub mod sensitivity;
 
 use anyhow::Context;
@@ -53,14 +54,6 @@ pub fn load(spec: &str) -> anyhow::Result<LoadedModel> {
     let loaded = oqt_core::load_model(&resolved.path).with_context(|| format!("loading model `{spec}`"))?;
     pb.finish_and_clear();
     Ok(loaded)
-}
-
-/// Resolve (fetch if needed) a model and read its config, tokenizer and
-/// tensor storage types, not its weights.
-pub fn load_meta(spec: &str) -> anyhow::Result<(LoadedModel, std::collections::BTreeMap<String, String>)> {
-    let resolved = oqt_hub::resolve_model(spec).with_context(|| format!("resolving model `{spec}`"))?;
-    tracing::info!(path = %resolved.path.display(), origin = %resolved.origin, "model resolved");
-    oqt_core::load::load_model_meta(&resolved.path).with_context(|| format!("loading model `{spec}`"))
 }
 
 /// Load a model and build it on the chosen device.

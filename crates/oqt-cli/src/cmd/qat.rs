@@ -1,17 +1,13 @@
 //! `oqt qat --zeroth-order`: fine-tune a quantized model with forward passes
 //! only (SPSA), then write the result as a bundle the runtime runs.
 
-use super::load;
 use crate::output::print_json;
 use anyhow::{Context, bail};
 use clap::Args;
-use oqt_compress::qat::{
-    CheckpointState, QatObserver, QatOptions, TrainTokens, default_checkpoint_dir, precompute_teacher,
-    read_checkpoint_state, restore_checkpoint, train_first_order, train_zeroth_order,
-};
-use oqt_compress::qat_model::{FreezeLinears, QatModel, Trainable};
-use oqt_compress::zeroqat::{LrSchedule, SpsaConfig, SpsaStep};
-use oqt_core::bundle::{Bundle, InputRecord};
+use oqt_compress::qat::QatObserver;
+use oqt_compress::qat::job::{self as qat_job, QatJob};
+use oqt_compress::qat::zeroqat::SpsaStep;
+use oqt_core::quant::QatStep;
 use oqt_core::tensorboard::TbWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,7 +57,7 @@ pub struct QatArgs {
     pub steps: u64,
     /// Train only the quantizer-facing parameters — RMSNorm gains, each
     /// decoder linear's output-channel scales and static activation ranges —
-    /// with the decoder weights' integers frozen (see `oqt_compress::qat_model`).
+    /// with the decoder weights' integers frozen (see `oqt_compress::qat::model`).
     #[arg(long)]
     pub lightweight: bool,
     /// Learning rate. Default: 1e-4 with --lightweight (a few hundred
@@ -140,19 +136,54 @@ pub struct QatArgs {
     pub json: bool,
 }
 
-struct Reporter {
-    pb: indicatif::ProgressBar,
+/// Progress bars, logs, TensorBoard scalars and Ctrl-C for a QAT run (also
+/// the pipeline's `qat` step).
+pub struct Reporter {
+    pb: Option<indicatif::ProgressBar>,
     /// First-order steps have no projected gradient to log.
     zeroth_order: bool,
     tb: Option<TbWriter>,
     stop: Arc<AtomicBool>,
 }
 
+impl Reporter {
+    /// A reporter that stops the run at the next step on Ctrl-C.
+    pub fn new(zeroth_order: bool, tensorboard: Option<&Path>) -> anyhow::Result<Self> {
+        // One handler per process, shared by every run in it (a pipeline's steps).
+        static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+        let stop = STOP
+            .get_or_init(|| {
+                let stop = Arc::new(AtomicBool::new(false));
+                let flag = stop.clone();
+                if let Err(e) = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)) {
+                    tracing::warn!("Ctrl-C will not checkpoint: {e}");
+                }
+                stop
+            })
+            .clone();
+        Ok(Self {
+            pb: None,
+            zeroth_order,
+            tb: tensorboard.map(TbWriter::create).transpose()?,
+            stop,
+        })
+    }
+
+    fn println(&self, line: String) {
+        match &self.pb {
+            Some(pb) if !pb.is_hidden() => pb.println(line),
+            _ => eprintln!("{line}"),
+        }
+    }
+}
+
 impl QatObserver for Reporter {
     fn on_step(&mut self, s: &SpsaStep, tokens_per_s: f64) {
         let loss = (s.loss_plus + s.loss_minus) / 2.0;
-        self.pb.set_position(s.step + 1);
-        self.pb.set_message(format!("loss {loss:.4}, {tokens_per_s:.0} tok/s"));
+        if let Some(pb) = &self.pb {
+            pb.set_position(s.step + 1);
+            pb.set_message(format!("loss {loss:.4}, {tokens_per_s:.0} tok/s"));
+        }
         tracing::info!(
             step = s.step,
             loss,
@@ -171,12 +202,7 @@ impl QatObserver for Reporter {
         }
     }
     fn on_eval(&mut self, step: u64, ppl: f64) {
-        let line = format!("step {step}: held-out perplexity {ppl:.4}");
-        if self.pb.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            self.pb.println(line);
-        }
+        self.println(format!("step {step}: held-out perplexity {ppl:.4}"));
         if let Some(tb) = &mut self.tb {
             let _ = tb.scalar("eval/held_out_perplexity", step, ppl as f32);
         }
@@ -187,324 +213,91 @@ impl QatObserver for Reporter {
     fn interrupted(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
+    fn phase(&mut self, name: &str, total: u64) {
+        if let Some(pb) = self.pb.take() {
+            pb.finish_and_clear();
+        }
+        if !name.is_empty() {
+            self.pb = Some(crate::output::bar(total, name));
+        }
+    }
+    fn advance(&mut self, done: u64) {
+        if let Some(pb) = &self.pb {
+            pb.set_position(done);
+        }
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        if let Some(pb) = self.pb.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+impl QatArgs {
+    /// The options as a recipe's `qat` step holds them (one schema, one validation).
+    pub fn step(&self) -> QatStep {
+        QatStep {
+            zeroth_order: self.zeroth_order,
+            dataset: self.dataset.clone(),
+            prompt_template: self.prompt_template.clone(),
+            held_out: self.held_out,
+            steps: self.steps,
+            lightweight: self.lightweight,
+            lr: self.lr,
+            distill: self.distill,
+            distill_top_k: self.distill_top_k,
+            eps: self.eps,
+            n_spsa: self.n_spsa,
+            grad_clip: self.grad_clip,
+            weight_decay: self.weight_decay,
+            schedule: self.schedule.clone(),
+            batch: self.batch,
+            seq_len: self.seq_len,
+            seed: self.seed,
+            eval_every: self.eval_every,
+            eval_windows: self.eval_windows,
+            checkpoint_every: self.checkpoint_every,
+            keep_best: self.keep_best,
+        }
+    }
 }
 
 pub fn run(a: QatArgs) -> anyhow::Result<()> {
-    if !a.zeroth_order && a.resume.is_some() {
-        bail!(
-            "--resume: first-order runs do not checkpoint (their AdamW moments are not saved); only --zeroth-order runs resume"
-        );
-    }
-    if let Some(c) = a.grad_clip
-        && !(c > 0.0 && c.is_finite())
-    {
-        bail!("--grad-clip must be a positive number, found {c}");
+    let step = a.step();
+    if let Some(p) = step.problems(|f| format!("--{}", f.replace('_', "-"))).first() {
+        bail!("{p}");
     }
     let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
-    let schedule = match a.schedule.as_str() {
-        "constant" => LrSchedule::Constant,
-        "linear" => LrSchedule::Linear,
-        "cosine" => LrSchedule::Cosine,
-        other => bail!("--schedule: expected constant, linear or cosine, found `{other}`"),
+    let resolved = oqt_hub::resolve_model(&a.model).with_context(|| format!("resolving model `{}`", a.model))?;
+    let created_by = concat!("oqt ", env!("CARGO_PKG_VERSION"));
+    let job = QatJob {
+        recipe: &recipe,
+        options: &step,
+        model_path: &resolved.path,
+        model_label: &a.model,
+        from: a.from.as_deref(),
+        output: &a.output,
+        checkpoint_dir: a.checkpoint_dir.clone(),
+        resume: a.resume.as_deref(),
+        created_by,
     };
-    let mut options = QatOptions {
-        spsa: SpsaConfig {
-            eps: a.eps,
-            lr: a.lr.unwrap_or(if a.lightweight { 1e-4 } else { 1e-5 }),
-            schedule,
-            weight_decay: a.weight_decay,
-            n_spsa: a.n_spsa,
-            grad_clip: a.grad_clip.unwrap_or(0.2 / a.eps),
-            seed: a.seed,
-        },
-        steps: a.steps,
-        batch: a.batch,
-        seq_len: a.seq_len,
-        eval_every: a.eval_every,
-        eval_windows: a.eval_windows,
-        checkpoint_every: a.checkpoint_every,
-        trainable: if a.lightweight {
-            Trainable::Lightweight
-        } else {
-            Trainable::Full
-        },
-        distill_weight: a.distill,
-        distill_top_k: a.distill_top_k,
-        keep_best: a.keep_best,
-    };
-    if !(0.0..=1.0).contains(&a.distill) {
-        bail!("--distill: expected a weight in [0, 1], found {}", a.distill);
-    }
-    let start = a.from.as_ref().map_or(a.model.clone(), |b| b.display().to_string());
-    let mut start_step = 0;
-    let mut best = None;
-    if let Some(r) = &a.resume {
-        let saved = read_checkpoint_state(r).with_context(|| format!("reading checkpoint {}", r.display()))?;
-        if saved.recipe != recipe.name || saved.start != start {
-            bail!(
-                "{}: checkpoint of recipe `{}` from `{}`, not `{}` from `{start}`",
-                r.display(),
-                saved.recipe,
-                saved.start,
-                recipe.name
-            );
-        }
-        // The saved options win: a resume continues the same run. Keeping
-        // the best does not change its path, so a resume may turn it on (the
-        // best is then taken over the evaluations from here on).
-        start_step = saved.next_step;
-        best = saved.best;
-        options = QatOptions {
-            steps: a.steps.max(saved.options.steps),
-            keep_best: saved.options.keep_best || a.keep_best,
-            ..saved.options
-        };
-    }
-
-    // The float weights are read only when something needs them: the start
-    // (no --from), a calibration (static recipe, no --from) or the teacher.
-    let float_needed = a.from.is_none() || options.distill_weight > 0.0;
-    let (mut model, source_types) = if float_needed {
-        let model = load(&a.model)?;
-        // Names and storage types only: the weights themselves move into the Burn model.
-        let types = model.weights.source_types();
-        (model, types)
-    } else {
-        super::load_meta(&a.model)?
-    };
-    let static_grids = recipe.spec.activations.mode == oqt_core::quant::ActMode::Static;
-    let data = oqt_core::datasets::resolve(&a.dataset)?;
-    if data.is_eval_set() {
-        bail!("--dataset {}: an evaluation set cannot be trained on", data.name);
-    }
-    let tokens = if oqt_compress::qat_data::is_jsonl(&data.path) {
-        oqt_compress::qat_data::jsonl_tokens(&model.tokenizer, &data.path, a.prompt_template.as_deref())?
-    } else {
-        if a.prompt_template.is_some() {
-            bail!(
-                "--prompt-template applies to .jsonl instruction data, not {}",
-                data.path.display()
-            );
-        }
-        model
-            .tokenizer
-            .encode(&data.read_text()?, false)
-            .with_context(|| format!("tokenizing {}", data.name))?
-    };
-    let tokens = TrainTokens::split(tokens, a.held_out);
-
-    // Static recipes: the starting activation grids and where they came from.
-    let mut grids = None;
-    let bundle = a.from.as_ref().map(Bundle::open).transpose()?;
-    let start_record = match &a.from {
-        Some(b) => Some(InputRecord {
-            role: "start".into(),
-            path: b.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(b)?,
-        }),
-        None => None,
-    };
-    if let (Some(b), Some(bundle)) = (&a.from, &bundle) {
-        if static_grids {
-            if bundle.site_grids()?.is_none() {
-                bail!(
-                    "--from {}: recipe `{}` has static activation grids but the bundle has none (it was made with `{}`); start from a {} bundle",
-                    b.display(),
-                    recipe.name,
-                    bundle.manifest.recipe.as_ref().map_or("no recipe", |r| r.name.as_str()),
-                    recipe.name
-                );
-            }
-            grids = Some((
-                bundle.manifest.act_grids.clone(),
-                start_record.clone().expect("--from given"),
-            ));
-        }
-    } else if static_grids {
-        let pb = crate::output::bar(recipe.calibration.samples as u64, "calibrating");
-        let c = oqt_compress::calibrate::calibrate_model(&model, &recipe.spec, &recipe.calibration, |d, _| {
-            pb.set_position(d as u64)
-        })?;
-        pb.finish_and_clear();
-        grids = Some((c.grids, c.input));
-    }
-
-    // Distillation targets from the float model, computed before the student
-    // exists; one copy of the weights is held at a time.
-    let teacher = if options.distill_weight > 0.0 {
-        let cpu = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)?;
-        let teacher = oqt_model::llama_from_weights(&model.config, std::mem::take(&mut model.weights), &cpu);
-        let pb = crate::output::bar(options.steps - start_step, "teacher targets");
-        let t = precompute_teacher(&teacher, &tokens, &options, start_step, |d, _| pb.set_position(d))?;
-        pb.finish_and_clear();
-        Some(t)
-    } else {
-        None
-    };
-    // A PTQ start may have split outlier channels (wider MLPs than the float
-    // model, which only the teacher above runs): the student takes its widths.
-    if let Some(b) = &bundle {
-        model.config.layer_intermediate_sizes = b.manifest.config.layer_intermediate_sizes.clone();
-    }
-    // The starting weights: the PTQ bundle's, or the float model's. A
-    // lightweight run stores each decoder linear on its grid as it is read.
-    let source_path = a.from.clone().unwrap_or_else(|| model.path.clone());
-    let mut freeze = a
-        .lightweight
-        .then(|| FreezeLinears::new(&recipe.spec, &model.config, &source_path));
-    let mut start_weights = oqt_core::weights::ModelWeights::default();
-    let mut gather = |name: &str, t: oqt_core::weights::TensorF32, source: String| match &mut freeze {
-        Some(f) => f.add(name, t, source),
-        None => {
-            start_weights.insert(name.to_string(), t, source);
-            Ok(())
-        }
-    };
-    match &bundle {
-        Some(b) => {
-            model.weights = Default::default();
-            b.for_each_dequantized(&mut gather)?;
-        }
-        None => {
-            let float = match teacher {
-                Some(_) => load(&a.model)?.weights,
-                None => std::mem::take(&mut model.weights),
-            };
-            for (n, t, source) in float.into_tensors() {
-                gather(&n, t, source)?;
-            }
-        }
-    }
-    drop(bundle);
-    let frozen = match freeze {
-        Some(f) => {
-            let (weights, frozen) = f.finish()?;
-            start_weights = weights;
-            Some(frozen)
-        }
-        None => {
-            start_weights.validate(&model.config, &source_path)?;
-            None
-        }
-    };
-    let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, !a.zeroth_order)?;
-    let llama = oqt_model::llama_from_weights(&model.config, start_weights, &device);
-    let grids_ref = grids.as_ref().map(|(g, _)| g);
-    let mut qat = match frozen {
-        Some(frozen) => QatModel::new_frozen(llama, recipe.spec.clone(), frozen, grids_ref)?,
-        None => QatModel::new(llama, recipe.spec.clone(), grids_ref)?,
-    };
-    if let Some(r) = &a.resume {
-        restore_checkpoint(r, &mut qat)?;
-    }
-    let ckpt_dir = a
-        .resume
-        .clone()
-        .or(a.checkpoint_dir.clone())
-        .unwrap_or_else(|| default_checkpoint_dir(&a.output));
-    let state = CheckpointState {
-        next_step: start_step,
-        options: options.clone(),
-        recipe: recipe.name.clone(),
-        start: start.clone(),
-        best,
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
-    }
-    let pb = crate::output::bar(
-        options.steps,
-        if a.zeroth_order { "zeroqat" } else { "qat (first-order)" },
-    );
-    pb.set_position(start_step);
-    let mut reporter = Reporter {
-        pb,
-        zeroth_order: a.zeroth_order,
-        tb: a.tensorboard.as_deref().map(TbWriter::create).transpose()?,
-        stop,
-    };
+    let mut reporter = Reporter::new(a.zeroth_order, a.tensorboard.as_deref())?;
     let t0 = std::time::Instant::now();
-    let (qat, outcome) = if a.zeroth_order {
-        let outcome = train_zeroth_order(
-            &mut qat,
-            &tokens,
-            &options,
-            start_step,
-            Some((&ckpt_dir, &state)),
-            teacher.as_ref(),
-            &mut reporter,
-        )?;
-        (qat, outcome)
-    } else {
-        train_first_order(qat, &tokens, &options, teacher.as_ref(), &mut reporter)?
-    };
-    drop(teacher);
-    reporter.pb.finish_and_clear();
-    if outcome.interrupted && !a.zeroth_order {
-        bail!(
-            "interrupted at step {}: first-order runs keep no checkpoint, nothing written",
-            outcome.next_step
-        );
-    }
-    if outcome.interrupted {
+    let report = qat_job::run(&job, &mut reporter)?;
+    drop(reporter);
+    let outcome = &report.outcome;
+    if report.interrupted {
         eprintln!(
             "interrupted at step {}; checkpoint saved to {} — continue with --resume {}",
             outcome.next_step,
-            ckpt_dir.display(),
-            ckpt_dir.display()
+            report.checkpoint_dir.display(),
+            report.checkpoint_dir.display()
         );
         return Ok(());
     }
-
-    // The trained latent weights on the recipe's grid (what the fake quantizers
-    // computed), the frozen integers as they were, the trained activation grids.
-    let method = match (a.zeroth_order, a.lightweight) {
-        (true, false) => "zeroqat",
-        (true, true) => "zeroqat-lightweight",
-        (false, false) => "qat-first-order",
-        (false, true) => "qat-first-order-lightweight",
-    };
-    let trained = qat.into_trained(&source_types);
-    model.weights = trained.weights;
-    let calibrated = match (trained.act_grids, grids) {
-        (Some(g), Some((_, input))) => Some(oqt_compress::rtn::Calibrated { grids: g, input }),
-        _ => None,
-    };
-    // A static run's grids came from the start bundle: assemble records it once already.
-    let start_in_grids = calibrated.as_ref().is_some_and(|c| c.input.role == "start");
-    let mut writer = oqt_compress::rtn::assemble(
-        &model,
-        oqt_compress::rtn::Prepared {
-            weights: &model.weights,
-            quantized: trained.quantized,
-            method: method.into(),
-        },
-        &recipe,
-        oqt_compress::rtn::RtnOptions { clip_search: false },
-        calibrated,
-        concat!("oqt ", env!("CARGO_PKG_VERSION")),
-        |_, _| {},
-    )?;
-    let m = writer.manifest_mut();
-    m.inputs.push(InputRecord {
-        role: "training".into(),
-        path: data.path.display().to_string(),
-        sha256: oqt_core::datasets::sha256_file(&data.path)?,
-    });
-    if let Some(r) = start_record.filter(|_| !start_in_grids) {
-        m.inputs.push(r);
-    }
-    m.training = Some(serde_json::json!({
-        "method": method,
-        "options": options,
-        "steps_run": outcome.next_step,
-        "held_out_perplexity": outcome.evals,
-        "kept": outcome.best,
-        "dataset": data.name,
-    }));
-    writer.write(&a.output)?;
     let first = outcome.evals.first().map(|e| e.1);
     // What the bundle holds: the kept best's perplexity, or the last step's.
     let last = outcome

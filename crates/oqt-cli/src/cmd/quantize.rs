@@ -73,9 +73,9 @@ pub struct QuantizeArgs {
 }
 
 /// Progress bars for the phases of one method.
-struct Bars {
-    method: Method,
-    pb: Option<ProgressBar>,
+pub struct Bars {
+    pub method: Method,
+    pub pb: Option<ProgressBar>,
 }
 
 impl Progress for Bars {

@@ -34,9 +34,9 @@ pub fn run(a: SensitivityArgs) -> anyhow::Result<()> {
     let mut calibration = recipe.calibration.clone();
     calibration.samples = a.calib_samples;
     calibration.seq_len = a.calib_seq_len;
-    let (_, windows) = oqt_compress::calibrate::load_windows(&model.tokenizer, &calibration)?;
+    let (_, windows) = oqt_compress::stats::calibrate::load_windows(&model.tokenizer, &calibration)?;
     let pb = crate::output::bar(model.config.num_layers as u64, "layer sensitivity");
-    let layers = oqt_compress::sensitivity::layer_sensitivity(
+    let layers = oqt_compress::stats::sensitivity::layer_sensitivity(
         &model.config,
         &model.weights,
         &recipe.spec,

@@ -1,46 +1,38 @@
 //! oqt's deployment artifact: one safetensors file (any safetensors tool can
 //! open it) holding packed integer weights, scales and zero points, float
 //! tensors, and — in the metadata key `oqt.manifest` — a versioned JSON
-//! manifest: model config, tokenizer, per-tensor quantization spec, the recipe
-//! and inputs that produced it (with hashes) and the evaluation figures
-//! measured when it was made. Written atomically; memory-mapped when read.
+//! manifest in two parts: the resolved [`Deployment`] (per tensor its
+//! encoding, per activation site its grid: all the runtime, the simulation and
+//! the exporters read) and the [`Provenance`] (the recipe, method and training
+//! that produced it, never parsed by the runtime), beside the model config,
+//! tokenizer, input hashes and the evaluation figures measured when it was
+//! made. Written atomically; memory-mapped when read.
 //!
-//! Tensor naming: a quantized weight `NAME` is stored as `NAME.qweight`
-//! (int4: U8, two values per byte in the kernels' block layout, rows padded to
-//! 32 columns; int8: I8, padded the same way), `NAME.scales` (F32, one per
-//! row and group) and, for asymmetric grids, `NAME.zero_points` (I32). Float
-//! tensors keep their canonical names.
+//! How each tensor is stored is its encoding's row in [`crate::encoding`]:
+//! a quantized weight `NAME` is `NAME.qweight` (int4: U8, two values per byte
+//! in the kernels' block layout, rows padded to 32 columns; int8: I8, padded
+//! the same way), `NAME.scales` (F32, one per row and group) and, for
+//! asymmetric grids, `NAME.zero_points` (I32). Float tensors keep their
+//! canonical names.
 
 mod read;
+mod v1;
 mod write;
 
 pub use read::{Bundle, BundleTensor};
 pub use write::BundleWriter;
 
 use crate::config::LlamaConfig;
-use crate::quant::{Recipe, WeightSpec};
+use crate::encoding::TensorEncoding;
+use crate::quant::{ActGrid, ActMode, KvSpec, Recipe, SiteGrids};
 use crate::tokenizer::StoredTokenizer;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The manifest version this oqt writes and the newest it reads.
-pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+/// The manifest version this oqt writes and the newest it reads. Version 1
+/// (the recipe embedded, read by every consumer) is upgraded on open.
+pub const BUNDLE_FORMAT_VERSION: u32 = 2;
 pub const MANIFEST_KEY: &str = "oqt.manifest";
-
-/// How one tensor is stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum TensorEntry {
-    /// Float32, canonical shape.
-    F32 { shape: Vec<usize> },
-    /// Integer weights `[rows, cols]` on `spec`'s grid, `group` columns per scale.
-    Quantized {
-        rows: usize,
-        cols: usize,
-        group: usize,
-        spec: WeightSpec,
-    },
-}
 
 /// A file that went into making the bundle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,8 +54,54 @@ pub struct EvalRecord {
     pub engine: String,
 }
 
+/// What runs: every decision the runtime, the simulation and the exporters
+/// need, resolved when the bundle was written. They read this and nothing else.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// How the inputs of linear layers are quantized: the graph's activation
+    /// scheme (`none`, `dynamic`, `static`, `llama.cpp-q8_0`).
+    pub activations: ActMode,
+    /// Static graphs: the grid of every activation site, fixed softmax grids
+    /// included, by site key (`embed`, `layers.3.attn_in`, … see
+    /// [`crate::quant::sites`]). Empty unless `activations` is `static`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub act_grids: BTreeMap<String, ActGrid>,
+    /// A quantized KV cache (not run yet: the runtime and the simulation refuse it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<KvSpec>,
+    /// Every tensor by canonical name, with its encoding ([`crate::encoding`]).
+    pub tensors: BTreeMap<String, TensorEncoding>,
+}
+
+impl Default for Deployment {
+    fn default() -> Self {
+        Self {
+            activations: ActMode::None,
+            act_grids: BTreeMap::new(),
+            kv_cache: None,
+            tensors: BTreeMap::new(),
+        }
+    }
+}
+
+/// How the bundle was made: kept for people and tools, never parsed by the
+/// runtime (so a newer recipe schema never makes an older reader refuse a bundle).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The authoring recipe as it was written into the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<serde_json::Value>,
+    /// The method that produced the weights ("rtn", "mobilequant", …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// How the weights were trained (QAT runs: method, options, steps, held-out curve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<serde_json::Value>,
+}
+
 impl Manifest {
-    /// A manifest for `model` with no tensors, recipe or records yet.
+    /// A manifest for `model` with no tensors, recipe or records yet (float
+    /// activations until [`Self::set_recipe`]).
     pub fn for_model(model: &crate::LoadedModel, created_by: &str) -> crate::Result<Self> {
         Ok(Self {
             format_version: BUNDLE_FORMAT_VERSION,
@@ -71,14 +109,36 @@ impl Manifest {
             model_name: model.name.clone(),
             config: model.config.clone(),
             tokenizer: model.tokenizer.to_stored()?,
-            recipe: None,
-            method: None,
-            tensors: BTreeMap::new(),
+            deployment: Deployment::default(),
+            provenance: Provenance::default(),
             inputs: Vec::new(),
             evaluation: Vec::new(),
-            act_grids: BTreeMap::new(),
-            training: None,
         })
+    }
+
+    /// Record `recipe` as provenance and resolve what it deploys: the
+    /// activation scheme, the KV cache and, for static graphs, every site's
+    /// grid from `calibrated` (the fixed softmax grids added). Errors name a
+    /// missing or mismatched site.
+    pub fn set_recipe(&mut self, recipe: &Recipe, calibrated: &BTreeMap<String, ActGrid>) -> crate::Result<()> {
+        let spec = &recipe.spec;
+        self.deployment.activations = spec.activations.mode;
+        self.deployment.kv_cache = spec.kv_cache;
+        self.deployment.act_grids = if spec.activations.mode == ActMode::Static {
+            SiteGrids::from_map(spec, self.config.num_layers, calibrated)
+                .map_err(|reason| crate::CoreError::Other(format!("{}: {reason}", recipe.name)))?
+                .to_map()
+        } else {
+            BTreeMap::new()
+        };
+        self.provenance.recipe =
+            Some(serde_json::to_value(recipe).map_err(|e| crate::CoreError::Other(format!("recipe: {e}")))?);
+        Ok(())
+    }
+
+    /// The authoring recipe's name, for reports.
+    pub fn recipe_name(&self) -> Option<&str> {
+        self.provenance.recipe.as_ref()?.get("name")?.as_str()
     }
 }
 
@@ -89,19 +149,11 @@ pub struct Manifest {
     pub model_name: String,
     pub config: LlamaConfig,
     pub tokenizer: StoredTokenizer,
-    pub recipe: Option<Recipe>,
-    /// The method that produced the weights ("rtn", "mobilequant", …).
-    pub method: Option<String>,
-    pub tensors: BTreeMap<String, TensorEntry>,
+    pub deployment: Deployment,
+    #[serde(default)]
+    pub provenance: Provenance,
     #[serde(default)]
     pub inputs: Vec<InputRecord>,
     #[serde(default)]
     pub evaluation: Vec<EvalRecord>,
-    /// Static activation grids by site key (`embed`, `layers.3.attn_in`, …;
-    /// see [`crate::quant::sites`]); empty unless activations are static.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub act_grids: BTreeMap<String, crate::quant::ActGrid>,
-    /// How the weights were trained (QAT runs: method, options, steps, held-out curve).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub training: Option<serde_json::Value>,
 }

@@ -1,7 +1,7 @@
-use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest, TensorEntry};
+use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
+use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
-use crate::quant::pack::{int4_nibble, padded_len};
-use crate::quant::{ActMode, Granularity, QuantizedWeight, SiteGrids};
+use crate::quant::{ActMode, QuantizedWeight, SiteGrids};
 use crate::tokenizer::Tokenizer;
 use crate::weights::TensorF32;
 use memmap2::Mmap;
@@ -29,7 +29,7 @@ impl std::fmt::Debug for Bundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bundle")
             .field("path", &self.path)
-            .field("tensors", &self.manifest.tensors.len())
+            .field("tensors", &self.manifest.deployment.tensors.len())
             .finish()
     }
 }
@@ -81,7 +81,11 @@ impl Bundle {
                 detail: format!("{version}; this oqt reads up to version {BUNDLE_FORMAT_VERSION} — upgrade oqt"),
             });
         }
-        let manifest: Manifest = serde_json::from_str(json).map_err(|e| malformed(format!("manifest: {e}")))?;
+        let manifest: Manifest = if version < 2 {
+            super::v1::upgrade(json).map_err(malformed)?
+        } else {
+            serde_json::from_str(json).map_err(|e| malformed(format!("manifest: {e}")))?
+        };
         let bundle = Self {
             path: path.into(),
             manifest,
@@ -94,34 +98,25 @@ impl Bundle {
     }
 
     fn check_tensors(&self) -> Result<()> {
-        for (name, entry) in &self.manifest.tensors {
-            let need = |n: String, dtype: Dtype| -> Result<()> {
+        for (name, encoding) in &self.manifest.deployment.tensors {
+            for (n, dtype) in encoding.stored_names(name) {
                 match self.header.info(&n) {
-                    None => Err(CoreError::Missing {
-                        path: self.path.clone(),
-                        what: "tensor",
-                        name: n,
-                    }),
-                    Some(i) if i.dtype != dtype => Err(CoreError::BadField {
-                        path: self.path.clone(),
-                        field: n,
-                        expected: format!("{dtype:?}"),
-                        found: format!("{:?}", i.dtype),
-                    }),
-                    Some(_) => Ok(()),
-                }
-            };
-            match entry {
-                TensorEntry::F32 { .. } => need(name.clone(), Dtype::F32)?,
-                TensorEntry::Quantized { spec, .. } => {
-                    need(
-                        format!("{name}.qweight"),
-                        if spec.bits <= 4 { Dtype::U8 } else { Dtype::I8 },
-                    )?;
-                    need(format!("{name}.scales"), Dtype::F32)?;
-                    if !spec.symmetric {
-                        need(format!("{name}.zero_points"), Dtype::I32)?;
+                    None => {
+                        return Err(CoreError::Missing {
+                            path: self.path.clone(),
+                            what: "tensor",
+                            name: n,
+                        });
                     }
+                    Some(i) if i.dtype != dtype => {
+                        return Err(CoreError::BadField {
+                            path: self.path.clone(),
+                            field: n,
+                            expected: format!("{dtype:?}"),
+                            found: format!("{:?}", i.dtype),
+                        });
+                    }
+                    Some(_) => {}
                 }
             }
         }
@@ -156,48 +151,27 @@ impl Bundle {
 
     /// A quantized weight back in unpacked form (`q` row-major `[rows, cols]`).
     pub fn quantized(&self, name: &str) -> Result<QuantizedWeight> {
-        let Some(TensorEntry::Quantized {
-            rows,
-            cols,
-            group,
-            spec,
-        }) = self.manifest.tensors.get(name)
-        else {
+        let encoding = self.manifest.deployment.tensors.get(name);
+        let Some(grid) = encoding.and_then(TensorEncoding::int_grid) else {
             return Err(CoreError::Missing {
                 path: self.path.clone(),
                 what: "quantized tensor",
                 name: name.into(),
             });
         };
-        let (rows, cols, group, spec) = (*rows, *cols, *group, *spec);
-        let k_pad = padded_len(cols);
+        let (rows, cols, group, spec) = (grid.rows, grid.cols, grid.group, grid.spec);
         let raw = self.tensor(&format!("{name}.qweight")).expect("checked at open");
-        let expected = if spec.bits <= 4 { rows * k_pad / 2 } else { rows * k_pad };
-        if raw.bytes.len() != expected {
-            return Err(CoreError::BadField {
+        let q = encoding
+            .expect("looked up above")
+            .load_values(raw.bytes)
+            .map_err(|expected| CoreError::BadField {
                 path: self.path.clone(),
                 field: format!("{name}.qweight"),
-                expected: format!("{expected} bytes for [{rows}, {cols}] at {} bits", spec.bits),
+                expected,
                 found: format!("{} bytes", raw.bytes.len()),
-            });
-        }
-        let mut q = vec![0i8; rows * cols];
-        let offset = if spec.symmetric { 8 } else { 0 };
-        for r in 0..rows {
-            for c in 0..cols {
-                q[r * cols + c] = if spec.bits <= 4 {
-                    int4_nibble(&raw.bytes[r * k_pad / 2..(r + 1) * k_pad / 2], c) as i8 - offset
-                } else {
-                    raw.bytes[r * k_pad + c] as i8
-                };
-            }
-        }
+            })?;
         let scales = self.f32_tensor(&format!("{name}.scales"))?;
-        let groups = if spec.granularity == Granularity::PerTensor {
-            1
-        } else {
-            rows * cols.div_ceil(group)
-        };
+        let groups = grid.scale_count();
         if scales.len() != groups {
             return Err(CoreError::BadField {
                 path: self.path.clone(),
@@ -244,21 +218,21 @@ impl Bundle {
     /// to `f`, one at a time: a caller that keeps something smaller than f32
     /// never holds the whole model in float.
     pub fn for_each_dequantized(&self, mut f: impl FnMut(&str, TensorF32, String) -> Result<()>) -> Result<()> {
-        for (name, entry) in &self.manifest.tensors {
-            match entry {
-                TensorEntry::F32 { shape } => {
+        for (name, encoding) in &self.manifest.deployment.tensors {
+            match encoding.int_grid() {
+                None => {
                     f(
                         name,
-                        TensorF32::new(shape.clone(), self.f32_tensor(name)?),
+                        TensorF32::new(encoding.shape(), self.f32_tensor(name)?),
                         "F32".into(),
                     )?;
                 }
-                TensorEntry::Quantized { rows, cols, spec, .. } => {
+                Some(g) => {
                     let data = crate::quant::dequantize_weight(&self.quantized(name)?);
                     f(
                         name,
-                        TensorF32::new(vec![*rows, *cols], data),
-                        format!("int{}", spec.bits),
+                        TensorF32::new(encoding.shape(), data),
+                        format!("int{}", g.spec.bits),
                     )?;
                 }
             }
@@ -266,15 +240,13 @@ impl Bundle {
         Ok(())
     }
 
-    /// The static activation grids, when the recipe's activations are static.
+    /// The static activation grids, when the deployment's activations are static.
     pub fn site_grids(&self) -> Result<Option<SiteGrids>> {
-        let Some(recipe) = &self.manifest.recipe else {
-            return Ok(None);
-        };
-        if recipe.spec.activations.mode != ActMode::Static {
+        let d = &self.manifest.deployment;
+        if d.activations != ActMode::Static {
             return Ok(None);
         }
-        SiteGrids::from_map(&recipe.spec, self.manifest.config.num_layers, &self.manifest.act_grids)
+        SiteGrids::from_deployment(self.manifest.config.num_layers, &d.act_grids)
             .map(Some)
             .map_err(|reason| CoreError::Malformed {
                 path: self.path.clone(),

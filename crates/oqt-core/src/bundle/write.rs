@@ -1,7 +1,7 @@
-use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest, TensorEntry};
+use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
+use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
 use crate::quant::QuantizedWeight;
-use crate::quant::pack::{pack_int4_rows, padded_len};
 use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,7 +20,7 @@ impl BundleWriter {
     /// Start from a manifest; its `tensors` map is filled as tensors are added.
     pub fn new(mut manifest: Manifest) -> Self {
         manifest.format_version = BUNDLE_FORMAT_VERSION;
-        manifest.tensors.clear();
+        manifest.deployment.tensors.clear();
         Self {
             manifest,
             tensors: Vec::new(),
@@ -34,68 +34,21 @@ impl BundleWriter {
     pub fn add_f32(&mut self, name: &str, shape: Vec<usize>, data: &[f32]) {
         assert_eq!(shape.iter().product::<usize>(), data.len());
         self.manifest
+            .deployment
             .tensors
-            .insert(name.into(), TensorEntry::F32 { shape: shape.clone() });
+            .insert(name.into(), TensorEncoding::F32 { shape: shape.clone() });
         self.tensors
             .push((name.into(), Dtype::F32, shape, le_bytes(data, f32::to_le_bytes)));
     }
 
-    /// Add quantized weights: int4 and narrower are packed two per byte in the
-    /// kernels' layout, 8-bit as i8; rows are padded to a multiple of 32 columns.
+    /// Add quantized weights, stored as their encoding says
+    /// ([`TensorEncoding::store`]: the kernels' layout).
     pub fn add_quantized(&mut self, name: &str, qw: &QuantizedWeight) {
-        let k_pad = padded_len(qw.cols);
-        let groups_per_row = qw.scales.len()
-            / if qw.spec.granularity == crate::quant::Granularity::PerTensor {
-                1
-            } else {
-                qw.rows
-            };
-        let (dtype, bytes, shape) = if qw.spec.bits <= 4 {
-            // Symmetric grids are stored offset by 8; asymmetric ones are already in [0, 15].
-            let offset = if qw.spec.symmetric { 8 } else { 0 };
-            (
-                Dtype::U8,
-                pack_int4_rows(&qw.q, qw.rows, qw.cols, offset),
-                vec![qw.rows, k_pad / 2],
-            )
-        } else {
-            let mut data = vec![0u8; qw.rows * k_pad];
-            for r in 0..qw.rows {
-                for c in 0..qw.cols {
-                    data[r * k_pad + c] = qw.q[r * qw.cols + c] as u8;
-                }
-            }
-            (Dtype::I8, data, vec![qw.rows, k_pad])
-        };
-        self.tensors.push((format!("{name}.qweight"), dtype, shape, bytes));
-        let scale_shape = if groups_per_row == 1 && qw.scales.len() == 1 {
-            vec![1]
-        } else {
-            vec![qw.rows, groups_per_row]
-        };
-        self.tensors.push((
-            format!("{name}.scales"),
-            Dtype::F32,
-            scale_shape.clone(),
-            le_bytes(&qw.scales, f32::to_le_bytes),
-        ));
-        if let Some(z) = &qw.zero_points {
-            self.tensors.push((
-                format!("{name}.zero_points"),
-                Dtype::I32,
-                scale_shape,
-                le_bytes(z, i32::to_le_bytes),
-            ));
+        let encoding = TensorEncoding::of_quantized(qw);
+        for t in encoding.store(name, qw) {
+            self.tensors.push((t.name, t.dtype, t.shape, t.bytes));
         }
-        self.manifest.tensors.insert(
-            name.into(),
-            TensorEntry::Quantized {
-                rows: qw.rows,
-                cols: qw.cols,
-                group: qw.group,
-                spec: qw.spec,
-            },
-        );
+        self.manifest.deployment.tensors.insert(name.into(), encoding);
     }
 
     /// Write atomically (temporary file + rename): a failed write leaves nothing behind.

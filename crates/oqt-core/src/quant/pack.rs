@@ -45,18 +45,6 @@ pub fn int4_nibble(row: &[u8], c: usize) -> u8 {
     if c % BLOCK < 16 { byte & 0x0F } else { byte >> 4 }
 }
 
-/// Columns per scale as the integer kernels lay `qw` out (`padded_len(cols)` for
-/// per-channel), when they can run it: symmetric grid, one scale per (row,
-/// group), groups a multiple of 32 that divide the padded row. `None` means the
-/// weight is multiplied dequantized, in f32. The runtime and the Burn simulation
-/// both decide with this, so they take the same path.
-pub fn kernel_group(qw: &super::QuantizedWeight) -> Option<usize> {
-    let k_pad = padded_len(qw.cols);
-    let group = if qw.group == qw.cols { k_pad } else { qw.group };
-    let aligned = group.is_multiple_of(32) && k_pad.is_multiple_of(group);
-    (qw.spec.symmetric && aligned && qw.scales.len() == qw.rows * (k_pad / group)).then_some(group)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

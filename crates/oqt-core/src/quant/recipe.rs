@@ -27,7 +27,7 @@ pub struct CalibrationSpec {
 #[serde(rename_all = "kebab-case")]
 pub enum ActRange {
     /// The extremes seen over all calibration windows (the head's input:
-    /// narrowed to the least logit error, `oqt_compress::calibrate`).
+    /// narrowed to the least logit error, `oqt_compress::stats::calibrate`).
     #[default]
     Minmax,
     /// Per-window percentiles, averaged over the windows (ignores rare outliers).
@@ -168,11 +168,188 @@ pub struct Recipe {
     pub eval: EvalSpec,
     #[serde(default)]
     pub mobilequant: MobileQuantSpec,
+    /// The pipeline (`[[steps]]`), run in order by `oqt run`; empty means one
+    /// `quantize` step with `default_method` ([`Recipe::pipeline`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
 }
+
+/// One step of a recipe's pipeline: a kind and its options. Steps hand a
+/// bundle to the next one; each step's result is kept, so a run resumes after
+/// the last finished step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Step {
+    /// Post-training quantization of the float model onto the recipe's grids.
+    Quantize(QuantizeStep),
+    /// Quantization-aware training through the recipe's fake quantizers,
+    /// starting from the previous step's bundle.
+    Qat(QatStep),
+}
+
+impl Step {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Quantize(_) => "quantize",
+            Self::Qat(_) => "qat",
+        }
+    }
+}
+
+/// `[[steps]] kind = "quantize"`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizeStep {
+    /// `rtn`, `smoothquant`, `gptq`, `awq` or `mobilequant`; the recipe's
+    /// `default_method` when absent.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// RTN: search each row's clip ratio for the lowest weight MSE.
+    #[serde(default)]
+    pub clip_search: bool,
+}
+
+/// `[[steps]] kind = "qat"`: the options of `oqt qat`, same names in snake
+/// case, same defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QatStep {
+    /// Forward-only training (SPSA); `false`: first-order (STE, AdamW).
+    pub zeroth_order: bool,
+    /// Training text: a training-role dataset, a text file or `.jsonl` instruction data.
+    pub dataset: String,
+    pub prompt_template: Option<String>,
+    /// Fraction of the text held out for evaluation (its tail).
+    pub held_out: f64,
+    /// Optimizer steps in all.
+    pub steps: u64,
+    /// Train norm gains, output-channel scales and activation ranges only.
+    pub lightweight: bool,
+    /// Learning rate (default 1e-4 lightweight, 1e-5 full).
+    pub lr: Option<f64>,
+    /// Weight of logit distillation from the float model (0: off).
+    pub distill: f32,
+    pub distill_top_k: usize,
+    /// SPSA perturbation size ε.
+    pub eps: f32,
+    /// Directions averaged per step.
+    pub n_spsa: u32,
+    /// Clamp of each projected gradient (default 0.2 / ε).
+    pub grad_clip: Option<f32>,
+    pub weight_decay: f64,
+    /// `constant`, `linear` or `cosine`.
+    pub schedule: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    /// Held-out evaluation every N steps and at the end (0: only at the end).
+    pub eval_every: u64,
+    pub eval_windows: usize,
+    /// Checkpoint every N steps (zeroth-order; 0: only at the end and on interruption).
+    pub checkpoint_every: u64,
+    /// End on the weights of the lowest held-out perplexity evaluated.
+    pub keep_best: bool,
+}
+
+impl Default for QatStep {
+    fn default() -> Self {
+        Self {
+            zeroth_order: false,
+            dataset: "tinyshakespeare".into(),
+            prompt_template: None,
+            held_out: 0.1,
+            steps: 200,
+            lightweight: false,
+            lr: None,
+            distill: 0.0,
+            distill_top_k: 32,
+            eps: 1e-2,
+            n_spsa: 1,
+            grad_clip: None,
+            weight_decay: 0.0,
+            schedule: "constant".into(),
+            batch: 4,
+            seq_len: 256,
+            seed: 0,
+            eval_every: 50,
+            eval_windows: 8,
+            checkpoint_every: 100,
+            keep_best: false,
+        }
+    }
+}
+
+impl QatStep {
+    /// Problems with the options, each naming its field as `name(field)`
+    /// renders it (`steps[1].grad_clip` in a recipe, `--grad-clip` on the command line).
+    pub fn problems(&self, name: impl Fn(&str) -> String) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(c) = self.grad_clip
+            && !(c > 0.0 && c.is_finite())
+        {
+            out.push(format!("{} must be a positive number, found {c}", name("grad_clip")));
+        }
+        if !matches!(self.schedule.as_str(), "constant" | "linear" | "cosine") {
+            out.push(format!(
+                "{}: expected constant, linear or cosine, found `{}`",
+                name("schedule"),
+                self.schedule
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.distill) {
+            out.push(format!(
+                "{}: expected a weight in [0, 1], found {}",
+                name("distill"),
+                self.distill
+            ));
+        }
+        if !(0.0..1.0).contains(&self.held_out) {
+            out.push(format!(
+                "{}: expected a fraction in [0, 1), found {}",
+                name("held_out"),
+                self.held_out
+            ));
+        }
+        if self.steps == 0 || self.batch == 0 || self.seq_len < 2 || self.n_spsa == 0 {
+            out.push(format!(
+                "{}, {}, {} and {}: expected ≥ 1, ≥ 1, ≥ 2 and ≥ 1",
+                name("steps"),
+                name("batch"),
+                name("seq_len"),
+                name("n_spsa")
+            ));
+        }
+        if let Some(lr) = self.lr
+            && !(lr > 0.0 && lr.is_finite())
+        {
+            out.push(format!("{} must be a positive number, found {lr}", name("lr")));
+        }
+        out
+    }
+}
+
+impl Recipe {
+    /// The steps `oqt run` runs: `[[steps]]`, or one `quantize` step with the
+    /// default method for a recipe without them.
+    pub fn pipeline(&self) -> Vec<Step> {
+        if self.steps.is_empty() {
+            vec![Step::Quantize(QuantizeStep::default())]
+        } else {
+            self.steps.clone()
+        }
+    }
+}
+
+/// The `quantize` step's methods (`oqt_compress::ptq::Method` names).
+pub const QUANTIZE_METHODS: &[&str] = &["rtn", "smoothquant", "gptq", "awq", "mobilequant"];
 
 const BUILTIN: &[(&str, &str)] = &[
     ("w4a8", include_str!("../../../../recipes/w4a8.toml")),
     ("w4a8-dyn", include_str!("../../../../recipes/w4a8-dyn.toml")),
+    (
+        "w4a8-dyn-zeroqat",
+        include_str!("../../../../recipes/w4a8-dyn-zeroqat.toml"),
+    ),
     ("w8a8", include_str!("../../../../recipes/w8a8.toml")),
     ("w8a8-down16", include_str!("../../../../recipes/w8a8-down16.toml")),
     ("w4a16", include_str!("../../../../recipes/w4a16.toml")),
@@ -209,6 +386,33 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
     }
     if recipe.calibration.samples == 0 || recipe.calibration.seq_len < 2 {
         problems.push("calibration: samples must be ≥ 1 and seq_len ≥ 2".into());
+    }
+    for (i, step) in recipe.steps.iter().enumerate() {
+        match step {
+            Step::Quantize(q) => {
+                if i != 0 {
+                    problems.push(format!(
+                        "steps[{i}]: a `quantize` step starts from the float model, so it must come first"
+                    ));
+                }
+                if let Some(m) = &q.method
+                    && !QUANTIZE_METHODS.contains(&m.as_str())
+                {
+                    problems.push(format!(
+                        "steps[{i}].method: unknown method `{m}`; expected one of {}",
+                        QUANTIZE_METHODS.join(", ")
+                    ));
+                }
+            }
+            Step::Qat(q) => {
+                if i == 0 {
+                    problems.push(
+                        "steps[0]: a `qat` step trains a quantized bundle; put a `quantize` step before it".into(),
+                    );
+                }
+                problems.extend(q.problems(|f| format!("steps[{i}].{f}")));
+            }
+        }
     }
     let ratio = recipe.mobilequant.split_down_ratio;
     if !(ratio == 0.0 || ratio >= 1.0) || !ratio.is_finite() {
@@ -303,6 +507,52 @@ mod tests {
         assert!(e.contains("samplez"), "{e}");
         let e = load_recipe("w5a5").unwrap_err().to_string();
         assert!(e.contains("w4a8-dyn"), "{e}");
+    }
+
+    #[test]
+    fn recipes_are_pipelines_of_steps() {
+        // Without [[steps]]: one quantize step with the default method.
+        assert_eq!(
+            load_recipe("w4a8").unwrap().pipeline(),
+            vec![Step::Quantize(QuantizeStep::default())]
+        );
+        let zq = load_recipe("w4a8-dyn-zeroqat").unwrap();
+        let kinds: Vec<_> = zq.pipeline().iter().map(Step::kind).collect();
+        assert_eq!(kinds, ["quantize", "qat"]);
+        let Step::Qat(q) = &zq.steps[1] else {
+            panic!("second step is qat")
+        };
+        assert!(q.zeroth_order && q.lightweight);
+        assert_eq!((q.n_spsa, q.steps, q.schedule.as_str()), (8, 150, "cosine"));
+        // Options left out take `oqt qat`'s defaults.
+        assert_eq!((q.eps, q.distill_top_k, q.held_out), (1e-2, 32, 0.1));
+    }
+
+    #[test]
+    fn bad_steps_name_the_step_and_field() {
+        let good = include_str!("../../../../recipes/w4a8-dyn-zeroqat.toml");
+        let p = Path::new("pipe.toml");
+        let err = |text: String| parse(&text, p).unwrap_err().to_string();
+        let e = err(good.replace("kind = \"qat\"", "kind = \"prune\""));
+        assert!(
+            e.contains("pipe.toml") && e.contains("prune") && e.contains("qat"),
+            "{e}"
+        );
+        let e = err(good.replace("n_spsa = 8", "n_spsa = 8\nlearning_rate = 1"));
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = err(good.replace("schedule = \"cosine\"", "schedule = \"cosin\""));
+        assert!(e.contains("steps[1].schedule") && e.contains("cosine"), "{e}");
+        let e = err(good.replace("method = \"rtn\"", "method = \"rtm\""));
+        assert!(e.contains("steps[0].method") && e.contains("gptq"), "{e}");
+        // A qat step needs a quantized bundle before it; quantize starts from the float model.
+        let swapped = good.replace("kind = \"quantize\"\nmethod = \"rtn\"", "kind = \"qat\"");
+        let e = err(swapped.clone() + "\n[[steps]]\nkind = \"quantize\"\n");
+        assert!(
+            e.contains("steps[0]") && e.contains("steps[2]") && e.contains("must come first"),
+            "{e}"
+        );
+        let e = err(good.replace("lr = 1e-3", "lr = -1.0"));
+        assert!(e.contains("steps[1].lr"), "{e}");
     }
 
     #[test]

@@ -232,17 +232,6 @@ impl ActGrid {
     }
 }
 
-/// Whether a linear layer's input reaches the integer kernels as int8: dynamic
-/// rows and Q8_0 blocks always, static grids when 8-bit (16-bit static inputs
-/// take the runtime's exact 16-bit-input kernel instead).
-pub fn int8_input(mode: ActMode, static_grid: Option<ActGrid>) -> bool {
-    match mode {
-        ActMode::Dynamic | ActMode::LlamaCppQ8_0 => true,
-        ActMode::Static => static_grid.is_some_and(|g| g.bits == 8),
-        ActMode::None => false,
-    }
-}
-
 /// Which sites a spec quantizes, with their bits; empty unless activations are static.
 pub fn static_sites(spec: &QuantSpec, n_layers: usize) -> Vec<(String, ActSite, u8)> {
     if spec.activations.mode != ActMode::Static {
@@ -304,6 +293,53 @@ impl SiteGrids {
             layers,
             final_in: get(ActSite::FinalIn, 0)?,
         })
+    }
+
+    /// Read every site's grid (softmax included) from a deployment spec's
+    /// `act_grids`; errors name the missing or unusable key.
+    pub fn from_deployment(
+        n_layers: usize,
+        grids: &std::collections::BTreeMap<String, ActGrid>,
+    ) -> std::result::Result<Self, String> {
+        let get = |site: ActSite, layer: usize| -> std::result::Result<ActGrid, String> {
+            let key = site.key(layer);
+            let g = grids
+                .get(&key)
+                .ok_or_else(|| format!("deployment.act_grids: no grid for site `{key}`"))?;
+            if !matches!(g.bits, 8 | 16) || !(g.scale.is_finite() && g.scale > 0.0) {
+                return Err(format!(
+                    "deployment.act_grids.{key}: expected an 8- or 16-bit grid with a positive scale, found {} bits, scale {}",
+                    g.bits, g.scale
+                ));
+            }
+            Ok(*g)
+        };
+        let mut layers = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let mut row = [ActGrid::probabilities(8); 9];
+            for (i, s) in ActSite::PER_LAYER.into_iter().enumerate() {
+                row[i] = get(s, l)?;
+            }
+            layers.push(row);
+        }
+        Ok(Self {
+            embed: get(ActSite::Embed, 0)?,
+            layers,
+            final_in: get(ActSite::FinalIn, 0)?,
+        })
+    }
+
+    /// Every site's grid by key, fixed grids included: what a deployment spec stores.
+    pub fn to_map(&self) -> std::collections::BTreeMap<String, ActGrid> {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(ActSite::Embed.key(0), self.embed);
+        for (l, row) in self.layers.iter().enumerate() {
+            for (s, g) in ActSite::PER_LAYER.into_iter().zip(row) {
+                m.insert(s.key(l), *g);
+            }
+        }
+        m.insert(ActSite::FinalIn.key(0), self.final_in);
+        m
     }
 
     /// The grid of `site` (in `layer` for per-layer sites).
@@ -386,8 +422,25 @@ mod tests {
             assert_eq!(site.bits(&wide_down) != site.bits(&w8a8), widened, "{site:?}");
         }
         let grid = |site: ActSite| Some(ActGrid::from_range(-1.0, 1.0, site.bits(&wide_down)));
-        assert!(!int8_input(ActMode::Static, grid(ActSite::DownIn)));
-        assert!(int8_input(ActMode::Static, grid(ActSite::MlpIn)));
+        let input = |site| crate::encoding::ActInput::resolve(ActMode::Static, grid(site));
+        let w = crate::encoding::TensorEncoding::integer(
+            4,
+            64,
+            64,
+            crate::quant::WeightSpec::new(4, crate::quant::Granularity::PerChannel, true),
+        );
+        let kernel = |site| crate::encoding::choose_kernel(&w, input(site));
+        assert_eq!(
+            kernel(ActSite::DownIn),
+            crate::encoding::KernelChoice::Int16Input { group: 64 }
+        );
+        assert_eq!(
+            kernel(ActSite::MlpIn),
+            crate::encoding::KernelChoice::Int8Input {
+                weight_bits: 4,
+                group: 64
+            }
+        );
         let dynamic = crate::quant::load_recipe("w4a8-dyn").unwrap().spec;
         assert!(static_sites(&dynamic, 2).is_empty());
         // `name@layer` widens that layer only.

@@ -4,7 +4,7 @@
 //! Windows are `seq_len` tokens taken at evenly spaced offsets across the whole
 //! text (deterministic, and covering more than its beginning).
 
-use crate::inputs::to_vec;
+use crate::stats::inputs::to_vec;
 use burn::tensor::Tensor;
 use oqt_core::datasets::ResolvedDataset;
 use oqt_core::quant::{ActGrid, ActRange, ActSite, CalibrationSpec, QuantSpec, static_sites};
@@ -373,13 +373,13 @@ pub fn calibrate_model(
     spec: &QuantSpec,
     calibration: &CalibrationSpec,
     progress: impl FnMut(usize, usize),
-) -> Result<crate::rtn::Calibrated> {
+) -> Result<crate::ptq::rtn::Calibrated> {
     let (data, windows) = load_windows(&model.tokenizer, calibration)?;
     let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)
         .map_err(|e| CoreError::Other(format!("selecting the CPU device: {e}")))?;
     let llama = oqt_model::llama_from_weights(&model.config, model.weights.clone(), &device);
     let grids = calibrate(&llama, spec, calibration, &windows, progress)?;
-    Ok(crate::rtn::Calibrated {
+    Ok(crate::ptq::rtn::Calibrated {
         grids,
         input: oqt_core::bundle::InputRecord {
             role: "calibration".into(),

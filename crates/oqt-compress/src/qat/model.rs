@@ -2,7 +2,7 @@
 //! linear layers compute through the recipe's fake quantizers (weights on the
 //! recipe's grid, inputs quantized as the recipe says, static sites on their
 //! grids), trained on next-token cross-entropy. [`QatModel`] exposes its
-//! trainable tensors to the zeroth-order optimizer ([`crate::zeroqat`]) and,
+//! trainable tensors to the zeroth-order optimizer ([`crate::qat::zeroqat`]) and,
 //! on an autodiff device, its parameters to first-order training
 //! ([`crate::qat::train_first_order`]).
 //!
@@ -38,9 +38,9 @@
 //! train): the embedding lookup then reads the values the runtime reads.
 
 use crate::distill::WindowTargets;
-use crate::inputs::to_vec;
-use crate::mobilequant::RangeParams;
-use crate::zeroqat::ZoTrainable;
+use crate::ptq::mobilequant::RangeParams;
+use crate::qat::zeroqat::ZoTrainable;
+use crate::stats::inputs::to_vec;
 use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
@@ -819,7 +819,7 @@ impl ZoTrainable for QatModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zeroqat::{SpsaConfig, spsa_step};
+    use crate::qat::zeroqat::{SpsaConfig, spsa_step};
     use oqt_core::quant::builtin_recipe;
     use oqt_core::testing::{random_weights, tiny_config};
 
@@ -1081,7 +1081,7 @@ mod tests {
         let recipe = builtin_recipe("w4a8").unwrap().unwrap();
         let windows: Vec<Vec<u32>> = batch();
         let grids =
-            crate::calibrate::calibrate(&llama, &recipe.spec, &recipe.calibration, &windows, |_, _| {}).unwrap();
+            crate::stats::calibrate::calibrate(&llama, &recipe.spec, &recipe.calibration, &windows, |_, _| {}).unwrap();
         (build(trainable, weights, recipe.spec, Some(&grids)), grids)
     }
 

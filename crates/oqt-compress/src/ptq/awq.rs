@@ -47,6 +47,7 @@
 //! computed once per search.
 
 use oqt_core::quant::{ActGrid, Granularity, WeightSpec, dequantize_weight, quantize_weight};
+use oqt_kernels::f32_tiles::{TileIsa, for_each_tile, pack_panels};
 use rayon::prelude::*;
 
 /// One linear of a group sharing an input: row-major `[rows, cols]` weight
@@ -92,7 +93,7 @@ pub struct AwqResult {
 /// `[n, cols]` (a sample of `n` calibration tokens of the shared input).
 pub fn search_scales(x: &[f32], cols: usize, linears: &[AwqLinear], opts: &AwqOptions) -> AwqResult {
     assert!(opts.n_grid >= 1, "AWQ needs at least one grid point");
-    let objective = Objective::new(x, cols, linears, opts.act_bits, Isa::detect());
+    let objective = Objective::new(x, cols, linears, opts.act_bits, TileIsa::detect());
     let means = channel_means(x, cols);
     let mut best: Option<(f64, f32, Vec<f32>)> = None;
     let mut rtn_error = f64::NAN;
@@ -120,7 +121,7 @@ pub fn search_scales(x: &[f32], cols: usize, linears: &[AwqLinear], opts: &AwqOp
 /// The AWQ objective for given `scales` (see the module docs): the summed squared
 /// output error of `linears` over the sample `x` (`[n, cols]`).
 pub fn output_error(x: &[f32], cols: usize, linears: &[AwqLinear], scales: &[f32], act_bits: Option<u8>) -> f64 {
-    Objective::new(x, cols, linears, act_bits, Isa::detect()).error(scales)
+    Objective::new(x, cols, linears, act_bits, TileIsa::detect()).error(scales)
 }
 
 /// Mean `|x|` of every column of `x` (`[n, cols]`), accumulated in f64.
@@ -158,35 +159,6 @@ pub fn scales_for_alpha(means: &[f32], alpha: f32) -> Vec<f32> {
     s
 }
 
-/// Which micro-kernel runs the GEMMs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    /// Built only after runtime detection of AVX2 and FMA.
-    #[cfg(target_arch = "x86_64")]
-    Avx2Fma,
-    Portable,
-}
-
-impl Isa {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Self::Avx2Fma;
-        }
-        Self::Portable
-    }
-
-    /// Micro-tile `(MR tokens, NR outputs)`: 6 × 16 fills 12 of AVX2's 16
-    /// registers with accumulators; 4 × 8 suits 128-bit SIMD.
-    fn tile(self) -> (usize, usize) {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2Fma => (6, 16),
-            Self::Portable => (4, 8),
-        }
-    }
-}
-
 /// Floats of packed weight panels one task keeps hot (≈ 512 KiB, within a core's L2).
 const PANEL_BUDGET_FLOATS: usize = 1 << 17;
 
@@ -197,7 +169,7 @@ struct Objective<'s, 'w> {
     cols: usize,
     linears: &'s [AwqLinear<'w>],
     act_bits: Option<u8>,
-    isa: Isa,
+    isa: TileIsa,
     /// Output rows of all linears stacked.
     rows: usize,
     /// Tokens rounded up to a multiple of MR (padding rows are zero).
@@ -209,7 +181,7 @@ struct Objective<'s, 'w> {
 }
 
 impl<'s, 'w> Objective<'s, 'w> {
-    fn new(x: &'s [f32], cols: usize, linears: &'s [AwqLinear<'w>], act_bits: Option<u8>, isa: Isa) -> Self {
+    fn new(x: &'s [f32], cols: usize, linears: &'s [AwqLinear<'w>], act_bits: Option<u8>, isa: TileIsa) -> Self {
         assert!(cols > 0, "AWQ needs at least one input channel");
         assert!(
             x.len().is_multiple_of(cols) && !x.is_empty(),
@@ -352,73 +324,6 @@ fn min_max(v: &[f32]) -> (f32, f32) {
     v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
         (lo.min(x), hi.max(x))
     })
-}
-
-/// Pack row-major `m` (`[rows, k]`) into panels of `width` rows, each stored
-/// `k`-major (`panel[c · width + r]`), zero-padded to a whole panel; each value
-/// passes through `map(value, column)` on the way.
-fn pack_panels(m: &[f32], rows: usize, k: usize, width: usize, map: impl Fn(f32, usize) -> f32 + Sync) -> Vec<f32> {
-    let panels = rows.div_ceil(width);
-    let mut out = vec![0f32; panels * k * width];
-    out.par_chunks_mut(k * width).enumerate().for_each(|(p, panel)| {
-        let first = p * width;
-        let last = (first + width).min(rows);
-        for (r, row) in m[first * k..last * k].chunks_exact(k).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                panel[c * width + r] = map(v, c);
-            }
-        }
-    });
-    out
-}
-
-/// Every (token panel × weight panel) tile of `ap` against the group `bg`;
-/// `sink(weight panel in group, first token, tile as [MR][NR] row-major)`.
-fn for_each_tile(isa: Isa, ap: &[f32], bg: &[f32], k: usize, sink: &mut dyn FnMut(usize, usize, &[f32])) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2Fma` is only built after detecting AVX2 and FMA.
-        Isa::Avx2Fma => unsafe { tiles_avx2_fma(ap, bg, k, sink) },
-        Isa::Portable => tiles::<4, 8, false>(ap, bg, k, sink),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn tiles_avx2_fma(ap: &[f32], bg: &[f32], k: usize, sink: &mut dyn FnMut(usize, usize, &[f32])) {
-    tiles::<6, 16, true>(ap, bg, k, sink)
-}
-
-/// Token panels outside, the group's weight panels inside: the group stays in
-/// L2 while one token panel at a time streams through.
-#[inline(always)]
-fn tiles<const MR: usize, const NR: usize, const FMA: bool>(
-    ap: &[f32],
-    bg: &[f32],
-    k: usize,
-    sink: &mut dyn FnMut(usize, usize, &[f32]),
-) {
-    for (ia, pa) in ap.chunks_exact(k * MR).enumerate() {
-        for (jb, pb) in bg.chunks_exact(k * NR).enumerate() {
-            let acc = micro::<MR, NR, FMA>(pa, pb);
-            sink(jb, ia * MR, acc.as_flattened());
-        }
-    }
-}
-
-/// One `MR × NR` tile over the whole depth, kept in registers. `mul_add` only
-/// where the caller enabled FMA (elsewhere it would call libm).
-#[inline(always)]
-fn micro<const MR: usize, const NR: usize, const FMA: bool>(pa: &[f32], pb: &[f32]) -> [[f32; NR]; MR] {
-    let mut acc = [[0f32; NR]; MR];
-    for (a, b) in pa.as_chunks::<MR>().0.iter().zip(pb.as_chunks::<NR>().0) {
-        for (row, &ai) in acc.iter_mut().zip(a) {
-            for (c, &bj) in row.iter_mut().zip(b) {
-                *c = if FMA { ai.mul_add(bj, *c) } else { *c + ai * bj };
-            }
-        }
-    }
-    acc
 }
 
 #[cfg(test)]
@@ -576,8 +481,8 @@ mod tests {
         let ws = weights(&[21, 11], cols, 400);
         let lins = linears(&ws, cols, spec(4, Granularity::PerChannel));
         let s = scales_for_alpha(&channel_means(&x, cols), 0.4);
-        let fast = Objective::new(&x, cols, &lins, Some(8), Isa::detect()).error(&s);
-        let portable = Objective::new(&x, cols, &lins, Some(8), Isa::Portable).error(&s);
+        let fast = Objective::new(&x, cols, &lins, Some(8), TileIsa::detect()).error(&s);
+        let portable = Objective::new(&x, cols, &lins, Some(8), TileIsa::Portable).error(&s);
         assert!((fast - portable).abs() <= 1e-5 * portable, "{fast} vs {portable}");
     }
 

@@ -15,7 +15,7 @@
 //! weight grids are invariant to row scaling, so it could change nothing.
 //! Folding puts the scales into the exported weights; the runtime sees a plain model.
 
-use crate::inputs::InputStats;
+use crate::stats::inputs::InputStats;
 use oqt_core::weights::{ModelWeights, names};
 use oqt_core::{CoreError, LlamaConfig, Result};
 
@@ -194,7 +194,7 @@ mod tests {
         let run = |w: ModelWeights| {
             let llama = oqt_model::llama_from_weights(cfg, w, &device);
             let t = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(tokens.clone(), [1, 12]), &device);
-            crate::inputs::to_vec(llama.forward(t, None))
+            crate::stats::inputs::to_vec(llama.forward(t, None))
         };
         let before = run(weights.clone());
         let wobble = |n: usize, seed: u64| -> Vec<f32> {

@@ -1,7 +1,7 @@
 //! MobileQuant: post-training quantization for integer-only (NPU) graphs that
 //! learns, jointly and end to end over the whole decoder stack,
 //!
-//! 1. equivalent transformations ([`crate::smoothing`]: norm → q/k/v,
+//! 1. equivalent transformations ([`crate::ptq::smoothing`]: norm → q/k/v,
 //!    norm → gate/up, up → down, v → o), initialised at 1 on top of a
 //!    closed-form pass: SmoothQuant (the paper's, α = 0.5) or, by default,
 //!    AWQ's searched scales — on SmolLM2 w4a8 the activation-aware search
@@ -35,8 +35,8 @@
 //! backward recomputes one layer at a time: the same gradients (a test
 //! compares both), one layer's graph in memory, ~50% more time per step.
 
-use crate::inputs::{group_index, to_vec};
-use crate::smoothing::{LayerScales, kv_channel};
+use crate::ptq::smoothing::{LayerScales, kv_channel};
+use crate::stats::inputs::{group_index, to_vec};
 use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Gradients;
@@ -513,7 +513,8 @@ mod tests {
             })
             .collect();
         let llama = oqt_model::llama_from_weights(&cfg, weights.clone(), &Device::flex());
-        let grids = crate::calibrate::calibrate(&llama, &spec.spec, &spec.calibration, &windows, |_, _| {}).unwrap();
+        let grids =
+            crate::stats::calibrate::calibrate(&llama, &spec.spec, &spec.calibration, &windows, |_, _| {}).unwrap();
         (cfg, weights, spec, windows, grids)
     }
 

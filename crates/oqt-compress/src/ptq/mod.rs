@@ -12,17 +12,24 @@
 //! | `mobilequant` | AWQ (or SmoothQuant) init, then learned smoothing + clipping, folded | learned |
 //!
 //! Before any of them, a static recipe may split the down projection's outlier
-//! input channels into exact copies ([`crate::split`]; MobileQuant's
+//! input channels into exact copies ([`crate::ptq::split`]; MobileQuant's
 //! `split_down_ratio`, or `--split-down` for any method): the layers it touches
 //! get wider MLPs, which the bundle's config records per layer.
 
-use crate::awq::{AwqLinear, AwqOptions, search_scales};
-use crate::calibrate::{calibrate, load_windows};
-use crate::gptq::{GptqOptions, gptq_quantize};
-use crate::inputs::{Gather, InputStats, gather_inputs};
-use crate::mobilequant::{self, Learned};
-use crate::rtn::{Calibrated, Prepared, RtnOptions, assemble};
-use crate::smoothing::{LayerScales, fold, smoothquant_scales};
+pub mod awq;
+pub mod gptq;
+pub mod mobilequant;
+pub mod rtn;
+pub mod smoothing;
+pub mod split;
+
+use crate::ptq::awq::{AwqLinear, AwqOptions, search_scales};
+use crate::ptq::gptq::{GptqOptions, gptq_quantize};
+use crate::ptq::mobilequant::Learned;
+use crate::ptq::rtn::{Calibrated, Prepared, RtnOptions, assemble};
+use crate::ptq::smoothing::{LayerScales, fold, smoothquant_scales};
+use crate::stats::calibrate::{calibrate, load_windows};
+use crate::stats::inputs::{Gather, InputStats, gather_inputs};
 use oqt_core::bundle::{BundleWriter, InputRecord};
 use oqt_core::quant::{
     ActGrid, ActMode, CalibrationSpec, MobileQuantSpec, QuantizedWeight, Recipe, TransformInit, dequantize_weight,
@@ -147,7 +154,7 @@ pub fn quantize(
     let cfg = &model.config;
     let spec = &recipe.spec;
     // Fail before calibration, not only when the bundle is assembled.
-    crate::rtn::check_layers(recipe, cfg.num_layers)?;
+    crate::ptq::rtn::check_layers(recipe, cfg.num_layers)?;
     let is_static = spec.activations.mode == ActMode::Static;
     let needs_windows = is_static || method != Method::Rtn;
     let (windows, calibration_input) = if needs_windows {
@@ -183,9 +190,9 @@ pub fn quantize(
             Gather::default(),
             |d, _| progress.set(d),
         )?;
-        let plan = crate::split::plan(&st, split_ratio, 16, opts.mobilequant.split_down_max);
+        let plan = crate::ptq::split::plan(&st, split_ratio, 16, opts.mobilequant.split_down_max);
         let mut weights = model.weights.clone();
-        let sizes = crate::split::apply(cfg, &mut weights, &plan)?;
+        let sizes = crate::ptq::split::apply(cfg, &mut weights, &plan)?;
         tracing::info!(
             added = plan.total_extra(),
             ?sizes,
@@ -265,7 +272,7 @@ pub fn quantize(
                 for p in Proj::PER_LAYER {
                     let name = p.weight_name(l);
                     let t = model.weights.get(&name).expect("validated");
-                    let g = &groups[crate::inputs::group_index(p).expect("decoder linear")];
+                    let g = &groups[crate::stats::inputs::group_index(p).expect("decoder linear")];
                     let mut h = g.gram.clone().expect("gathered");
                     let (rows, cols) = (t.shape[0], t.shape[1]);
                     if let Some(grid) = noise.as_ref().and_then(|n| n.get(&p.input_site().key(l)))
@@ -281,8 +288,8 @@ pub fn quantize(
                     if tracing::enabled!(tracing::Level::DEBUG) {
                         let rtn = oqt_core::quant::quantize_weight(&t.data, rows, cols, &spec.weights_for(&name), 1.0);
                         let (e_gptq, e_rtn) = (
-                            crate::gptq::output_error(&t.data, &qw, &h),
-                            crate::gptq::output_error(&t.data, &rtn, &h),
+                            crate::ptq::gptq::output_error(&t.data, &qw, &h),
+                            crate::ptq::gptq::output_error(&t.data, &rtn, &h),
                         );
                         tracing::debug!(%name, ratio = e_gptq / e_rtn, "GPTQ proxy error vs RTN");
                     }
@@ -454,4 +461,22 @@ fn awq_scales(
         out.push(s);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Method;
+
+    #[test]
+    fn recipe_steps_name_exactly_the_methods_there_are() {
+        let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+        let mut listed = oqt_core::quant::QUANTIZE_METHODS.to_vec();
+        let mut ours = names.clone();
+        listed.sort();
+        ours.sort();
+        assert_eq!(listed, ours);
+        for n in names {
+            assert_eq!(n.parse::<Method>().unwrap().name(), n);
+        }
+    }
 }

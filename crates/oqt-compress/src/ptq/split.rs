@@ -14,7 +14,7 @@
 //! of the original, no weight grows, and the deployed kernels need nothing new:
 //! the layer's intermediate size grows by `k − 1`.
 
-use crate::inputs::InputStats;
+use crate::stats::inputs::InputStats;
 use oqt_core::weights::{ModelWeights, TensorF32};
 use oqt_core::{CoreError, LlamaConfig, Result};
 use oqt_model::Proj;
@@ -138,7 +138,7 @@ pub fn apply(cfg: &LlamaConfig, weights: &mut ModelWeights, plan: &SplitPlan) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inputs::{Gather, gather_inputs};
+    use crate::stats::inputs::{Gather, gather_inputs};
     use oqt_core::testing::{random_weights, tiny_config};
 
     fn stats_with_down_max(abs_max: Vec<f32>) -> [InputStats; 4] {
@@ -191,7 +191,7 @@ mod tests {
             .collect();
         let run = |cfg: &LlamaConfig, w: &ModelWeights| {
             let llama = oqt_model::llama_from_weights(cfg, w.clone(), &device);
-            let logits = crate::inputs::to_vec(llama.forward(llama.tokens_tensor(&windows[0]), None));
+            let logits = crate::stats::inputs::to_vec(llama.forward(llama.tokens_tensor(&windows[0]), None));
             let stats = gather_inputs(&llama, &windows, Gather::default(), |_, _| {}).unwrap();
             (logits, stats)
         };

@@ -5,7 +5,7 @@
 //!
 //! For a weight `W` (`[rows, cols]`, rows = output channels) and inputs `X`
 //! (`[n, cols]`), the objective is `‖X Wᵀ − X Ŵᵀ‖²`, whose Hessian in every row
-//! is `H = 2 XᵀX` (collected by [`HessianAccumulator`]). With `U` the upper
+//! is `H = 2 XᵀX` (collected by [`crate::stats::hessian::HessianAccumulator`]). With `U` the upper
 //! Cholesky factor of `H⁻¹` (`UᵀU = H⁻¹`), column `i` is rounded and the error
 //! `(w_i − ŵ_i) / U[i,i]` is pushed onto columns `j > i` with weights `U[i,j]`.
 //!
@@ -45,86 +45,6 @@ use oqt_core::quant::weights::{group_params, quantize_value};
 use oqt_core::quant::{Granularity, QuantizedWeight, WeightSpec, dequantize_weight, quantize_weight};
 use rayon::prelude::*;
 
-/// Running `H = Σ xᵀx` (f64) over calibration rows for one linear input width.
-#[derive(Debug, Clone)]
-pub struct HessianAccumulator {
-    cols: usize,
-    /// Row-major `cols × cols`, the full symmetric matrix.
-    sum: Vec<f64>,
-    rows_seen: usize,
-}
-
-impl HessianAccumulator {
-    pub fn new(cols: usize) -> Self {
-        assert!(cols > 0, "a Hessian needs at least one input column");
-        Self {
-            cols,
-            sum: vec![0.0; cols * cols],
-            rows_seen: 0,
-        }
-    }
-
-    /// `x` row-major `[n, cols]` activations (the linear's inputs).
-    pub fn add(&mut self, x: &[f32]) {
-        let c = self.cols;
-        assert!(
-            x.len().is_multiple_of(c),
-            "{} activations are not whole rows of {c}",
-            x.len()
-        );
-        // A few hundred input rows at a time stay in cache while every
-        // output row of the sum (one per thread task) is updated from them.
-        const ROWS_PER_PASS: usize = 256;
-        for part in x.chunks(ROWS_PER_PASS * c) {
-            self.sum.par_chunks_mut(c).enumerate().for_each(|(i, out)| {
-                for xr in part.chunks_exact(c) {
-                    let xi = xr[i] as f64;
-                    if xi != 0.0 {
-                        for (o, &v) in out.iter_mut().zip(xr) {
-                            *o += xi * v as f64;
-                        }
-                    }
-                }
-            });
-        }
-        self.rows_seen += x.len() / c;
-    }
-
-    /// Add an already-computed `XᵀX` (`cols × cols`, row-major) of `n` rows.
-    pub fn add_gram(&mut self, gram: &[f32], n: usize) {
-        assert_eq!(
-            gram.len(),
-            self.cols * self.cols,
-            "Gram matrix has {} values, not {c} × {c}",
-            gram.len(),
-            c = self.cols
-        );
-        for (s, &g) in self.sum.iter_mut().zip(gram) {
-            *s += g as f64;
-        }
-        self.rows_seen += n;
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    pub fn rows_seen(&self) -> usize {
-        self.rows_seen
-    }
-
-    /// The reference's Hessian `2/n · Σ xᵀx` (`cols × cols`, row-major); all
-    /// zeros before any row was added. GPTQ's result does not depend on the
-    /// scale of `H` (damping is relative to its mean diagonal), so the factor
-    /// only matters when reading [`output_error`].
-    pub fn hessian(&self) -> Vec<f64> {
-        if self.rows_seen == 0 {
-            return self.sum.clone();
-        }
-        let f = 2.0 / self.rows_seen as f64;
-        self.sum.iter().map(|&s| s * f).collect()
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct GptqOptions {
@@ -289,7 +209,7 @@ pub fn gptq_quantize(
 }
 
 /// `Σ_r (w_r − ŵ_r) H (w_r − ŵ_r)ᵀ`: with `H = XᵀX` this is `‖X Wᵀ − X Ŵᵀ‖²`,
-/// the error GPTQ minimizes; with [`HessianAccumulator::hessian`] (`2/n · XᵀX`)
+/// the error GPTQ minimizes; with [`crate::stats::hessian::HessianAccumulator::hessian`] (`2/n · XᵀX`)
 /// it is twice the mean over calibration rows.
 pub fn output_error(w: &[f32], qw: &QuantizedWeight, h: &[f64]) -> f64 {
     let (rows, cols) = (qw.rows, qw.cols);
@@ -472,6 +392,7 @@ impl Sweep<'_> {
 
 #[cfg(test)]
 mod tests {
+    use crate::stats::hessian::HessianAccumulator;
     use super::*;
     use oqt_core::testing::pseudo_random;
 

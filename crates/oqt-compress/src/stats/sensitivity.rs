@@ -5,7 +5,7 @@
 //! the ones to keep at higher precision — the first step toward automatic
 //! mixed precision.
 
-use crate::calibrate::calibrate;
+use crate::stats::calibrate::calibrate;
 use burn::tensor::{Tensor, TensorData};
 use oqt_core::quant::{ActGrid, ActMode, ActSite, CalibrationSpec, QuantSpec, dequantize_weight, quantize_weight};
 use oqt_core::weights::ModelWeights;

@@ -1,12 +1,17 @@
 //! The zeroth-order QAT run: batches drawn deterministically from the training
-//! tokens, SPSA steps ([`crate::zeroqat`]) on a [`QatModel`], held-out
+//! tokens, SPSA steps ([`crate::qat::zeroqat`]) on a [`QatModel`], held-out
 //! evaluation every N steps, checkpoints every N steps (and on interruption)
 //! from which a resumed run continues bit-identically — the batches, like the
 //! SPSA directions, are functions of `(seed, step)`.
 
+pub mod data;
+pub mod job;
+pub mod model;
+pub mod zeroqat;
+
 use crate::distill::{WindowTargets, teacher_targets};
-use crate::qat_model::{Distill, QatModel, Trainable};
-use crate::zeroqat::{SpsaConfig, SpsaStep, ZoTrainable, spsa_step};
+use crate::qat::model::{Distill, QatModel, Trainable};
+use crate::qat::zeroqat::{SpsaConfig, SpsaStep, ZoTrainable, spsa_step};
 use oqt_core::{CoreError, Result};
 use oqt_model::llama::Llama;
 use rand::{Rng, SeedableRng};
@@ -160,6 +165,11 @@ pub trait QatObserver {
     fn on_checkpoint(&mut self, step: u64, dir: &Path);
     /// Stop at the next step boundary (Ctrl-C), saving a checkpoint.
     fn interrupted(&self) -> bool;
+    /// A phase of the run begins (`calibrating`, `teacher targets`, the
+    /// training itself) with `total` units of work; `""` ends the last one.
+    fn phase(&mut self, _name: &str, _total: u64) {}
+    /// Units of the current phase done.
+    fn advance(&mut self, _done: u64) {}
 }
 
 /// The lowest held-out perplexity a run has evaluated, and after which step.
@@ -503,7 +513,7 @@ pub fn train_first_order(
         out.evaluate(&model, data, opts, obs)?;
         keep(&model, &mut out);
     }
-    let mut adam = crate::qat_model::FirstOrder::new(opts.spsa.weight_decay);
+    let mut adam = crate::qat::model::FirstOrder::new(opts.spsa.weight_decay);
     for step in 0..opts.steps {
         if obs.interrupted() {
             out.interrupted = true;

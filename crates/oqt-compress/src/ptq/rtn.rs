@@ -3,7 +3,7 @@
 //! search over clip ratios; norms stay f32.
 //!
 //! Static (NPU-style) recipes also need the activation grids calibrated on the
-//! float model ([`crate::calibrate`]); they are passed in and stored in the manifest.
+//! float model ([`crate::stats::calibrate`]); they are passed in and stored in the manifest.
 
 use oqt_core::bundle::{BundleWriter, InputRecord, Manifest};
 use oqt_core::quant::{ActGrid, ActMode, Recipe, quantize_weight, quantize_weight_mse};
@@ -79,21 +79,21 @@ pub fn assemble(
 ) -> Result<BundleWriter> {
     check_layers(recipe, model.config.num_layers)?;
     let mut manifest = Manifest::for_model(model, created_by)?;
-    match (recipe.spec.activations.mode, calibrated) {
+    let grids = match (recipe.spec.activations.mode, calibrated) {
         (ActMode::Static, Some(c)) => {
-            manifest.act_grids = c.grids;
             manifest.inputs.push(c.input);
+            c.grids
         }
         (ActMode::Static, None) => {
             return Err(CoreError::Other(format!(
-                "recipe `{}` uses static activation grids: calibrate first (oqt_compress::calibrate)",
+                "recipe `{}` uses static activation grids: calibrate first (oqt_compress::stats::calibrate)",
                 recipe.name
             )));
         }
-        _ => {}
-    }
-    manifest.recipe = Some(recipe.clone());
-    manifest.method = Some(prepared.method.clone());
+        _ => Default::default(),
+    };
+    manifest.set_recipe(recipe, &grids)?;
+    manifest.provenance.method = Some(prepared.method.clone());
     if let Ok(sha) = oqt_core::datasets::sha256_file(&model.path)
         && model.path.is_file()
     {

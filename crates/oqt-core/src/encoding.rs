@@ -1,0 +1,462 @@
+//! The one table of weight encodings.
+//!
+//! Every way a bundle can hold a weight is a variant of [`TensorEncoding`], and
+//! everything that depends on the encoding is decided here, once:
+//!
+//! | encoding | storage (safetensors tensors)                                   | activation pairing                                   | kernel ([`choose_kernel`])          |
+//! |----------|-----------------------------------------------------------------|------------------------------------------------------|-------------------------------------|
+//! | `f32`    | `NAME` F32, canonical shape                                     | float input                                          | [`KernelChoice::Float`]             |
+//! | `int4`   | `NAME.qweight` U8 `[rows, k_pad/2]` (two values a byte, [`pack`] block order), `NAME.scales` F32, `NAME.zero_points` I32 if asymmetric | int8 (dynamic rows, 8-bit static grid, Q8_0 blocks with groups of 32) or a 16-bit static grid | [`KernelChoice::Int8Input`] / [`KernelChoice::Int16Input`], else [`KernelChoice::Dequantized`] |
+//! | `int8`   | `NAME.qweight` I8 `[rows, k_pad]`, scales and zero points as `int4` | as `int4`                                         | as `int4`                           |
+//!
+//! (`k_pad` is the row padded to whole blocks of 32.) Later encodings — LUT /
+//! palette, sparse masks and N:M, shared-block references, adapters — join as
+//! variants with their own rows in this table.
+//!
+//! Each kernel's scalar reference and its SIMD paths live in `oqt-kernels`
+//! (`dot` for one weight row, `gemm` for a matrix, per-architecture modules
+//! beside the scalar code); [`KernelChoice`] is the name both the runtime
+//! (`oqt-runtime`'s `Linear`) and the Burn simulation (`oqt-model`'s
+//! `quant_sim`) take from [`choose_kernel`], so the two always run the same
+//! arithmetic. The bundle writer and reader store and load through
+//! [`TensorEncoding::store`] and [`TensorEncoding::load_values`]: the stored
+//! layout is the kernels' layout.
+
+use crate::quant::pack::{BLOCK, int4_nibble, pack_int4_rows, padded_len};
+use crate::quant::{ActGrid, ActMode, Granularity, QuantizedWeight, WeightSpec};
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+/// How one tensor is stored in a bundle (the manifest's per-tensor entry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TensorEncoding {
+    /// Float32, canonical shape.
+    F32 { shape: Vec<usize> },
+    /// Integer weights `[rows, cols]` of at most 4 bits (`spec.bits` 2, 3 or 4),
+    /// two per byte, `group` columns per scale.
+    Int4 {
+        rows: usize,
+        cols: usize,
+        group: usize,
+        spec: WeightSpec,
+    },
+    /// 8-bit integer weights `[rows, cols]`, one byte each, `group` columns per scale.
+    Int8 {
+        rows: usize,
+        cols: usize,
+        group: usize,
+        spec: WeightSpec,
+    },
+}
+
+/// One safetensors tensor of an encoded weight: name, dtype, shape, bytes.
+pub struct StoredTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// The integer-grid fields of an `int4`/`int8` encoding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IntGrid {
+    pub rows: usize,
+    pub cols: usize,
+    pub group: usize,
+    pub spec: WeightSpec,
+    /// Storage width: 4 (nibbles) or 8 (bytes).
+    pub width: u8,
+}
+
+impl IntGrid {
+    /// Scales stored: one per (row, group), or one for a per-tensor grid.
+    pub fn scale_count(&self) -> usize {
+        if self.spec.granularity == Granularity::PerTensor {
+            1
+        } else {
+            self.rows * self.cols.div_ceil(self.group)
+        }
+    }
+
+    /// Bytes of one stored row of values.
+    pub fn row_bytes(&self) -> usize {
+        let k_pad = padded_len(self.cols);
+        if self.width == 4 { k_pad / 2 } else { k_pad }
+    }
+
+    /// Columns per scale as the integer kernels lay the weight out
+    /// (`padded_len(cols)` for per-channel), when they can run it: symmetric
+    /// grid, one scale per (row, group), groups a multiple of 32 that divide
+    /// the padded row. `None`: the weight is multiplied dequantized, in f32.
+    pub fn kernel_group(&self) -> Option<usize> {
+        let k_pad = padded_len(self.cols);
+        let group = if self.group == self.cols { k_pad } else { self.group };
+        let aligned = group.is_multiple_of(BLOCK) && k_pad.is_multiple_of(group);
+        (self.spec.symmetric && aligned && self.scale_count() == self.rows * (k_pad / group)).then_some(group)
+    }
+}
+
+impl TensorEncoding {
+    /// The encoding a quantized weight is stored in ([`Self::integer`]).
+    pub fn of_quantized(qw: &QuantizedWeight) -> Self {
+        Self::integer(qw.rows, qw.cols, qw.group, qw.spec)
+    }
+
+    /// The encoding of integer weights on `spec`'s grid: values of at most 4
+    /// bits are packed two per byte, 8-bit ones take a byte each.
+    pub fn integer(rows: usize, cols: usize, group: usize, spec: WeightSpec) -> Self {
+        if spec.bits <= 4 {
+            Self::Int4 {
+                rows,
+                cols,
+                group,
+                spec,
+            }
+        } else {
+            Self::Int8 {
+                rows,
+                cols,
+                group,
+                spec,
+            }
+        }
+    }
+
+    /// The encoding's name in the manifest and in reports (`f32`, `int4`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::F32 { .. } => "f32",
+            Self::Int4 { .. } => "int4",
+            Self::Int8 { .. } => "int8",
+        }
+    }
+
+    /// The canonical (dequantized) shape.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::F32 { shape } => shape.clone(),
+            Self::Int4 { rows, cols, .. } | Self::Int8 { rows, cols, .. } => vec![*rows, *cols],
+        }
+    }
+
+    /// The integer grid, for integer encodings.
+    pub fn int_grid(&self) -> Option<IntGrid> {
+        match *self {
+            Self::F32 { .. } => None,
+            Self::Int4 {
+                rows,
+                cols,
+                group,
+                spec,
+            } => Some(IntGrid {
+                rows,
+                cols,
+                group,
+                spec,
+                width: 4,
+            }),
+            Self::Int8 {
+                rows,
+                cols,
+                group,
+                spec,
+            } => Some(IntGrid {
+                rows,
+                cols,
+                group,
+                spec,
+                width: 8,
+            }),
+        }
+    }
+
+    /// A short description for reports: `f32`, `int4 g32 sym`, `int8 per-channel sym`, …
+    pub fn describe(&self) -> String {
+        match self.int_grid() {
+            None => "f32".into(),
+            Some(g) => {
+                let gran = if g.group == g.cols {
+                    "per-channel".to_string()
+                } else {
+                    format!("g{}", g.group)
+                };
+                format!(
+                    "int{} {gran} {}",
+                    g.spec.bits,
+                    if g.spec.symmetric { "sym" } else { "asym" }
+                )
+            }
+        }
+    }
+
+    /// The safetensors tensors (name, dtype) that hold tensor `name` in a bundle.
+    pub fn stored_names(&self, name: &str) -> Vec<(String, Dtype)> {
+        match self.int_grid() {
+            None => vec![(name.to_string(), Dtype::F32)],
+            Some(g) => {
+                let mut v = vec![
+                    (
+                        format!("{name}.qweight"),
+                        if g.width == 4 { Dtype::U8 } else { Dtype::I8 },
+                    ),
+                    (format!("{name}.scales"), Dtype::F32),
+                ];
+                if !g.spec.symmetric {
+                    v.push((format!("{name}.zero_points"), Dtype::I32));
+                }
+                v
+            }
+        }
+    }
+
+    /// The stored tensors of a quantized weight (this encoding must be
+    /// [`Self::of_quantized`] of `qw`): values in the kernels' layout, rows padded
+    /// to whole blocks of 32 (int4: symmetric values stored plus 8), scales F32,
+    /// zero points I32.
+    pub fn store(&self, name: &str, qw: &QuantizedWeight) -> Vec<StoredTensor> {
+        let g = self.int_grid().expect("store() is for integer encodings");
+        let k_pad = padded_len(qw.cols);
+        let (dtype, bytes, shape) = if g.width == 4 {
+            // Symmetric grids are stored offset by 8; asymmetric ones are already in [0, 15].
+            let offset = if qw.spec.symmetric { 8 } else { 0 };
+            (
+                Dtype::U8,
+                pack_int4_rows(&qw.q, qw.rows, qw.cols, offset),
+                vec![qw.rows, k_pad / 2],
+            )
+        } else {
+            let mut data = vec![0u8; qw.rows * k_pad];
+            for r in 0..qw.rows {
+                for c in 0..qw.cols {
+                    data[r * k_pad + c] = qw.q[r * qw.cols + c] as u8;
+                }
+            }
+            (Dtype::I8, data, vec![qw.rows, k_pad])
+        };
+        let groups_per_row = qw.scales.len()
+            / if qw.spec.granularity == Granularity::PerTensor {
+                1
+            } else {
+                qw.rows
+            };
+        let scale_shape = if groups_per_row == 1 && qw.scales.len() == 1 {
+            vec![1]
+        } else {
+            vec![qw.rows, groups_per_row]
+        };
+        let mut out = vec![
+            StoredTensor {
+                name: format!("{name}.qweight"),
+                dtype,
+                shape,
+                bytes,
+            },
+            StoredTensor {
+                name: format!("{name}.scales"),
+                dtype: Dtype::F32,
+                shape: scale_shape.clone(),
+                bytes: qw.scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
+        ];
+        if let Some(z) = &qw.zero_points {
+            out.push(StoredTensor {
+                name: format!("{name}.zero_points"),
+                dtype: Dtype::I32,
+                shape: scale_shape,
+                bytes: z.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            });
+        }
+        out
+    }
+
+    /// The unpacked values `[rows, cols]` of an integer encoding from its stored
+    /// `qweight` bytes; `Err` says what size was expected.
+    pub fn load_values(&self, qweight: &[u8]) -> Result<Vec<i8>, String> {
+        let g = self.int_grid().expect("load_values() is for integer encodings");
+        let (rows, cols) = (g.rows, g.cols);
+        let row_bytes = g.row_bytes();
+        if qweight.len() != rows * row_bytes {
+            return Err(format!(
+                "{} bytes for [{rows}, {cols}] at {} bits",
+                rows * row_bytes,
+                g.spec.bits
+            ));
+        }
+        let mut q = vec![0i8; rows * cols];
+        let offset = if g.spec.symmetric { 8 } else { 0 };
+        for r in 0..rows {
+            let row = &qweight[r * row_bytes..(r + 1) * row_bytes];
+            for c in 0..cols {
+                q[r * cols + c] = if g.width == 4 {
+                    int4_nibble(row, c) as i8 - offset
+                } else {
+                    row[c] as i8
+                };
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// The llama.cpp block type whose grid a weight on `spec` may already be on
+/// (GGUF export keeps such weights exactly; the block size is checked when encoding).
+pub fn natural_gguf_type(spec: &WeightSpec) -> Option<crate::gguf::GgmlType> {
+    use crate::gguf::GgmlType;
+    match (spec.bits, spec.symmetric) {
+        (8, true) => Some(GgmlType::Q8_0),
+        (4, true) => Some(GgmlType::Q4_0),
+        (4, false) => Some(GgmlType::Q4_1),
+        _ => None,
+    }
+}
+
+/// What feeds a linear layer: its input site's activation quantizer, as the
+/// deployment spec resolves it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ActInput {
+    Float,
+    /// Per row, asymmetric int8 from the row's range (CPU style).
+    Dynamic,
+    /// One calibrated grid for the whole tensor (NPU style), 8 or 16 bits.
+    Static(ActGrid),
+    /// llama.cpp's Q8_0 blocks of 32 along each row (its CPU dot products).
+    Q8Blocks,
+}
+
+impl ActInput {
+    /// The input of a linear layer under activation scheme `mode`, whose input
+    /// site has grid `static_grid` in static graphs.
+    pub fn resolve(mode: ActMode, static_grid: Option<ActGrid>) -> Self {
+        match (mode, static_grid) {
+            (ActMode::Static, Some(g)) => Self::Static(g),
+            (ActMode::Dynamic, _) => Self::Dynamic,
+            (ActMode::LlamaCppQ8_0, _) => Self::Q8Blocks,
+            _ => Self::Float,
+        }
+    }
+
+    /// Reaches the integer kernels as int8 values.
+    fn is_int8(self) -> bool {
+        match self {
+            Self::Dynamic | Self::Q8Blocks => true,
+            Self::Static(g) => g.bits == 8,
+            Self::Float => false,
+        }
+    }
+}
+
+/// Which arithmetic multiplies a weight by its input; the runtime and the
+/// simulation both follow it (see the module docs for the table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// Float weights, float inputs, f32 GEMM.
+    Float,
+    /// Integer weights the kernels cannot pair with this input (asymmetric
+    /// grids, unaligned groups, weight-only recipes): dequantized to f32, the
+    /// input quantized and dequantized as its site says, f32 GEMM.
+    Dequantized,
+    /// Int8 inputs × `weight_bits`-wide stored weights (4: nibbles, 8: bytes):
+    /// exact integer dots per group of `group` columns, the kernels' contract.
+    Int8Input { weight_bits: u8, group: usize },
+    /// 16-bit static inputs × int4/int8 weights: exact (i64) dots per group.
+    Int16Input { group: usize },
+}
+
+/// The one decision of which kernel multiplies `encoding` by `input`.
+pub fn choose_kernel(encoding: &TensorEncoding, input: ActInput) -> KernelChoice {
+    let Some(grid) = encoding.int_grid() else {
+        return KernelChoice::Float;
+    };
+    let Some(group) = grid.kernel_group() else {
+        return KernelChoice::Dequantized;
+    };
+    match input {
+        ActInput::Static(g) if g.bits == 16 => KernelChoice::Int16Input { group },
+        // Block activation scales pair with block weight scales only.
+        ActInput::Q8Blocks if group != BLOCK => KernelChoice::Dequantized,
+        i if i.is_int8() => KernelChoice::Int8Input {
+            weight_bits: grid.width,
+            group,
+        },
+        _ => KernelChoice::Dequantized,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::quantize_weight;
+    use crate::testing::pseudo_random;
+
+    fn encoded(
+        bits: u8,
+        gran: Granularity,
+        symmetric: bool,
+        rows: usize,
+        cols: usize,
+    ) -> (QuantizedWeight, TensorEncoding) {
+        let w = pseudo_random(rows * cols, 3, 0.5);
+        let qw = quantize_weight(&w, rows, cols, &WeightSpec::new(bits, gran, symmetric), 1.0);
+        let e = TensorEncoding::of_quantized(&qw);
+        (qw, e)
+    }
+
+    #[test]
+    fn stored_values_load_back_exactly() {
+        for (bits, gran, sym) in [
+            (4, Granularity::PerGroup(32), true),
+            (4, Granularity::PerChannel, false),
+            (3, Granularity::PerChannel, true),
+            (8, Granularity::PerGroup(64), true),
+            (8, Granularity::PerTensor, false),
+        ] {
+            let (qw, e) = encoded(bits, gran, sym, 5, 70);
+            let stored = e.store("w", &qw);
+            let names: Vec<_> = stored.iter().map(|t| (t.name.clone(), t.dtype)).collect();
+            assert_eq!(names, e.stored_names("w"), "{bits} {gran:?} {sym}");
+            assert_eq!(e.load_values(&stored[0].bytes).unwrap(), qw.q, "{bits} {gran:?} {sym}");
+            assert!(
+                e.load_values(&stored[0].bytes[1..])
+                    .unwrap_err()
+                    .contains("bytes for [5, 70]")
+            );
+        }
+    }
+
+    #[test]
+    fn the_kernel_follows_the_grid_and_the_input() {
+        let g8 = ActGrid::from_range(-1.0, 1.0, 8);
+        let g16 = ActGrid::from_range(-1.0, 1.0, 16);
+        let (_, w4) = encoded(4, Granularity::PerGroup(32), true, 4, 64);
+        let (_, w8pc) = encoded(8, Granularity::PerChannel, true, 4, 70);
+        let (_, asym) = encoded(4, Granularity::PerChannel, false, 4, 64);
+        let (_, g64) = encoded(4, Granularity::PerGroup(64), true, 4, 128);
+        let int8 = |weight_bits, group| KernelChoice::Int8Input { weight_bits, group };
+        assert_eq!(choose_kernel(&w4, ActInput::Dynamic), int8(4, 32));
+        assert_eq!(choose_kernel(&w4, ActInput::Static(g8)), int8(4, 32));
+        assert_eq!(choose_kernel(&w4, ActInput::Q8Blocks), int8(4, 32));
+        assert_eq!(
+            choose_kernel(&w4, ActInput::Static(g16)),
+            KernelChoice::Int16Input { group: 32 }
+        );
+        assert_eq!(choose_kernel(&w4, ActInput::Float), KernelChoice::Dequantized);
+        // Per-channel: one group of the padded row (70 → 96).
+        assert_eq!(choose_kernel(&w8pc, ActInput::Dynamic), int8(8, 96));
+        assert_eq!(choose_kernel(&w8pc, ActInput::Q8Blocks), KernelChoice::Dequantized);
+        assert_eq!(choose_kernel(&g64, ActInput::Q8Blocks), KernelChoice::Dequantized);
+        assert_eq!(choose_kernel(&g64, ActInput::Dynamic), int8(4, 64));
+        assert_eq!(choose_kernel(&asym, ActInput::Dynamic), KernelChoice::Dequantized);
+        let f = TensorEncoding::F32 { shape: vec![4, 64] };
+        assert_eq!(choose_kernel(&f, ActInput::Static(g8)), KernelChoice::Float);
+    }
+
+    #[test]
+    fn manifest_names_of_encodings() {
+        let (_, w4) = encoded(4, Granularity::PerGroup(32), true, 2, 32);
+        let v = serde_json::to_value(&w4).unwrap();
+        assert_eq!(v["kind"], "int4");
+        assert_eq!(serde_json::from_value::<TensorEncoding>(v).unwrap(), w4);
+        assert_eq!(w4.describe(), "int4 g32 sym");
+    }
+}
