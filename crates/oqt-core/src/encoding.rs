@@ -453,7 +453,7 @@ mod tests {
 
     #[test]
     fn manifest_names_of_encodings() {
-        let (_, w4) = encoded(4, Granularity::PerGroup(32), true, 2, 32);
+        let (_, w4) = encoded(4, Granularity::PerGroup(32), true, 2, 64);
         let v = serde_json::to_value(&w4).unwrap();
         assert_eq!(v["kind"], "int4");
         assert_eq!(serde_json::from_value::<TensorEncoding>(v).unwrap(), w4);

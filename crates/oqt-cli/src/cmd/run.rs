@@ -84,10 +84,8 @@ impl PipelineObserver for Observer {
         &mut self.bars
     }
     fn qat(&mut self, step: &QatStep) -> &mut dyn QatObserver {
-        let r = self
-            .reporter
-            .insert(Reporter::new(step.zeroth_order, None).expect("a reporter without TensorBoard"));
-        r
+        self.reporter
+            .insert(Reporter::new(step.zeroth_order, None).expect("a reporter without TensorBoard"))
     }
 }
 

@@ -45,7 +45,6 @@ use oqt_core::quant::weights::{group_params, quantize_value};
 use oqt_core::quant::{Granularity, QuantizedWeight, WeightSpec, dequantize_weight, quantize_weight};
 use rayon::prelude::*;
 
-
 #[derive(Debug, Clone, Copy)]
 pub struct GptqOptions {
     /// Diagonal damping as a fraction of the mean diagonal of `H` (0.01).
@@ -392,8 +391,8 @@ impl Sweep<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::stats::hessian::HessianAccumulator;
     use super::*;
+    use crate::stats::hessian::HessianAccumulator;
     use oqt_core::testing::pseudo_random;
 
     fn spec(bits: u8, granularity: Granularity, symmetric: bool) -> WeightSpec {

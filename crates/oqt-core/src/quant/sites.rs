@@ -306,7 +306,7 @@ impl SiteGrids {
             let g = grids
                 .get(&key)
                 .ok_or_else(|| format!("deployment.act_grids: no grid for site `{key}`"))?;
-            if !matches!(g.bits, 8 | 16) || !(g.scale.is_finite() && g.scale > 0.0) {
+            if !(matches!(g.bits, 8 | 16) && g.scale.is_finite() && g.scale > 0.0) {
                 return Err(format!(
                     "deployment.act_grids.{key}: expected an 8- or 16-bit grid with a positive scale, found {} bits, scale {}",
                     g.bits, g.scale
