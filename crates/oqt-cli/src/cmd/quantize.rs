@@ -222,6 +222,22 @@ fn evaluate(
 
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
+    // A pipeline recipe's later steps would be silently skipped here.
+    if recipe
+        .steps
+        .iter()
+        .any(|s| !matches!(s, oqt_core::quant::Step::Quantize(_)))
+    {
+        let kinds: Vec<_> = recipe.steps.iter().map(|s| s.kind()).collect();
+        bail!(
+            "recipe `{}` is a pipeline of {} steps ({}): run it with `oqt run {} {}`",
+            recipe.name,
+            kinds.len(),
+            kinds.join(", "),
+            a.recipe,
+            a.model
+        );
+    }
     let method = match a.method {
         Some(m) => m,
         None => default_method(&recipe)?,
