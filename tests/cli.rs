@@ -1090,6 +1090,12 @@ fn a_two_step_recipe_equals_the_two_commands_and_resumes_between_steps() {
     let (dir, gguf) = tiny_model(11);
     let d = dir.path();
     let recipe = two_step_recipe(d);
+    // `oqt run RECIPE MODEL -o OUT` on this recipe and model.
+    let run = |out: &std::path::Path| {
+        let mut c = oqt();
+        c.arg("run").arg(&recipe).arg(&gguf).arg("-o").arg(out);
+        c
+    };
     // By hand: quantize, then qat from its bundle.
     oqt()
         .args([
@@ -1123,51 +1129,19 @@ fn a_two_step_recipe_equals_the_two_commands_and_resumes_between_steps() {
         .assert()
         .success();
     // One command.
-    let v = json_of(
-        oqt()
-            .arg("run")
-            .arg(&recipe)
-            .arg(&gguf)
-            .arg("-o")
-            .arg(d.join("one.oqt"))
-            .arg("--json"),
-    );
+    let v = json_of(run(&d.join("one.oqt")).arg("--json"));
     assert_eq!(v["report"]["steps"].as_array().unwrap().len(), 2);
     assert_eq!(tensors_of(&d.join("one.oqt")), tensors_of(&d.join("hand2.oqt")));
     let b = oqt_core::bundle::Bundle::open(d.join("one.oqt")).unwrap();
     assert_eq!(b.manifest.provenance.method.as_deref(), Some("zeroqat-lightweight"));
     // Stopped after the first step (as a kill between steps leaves it), then resumed.
     let out = d.join("resumed.oqt");
-    let v = json_of(
-        oqt()
-            .arg("run")
-            .arg(&recipe)
-            .arg(&gguf)
-            .arg("-o")
-            .arg(&out)
-            .args(["--stop-after", "1", "--json"]),
-    );
+    let v = json_of(run(&out).args(["--stop-after", "1", "--json"]));
     assert_eq!(v["report"]["stopped"], true);
     assert!(!out.exists(), "no output before the last step");
     // Without --resume an existing run is never overwritten.
-    oqt()
-        .arg("run")
-        .arg(&recipe)
-        .arg(&gguf)
-        .arg("-o")
-        .arg(&out)
-        .assert()
-        .failure()
-        .stderr(contains("resume it (--resume)"));
-    json_of(
-        oqt()
-            .arg("run")
-            .arg(&recipe)
-            .arg(&gguf)
-            .arg("-o")
-            .arg(&out)
-            .args(["--resume", "--json"]),
-    );
+    run(&out).assert().failure().stderr(contains("resume it (--resume)"));
+    json_of(run(&out).args(["--resume", "--json"]));
     assert_eq!(tensors_of(&out), tensors_of(&d.join("hand2.oqt")));
     assert_runs_as_simulated(
         &out,
@@ -1181,12 +1155,7 @@ fn a_two_step_recipe_equals_the_two_commands_and_resumes_between_steps() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&step1, &bytes).unwrap();
-    oqt()
-        .arg("run")
-        .arg(&recipe)
-        .arg(&gguf)
-        .arg("-o")
-        .arg(&out)
+    run(&out)
         .arg("--resume")
         .assert()
         .failure()

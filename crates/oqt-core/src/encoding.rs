@@ -142,6 +142,7 @@ impl TensorEncoding {
 
     /// The integer grid, for integer encodings.
     pub fn int_grid(&self) -> Option<IntGrid> {
+        let width = if matches!(self, Self::Int4 { .. }) { 4 } else { 8 };
         match *self {
             Self::F32 { .. } => None,
             Self::Int4 {
@@ -149,14 +150,8 @@ impl TensorEncoding {
                 cols,
                 group,
                 spec,
-            } => Some(IntGrid {
-                rows,
-                cols,
-                group,
-                spec,
-                width: 4,
-            }),
-            Self::Int8 {
+            }
+            | Self::Int8 {
                 rows,
                 cols,
                 group,
@@ -166,7 +161,7 @@ impl TensorEncoding {
                 cols,
                 group,
                 spec,
-                width: 8,
+                width,
             }),
         }
     }

@@ -111,7 +111,7 @@ pub fn run(job: &PipelineJob<'_>, observer: &mut dyn PipelineObserver) -> Result
     for (i, step) in steps.iter().enumerate() {
         if let Some(done) = state.finished.get(i) {
             observer.step_started(i, total, step, true);
-            observer.step_finished(i, &done.clone());
+            observer.step_finished(i, done);
             continue;
         }
         if job.stop_after.is_some_and(|n| i >= n) {

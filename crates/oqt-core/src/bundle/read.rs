@@ -1,5 +1,4 @@
 use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
-use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
 use crate::quant::{ActMode, QuantizedWeight, SiteGrids};
 use crate::tokenizer::Tokenizer;
@@ -151,8 +150,8 @@ impl Bundle {
 
     /// A quantized weight back in unpacked form (`q` row-major `[rows, cols]`).
     pub fn quantized(&self, name: &str) -> Result<QuantizedWeight> {
-        let encoding = self.manifest.deployment.tensors.get(name);
-        let Some(grid) = encoding.and_then(TensorEncoding::int_grid) else {
+        let found = self.manifest.deployment.tensors.get(name);
+        let Some((encoding, grid)) = found.and_then(|e| Some((e, e.int_grid()?))) else {
             return Err(CoreError::Missing {
                 path: self.path.clone(),
                 what: "quantized tensor",
@@ -162,7 +161,6 @@ impl Bundle {
         let (rows, cols, group, spec) = (grid.rows, grid.cols, grid.group, grid.spec);
         let raw = self.tensor(&format!("{name}.qweight")).expect("checked at open");
         let q = encoding
-            .expect("looked up above")
             .load_values(raw.bytes)
             .map_err(|expected| CoreError::BadField {
                 path: self.path.clone(),

@@ -280,6 +280,14 @@ impl SiteGrids {
             }
             Ok(*g)
         };
+        Self::gather(n_layers, get)
+    }
+
+    /// Every site's grid from `get(site, layer)`, in the forward order.
+    fn gather(
+        n_layers: usize,
+        get: impl Fn(ActSite, usize) -> std::result::Result<ActGrid, String>,
+    ) -> std::result::Result<Self, String> {
         let mut layers = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
             let mut row = [ActGrid::probabilities(8); 9];
@@ -314,19 +322,7 @@ impl SiteGrids {
             }
             Ok(*g)
         };
-        let mut layers = Vec::with_capacity(n_layers);
-        for l in 0..n_layers {
-            let mut row = [ActGrid::probabilities(8); 9];
-            for (i, s) in ActSite::PER_LAYER.into_iter().enumerate() {
-                row[i] = get(s, l)?;
-            }
-            layers.push(row);
-        }
-        Ok(Self {
-            embed: get(ActSite::Embed, 0)?,
-            layers,
-            final_in: get(ActSite::FinalIn, 0)?,
-        })
+        Self::gather(n_layers, get)
     }
 
     /// Every site's grid by key, fixed grids included: what a deployment spec stores.
