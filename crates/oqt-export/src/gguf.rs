@@ -138,6 +138,108 @@ fn unsupported(path: &Path, what: &'static str, detail: String) -> CoreError {
     }
 }
 
+/// The converter's tensor order: token_embd, blocks in order, output_norm, output.
+fn tensor_order(canonical: &str) -> (usize, String) {
+    match canonical {
+        names::EMBED => (0, String::new()),
+        names::FINAL_NORM => (2, String::new()),
+        names::LM_HEAD => (3, String::new()),
+        n => {
+            let layer = n
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(i, _)| i.parse::<usize>().ok())
+                .unwrap_or(usize::MAX);
+            (1, format!("{layer:08}{n}"))
+        }
+    }
+}
+
+/// The GGUF type of tensor `name`: f32 for vectors; else the first matching
+/// `--type-override`, the `--type` default (Q8_0 for a float embedding or head
+/// under a 4-bit default, as llama-quantize does), f16 for float weights, or
+/// the grid a quantized weight already sits on.
+fn choose_type(
+    src: &ExportSource,
+    opts: &GgufOptions,
+    canonical: &str,
+    name: &str,
+    t: &SourceTensor,
+) -> Result<GgmlType> {
+    if t.shape().len() != 2 {
+        return Ok(GgmlType::F32);
+    }
+    if let Some(o) = opts.overrides.iter().find(|o| o.pattern.is_match(name)) {
+        return Ok(o.ty);
+    }
+    let four_bit = |t: GgmlType| matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1);
+    let embed_or_head = matches!(canonical, names::EMBED | names::LM_HEAD);
+    Ok(match (opts.default_type, t) {
+        (Some(ty), SourceTensor::Float(_)) if four_bit(ty) && embed_or_head => GgmlType::Q8_0,
+        (Some(ty), _) => ty,
+        (None, SourceTensor::Float(_)) => GgmlType::F16,
+        (None, SourceTensor::Quantized(q)) => natural_type(q).ok_or_else(|| {
+            unsupported(
+                &src.path,
+                "tensor type",
+                format!(
+                    "tensor `{name}` holds {}-bit integers, which no GGUF type oqt writes can hold \
+                     (Q8_0, Q4_0, Q4_1); pass `--type q4_0 --allow-requantize` to re-round it",
+                    q.spec.bits
+                ),
+            )
+        })?,
+    })
+}
+
+/// Tensor `name`'s bytes as `ty`, and whether they hold its values exactly.
+fn encode_tensor(
+    src: &ExportSource,
+    opts: &GgufOptions,
+    name: &str,
+    t: &SourceTensor,
+    ty: GgmlType,
+) -> Result<(Vec<u8>, Encoding)> {
+    let as_type_error = |e: String| {
+        unsupported(
+            &src.path,
+            "tensor type",
+            format!("tensor `{name}` as {}: {e}", ty.name()),
+        )
+    };
+    match t {
+        SourceTensor::Float(f) => {
+            let shape = t.shape();
+            let cols = if shape.len() == 2 { shape[1] } else { shape[0] };
+            let data = quantize_ggml(&f.data, f.data.len() / cols, cols, ty).map_err(as_type_error)?;
+            let encoding = if ty == GgmlType::F32 {
+                Encoding::Exact
+            } else {
+                Encoding::Quantized
+            };
+            Ok((data, encoding))
+        }
+        SourceTensor::Quantized(q) => match encode_exact(q, ty) {
+            Ok(data) => Ok((data, Encoding::Exact)),
+            Err(why) if opts.allow_requantize => {
+                tracing::warn!(tensor = %name, ty = ty.name(), %why, "re-rounding (lossy)");
+                let data = quantize_ggml(&t.values(), q.rows, q.cols, ty).map_err(as_type_error)?;
+                Ok((data, Encoding::Requantized))
+            }
+            Err(why) => Err(unsupported(
+                &src.path,
+                "tensor type",
+                format!(
+                    "tensor `{name}` cannot be written as {} without changing it: {why}. \
+                     Quantize with `--recipe gguf-q4_0` (or gguf-q8_0) for a lossless export, \
+                     or pass `--allow-requantize` to re-round it",
+                    ty.name()
+                ),
+            )),
+        },
+    }
+}
+
 /// Choose each tensor's type, encode it, and write the file atomically.
 pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result<GgufReport> {
     let cfg = &src.config;
@@ -150,28 +252,10 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
                 .into(),
         ));
     }
-    let four_bit = |t: GgmlType| matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1);
-    let mut writer = GgufWriter::new();
     let mut reports = Vec::new();
     let mut block_types = Vec::new();
-    let order = |canonical: &str| -> (usize, String) {
-        // token_embd, blocks in order, output_norm, output — the converter's order.
-        match canonical {
-            names::EMBED => (0, String::new()),
-            names::FINAL_NORM => (2, String::new()),
-            names::LM_HEAD => (3, String::new()),
-            n => {
-                let layer = n
-                    .strip_prefix("model.layers.")
-                    .and_then(|r| r.split_once('.'))
-                    .and_then(|(i, _)| i.parse::<usize>().ok())
-                    .unwrap_or(usize::MAX);
-                (1, format!("{layer:08}{n}"))
-            }
-        }
-    };
     let mut names: Vec<&String> = src.tensors.keys().collect();
-    names.sort_by_key(|n| order(n));
+    names.sort_by_key(|n| tensor_order(n));
     let mut encoded: Vec<GgufTensorOut> = Vec::new();
     for canonical in names {
         let Some(name) = gguf_tensor_name(canonical) else {
@@ -185,79 +269,10 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
         if let Some(h) = cfg.rotary_heads(canonical) {
             t = reorder_rows(&t, &rotary_gguf_order(h * cfg.head_dim, h));
         }
-        let shape = t.shape();
-        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
-        let is_matrix = shape.len() == 2;
-        let embed_or_head = matches!(canonical.as_str(), names::EMBED | names::LM_HEAD);
-        let ty = if !is_matrix {
-            GgmlType::F32
-        } else if let Some(o) = opts.overrides.iter().find(|o| o.pattern.is_match(&name)) {
-            o.ty
-        } else {
-            match (opts.default_type, &t) {
-                (Some(ty), SourceTensor::Float(_)) if four_bit(ty) && embed_or_head => GgmlType::Q8_0,
-                (Some(ty), _) => ty,
-                (None, SourceTensor::Float(_)) => GgmlType::F16,
-                (None, SourceTensor::Quantized(q)) => natural_type(q).ok_or_else(|| {
-                    unsupported(
-                        &src.path,
-                        "tensor type",
-                        format!(
-                            "tensor `{name}` holds {}-bit integers, which no GGUF type oqt writes can hold \
-                             (Q8_0, Q4_0, Q4_1); pass `--type q4_0 --allow-requantize` to re-round it",
-                            q.spec.bits
-                        ),
-                    )
-                })?,
-            }
-        };
-        let (data, encoding) = match &t {
-            SourceTensor::Float(f) => {
-                let cols = if is_matrix { shape[1] } else { shape[0] };
-                let data = quantize_ggml(&f.data, f.data.len() / cols, cols, ty).map_err(|e| {
-                    unsupported(
-                        &src.path,
-                        "tensor type",
-                        format!("tensor `{name}` as {}: {e}", ty.name()),
-                    )
-                })?;
-                (
-                    data,
-                    if ty == GgmlType::F32 {
-                        Encoding::Exact
-                    } else {
-                        Encoding::Quantized
-                    },
-                )
-            }
-            SourceTensor::Quantized(q) => match encode_exact(q, ty) {
-                Ok(data) => (data, Encoding::Exact),
-                Err(why) if opts.allow_requantize => {
-                    tracing::warn!(tensor = %name, ty = ty.name(), %why, "re-rounding (lossy)");
-                    let data = quantize_ggml(&t.values(), q.rows, q.cols, ty).map_err(|e| {
-                        unsupported(
-                            &src.path,
-                            "tensor type",
-                            format!("tensor `{name}` as {}: {e}", ty.name()),
-                        )
-                    })?;
-                    (data, Encoding::Requantized)
-                }
-                Err(why) => {
-                    return Err(unsupported(
-                        &src.path,
-                        "tensor type",
-                        format!(
-                            "tensor `{name}` cannot be written as {} without changing it: {why}. \
-                             Quantize with `--recipe gguf-q4_0` (or gguf-q8_0) for a lossless export, \
-                             or pass `--allow-requantize` to re-round it",
-                            ty.name()
-                        ),
-                    ));
-                }
-            },
-        };
-        if is_matrix && canonical.starts_with("model.layers.") {
+        let dims: Vec<u64> = t.shape().iter().rev().map(|&d| d as u64).collect();
+        let ty = choose_type(src, opts, canonical, &name, &t)?;
+        let (data, encoding) = encode_tensor(src, opts, &name, &t, ty)?;
+        if dims.len() == 2 && canonical.starts_with("model.layers.") {
             block_types.push(ty);
         }
         reports.push(TensorReport {
@@ -301,12 +316,35 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
     .into_iter()
     .max_by_key(|t| block_types.iter().filter(|b| *b == t).count())
     .unwrap_or(GgmlType::F32);
+    let mut writer = GgufWriter::new();
+    write_metadata(&mut writer, src, main_type)?;
+    if encoded.iter().any(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16)) {
+        writer.meta("general.quantization_version", MetaValue::U32(2));
+    }
+    for t in encoded {
+        writer.tensor(t)?;
+    }
+    writer.write(out)?;
+
+    let notes = export_notes(src, &reports);
+    let bytes = std::fs::metadata(out).map_err(|e| CoreError::io(out, e))?.len();
+    Ok(GgufReport {
+        path: out.into(),
+        file_type: main_type.name(),
+        bytes,
+        tensors: reports,
+        notes,
+    })
+}
+
+/// The general, model and tokenizer metadata llama.cpp reads.
+fn write_metadata(writer: &mut GgufWriter, src: &ExportSource, main_type: GgmlType) -> Result<()> {
     writer
         .meta("general.architecture", MetaValue::String("llama".into()))
         .meta("general.type", MetaValue::String("model".into()))
         .meta("general.name", MetaValue::String(src.name.clone()))
         .meta("general.file_type", MetaValue::U32(file_type(main_type)));
-    for (k, v) in cfg.gguf_metadata() {
+    for (k, v) in src.config.gguf_metadata() {
         writer.meta(&k, v);
     }
     let tokenizer_meta = gguf_tokenizer_metadata(&src.tokenizer).map_err(|e| match e {
@@ -316,14 +354,12 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
     for (k, v) in tokenizer_meta {
         writer.meta(&k, v);
     }
-    if encoded.iter().any(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16)) {
-        writer.meta("general.quantization_version", MetaValue::U32(2));
-    }
-    for t in encoded {
-        writer.tensor(t)?;
-    }
-    writer.write(out)?;
+    Ok(())
+}
 
+/// What the user should know about the file: activation arithmetic llama.cpp
+/// does differently, and lossy re-rounding.
+fn export_notes(src: &ExportSource, reports: &[TensorReport]) -> Vec<String> {
     let mut notes = Vec::new();
     match src.activations {
         Some(ActMode::LlamaCppQ8_0) | None => {}
@@ -343,14 +379,7 @@ pub fn export_gguf(src: &ExportSource, opts: &GgufOptions, out: &Path) -> Result
             "{requantized} tensors were re-rounded onto a different grid (lossy)"
         ));
     }
-    let bytes = std::fs::metadata(out).map_err(|e| CoreError::io(out, e))?.len();
-    Ok(GgufReport {
-        path: out.into(),
-        file_type: main_type.name(),
-        bytes,
-        tensors: reports,
-        notes,
-    })
+    notes
 }
 
 /// llama.cpp's `rope_freqs.weight`: per rotary pair, the divisor of its base frequency.

@@ -46,9 +46,76 @@
 //! the squared error is accumulated in f64, and the float reference `X Wᵀ` is
 //! computed once per search.
 
+use crate::ptq::smoothing::LayerScales;
+use crate::ptq::{MethodInput, Progress};
+use crate::stats::inputs::Gather;
+use oqt_core::Result;
 use oqt_core::quant::{ActGrid, Granularity, WeightSpec, dequantize_weight, quantize_weight};
 use oqt_kernels::f32_tiles::{TileIsa, for_each_tile, pack_panels};
+use oqt_model::Proj;
 use rayon::prelude::*;
+
+/// AWQ scales for every layer's q/k/v, gate/up and down inputs (v → o is left
+/// at 1: under grouped-query attention the o columns do not map one to one
+/// onto v's rows, and the reference implementation skips it too). The search
+/// replays `awq_sample_rows` calibration rows spread over the windows.
+pub(crate) fn model_scales(input: &MethodInput, progress: &mut dyn Progress) -> Result<Vec<LayerScales>> {
+    let gather = Gather {
+        sample_rows_per_window: input.opts.awq_sample_rows.div_ceil(input.windows.len().max(1)),
+        gram: false,
+    };
+    let stats = input.input_stats(gather, progress)?;
+    let model = input.model;
+    let cfg = &model.config;
+    let spec = &input.recipe.spec;
+    let act_bits = input.is_static().then_some(spec.activations.bits);
+    let opts = AwqOptions {
+        act_bits,
+        ..AwqOptions::default()
+    };
+    progress.phase("AWQ search", cfg.num_layers * 3);
+    let mut out = Vec::with_capacity(cfg.num_layers);
+    let mut done = 0;
+    for (l, groups) in stats.iter().enumerate() {
+        let mut s = LayerScales::identity(cfg, l);
+        for (gi, projs) in [
+            (0usize, &[Proj::Q, Proj::K, Proj::V][..]),
+            (2, &[Proj::Gate, Proj::Up][..]),
+            (3, &[Proj::Down][..]),
+        ] {
+            let names: Vec<String> = projs.iter().map(|p| p.weight_name(l)).collect();
+            let linears: Vec<AwqLinear> = names
+                .iter()
+                .map(|n| {
+                    let t = model.weights.get(n).expect("validated");
+                    AwqLinear {
+                        weight: &t.data,
+                        rows: t.shape[0],
+                        spec: spec.weights_for(n),
+                    }
+                })
+                .collect();
+            let g = &groups[gi];
+            let r = search_scales(&g.sample, g.width, &linears, &opts);
+            tracing::debug!(
+                layer = l,
+                input = gi,
+                alpha = r.alpha,
+                gain = r.error / r.rtn_error.max(1e-30),
+                "AWQ"
+            );
+            match gi {
+                0 => s.attn = r.scales,
+                2 => s.mlp = r.scales,
+                _ => s.down = r.scales,
+            }
+            done += 1;
+            progress.set(done);
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
 
 /// One linear of a group sharing an input: row-major `[rows, cols]` weight
 /// (`rows` outputs, `cols` inputs) and the spec it will be quantized with.

@@ -35,7 +35,8 @@
 //! backward recomputes one layer at a time: the same gradients (a test
 //! compares both), one layer's graph in memory, ~50% more time per step.
 
-use crate::ptq::smoothing::{LayerScales, kv_channel};
+use crate::ptq::smoothing::{LayerScales, fold, kv_channel};
+use crate::ptq::{MethodInput, MethodOutput, Progress};
 use crate::stats::inputs::{group_index, to_vec};
 use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
@@ -43,7 +44,8 @@ use burn::tensor::Gradients;
 use burn::tensor::activation::{log_softmax, sigmoid};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use oqt_core::quant::{
-    ActGrid, ActSite, Checkpointing, LayerLoss, MobileQuantSpec, QuantSpec, WeightSpec, static_sites,
+    ActGrid, ActSite, Checkpointing, LayerLoss, MobileQuantSpec, QuantSpec, TransformInit, WeightSpec,
+    quantize_weight_rows, static_sites,
 };
 use oqt_core::weights::ModelWeights;
 use oqt_core::{CoreError, LlamaConfig, Result};
@@ -185,6 +187,13 @@ fn check_finite(step: usize, loss: f32) -> Result<()> {
     }
 }
 
+/// Everything training updates.
+struct Params {
+    smooth: SmoothParams,
+    clip: ClipParams,
+    ranges: RangeParams,
+}
+
 /// One AdamW per parameter group (each has its own learning rate).
 struct Optimizers {
     smooth: ModuleOptimizer,
@@ -193,23 +202,76 @@ struct Optimizers {
 }
 
 impl Optimizers {
-    /// Steps every parameter that has a gradient in `grads` (`lrs`: smooth, clip, range).
-    fn step(
-        &mut self,
-        lrs: [f64; 3],
-        smooth: SmoothParams,
-        clip: ClipParams,
-        ranges: RangeParams,
-        grads: &mut Gradients,
-    ) -> (SmoothParams, ClipParams, RangeParams) {
-        let g = GradientsParams::from_module(grads, &smooth);
-        let smooth = self.smooth.step(lrs[0], smooth, g);
-        let g = GradientsParams::from_module(grads, &clip);
-        let clip = self.clip.step(lrs[1], clip, g);
-        let g = GradientsParams::from_module(grads, &ranges);
-        let ranges = self.range.step(lrs[2], ranges, g);
-        (smooth, clip, ranges)
+    fn new() -> Self {
+        let adam = AdamWConfig::new().with_weight_decay(0.0);
+        Self {
+            smooth: adam.init(),
+            clip: adam.init(),
+            range: adam.init(),
+        }
     }
+
+    /// Steps every parameter that has a gradient in `grads` (`lrs`: smooth, clip, range).
+    fn step(&mut self, lrs: [f64; 3], p: Params, grads: &mut Gradients) -> Params {
+        let g = GradientsParams::from_module(grads, &p.smooth);
+        let smooth = self.smooth.step(lrs[0], p.smooth, g);
+        let g = GradientsParams::from_module(grads, &p.clip);
+        let clip = self.clip.step(lrs[1], p.clip, g);
+        let g = GradientsParams::from_module(grads, &p.ranges);
+        let ranges = self.range.step(lrs[2], p.ranges, g);
+        Params { smooth, clip, ranges }
+    }
+}
+
+/// MobileQuant on the whole model: the closed-form initialisation, grids
+/// calibrated on it, training, then the learned transformations folded into
+/// the weights and the learned clips into their grids.
+pub(crate) fn quantize_model(input: &MethodInput, progress: &mut dyn Progress) -> Result<MethodOutput> {
+    let (model, spec, opts) = (input.model, &input.recipe.spec, &input.opts.mobilequant);
+    if !input.is_static() {
+        return Err(CoreError::Other(format!(
+            "MobileQuant targets static (NPU) activation grids; recipe `{}` has {:?} activations — use rtn, gptq or awq",
+            input.recipe.name, spec.activations.mode
+        )));
+    }
+    let init = match opts.init {
+        TransformInit::Smoothquant => crate::ptq::smoothing::model_scales(input, progress)?,
+        TransformInit::Awq => crate::ptq::awq::model_scales(input, progress)?,
+    };
+    // The calibration model owns its fold of the weights and training gets a
+    // fresh one, so the two never coexist: one weight copy fewer at this
+    // phase's peak (~4.6 GiB at 1B).
+    let grids = {
+        let llama = oqt_model::llama_from_weights(&model.config, input.folded(&init)?, &Device::flex());
+        input.calibrate(&llama, "calibrating", progress)?
+    };
+    let weights = input.folded(&init)?;
+    progress.phase("MobileQuant", opts.steps);
+    // Training takes the weights; they are rebuilt (the same fold) afterwards
+    // rather than kept: one copy fewer while a 1B model trains.
+    let learned = train(
+        &model.config,
+        weights,
+        spec,
+        &grids,
+        input.windows,
+        opts,
+        &mut |s, n, loss| progress.loss(s, n, loss),
+    )?;
+    let mut weights = input.folded(&init)?;
+    fold(&model.config, &mut weights, &learned.scales)?;
+    let mut quantized = BTreeMap::new();
+    for (name, c) in &learned.clips {
+        let t = weights.get(name).expect("validated");
+        let qw = quantize_weight_rows(&t.data, t.shape[0], t.shape[1], &spec.weights_for(name), c);
+        quantized.insert(name.clone(), qw);
+    }
+    Ok(MethodOutput {
+        weights: Some(weights),
+        quantized,
+        grids: Some(learned.grids),
+        losses: learned.losses,
+    })
 }
 
 /// Cosine decay from `lr[0]` to `lr[1]` over `steps`.
@@ -220,6 +282,198 @@ pub fn cosine_lr(lr: [f64; 2], step: usize, steps: usize) -> f64 {
         1.0
     };
     lr[1] + 0.5 * (lr[0] - lr[1]) * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// The static sites training adjusts: every one with a calibrated grid except
+/// the head's input (outside the loss) and the fixed softmax grid.
+struct TrainedSites {
+    /// Site keys, in the order of `quantizers`.
+    keys: Vec<String>,
+    quantizers: Vec<ActQuantizer>,
+    /// `[layer][site]` → index into `quantizers`.
+    index: Vec<BTreeMap<ActSite, usize>>,
+    embed: Option<usize>,
+}
+
+impl TrainedSites {
+    fn new(spec: &QuantSpec, grids: &BTreeMap<String, ActGrid>, n_layers: usize, device: &Device) -> Result<Self> {
+        let mut sites = Self {
+            keys: Vec::new(),
+            quantizers: Vec::new(),
+            index: vec![BTreeMap::new(); n_layers],
+            embed: None,
+        };
+        for (key, site, _) in static_sites(spec, n_layers) {
+            if site.is_fixed() || site == ActSite::FinalIn {
+                continue;
+            }
+            let g = grids
+                .get(&key)
+                .ok_or_else(|| CoreError::Other(format!("no calibrated grid for site `{key}`")))?;
+            let i = sites.quantizers.len();
+            sites.quantizers.push(ActQuantizer::from_grid(g, device));
+            if site == ActSite::Embed {
+                sites.embed = Some(i);
+            } else {
+                let layer: usize = key
+                    .split('.')
+                    .nth(1)
+                    .and_then(|l| l.parse().ok())
+                    .expect("per-layer key");
+                sites.index[layer].insert(site, i);
+            }
+            sites.keys.push(key);
+        }
+        Ok(sites)
+    }
+}
+
+/// The frozen model, its float targets and what the hooks need, for one
+/// training run.
+struct Trainer<'a> {
+    model: Llama,
+    opts: &'a MobileQuantSpec,
+    site_index: Vec<BTreeMap<ActSite, usize>>,
+    embed_index: Option<usize>,
+    probs: Option<ActGrid>,
+    specs: Vec<[WeightSpec; 7]>,
+    vo_expand: Tensor<1, Int>,
+    tokens: Vec<Tensor<2, Int>>,
+    /// The float model's compared output per window (see [`Trainer::compared`]).
+    targets: Vec<Tensor<3>>,
+}
+
+impl Trainer<'_> {
+    fn hooks<'b>(&'b self, p: &'b Params) -> TrainHooks<'b> {
+        TrainHooks {
+            model: &self.model,
+            smooth: &p.smooth,
+            clip: &p.clip,
+            ranges: &p.ranges,
+            site_index: &self.site_index,
+            embed_index: self.embed_index,
+            probs: self.probs,
+            specs: &self.specs,
+            vo_expand: &self.vo_expand,
+        }
+    }
+
+    /// What the loss compares (see `MobileQuantSpec::loss`).
+    fn compared(&self, out: Tensor<3>) -> Tensor<3> {
+        match self.opts.loss {
+            LayerLoss::LastLayer => out,
+            LayerLoss::FinalNorm | LayerLoss::LogitsKl => self.model.final_norm(out),
+        }
+    }
+
+    /// The loss between a compared output and its float target: mean squared
+    /// error, or KL(float ‖ quantized) of the next-token distributions per position.
+    fn loss(&self, out: Tensor<3>, target: Tensor<3>) -> Tensor<1> {
+        match self.opts.loss {
+            LayerLoss::LastLayer | LayerLoss::FinalNorm => (out - target).powi_scalar(2).mean(),
+            LayerLoss::LogitsKl => {
+                // The teacher's log-probabilities are recomputed from the stored
+                // final-norm target each step: kept, they would be 32 × 512 ×
+                // 49,152 floats (~3.2 GB) for SmolLM2's calibration set.
+                let [b, s, _] = out.dims();
+                let teacher = log_softmax(self.model.logits(target), 2).detach();
+                let student = log_softmax(self.model.logits(out), 2);
+                (teacher.clone().exp() * (teacher - student))
+                    .sum()
+                    .div_scalar((b * s) as f32)
+            }
+        }
+    }
+
+    /// One step on window `i` through the whole stack's graph.
+    fn step_whole(
+        &self,
+        i: usize,
+        step: usize,
+        lrs: [f64; 3],
+        p: Params,
+        opt: &mut Optimizers,
+    ) -> Result<(Params, f32)> {
+        let loss = {
+            let out = self.compared(
+                self.model
+                    .forward_residual_with(self.tokens[i].clone(), None, &self.hooks(&p)),
+            );
+            self.loss(out, self.targets[i].clone())
+        };
+        let value = to_vec(loss.clone().detach().reshape([1]))[0];
+        check_finite(step, value)?;
+        let mut grads = loss.backward();
+        Ok((opt.step(lrs, p, &mut grads), value))
+    }
+
+    /// One step on window `i`, one layer's graph at a time: forward without
+    /// keeping graphs, saving each layer's input; then backward one layer at a
+    /// time from the last, recomputing that layer's forward and injecting the
+    /// gradient of its output. Each layer's parameters step as soon as their
+    /// gradient is known: AdamW is per parameter and no later layer's gradient
+    /// depends on them.
+    fn step_per_layer(
+        &self,
+        i: usize,
+        step: usize,
+        lrs: [f64; 3],
+        positions: &oqt_model::llama::Positions,
+        mut p: Params,
+        opt: &mut Optimizers,
+    ) -> Result<(Params, f32)> {
+        let n_layers = self.site_index.len();
+        let mut inputs = Vec::with_capacity(n_layers + 1);
+        {
+            // Parameters off the autodiff graph: a detached output alone
+            // would not free the graph recorded behind it.
+            let detached = Params {
+                smooth: p.smooth.valid(),
+                clip: p.clip.valid(),
+                ranges: p.ranges.valid(),
+            };
+            let h = self.hooks(&detached);
+            inputs.push(self.model.embed_with(self.tokens[i].clone(), &h));
+            for l in 0..n_layers {
+                let y = self.model.layer_with(l, inputs[l].clone(), positions, &h);
+                inputs.push(y);
+            }
+        }
+        let out = inputs.pop().expect("n_layers + 1 inputs");
+        let target = self.targets[i].clone();
+        let (value, mut upstream) = match self.opts.loss {
+            LayerLoss::LastLayer => {
+                let n = target.shape().num_elements() as f32;
+                let diff = (out - target).inner();
+                let value = to_vec(diff.clone().powi_scalar(2).mean().reshape([1]))[0];
+                (value, diff.mul_scalar(2.0 / n))
+            }
+            LayerLoss::FinalNorm | LayerLoss::LogitsKl => {
+                // The loss's gradient at the last layer's output, through the norm.
+                let out = out.inner().autodiff().require_grad();
+                let loss = self.loss(self.compared(out.clone()), target);
+                let value = to_vec(loss.clone().detach().reshape([1]))[0];
+                let grads = loss.backward();
+                (value, out.grad(&grads).expect("the output is tracked"))
+            }
+        };
+        check_finite(step, value)?;
+        for l in (0..n_layers).rev() {
+            let x = inputs.pop().expect("layer input").autodiff().require_grad();
+            let mut grads = (self.model.layer_with(l, x.clone(), positions, &self.hooks(&p)) * upstream)
+                .sum()
+                .backward();
+            upstream = x.grad(&grads).expect("the layer input is tracked");
+            p = opt.step(lrs, p, &mut grads);
+        }
+        if self.embed_index.is_some() {
+            let mut grads = (self.model.embed_with(self.tokens[i].clone(), &self.hooks(&p)) * upstream)
+                .sum()
+                .backward();
+            p = opt.step(lrs, p, &mut grads);
+        }
+        Ok((p, value))
+    }
 }
 
 /// Train MobileQuant's parameters on `windows` for the float model `weights`
@@ -248,59 +502,31 @@ pub fn train(
         ));
     }
     let device = Device::flex().autodiff();
+    let n_layers = cfg.num_layers;
     let rows = |l: usize, p: Proj| weights.get(&p.weight_name(l)).map(|t| t.shape[0]);
-    let rows: Vec<[usize; 7]> = (0..cfg.num_layers)
+    let rows: Vec<[usize; 7]> = (0..n_layers)
         .map(|l| Proj::PER_LAYER.map(|p| rows(l, p).expect("validated")))
         .collect();
     let model = oqt_model::llama_from_weights(cfg, weights, &device).freeze();
-    let n_layers = cfg.num_layers;
-
-    // Every static site with a calibrated grid is trained, except the head's
-    // input (outside the loss) and the fixed softmax grid.
-    let mut keys = Vec::new();
-    let mut sites = Vec::new();
-    let mut site_index = vec![BTreeMap::new(); n_layers];
-    let mut embed_index = None;
-    for (key, site, _) in static_sites(spec, n_layers) {
-        if site.is_fixed() || site == ActSite::FinalIn {
-            continue;
-        }
-        let g = grids
-            .get(&key)
-            .ok_or_else(|| CoreError::Other(format!("no calibrated grid for site `{key}`")))?;
-        let i = sites.len();
-        sites.push(ActQuantizer::from_grid(g, &device));
-        if site == ActSite::Embed {
-            embed_index = Some(i);
-        } else {
-            let layer: usize = key
-                .split('.')
-                .nth(1)
-                .and_then(|l| l.parse().ok())
-                .expect("per-layer key");
-            site_index[layer].insert(site, i);
-        }
-        keys.push(key);
-    }
-    let probs = (spec.activations.mode == oqt_core::quant::ActMode::Static)
-        .then(|| ActGrid::probabilities(ActSite::Probs.bits(spec)));
+    let sites = TrainedSites::new(spec, grids, n_layers, &device)?;
 
     let ones: Vec<LayerScales> = (0..n_layers).map(|l| LayerScales::identity(cfg, l)).collect();
-    let mut smooth = SmoothParams {
-        attn: ones.iter().map(|o| param1(&o.attn, &device)).collect(),
-        mlp: ones.iter().map(|o| param1(&o.mlp, &device)).collect(),
-        down: ones.iter().map(|o| param1(&o.down, &device)).collect(),
-        vo: ones.iter().map(|o| param1(&o.vo, &device)).collect(),
+    let mut params = Params {
+        smooth: SmoothParams {
+            attn: ones.iter().map(|o| param1(&o.attn, &device)).collect(),
+            mlp: ones.iter().map(|o| param1(&o.mlp, &device)).collect(),
+            down: ones.iter().map(|o| param1(&o.down, &device)).collect(),
+            vo: ones.iter().map(|o| param1(&o.vo, &device)).collect(),
+        },
+        clip: ClipParams {
+            logits: (0..n_layers)
+                .flat_map(|l| rows[l].map(|r| param1(&vec![opts.clip_init; r], &device)))
+                .collect(),
+        },
+        ranges: RangeParams {
+            sites: sites.quantizers,
+        },
     };
-    let specs: Vec<[WeightSpec; 7]> = (0..n_layers)
-        .map(|l| Proj::PER_LAYER.map(|p| spec.weights_for(&p.weight_name(l))))
-        .collect();
-    let mut clip = ClipParams {
-        logits: (0..n_layers)
-            .flat_map(|l| rows[l].map(|r| param1(&vec![opts.clip_init; r], &device)))
-            .collect(),
-    };
-    let mut ranges = RangeParams { sites };
     let vo_expand: Tensor<1, Int> = Tensor::from_data(
         TensorData::new(
             (0..cfg.num_heads * cfg.head_dim)
@@ -310,35 +536,34 @@ pub fn train(
         ),
         &device,
     );
-
     let tokens: Vec<Tensor<2, Int>> = windows.iter().map(|w| model.tokens_tensor(w)).collect();
-    // What the loss compares (see `MobileQuantSpec::loss`).
-    let compared = |out: Tensor<3>| match opts.loss {
-        LayerLoss::LastLayer => out,
-        LayerLoss::FinalNorm | LayerLoss::LogitsKl => model.final_norm(out),
-    };
-    // The loss between a compared output and its float target: mean squared
-    // error, or KL(float ‖ quantized) of the next-token distributions per position.
-    let loss_of = |out: Tensor<3>, target: Tensor<3>| -> Tensor<1> {
-        match opts.loss {
-            LayerLoss::LastLayer | LayerLoss::FinalNorm => (out - target).powi_scalar(2).mean(),
-            LayerLoss::LogitsKl => {
-                // The teacher's log-probabilities are recomputed from the stored
-                // final-norm target each step: kept, they would be 32 × 512 ×
-                // 49,152 floats (~3.2 GB) for SmolLM2's calibration set.
-                let [b, s, _] = out.dims();
-                let teacher = log_softmax(model.logits(target), 2).detach();
-                let student = log_softmax(model.logits(out), 2);
-                (teacher.clone().exp() * (teacher - student))
-                    .sum()
-                    .div_scalar((b * s) as f32)
-            }
-        }
+    let mut trainer = Trainer {
+        model,
+        opts,
+        site_index: sites.index,
+        embed_index: sites.embed,
+        probs: (spec.activations.mode == oqt_core::quant::ActMode::Static)
+            .then(|| ActGrid::probabilities(ActSite::Probs.bits(spec))),
+        specs: (0..n_layers)
+            .map(|l| Proj::PER_LAYER.map(|p| spec.weights_for(&p.weight_name(l))))
+            .collect(),
+        vo_expand,
+        tokens,
+        targets: Vec::new(),
     };
     // Float targets once: the model is frozen, so this builds no graph.
-    let targets: Vec<Tensor<3>> = tokens
+    trainer.targets = trainer
+        .tokens
         .iter()
-        .map(|t| compared(model.forward_residual_with(t.clone(), None, &oqt_model::NoHooks)).detach())
+        .map(|t| {
+            trainer
+                .compared(
+                    trainer
+                        .model
+                        .forward_residual_with(t.clone(), None, &oqt_model::NoHooks),
+                )
+                .detach()
+        })
         .collect();
 
     let per_layer = match opts.checkpointing {
@@ -353,133 +578,63 @@ pub fn train(
             "per-layer checkpointing needs calibration windows of one length".into(),
         ));
     }
-    let positions = model.positions(seq, &device);
+    let positions = trainer.model.positions(seq, &device);
 
-    let adam = AdamWConfig::new().with_weight_decay(0.0);
-    let mut opt = Optimizers {
-        smooth: adam.init(),
-        clip: adam.init(),
-        range: adam.init(),
-    };
+    let mut opt = Optimizers::new();
     let mut losses = Vec::with_capacity(opts.steps);
     for step in 0..opts.steps {
-        let i = step % tokens.len();
+        let i = step % trainer.tokens.len();
         let lrs = [
             cosine_lr(opts.lr_smooth, step, opts.steps),
             cosine_lr(opts.lr_clip, step, opts.steps),
             cosine_lr(opts.lr_range, step, opts.steps),
         ];
-        // A macro, not a closure: each use borrows the current parameters anew.
-        macro_rules! hooks {
-            ($smooth:expr, $clip:expr, $ranges:expr) => {
-                TrainHooks {
-                    model: &model,
-                    smooth: $smooth,
-                    clip: $clip,
-                    ranges: $ranges,
-                    site_index: &site_index,
-                    embed_index,
-                    probs,
-                    specs: &specs,
-                    vo_expand: &vo_expand,
-                }
-            };
-        }
-        let value = if per_layer {
-            // Forward without keeping graphs, saving each layer's input; then
-            // backward one layer at a time from the last, recomputing that
-            // layer's forward and injecting the gradient of its output. Each
-            // layer's parameters step as soon as their gradient is known: AdamW
-            // is per parameter and no later layer's gradient depends on them.
-            let mut inputs = Vec::with_capacity(n_layers + 1);
-            {
-                // Parameters off the autodiff graph: a detached output alone
-                // would not free the graph recorded behind it.
-                let (s, c, r) = (smooth.valid(), clip.valid(), ranges.valid());
-                let h = hooks!(&s, &c, &r);
-                inputs.push(model.embed_with(tokens[i].clone(), &h));
-                for l in 0..n_layers {
-                    let y = model.layer_with(l, inputs[l].clone(), &positions, &h);
-                    inputs.push(y);
-                }
-            }
-            let out = inputs.pop().expect("n_layers + 1 inputs");
-            let (value, mut upstream) = match opts.loss {
-                LayerLoss::LastLayer => {
-                    let diff = (out - targets[i].clone()).inner();
-                    let value = to_vec(diff.clone().powi_scalar(2).mean().reshape([1]))[0];
-                    (value, diff.mul_scalar(2.0 / targets[i].shape().num_elements() as f32))
-                }
-                LayerLoss::FinalNorm | LayerLoss::LogitsKl => {
-                    // The loss's gradient at the last layer's output, through the norm.
-                    let out = out.inner().autodiff().require_grad();
-                    let loss = loss_of(compared(out.clone()), targets[i].clone());
-                    let value = to_vec(loss.clone().detach().reshape([1]))[0];
-                    let grads = loss.backward();
-                    (value, out.grad(&grads).expect("the output is tracked"))
-                }
-            };
-            check_finite(step, value)?;
-            for l in (0..n_layers).rev() {
-                let x = inputs.pop().expect("layer input").autodiff().require_grad();
-                let mut grads = {
-                    let h = hooks!(&smooth, &clip, &ranges);
-                    (model.layer_with(l, x.clone(), &positions, &h) * upstream)
-                        .sum()
-                        .backward()
-                };
-                upstream = x.grad(&grads).expect("the layer input is tracked");
-                (smooth, clip, ranges) = opt.step(lrs, smooth, clip, ranges, &mut grads);
-            }
-            if embed_index.is_some() {
-                let mut grads = {
-                    let h = hooks!(&smooth, &clip, &ranges);
-                    (model.embed_with(tokens[i].clone(), &h) * upstream).sum().backward()
-                };
-                (smooth, clip, ranges) = opt.step(lrs, smooth, clip, ranges, &mut grads);
-            }
-            value
+        let value;
+        (params, value) = if per_layer {
+            trainer.step_per_layer(i, step, lrs, &positions, params, &mut opt)?
         } else {
-            let loss = {
-                let h = hooks!(&smooth, &clip, &ranges);
-                let out = compared(model.forward_residual_with(tokens[i].clone(), None, &h));
-                loss_of(out, targets[i].clone())
-            };
-            let value = to_vec(loss.clone().detach().reshape([1]))[0];
-            check_finite(step, value)?;
-            let mut grads = loss.backward();
-            (smooth, clip, ranges) = opt.step(lrs, smooth, clip, ranges, &mut grads);
-            value
+            trainer.step_whole(i, step, lrs, params, &mut opt)?
         };
         losses.push(value);
         on_step(step + 1, opts.steps, value);
     }
+    Ok(learned(cfg, &params, &sites.keys, grids, losses))
+}
 
-    let scales = (0..n_layers)
+/// The trained parameters as plain numbers: smoothing divisors, clip ratios
+/// and every static site's grid (trained ones replaced).
+fn learned(
+    cfg: &LlamaConfig,
+    p: &Params,
+    keys: &[String],
+    grids: &BTreeMap<String, ActGrid>,
+    losses: Vec<f32>,
+) -> Learned {
+    let scales = (0..cfg.num_layers)
         .map(|l| LayerScales {
-            attn: to_vec(smooth.attn[l].val()),
-            mlp: to_vec(smooth.mlp[l].val()),
-            down: to_vec(smooth.down[l].val()),
-            vo: to_vec(smooth.vo[l].val()),
+            attn: to_vec(p.smooth.attn[l].val()),
+            mlp: to_vec(p.smooth.mlp[l].val()),
+            down: to_vec(p.smooth.down[l].val()),
+            vo: to_vec(p.smooth.vo[l].val()),
         })
         .collect();
     let mut clips = BTreeMap::new();
-    for l in 0..n_layers {
-        for (j, p) in Proj::PER_LAYER.iter().enumerate() {
-            let c: Vec<f32> = to_vec(sigmoid(clip.logits[l * 7 + j].val()));
-            clips.insert(p.weight_name(l), c);
+    for l in 0..cfg.num_layers {
+        for (j, proj) in Proj::PER_LAYER.iter().enumerate() {
+            let c: Vec<f32> = to_vec(sigmoid(p.clip.logits[l * 7 + j].val()));
+            clips.insert(proj.weight_name(l), c);
         }
     }
     let mut out_grids = grids.clone();
-    for (key, q) in keys.iter().zip(&ranges.sites) {
+    for (key, q) in keys.iter().zip(&p.ranges.sites) {
         out_grids.insert(key.clone(), q.grid());
     }
-    Ok(Learned {
+    Learned {
         scales,
         clips,
         grids: out_grids,
         losses,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -23,21 +23,15 @@ pub mod rtn;
 pub mod smoothing;
 pub mod split;
 
-use crate::ptq::awq::{AwqLinear, AwqOptions, search_scales};
-use crate::ptq::gptq::{GptqOptions, gptq_quantize};
-use crate::ptq::mobilequant::Learned;
+use crate::ptq::gptq::GptqOptions;
 use crate::ptq::rtn::{Calibrated, Prepared, RtnOptions, assemble};
-use crate::ptq::smoothing::{LayerScales, fold, smoothquant_scales};
+use crate::ptq::smoothing::{LayerScales, fold};
 use crate::stats::calibrate::{calibrate, load_windows};
 use crate::stats::inputs::{Gather, InputStats, gather_inputs};
 use oqt_core::bundle::{BundleWriter, InputRecord};
-use oqt_core::quant::{
-    ActGrid, ActMode, CalibrationSpec, MobileQuantSpec, QuantizedWeight, Recipe, TransformInit, dequantize_weight,
-    quantize_weight_rows,
-};
-use oqt_core::weights::{ModelWeights, TensorF32};
+use oqt_core::quant::{ActGrid, ActMode, CalibrationSpec, MobileQuantSpec, QuantizedWeight, Recipe};
+use oqt_core::weights::ModelWeights;
 use oqt_core::{CoreError, LoadedModel, Result};
-use oqt_model::Proj;
 use oqt_model::llama::Llama;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -138,8 +132,70 @@ pub struct PtqOutcome {
     pub losses: Vec<f32>,
 }
 
-fn float_llama(cfg: &oqt_core::LlamaConfig, weights: &ModelWeights) -> Llama {
-    oqt_model::llama_from_weights(cfg, weights.clone(), &burn::tensor::Device::flex())
+/// What every method's whole-model pass sees: the model (already widened when
+/// outlier channels were split), the recipe, the options and the calibration
+/// windows (empty for RTN on a dynamic recipe).
+pub(crate) struct MethodInput<'a> {
+    pub model: &'a LoadedModel,
+    pub recipe: &'a Recipe,
+    pub opts: &'a PtqOptions,
+    pub windows: &'a [Vec<u32>],
+}
+
+impl MethodInput<'_> {
+    pub fn is_static(&self) -> bool {
+        self.recipe.spec.activations.mode == ActMode::Static
+    }
+
+    /// The float model of `weights` under this model's config.
+    pub fn float_llama(&self, weights: &ModelWeights) -> Llama {
+        oqt_model::llama_from_weights(&self.model.config, weights.clone(), &burn::tensor::Device::flex())
+    }
+
+    /// Statistics of every decoder linear's input on the float model.
+    pub fn input_stats(&self, gather: Gather, progress: &mut dyn Progress) -> Result<Vec<[InputStats; 4]>> {
+        progress.phase("input statistics", self.windows.len());
+        gather_inputs(&self.float_llama(&self.model.weights), self.windows, gather, |d, _| {
+            progress.set(d)
+        })
+    }
+
+    /// Static activation grids of `llama` on the calibration windows.
+    pub fn calibrate(
+        &self,
+        llama: &Llama,
+        phase: &str,
+        progress: &mut dyn Progress,
+    ) -> Result<BTreeMap<String, ActGrid>> {
+        progress.phase(phase, self.windows.len());
+        calibrate(
+            llama,
+            &self.recipe.spec,
+            &self.opts.calibration,
+            self.windows,
+            |d, _| progress.set(d),
+        )
+    }
+
+    /// The model's weights with `scales` folded in.
+    pub fn folded(&self, scales: &[LayerScales]) -> Result<ModelWeights> {
+        let mut w = self.model.weights.clone();
+        fold(&self.model.config, &mut w, scales)?;
+        Ok(w)
+    }
+}
+
+/// What a method's whole-model pass hands back.
+#[derive(Default)]
+pub(crate) struct MethodOutput {
+    /// The float weights the method ends with (`None`: the model's own).
+    pub weights: Option<ModelWeights>,
+    /// Weights the method quantized itself (the rest are rounded to nearest).
+    pub quantized: BTreeMap<String, QuantizedWeight>,
+    /// Activation grids the method learned (`None`: calibrate the final model).
+    pub grids: Option<BTreeMap<String, ActGrid>>,
+    /// Training loss per step, for methods that train.
+    pub losses: Vec<f32>,
 }
 
 /// Quantize `model` with `method` under `recipe`.
@@ -151,13 +207,10 @@ pub fn quantize(
     created_by: &str,
     progress: &mut dyn Progress,
 ) -> Result<PtqOutcome> {
-    let cfg = &model.config;
-    let spec = &recipe.spec;
     // Fail before calibration, not only when the bundle is assembled.
-    crate::ptq::rtn::check_layers(recipe, cfg.num_layers)?;
-    let is_static = spec.activations.mode == ActMode::Static;
-    let needs_windows = is_static || method != Method::Rtn;
-    let (windows, calibration_input) = if needs_windows {
+    crate::ptq::rtn::check_layers(recipe, model.config.num_layers)?;
+    let is_static = recipe.spec.activations.mode == ActMode::Static;
+    let (windows, calibration_input) = if is_static || method != Method::Rtn {
         let (data, windows) = load_windows(&model.tokenizer, &opts.calibration)?;
         let record = InputRecord {
             role: "calibration".into(),
@@ -170,297 +223,126 @@ pub fn quantize(
     };
     // Outlier channel splitting (MobileQuant, when the recipe asks): the rest of
     // the method, and the bundle, see the widened model.
-    let split_model;
     let split_ratio = match opts.split_down_ratio {
         Some(r) => r,
         None if method == Method::MobileQuant => opts.mobilequant.split_down_ratio,
         None => 0.0,
     };
-    if split_ratio > 0.0 && !is_static {
+    let split_model = if split_ratio > 0.0 {
+        Some(split_outliers(model, recipe, opts, split_ratio, &windows, progress)?)
+    } else {
+        None
+    };
+    let input = MethodInput {
+        model: split_model.as_ref().unwrap_or(model),
+        recipe,
+        opts,
+        windows: &windows,
+    };
+    let output = match method {
+        Method::Rtn => MethodOutput::default(),
+        Method::SmoothQuant => MethodOutput {
+            weights: Some(input.folded(&crate::ptq::smoothing::model_scales(&input, progress)?)?),
+            ..MethodOutput::default()
+        },
+        Method::Awq => MethodOutput {
+            weights: Some(input.folded(&crate::ptq::awq::model_scales(&input, progress)?)?),
+            ..MethodOutput::default()
+        },
+        Method::Gptq => crate::ptq::gptq::quantize_model(&input, progress)?,
+        Method::MobileQuant => crate::ptq::mobilequant::quantize_model(&input, progress)?,
+    };
+    write_bundle(&input, method, output, calibration_input, created_by, progress)
+}
+
+/// The model with the down projection's outlier input channels split into
+/// exact copies (static recipes only: the split narrows static grids).
+fn split_outliers(
+    model: &LoadedModel,
+    recipe: &Recipe,
+    opts: &PtqOptions,
+    ratio: f32,
+    windows: &[Vec<u32>],
+    progress: &mut dyn Progress,
+) -> Result<LoadedModel> {
+    if recipe.spec.activations.mode != ActMode::Static {
         return Err(CoreError::Other(format!(
             "outlier channel splitting narrows static activation grids; recipe `{}` quantizes activations per token at run time — drop the split ratio",
             recipe.name
         )));
     }
-    let model = if split_ratio > 0.0 {
-        progress.phase("input statistics (channel splitting)", windows.len());
-        let st = gather_inputs(
-            &float_llama(cfg, &model.weights),
-            &windows,
-            Gather::default(),
-            |d, _| progress.set(d),
-        )?;
-        let plan = crate::ptq::split::plan(&st, split_ratio, 16, opts.mobilequant.split_down_max);
-        let mut weights = model.weights.clone();
-        let sizes = crate::ptq::split::apply(cfg, &mut weights, &plan)?;
-        tracing::info!(
-            added = plan.total_extra(),
-            ?sizes,
-            "split down-projection input channels"
-        );
-        let mut config = cfg.clone();
-        config.layer_intermediate_sizes = Some(sizes);
-        split_model = LoadedModel {
-            path: model.path.clone(),
-            format: model.format,
-            name: model.name.clone(),
-            config,
-            weights,
-            tokenizer: model.tokenizer.clone(),
-        };
-        &split_model
-    } else {
-        model
-    };
     let cfg = &model.config;
-    let stats = |gather: Gather, progress: &mut dyn Progress| -> Result<Vec<[InputStats; 4]>> {
-        progress.phase("input statistics", windows.len());
-        gather_inputs(&float_llama(cfg, &model.weights), &windows, gather, |d, _| {
-            progress.set(d)
-        })
-    };
+    progress.phase("input statistics (channel splitting)", windows.len());
+    let float = oqt_model::llama_from_weights(cfg, model.weights.clone(), &burn::tensor::Device::flex());
+    let st = gather_inputs(&float, windows, Gather::default(), |d, _| progress.set(d))?;
+    let plan = crate::ptq::split::plan(&st, ratio, 16, opts.mobilequant.split_down_max);
+    let mut weights = model.weights.clone();
+    let sizes = crate::ptq::split::apply(cfg, &mut weights, &plan)?;
+    tracing::info!(
+        added = plan.total_extra(),
+        ?sizes,
+        "split down-projection input channels"
+    );
+    let mut config = cfg.clone();
+    config.layer_intermediate_sizes = Some(sizes);
+    Ok(LoadedModel {
+        path: model.path.clone(),
+        format: model.format,
+        name: model.name.clone(),
+        config,
+        weights,
+        tokenizer: model.tokenizer.clone(),
+    })
+}
 
-    let mut quantized: BTreeMap<String, QuantizedWeight> = BTreeMap::new();
-    let mut learned_grids: Option<BTreeMap<String, ActGrid>> = None;
-    let mut losses = Vec::new();
-    // The float weights the method ends with (`None`: the model's own).
-    let weights: Option<ModelWeights> = match method {
-        Method::Rtn => None,
-        Method::SmoothQuant => {
-            let st = stats(Gather::default(), progress)?;
-            let scales = smoothquant_scales(cfg, &model.weights, &st, opts.smooth_alpha)?;
-            let mut w = model.weights.clone();
-            fold(cfg, &mut w, &scales)?;
-            Some(w)
-        }
-        Method::Awq => {
-            let st = stats(awq_gather(opts, windows.len()), progress)?;
-            let scales = awq_scales(model, recipe, &st, progress)?;
-            let mut w = model.weights.clone();
-            fold(cfg, &mut w, &scales)?;
-            Some(w)
-        }
-        Method::Gptq => {
-            let st = stats(
-                Gather {
-                    sample_rows_per_window: 0,
-                    gram: true,
-                },
-                progress,
-            )?;
-            // Static 8-bit inputs carry rounding noise of variance `scale²/12` on every
-            // channel, which GPTQ's float-input Hessian does not see: its error
-            // compensation then loads weight onto quiet channels where the noise
-            // is amplified. The expected Hessian of the noisy input, `XᵀX + n·σ²·I`,
-            // keeps it honest (without it GPTQ is worse than RTN on SmolLM2 w4a8).
-            let noise: Option<BTreeMap<String, ActGrid>> = if is_static {
-                progress.phase("calibrating (input noise)", windows.len());
-                Some(calibrate(
-                    &float_llama(cfg, &model.weights),
-                    spec,
-                    &opts.calibration,
-                    &windows,
-                    |d, _| progress.set(d),
-                )?)
-            } else {
-                None
-            };
-            progress.phase("GPTQ", cfg.num_layers * Proj::PER_LAYER.len());
-            let mut w = model.weights.clone();
-            let mut done = 0;
-            for (l, groups) in st.iter().enumerate() {
-                for p in Proj::PER_LAYER {
-                    let name = p.weight_name(l);
-                    let t = model.weights.get(&name).expect("validated");
-                    let g = &groups[crate::stats::inputs::group_index(p).expect("decoder linear")];
-                    let mut h = g.gram.clone().expect("gathered");
-                    let (rows, cols) = (t.shape[0], t.shape[1]);
-                    if let Some(grid) = noise.as_ref().and_then(|n| n.get(&p.input_site().key(l)))
-                        && grid.bits == 8
-                    {
-                        let add = g.tokens as f64 * (grid.scale as f64).powi(2) / 12.0;
-                        for i in 0..cols {
-                            h[i * cols + i] += add;
-                        }
-                    }
-                    let qw = gptq_quantize(&t.data, rows, cols, &h, &spec.weights_for(&name), &opts.gptq)
-                        .map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
-                    if tracing::enabled!(tracing::Level::DEBUG) {
-                        let rtn = oqt_core::quant::quantize_weight(&t.data, rows, cols, &spec.weights_for(&name), 1.0);
-                        let (e_gptq, e_rtn) = (
-                            crate::ptq::gptq::output_error(&t.data, &qw, &h),
-                            crate::ptq::gptq::output_error(&t.data, &rtn, &h),
-                        );
-                        tracing::debug!(%name, ratio = e_gptq / e_rtn, "GPTQ proxy error vs RTN");
-                    }
-                    // Activation grids are calibrated on the model GPTQ produced.
-                    *w.get_mut(&name).expect("validated") = TensorF32::new(t.shape.clone(), dequantize_weight(&qw));
-                    quantized.insert(name, qw);
-                    done += 1;
-                    progress.set(done);
-                }
-            }
-            Some(w)
-        }
-        Method::MobileQuant => {
-            if !is_static {
-                return Err(CoreError::Other(format!(
-                    "MobileQuant targets static (NPU) activation grids; recipe `{}` has {:?} activations — use rtn, gptq or awq",
-                    recipe.name, spec.activations.mode
-                )));
-            }
-            let init = match opts.mobilequant.init {
-                TransformInit::Smoothquant => {
-                    let st = stats(Gather::default(), progress)?;
-                    smoothquant_scales(cfg, &model.weights, &st, opts.smooth_alpha)?
-                }
-                TransformInit::Awq => {
-                    let st = stats(awq_gather(opts, windows.len()), progress)?;
-                    awq_scales(model, recipe, &st, progress)?
-                }
-            };
-            let initialised = || -> Result<ModelWeights> {
-                let mut w = model.weights.clone();
-                fold(cfg, &mut w, &init)?;
-                Ok(w)
-            };
-            progress.phase("calibrating", windows.len());
-            // The calibration model owns its fold of the weights and training
-            // gets a fresh one, so the two never coexist: one weight copy fewer
-            // at this phase's peak (~4.6 GiB at 1B).
-            let grids = {
-                let llama = oqt_model::llama_from_weights(cfg, initialised()?, &burn::tensor::Device::flex());
-                calibrate(&llama, spec, &opts.calibration, &windows, |d, _| progress.set(d))?
-            };
-            let w = initialised()?;
-            progress.phase("MobileQuant", opts.mobilequant.steps);
-            // Training takes the weights; they are rebuilt (the same fold)
-            // afterwards rather than kept: one copy fewer while a 1B model trains.
-            let Learned {
-                scales,
-                clips,
-                grids,
-                losses: l,
-            } = mobilequant::train(cfg, w, spec, &grids, &windows, &opts.mobilequant, &mut |s, n, loss| {
-                progress.loss(s, n, loss)
-            })?;
-            losses = l;
-            let mut w = initialised()?;
-            fold(cfg, &mut w, &scales)?;
-            for (name, c) in &clips {
-                let t = w.get(name).expect("validated");
-                let qw = quantize_weight_rows(&t.data, t.shape[0], t.shape[1], &spec.weights_for(name), c);
-                quantized.insert(name.clone(), qw);
-            }
-            learned_grids = Some(grids);
-            Some(w)
-        }
-    };
-    let final_weights = weights.as_ref().unwrap_or(&model.weights);
-
-    let calibrated = match (is_static, learned_grids) {
+/// Calibrate the static grids of the final model (unless the method learned
+/// them), round the remaining weights and assemble the bundle.
+fn write_bundle(
+    input: &MethodInput,
+    method: Method,
+    output: MethodOutput,
+    calibration_input: Option<InputRecord>,
+    created_by: &str,
+    progress: &mut dyn Progress,
+) -> Result<PtqOutcome> {
+    let model = input.model;
+    let final_weights = output.weights.as_ref().unwrap_or(&model.weights);
+    let is_static = input.is_static();
+    let calibrated = match (is_static, output.grids) {
         (false, _) => None,
         (true, Some(grids)) => Some(grids),
-        (true, None) => {
-            progress.phase("calibrating", windows.len());
-            Some(calibrate(
-                &float_llama(cfg, final_weights),
-                spec,
-                &opts.calibration,
-                &windows,
-                |d, _| progress.set(d),
-            )?)
-        }
+        (true, None) => Some(input.calibrate(&input.float_llama(final_weights), "calibrating", progress)?),
     }
     .map(|grids| Calibrated {
         grids,
         input: calibration_input.clone().expect("static recipes load windows"),
     });
-    let method_name = match (method, opts.rtn.clip_search) {
+    let method_name = match (method, input.opts.rtn.clip_search) {
         (Method::Rtn, true) => "rtn-mse-clip".to_string(),
         (m, _) => m.name().to_string(),
     };
     progress.phase("writing", model.weights.len());
     let prepared = Prepared {
         weights: final_weights,
-        quantized,
+        quantized: output.quantized,
         method: method_name,
     };
-    let mut writer = assemble(model, prepared, recipe, opts.rtn, calibrated, created_by, |d, _| {
-        progress.set(d)
-    })?;
+    let mut writer = assemble(
+        model,
+        prepared,
+        input.recipe,
+        input.opts.rtn,
+        calibrated,
+        created_by,
+        |d, _| progress.set(d),
+    )?;
     if !is_static && let Some(input) = calibration_input {
         writer.manifest_mut().inputs.push(input);
     }
-    Ok(PtqOutcome { writer, losses })
-}
-
-/// What AWQ's search replays: `awq_sample_rows` rows spread over the windows.
-fn awq_gather(opts: &PtqOptions, windows: usize) -> Gather {
-    Gather {
-        sample_rows_per_window: opts.awq_sample_rows.div_ceil(windows.max(1)),
-        gram: false,
-    }
-}
-
-/// AWQ scales for every layer's q/k/v, gate/up and down inputs (v → o is left
-/// at 1: under grouped-query attention the o columns do not map one to one
-/// onto v's rows, and the reference implementation skips it too).
-fn awq_scales(
-    model: &LoadedModel,
-    recipe: &Recipe,
-    stats: &[[InputStats; 4]],
-    progress: &mut dyn Progress,
-) -> Result<Vec<LayerScales>> {
-    let cfg = &model.config;
-    let spec = &recipe.spec;
-    let act_bits = (spec.activations.mode == ActMode::Static).then_some(spec.activations.bits);
-    let opts = AwqOptions {
-        act_bits,
-        ..AwqOptions::default()
-    };
-    progress.phase("AWQ search", cfg.num_layers * 3);
-    let mut out = Vec::with_capacity(cfg.num_layers);
-    let mut done = 0;
-    for (l, groups) in stats.iter().enumerate() {
-        let mut s = LayerScales::identity(cfg, l);
-        for (gi, projs) in [
-            (0usize, &[Proj::Q, Proj::K, Proj::V][..]),
-            (2, &[Proj::Gate, Proj::Up][..]),
-            (3, &[Proj::Down][..]),
-        ] {
-            let names: Vec<String> = projs.iter().map(|p| p.weight_name(l)).collect();
-            let linears: Vec<AwqLinear> = names
-                .iter()
-                .map(|n| {
-                    let t = model.weights.get(n).expect("validated");
-                    AwqLinear {
-                        weight: &t.data,
-                        rows: t.shape[0],
-                        spec: spec.weights_for(n),
-                    }
-                })
-                .collect();
-            let g = &groups[gi];
-            let r = search_scales(&g.sample, g.width, &linears, &opts);
-            tracing::debug!(
-                layer = l,
-                input = gi,
-                alpha = r.alpha,
-                gain = r.error / r.rtn_error.max(1e-30),
-                "AWQ"
-            );
-            match gi {
-                0 => s.attn = r.scales,
-                2 => s.mlp = r.scales,
-                _ => s.down = r.scales,
-            }
-            done += 1;
-            progress.set(done);
-        }
-        out.push(s);
-    }
-    Ok(out)
+    Ok(PtqOutcome {
+        writer,
+        losses: output.losses,
+    })
 }
 
 #[cfg(test)]

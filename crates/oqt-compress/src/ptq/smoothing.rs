@@ -15,9 +15,22 @@
 //! weight grids are invariant to row scaling, so it could change nothing.
 //! Folding puts the scales into the exported weights; the runtime sees a plain model.
 
-use crate::stats::inputs::InputStats;
+use crate::ptq::{MethodInput, Progress};
+use crate::stats::inputs::{Gather, InputStats};
 use oqt_core::weights::{ModelWeights, names};
 use oqt_core::{CoreError, LlamaConfig, Result};
+
+/// SmoothQuant's scales (α = `smooth_alpha`) for the whole model, from the
+/// float model's input statistics.
+pub(crate) fn model_scales(input: &MethodInput, progress: &mut dyn Progress) -> Result<Vec<LayerScales>> {
+    let stats = input.input_stats(Gather::default(), progress)?;
+    smoothquant_scales(
+        &input.model.config,
+        &input.model.weights,
+        &stats,
+        input.opts.smooth_alpha,
+    )
+}
 
 /// Divisors of one decoder layer's transformations.
 #[derive(Debug, Clone, PartialEq)]
