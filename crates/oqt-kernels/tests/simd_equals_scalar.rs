@@ -1,6 +1,7 @@
 //! Every SIMD path equals the scalar reference bit for bit, on randomized
 //! shapes: odd sizes, K not a multiple of the block, one row, many rows.
 
+use oqt_kernels::panels::{has_panel_kernel, matmul_int4_panels, repack_int4};
 use oqt_kernels::{
     Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_row, quantize_rows, quantize_rows_q8_0,
     quantize_rows_static,
@@ -103,7 +104,7 @@ proptest! {
     }
 
     #[test]
-    fn int4_matmul_agrees(m in 1usize..5, n in 1usize..40, k in 1usize..600, gsel in 0u8..4, seed in any::<u64>()) {
+    fn int4_matmul_agrees(m in 1usize..11, n in 1usize..40, k in 1usize..600, gsel in 0u8..4, seed in any::<u64>()) {
         let group = group_for(k, gsel);
         let mut rng = seed;
         let mut next = || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
@@ -120,6 +121,12 @@ proptest! {
             let mut out = vec![0f32; m * n];
             matmul_int4(isa, &a, &packed, &mut out);
             prop_assert!(out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{} differs", isa.name());
+        }
+        let panels = repack_int4(&packed);
+        for isa in Isa::available().into_iter().filter(|&i| has_panel_kernel(i)) {
+            let mut out = vec![0f32; m * n];
+            matmul_int4_panels(isa, &a, &panels, &mut out);
+            prop_assert!(out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{} panels differ", isa.name());
         }
     }
 
@@ -171,6 +178,10 @@ proptest! {
             let mut out = vec![0f32; m * n];
             matmul_int4(isa, &a, &p4, &mut out);
             prop_assert!(out.iter().zip(&want4).all(|(a, b)| a.to_bits() == b.to_bits()), "{} int4 differs", isa.name());
+            if has_panel_kernel(isa) {
+                matmul_int4_panels(isa, &a, &repack_int4(&p4), &mut out);
+                prop_assert!(out.iter().zip(&want4).all(|(a, b)| a.to_bits() == b.to_bits()), "{} int4 panels differ", isa.name());
+            }
             matmul_int8(isa, &a, &p8, &mut out);
             prop_assert!(out.iter().zip(&want8).all(|(a, b)| a.to_bits() == b.to_bits()), "{} int8 differs", isa.name());
         }
@@ -255,5 +266,35 @@ fn wide_dots_are_exact_at_the_extremes() {
             "{}",
             isa.name()
         );
+    }
+}
+
+/// The panel kernel's result does not depend on how many threads split the
+/// panels: 1 and 3 threads, a shape with a partial last panel and row tile.
+#[test]
+fn panel_matmul_is_the_same_on_1_and_3_threads() {
+    let (m, n, k): (usize, usize, usize) = (7, 203, 333);
+    let w: Vec<i8> = (0..n * k).map(|i| ((i * 7919 + 13) % 16) as i8 - 8).collect();
+    let k_pad = k.div_ceil(32) * 32;
+    let scales: Vec<f32> = (0..n * k_pad / 32).map(|i| ((i * 31) % 97 + 1) as f32 * 1e-3).collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 2654435761usize) % 2001) as f32 / 100.0 - 10.0)
+        .collect();
+    let packed = PackedInt4::pack(&w, n, k, Some(32), scales);
+    let panels = repack_int4(&packed);
+    let a = quantize_rows(Isa::Scalar, &x, m, k);
+    let mut want = vec![0f32; m * n];
+    matmul_int4(Isa::Scalar, &a, &packed, &mut want);
+    for isa in Isa::available().into_iter().filter(|&i| has_panel_kernel(i)) {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![0f32; m * n];
+            pool.install(|| matmul_int4_panels(isa, &a, &panels, &mut out));
+            assert!(
+                out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{} on {threads} threads differs",
+                isa.name()
+            );
+        }
     }
 }

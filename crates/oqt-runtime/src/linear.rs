@@ -2,17 +2,21 @@
 
 use oqt_core::encoding::{ActInput, KernelChoice, TensorEncoding, choose_kernel};
 use oqt_core::quant::{ActGrid, QuantizedWeight, dequantize_weight};
+use oqt_kernels::panels::has_panel_kernel;
 use oqt_kernels::{
-    Isa, PackedInt4, PackedInt8, by_weight_rows, dot_wide, matmul_int4, matmul_int8, quantize_row, quantize_rows,
-    quantize_rows_q8_0, quantize_rows_static,
+    Int4Panels, Isa, PackedInt4, PackedInt8, by_weight_rows, dot_wide, matmul_int4, matmul_int4_panels, matmul_int8,
+    quantize_row, quantize_rows, quantize_rows_q8_0, quantize_rows_static, repack_int4,
 };
 
 /// The weights and the kernel that multiplies them.
 pub enum Kernel {
     /// `[out, in]` row-major f32.
     F32 { w: Vec<f32>, out: usize, inp: usize },
-    /// Int8 activations × int4 weights.
+    /// Int8 activations × int4 weights, row kernels (the scalar and NEON paths).
     Int4(PackedInt4),
+    /// Int8 activations × int4 weights repacked into panels at load
+    /// ([`repack_int4`]): the register-tiled x86 kernels.
+    Int4Panels(Int4Panels),
     /// Int8 activations × int8 weights.
     Int8(PackedInt8),
     /// 16-bit static activations × int4/int8 weights (a W8A16-style layer):
@@ -80,6 +84,7 @@ impl Linear {
         match &self.kernel {
             Kernel::F32 { out, .. } => *out,
             Kernel::Int4(w) => w.rows,
+            Kernel::Int4Panels(w) => w.rows,
             Kernel::Int8(w) => w.rows,
             Kernel::Int16Input(w) => w.rows,
         }
@@ -94,8 +99,9 @@ impl Linear {
 
     /// From a bundle's quantized weight whose input is quantized as `input`
     /// says; the encoding table ([`choose_kernel`]) picks the kernel, as it does
-    /// for the simulation.
-    pub fn from_quantized(qw: &QuantizedWeight, input: InputQuant) -> Self {
+    /// for the simulation. int4 weights are repacked into panels when `isa`
+    /// has a panel kernel (one named load-time step, [`repack_int4`]).
+    pub fn from_quantized(qw: &QuantizedWeight, input: InputQuant, isa: Isa) -> Self {
         let group = (qw.group != qw.cols).then_some(qw.group);
         let kernel = match choose_kernel(&TensorEncoding::of_quantized(qw), input) {
             KernelChoice::Int16Input { group: kg } => {
@@ -110,7 +116,12 @@ impl Linear {
                 })
             }
             KernelChoice::Int8Input { weight_bits: 4, .. } => {
-                Kernel::Int4(PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone()))
+                let packed = PackedInt4::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone());
+                if has_panel_kernel(isa) {
+                    Kernel::Int4Panels(repack_int4(&packed))
+                } else {
+                    Kernel::Int4(packed)
+                }
             }
             KernelChoice::Int8Input { .. } => {
                 Kernel::Int8(PackedInt8::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone()))
@@ -142,6 +153,7 @@ impl Linear {
                 });
             }
             Kernel::Int4(w) => matmul_int4(isa, &quantized(w.k), w, &mut y),
+            Kernel::Int4Panels(w) => matmul_int4_panels(isa, &quantized(w.k), w, &mut y),
             Kernel::Int8(w) => matmul_int8(isa, &quantized(w.k), w, &mut y),
             Kernel::Int16Input(w) => match self.input {
                 InputQuant::Static(g) => return w.forward(isa, x, m, g),

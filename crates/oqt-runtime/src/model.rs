@@ -174,6 +174,7 @@ impl RuntimeModel {
             what: "tensor",
             name: name.into(),
         };
+        let isa = Isa::detect();
         let mut weight_bytes = 0usize;
         let mut linear = |name: &str, input: ActSite, layer: usize| -> Result<Linear> {
             match tensor(name)? {
@@ -182,6 +183,7 @@ impl RuntimeModel {
                     Ok(Linear::from_quantized(
                         &qw,
                         InputQuant::resolve(acts, grid(layer, input)),
+                        isa,
                     ))
                 }
                 Some(SourceWeight::F32(w, shape)) => {
@@ -235,7 +237,7 @@ impl RuntimeModel {
         Ok(Self {
             rope_inv_freq: cfg.rope_inv_freq(),
             tokenizer,
-            isa: Isa::detect(),
+            isa,
             embed,
             embed_f32,
             layers,
@@ -254,19 +256,34 @@ impl RuntimeModel {
         }
     }
 
-    /// Rotate-half RoPE in place on `[s, heads × hd]` for positions `start..`.
-    fn rope(&self, x: &mut [f32], heads: usize, start: usize) {
+    /// `(cos, sin)` of every rotary angle for positions `start..start + s`,
+    /// `[s, head_dim / 2]` each: computed once per forward pass, shared by every
+    /// layer and head.
+    fn rope_table(&self, start: usize, s: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.rope_inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(s * half), Vec::with_capacity(s * half));
+        for p in start..start + s {
+            for &f in &self.rope_inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Rotate-half RoPE in place on `[s, heads × hd]` with the angles of `table`.
+    fn rope(&self, x: &mut [f32], heads: usize, table: &(Vec<f32>, Vec<f32>)) {
         let hd = self.config.head_dim;
         let half = hd / 2;
         for (p, row) in x.chunks_mut(heads * hd).enumerate() {
-            let pos = (start + p) as f64;
+            let (cos, sin) = (&table.0[p * half..(p + 1) * half], &table.1[p * half..(p + 1) * half]);
             for head in row.chunks_mut(hd) {
-                for (i, &f) in self.rope_inv_freq.iter().enumerate() {
-                    let a = pos * f;
-                    let (c, s) = (a.cos() as f32, a.sin() as f32);
-                    let (x1, x2) = (head[i], head[i + half]);
-                    head[i] = x1 * c - x2 * s;
-                    head[i + half] = x2 * c + x1 * s;
+                let (x1s, x2s) = head.split_at_mut(half);
+                for (((x1, x2), &c), &s) in x1s.iter_mut().zip(x2s.iter_mut()).zip(cos).zip(sin) {
+                    let (a, b) = (*x1, *x2);
+                    *x1 = a * c - b * s;
+                    *x2 = b * c + a * s;
                 }
             }
         }
@@ -292,6 +309,7 @@ impl RuntimeModel {
         }
         self.site(0, ActSite::Embed, &mut x);
         let start = cache.len;
+        let rope_table = self.rope_table(start, s);
         let mut normed = vec![0f32; s * h];
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, eps, &mut normed);
@@ -309,8 +327,8 @@ impl RuntimeModel {
                     }
                 }
             }
-            self.rope(&mut q, nh, start);
-            self.rope(&mut k, nkv, start);
+            self.rope(&mut q, nh, &rope_table);
+            self.rope(&mut k, nkv, &rope_table);
             cache.k[li].extend_from_slice(&k);
             cache.v[li].extend_from_slice(&v);
             let (kc, vc) = (&cache.k[li], &cache.v[li]);
@@ -318,11 +336,14 @@ impl RuntimeModel {
             let group = nh / nkv;
             let scale = (1.0 / (hd as f64).sqrt()) as f32;
             let probs_grid = self.grids.as_ref().map(|g| g.get(li, ActSite::Probs));
+            // One task per (query row, head): a decode step (one row) still
+            // spreads over the heads. Each head's arithmetic is independent of
+            // the split, so the result does not depend on the thread count.
             let mut attn = vec![0f32; s * nh * hd];
-            attn.par_chunks_mut(nh * hd).enumerate().for_each(|(i, out_row)| {
-                let mut scores = vec![0f32; total];
-                let mut acc = vec![0f64; hd];
-                for head in 0..nh {
+            attn.par_chunks_mut(hd).enumerate().for_each_init(
+                || (vec![0f32; total], vec![0f64; hd]),
+                |(scores, acc), (item, o)| {
+                    let (i, head) = (item / nh, item % nh);
                     let kvh = head / group;
                     let qv = &q[i * nh * hd + head * hd..][..hd];
                     let visible = start + i + 1;
@@ -334,15 +355,15 @@ impl RuntimeModel {
                     if let Some(g) = &probs_grid {
                         g.fake(&mut scores[..visible]);
                     }
-                    let o = &mut out_row[head * hd..(head + 1) * hd];
                     acc.fill(0.0);
                     for (j, &w) in scores[..visible].iter().enumerate() {
                         let vv = &vc[j * nkv * hd + kvh * hd..][..hd];
-                        acc.iter_mut().zip(vv).for_each(|(a, &b)| *a += w as f64 * b as f64);
+                        let w = w as f64;
+                        acc.iter_mut().zip(vv).for_each(|(a, &b)| *a += w * b as f64);
                     }
-                    o.iter_mut().zip(&acc).for_each(|(o, &a)| *o = a as f32);
-                }
-            });
+                    o.iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = a as f32);
+                },
+            );
             let mut o = layer.o.forward(self.isa, &attn, s);
             self.site(li, ActSite::OOut, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Side-by-side speed of oqt's runtime and llama.cpp on the same cores, in one run.
+#
+# Builds llama.cpp from the `vendor/llama.cpp` tree of the PyPI sdist
+# llama-cpp-python==0.3.36 (cached under $OQT_BENCH_CACHE), requantizes the
+# default model (SmolLM2-135M-Instruct, shipped as Q4_1) to Q4_0 with
+# llama-quantize, runs `llama-bench -p 512 -n 128` (and at depth 512), then
+# `oqt bench` on w4a8-dyn and w4a8 bundles at the same thread count, and prints
+# one table with ratios. A benchmark, not a test: .ci/run never runs it.
+#
+# usage: benches/vs-llama-cpp.sh [--threads N] [--repeats N] [--model GGUF_OR_ALIAS] [--skip-build]
+#   --model: another GGUF (e.g. the 1B-shaped synthetic export) instead of the default.
+set -euo pipefail
+
+THREADS=2
+REPEATS=3
+MODEL=smollm2-135m
+SKIP_BUILD=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --threads) THREADS=$2; shift 2 ;;
+    --repeats) REPEATS=$2; shift 2 ;;
+    --model) MODEL=$2; shift 2 ;;
+    --skip-build) SKIP_BUILD=1; shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${OQT_BENCH_CACHE:-$HOME/.cache/oqt/llama.cpp}
+WORK=${OQT_BENCH_WORK:-$CACHE/work}
+LCP_VERSION=0.3.36
+mkdir -p "$CACHE" "$WORK"
+export OQT_DATA=${OQT_DATA:-$ROOT/../shared/datasets}
+
+# --- llama.cpp, built once into the cache --------------------------------------
+BIN=$CACHE/build/bin
+if [[ ! -x $BIN/llama-bench || ! -x $BIN/llama-quantize ]]; then
+  command -v cmake >/dev/null || python3 -m pip install -q cmake
+  SDIST=$CACHE/src/llama_cpp_python-$LCP_VERSION.tar.gz
+  if [[ ! -f $SDIST ]]; then
+    # pip prepares an sdist's metadata before saving it, which needs the build backend.
+    python3 -m pip install -q scikit-build-core
+    python3 -m pip download --no-deps --no-build-isolation "llama-cpp-python==$LCP_VERSION" -d "$CACHE/src"
+  fi
+  rm -rf "$CACHE/tree" && mkdir -p "$CACHE/tree"
+  tar -xzf "$SDIST" -C "$CACHE/tree" --strip-components=1
+  cmake -S "$CACHE/tree/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >"$CACHE/cmake.log"
+  cmake --build "$CACHE/build" --target llama-bench llama-quantize -j "$(nproc)" >"$CACHE/build.log"
+fi
+
+# --- oqt, release build ---------------------------------------------------------
+if [[ $SKIP_BUILD == 0 ]]; then
+  (cd "$ROOT" && cargo build --release -p oqt-cli --quiet)
+fi
+OQT=$ROOT/target/release/oqt
+
+# --- the models -----------------------------------------------------------------
+if [[ -f $MODEL ]]; then
+  SRC=$MODEL
+else
+  SRC=$("$OQT" fetch "$MODEL" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
+fi
+TAG=$(basename "$SRC" .gguf)
+Q4_0=$WORK/$TAG.Q4_0.gguf
+[[ -f $Q4_0 ]] || "$BIN/llama-quantize" --allow-requantize "$SRC" "$Q4_0" Q4_0 >"$WORK/quantize.log" 2>&1
+for r in w4a8-dyn w4a8; do
+  [[ -f $WORK/$TAG.$r.oqt ]] || "$OQT" quantize --recipe "$r" "$SRC" --no-eval --calib-samples 8 --output "$WORK/$TAG.$r.oqt" >/dev/null 2>&1
+done
+
+# --- the runs (peak RSS from GNU time) ------------------------------------------
+rss() { # rss FILE → max resident KiB
+  sed -n 's/.*Maximum resident set size (kbytes): //p' "$1"
+}
+run_timed() { # run_timed NAME CMD... → $WORK/NAME.out, $WORK/NAME.time
+  local name=$1; shift
+  /usr/bin/time -v -o "$WORK/$name.time" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"
+}
+echo "llama-bench (threads $THREADS)…" >&2
+run_timed llama "$BIN/llama-bench" -m "$Q4_0" -t "$THREADS" -p 512 -n 128 -r "$REPEATS" -o json
+if "$BIN/llama-bench" --help 2>&1 | grep -q -- "-d, --n-depth"; then
+  run_timed llama_d512 "$BIN/llama-bench" -m "$Q4_0" -t "$THREADS" -p 0 -n 128 -d 512 -r "$REPEATS" -o json
+fi
+for r in w4a8-dyn w4a8; do
+  echo "oqt bench $r…" >&2
+  RAYON_NUM_THREADS=$THREADS run_timed "oqt_${r}_empty" "$OQT" bench --bundle "$WORK/$TAG.$r.oqt" \
+    --threads "$THREADS" --prompt-tokens 1 --decode-tokens 128 --repeats "$REPEATS" --json
+  RAYON_NUM_THREADS=$THREADS run_timed "oqt_${r}_p512" "$OQT" bench --bundle "$WORK/$TAG.$r.oqt" \
+    --threads "$THREADS" --prompt-tokens 512 --decode-tokens 128 --repeats "$REPEATS" --json
+done
+
+# --- one table ------------------------------------------------------------------
+WORK=$WORK THREADS=$THREADS python3 - <<'PY'
+import json, os, re
+w = os.environ["WORK"]
+def rss(name):
+    t = open(f"{w}/{name}.time").read()
+    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) / 1024
+def llama(name):
+    p = f"{w}/{name}.out"
+    if not os.path.exists(p):
+        return {}
+    out = {}
+    for r in json.load(open(p)):
+        key = "pp" if r["n_prompt"] > 0 and r["n_gen"] == 0 else "tg"
+        out[key] = r["avg_ts"]
+    return out
+base, deep = llama("llama"), llama("llama_d512")
+base_rss = rss("llama")
+print(f"threads {os.environ['THREADS']}; llama.cpp Q4_0 vs oqt runtime (ratios: oqt / llama.cpp)\n")
+print("| engine | prefill 512 tok/s | decode tg128 tok/s | decode @512 tok/s | peak RSS MiB |")
+print("|---|---|---|---|---|")
+d = deep.get("tg", float("nan"))
+print(f"| llama.cpp Q4_0 | {base['pp']:.1f} | {base['tg']:.1f} | {d:.1f} | {base_rss:.0f} |")
+for r in ["w4a8-dyn", "w4a8"]:
+    e = json.load(open(f"{w}/oqt_{r}_empty.out"))
+    p = json.load(open(f"{w}/oqt_{r}_p512.out"))
+    peak = max(rss(f"oqt_{r}_empty"), rss(f"oqt_{r}_p512"))
+    print(f"| oqt `{r}` | {p['prefill_tok_s']:.1f} ({p['prefill_tok_s']/base['pp']:.2f}×) "
+          f"| {e['decode_tok_s']:.1f} ({e['decode_tok_s']/base['tg']:.2f}×) "
+          f"| {p['decode_tok_s']:.1f} ({p['decode_tok_s']/d:.2f}×) | {peak:.0f} ({peak/base_rss:.2f}×) |")
+PY

@@ -1,0 +1,173 @@
+//! Register-tiled int8 × int4 GEMM over weights repacked into panels.
+//!
+//! **The repack** ([`repack_int4`], done once when a model loads): the weight
+//! rows are taken eight at a time (a *panel*; the last one padded with zero
+//! rows) and, per block of 32 columns, interleaved so that one 32-byte vector
+//! holds four consecutive columns of all eight rows. A broadcast of four
+//! activation bytes against that vector gives, in one `vpdpbusd` (or
+//! `vpmaddubsw` + `vpmaddwd`), four products for each of the eight rows: the
+//! eight SIMD lanes are eight output columns, so no horizontal reduction is
+//! needed, and the unpacked weights of a block are reused for several
+//! activation rows (the register tile) before the next block is read.
+//!
+//! **The arithmetic** is the crate contract, unchanged: per (row, group) the
+//! exact i32 dot `Σ (q_a − zp) · q_w`, then `p[g mod 8] += (s_a · s_w[g]) · dot`
+//! and the pairwise finish — lane by lane, so every output equals
+//! [`crate::dot::row_int4_scalar`] bit for bit (tests on odd shapes).
+//!
+//! Per panel and block the 128 data bytes are four vectors `P_j` (`j < 4`):
+//! the low nibble of byte `4r + t` of `P_j` is row `r`, column `4j + t` of the
+//! block (stored `+ 8`), its high nibble column `4(j + 4) + t`.
+
+use crate::Isa;
+use crate::act_quant::QuantizedRows;
+use crate::pack::{BLOCK, PackedInt4};
+use rayon::prelude::*;
+
+/// Weight rows per panel (the SIMD lanes of one 256-bit i32 vector).
+pub const PANEL: usize = 8;
+
+/// int4 weights repacked into panels of [`PANEL`] rows (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int4Panels {
+    pub rows: usize,
+    pub k: usize,
+    pub k_pad: usize,
+    pub group: usize,
+    /// `panels × blocks × 128` bytes.
+    pub data: Vec<u8>,
+    /// `panels × groups × 8` scales (lane = row in the panel; 0 for padding rows).
+    pub scales: Vec<f32>,
+    /// `panels × groups × 8` sums of the signed weights of each (row, group).
+    pub sums: Vec<i32>,
+}
+
+impl Int4Panels {
+    pub fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
+    }
+    pub fn groups(&self) -> usize {
+        self.k_pad / self.group
+    }
+    pub fn blocks(&self) -> usize {
+        self.k_pad / BLOCK
+    }
+    /// Bytes held (what the runtime keeps in memory).
+    pub fn bytes(&self) -> usize {
+        self.data.len() + self.scales.len() * 4 + self.sums.len() * 4
+    }
+}
+
+/// The load-time repack of row-major packed int4 weights into panels.
+pub fn repack_int4(w: &PackedInt4) -> Int4Panels {
+    let (panels, blocks, groups) = (w.rows.div_ceil(PANEL), w.k_pad / BLOCK, w.groups());
+    let mut data = vec![0u8; panels * blocks * 128];
+    let mut scales = vec![0f32; panels * groups * PANEL];
+    let mut sums = vec![0i32; panels * groups * PANEL];
+    // Stored nibble (`q + 8`) of (row, col); padding rows hold zeros (8).
+    let nib = |r: usize, c: usize| -> u8 { if r < w.rows { (w.value(r, c) + 8) as u8 } else { 8 } };
+    for p in 0..panels {
+        for b in 0..blocks {
+            let out = &mut data[(p * blocks + b) * 128..][..128];
+            for j in 0..4 {
+                for r in 0..PANEL {
+                    for t in 0..4 {
+                        let row = p * PANEL + r;
+                        let lo = nib(row, b * BLOCK + 4 * j + t);
+                        let hi = nib(row, b * BLOCK + 4 * (j + 4) + t);
+                        out[j * 32 + 4 * r + t] = lo | (hi << 4);
+                    }
+                }
+            }
+        }
+        for g in 0..groups {
+            for r in 0..PANEL {
+                let row = p * PANEL + r;
+                if row < w.rows {
+                    scales[(p * groups + g) * PANEL + r] = w.scales[row * groups + g];
+                    sums[(p * groups + g) * PANEL + r] = w.sums[row * groups + g];
+                }
+            }
+        }
+    }
+    Int4Panels {
+        rows: w.rows,
+        k: w.k,
+        k_pad: w.k_pad,
+        group: w.group,
+        data,
+        scales,
+        sums,
+    }
+}
+
+/// Whether this ISA has a panel kernel (otherwise the row kernels run).
+pub fn has_panel_kernel(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+}
+
+/// What one task computes: activation rows against panels `panels`, written
+/// `[m, panels.len() × 8]` row-major into `out`.
+pub(crate) struct PanelTask<'a> {
+    pub a: &'a QuantizedRows,
+    /// `Σ q_a` per (activation row, weight group).
+    pub group_sums: &'a [i32],
+    pub w: &'a Int4Panels,
+    pub panels: std::ops::Range<usize>,
+}
+
+/// `a` (`[m, k]` quantized) × `w`ᵀ → `out` `[m, n]`; tasks over panels.
+pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut [f32]) {
+    assert!(has_panel_kernel(isa), "no panel kernel for {}", isa.name());
+    assert_eq!(a.k_pad, w.k_pad, "activation and weight widths differ");
+    assert_eq!(out.len(), a.rows * w.rows);
+    assert!(
+        a.block_scales.is_none() || w.group == BLOCK,
+        "Q8_0 block activations need weights in groups of {BLOCK}, found {}",
+        w.group
+    );
+    let groups = w.groups();
+    let per = w.group / BLOCK;
+    let group_sums: Vec<i32> = a.block_sums.chunks(per).map(|c| c.iter().sum()).collect();
+    debug_assert_eq!(group_sums.len(), a.rows * groups);
+    let (m, n, panels) = (a.rows, w.rows, w.panels());
+    // A couple of tasks per thread, each at least a few panels.
+    let per_task = (panels / (2 * rayon::current_num_threads())).max(2);
+    let tasks: Vec<std::ops::Range<usize>> = (0..panels)
+        .step_by(per_task)
+        .map(|s| s..(s + per_task).min(panels))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|r| {
+            let task = PanelTask {
+                a,
+                group_sums: &group_sums,
+                w,
+                panels: r.clone(),
+            };
+            let mut local = vec![0f32; m * r.len() * PANEL];
+            // SAFETY: the ISA was checked above and the task's ranges lie inside `a` and `w`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                match isa {
+                    Isa::Avx512Vnni => x86::panels_int4_vnni(&task, &mut local),
+                    _ => x86::panels_int4_avx2(&task, &mut local),
+                }
+            }
+            local
+        })
+        .collect();
+    for (r, local) in tasks.iter().zip(&results) {
+        let width = r.len() * PANEL;
+        let col0 = r.start * PANEL;
+        let cols = width.min(n - col0);
+        for i in 0..m {
+            out[i * n + col0..i * n + col0 + cols].copy_from_slice(&local[i * width..i * width + cols]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_op_in_unsafe_fn)]
+mod x86;
