@@ -35,8 +35,11 @@ mkdir -p "$CACHE" "$WORK"
 export OQT_DATA=${OQT_DATA:-$ROOT/../shared/datasets}
 
 # --- llama.cpp, built once into the cache --------------------------------------
+# Every x86 SIMD level this machine has except AMX: with GGML_NATIVE the AMX
+# matmul is compiled in and segfaults here (the sandbox's kernel does not grant
+# AMX tile state), so the flags are spelled out instead.
 BIN=$CACHE/build/bin
-if [[ ! -x $BIN/llama-bench || ! -x $BIN/llama-quantize ]]; then
+if [[ ! -x $BIN/llama-bench || ! -x $BIN/llama-quantize || ! -f $CACHE/build/.no-amx ]]; then
   command -v cmake >/dev/null || python3 -m pip install -q cmake
   SDIST=$CACHE/src/llama_cpp_python-$LCP_VERSION.tar.gz
   if [[ ! -f $SDIST ]]; then
@@ -47,9 +50,12 @@ if [[ ! -x $BIN/llama-bench || ! -x $BIN/llama-quantize ]]; then
   rm -rf "$CACHE/tree" && mkdir -p "$CACHE/tree"
   tar -xzf "$SDIST" -C "$CACHE/tree" --strip-components=1
   cmake -S "$CACHE/tree/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON \
+    -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+    -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >"$CACHE/cmake.log"
   cmake --build "$CACHE/build" --target llama-bench llama-quantize -j "$(nproc)" >"$CACHE/build.log"
+  touch "$CACHE/build/.no-amx"
 fi
 
 # --- oqt, release build ---------------------------------------------------------
@@ -77,7 +83,11 @@ rss() { # rss FILE → max resident KiB
 }
 run_timed() { # run_timed NAME CMD... → $WORK/NAME.out, $WORK/NAME.time
   local name=$1; shift
-  /usr/bin/time -v -o "$WORK/$name.time" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"
+  /usr/bin/time -v -o "$WORK/$name.time" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || {
+    echo "$name failed: see $WORK/$name.err and $WORK/$name.time" >&2; tail -3 "$WORK/$name.time" >&2; exit 1; }
+  if grep -q "terminated by signal" "$WORK/$name.time"; then
+    echo "$name crashed: $(head -1 "$WORK/$name.time") (see $WORK/$name.err)" >&2; exit 1
+  fi
 }
 echo "llama-bench (threads $THREADS)…" >&2
 run_timed llama "$BIN/llama-bench" -m "$Q4_0" -t "$THREADS" -p 512 -n 128 -r "$REPEATS" -o json

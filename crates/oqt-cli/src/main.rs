@@ -71,13 +71,31 @@ fn init_logging(verbose: u8) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    if let Some(n) = cli.threads
-        && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
-    {
-        eprintln!("error: --threads {n}: {e}");
+    // The command itself runs on a pool thread: a parallel loop started there
+    // splits work with the pool's other threads directly, where one started on
+    // the main thread would hand the loop over and sleep until it is done — two
+    // cross-thread wake-ups per matmul, most of a decode step's time on 2 cores.
+    // Pool threads get a main thread's stack (deep Burn graphs recurse).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads.unwrap_or(0))
+        .stack_size(64 << 20)
+        .build_global();
+    if let Err(e) = pool {
+        eprintln!("error: --threads {:?}: {e}", cli.threads);
         return std::process::ExitCode::from(2);
     }
-    let result = match cli.command {
+    let result = rayon::scope(|_| run_command(cli.command));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_message(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Fetch(a) => cmd::fetch::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Eval(a) => cmd::eval::run(a),
@@ -88,13 +106,6 @@ fn main() -> std::process::ExitCode {
         Command::Export(a) => cmd::export::run(a),
         Command::Qat(a) => cmd::qat::run(a),
         Command::Run(a) => cmd::run::run(a),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", error_message(&e));
-            std::process::ExitCode::FAILURE
-        }
     }
 }
 

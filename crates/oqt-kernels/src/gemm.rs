@@ -5,12 +5,12 @@ use crate::Isa;
 use crate::act_quant::QuantizedRows;
 use crate::dot::{ActRow, row_int4, row_int8};
 use crate::pack::{BLOCK, PackedInt4, PackedInt8};
-use rayon::prelude::*;
+use crate::team::Team;
 
 /// Weight rows per parallel task: a couple of tasks per thread (load balance)
 /// but no smaller than 16 rows (scheduling costs microseconds, a row nanoseconds).
 fn rows_per_task(n: usize) -> usize {
-    (n / (2 * rayon::current_num_threads())).max(16)
+    (n / (3 * Team::global().threads())).max(16)
 }
 
 /// `Σ q_a` per weight group, for every activation row (`rows × groups`).
@@ -44,7 +44,7 @@ pub fn by_weight_rows(m: usize, n: usize, out: &mut [f32], value: impl Fn(usize,
     assert_eq!(out.len(), m * n);
     let per_task = rows_per_task(n);
     if m == 1 {
-        out.par_chunks_mut(per_task).enumerate().for_each(|(t, chunk)| {
+        Team::global().for_each_chunk_mut(out, per_task, |t, chunk| {
             for (i, o) in chunk.iter_mut().enumerate() {
                 *o = value(0, t * per_task + i);
             }
@@ -54,7 +54,7 @@ pub fn by_weight_rows(m: usize, n: usize, out: &mut [f32], value: impl Fn(usize,
     // Each task owns a band of weight rows and sweeps every activation row over it,
     // so a weight row is read from cache, not memory, for all m.
     let mut by_n = vec![0f32; m * n];
-    by_n.par_chunks_mut(m * per_task).enumerate().for_each(|(t, band)| {
+    Team::global().for_each_chunk_mut(&mut by_n, m * per_task, |t, band| {
         for (j, col) in band.chunks_mut(m).enumerate() {
             for (i, o) in col.iter_mut().enumerate() {
                 *o = value(i, t * per_task + j);

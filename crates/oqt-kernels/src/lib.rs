@@ -26,12 +26,13 @@ pub mod gemm;
 pub mod pack;
 pub mod panels;
 pub mod requant;
+pub mod team;
 
 pub use act_quant::{QuantizedRows, quantize_row, quantize_rows, quantize_rows_q8_0, quantize_rows_static};
 pub use dot::{ActRow, WeightRow, dot_wide};
 pub use gemm::{by_weight_rows, matmul_int4, matmul_int8};
 pub use pack::{BLOCK, PackedInt4, PackedInt8};
-pub use panels::{Int4Panels, matmul_int4_panels, repack_int4};
+pub use panels::{Int4Panels, concat_panels, matmul_int4_panels, repack_int4};
 
 /// Instruction-set paths, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

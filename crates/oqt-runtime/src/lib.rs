@@ -7,6 +7,7 @@
 //! `w8a16`: weights dequantized to f32 at load). Static NPU-style activation
 //! grids (`w4a8`, `w8a8`) are refused with a clear error until calibration lands.
 
+mod attention;
 pub mod generate;
 pub mod linear;
 mod model;

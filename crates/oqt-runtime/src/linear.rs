@@ -4,8 +4,8 @@ use oqt_core::encoding::{ActInput, KernelChoice, TensorEncoding, choose_kernel};
 use oqt_core::quant::{ActGrid, QuantizedWeight, dequantize_weight};
 use oqt_kernels::panels::has_panel_kernel;
 use oqt_kernels::{
-    Int4Panels, Isa, PackedInt4, PackedInt8, by_weight_rows, dot_wide, matmul_int4, matmul_int4_panels, matmul_int8,
-    quantize_row, quantize_rows, quantize_rows_q8_0, quantize_rows_static, repack_int4,
+    Int4Panels, Isa, PackedInt4, PackedInt8, by_weight_rows, concat_panels, dot_wide, matmul_int4, matmul_int4_panels,
+    matmul_int8, quantize_row, quantize_rows, quantize_rows_q8_0, quantize_rows_static, repack_int4,
 };
 
 /// The weights and the kernel that multiplies them.
@@ -87,6 +87,37 @@ impl Linear {
             Kernel::Int4Panels(w) => w.rows,
             Kernel::Int8(w) => w.rows,
             Kernel::Int16Input(w) => w.rows,
+        }
+    }
+
+    /// Weight row `n` in f32 (`out.len()` = the input width): what
+    /// `dequantize_weight` gives for that row, read from the kernel's own
+    /// storage — so a tied embedding is looked up without an f32 copy of it.
+    pub fn dequantize_row(&self, n: usize, out: &mut [f32]) {
+        match &self.kernel {
+            Kernel::F32 { w, inp, .. } => out.copy_from_slice(&w[n * inp..(n + 1) * inp]),
+            Kernel::Int4(w) => {
+                let groups = w.groups();
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = w.value(n, c) as i32 as f32 * w.scales[n * groups + c / w.group];
+                }
+            }
+            Kernel::Int4Panels(w) => {
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = w.value(n, c) as i32 as f32 * w.scale(n, c);
+                }
+            }
+            Kernel::Int8(w) => {
+                let groups = w.groups();
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = w.data[n * w.k_pad + c] as i32 as f32 * w.scales[n * groups + c / w.group];
+                }
+            }
+            Kernel::Int16Input(w) => {
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = w.q[n * w.cols + c] as i32 as f32 * w.scales[n * w.groups + c / w.group];
+                }
+            }
         }
     }
 
@@ -194,6 +225,73 @@ impl Linear {
                     }
                 }
                 std::borrow::Cow::Owned(v)
+            }
+        }
+    }
+}
+
+/// Linears that read the same input (q, k, v; gate, up). Int4 panel weights
+/// are concatenated at load and multiplied as one: the input is quantized once
+/// and the threads meet once, not once per projection — on a decode step the
+/// meetings, not the arithmetic, are what several small matmuls cost. Each
+/// output is computed exactly as its own linear would.
+pub enum Projections {
+    Fused {
+        linear: Linear,
+        /// `(first column, width)` of each part in the fused output.
+        parts: Vec<(usize, usize)>,
+    },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    pub fn new(parts: Vec<Linear>) -> Self {
+        let input = parts[0].input;
+        let panels: Option<Vec<&Int4Panels>> = parts
+            .iter()
+            .map(|l| match &l.kernel {
+                Kernel::Int4Panels(w) if l.input == input => Some(w),
+                _ => None,
+            })
+            .collect();
+        let Some(fused) = panels.as_deref().and_then(concat_panels) else {
+            return Self::Separate(parts);
+        };
+        let mut first = 0;
+        let spans = panels
+            .unwrap()
+            .iter()
+            .map(|w| {
+                let span = (first, w.rows);
+                first += w.panels() * oqt_kernels::panels::PANEL;
+                span
+            })
+            .collect();
+        Self::Fused {
+            linear: Linear {
+                kernel: Kernel::Int4Panels(fused),
+                input,
+            },
+            parts: spans,
+        }
+    }
+
+    /// `x` `[m, in]` → one `[m, out_i]` per part.
+    pub fn forward(&self, isa: Isa, x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|l| l.forward(isa, x, m)).collect(),
+            Self::Fused { linear, parts } => {
+                let y = linear.forward(isa, x, m);
+                let n = linear.out_dim();
+                parts
+                    .iter()
+                    .map(|&(first, width)| {
+                        y.chunks(n)
+                            .flat_map(|row| &row[first..first + width])
+                            .copied()
+                            .collect()
+                    })
+                    .collect()
             }
         }
     }

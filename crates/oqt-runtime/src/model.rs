@@ -1,7 +1,8 @@
 //! The Llama-family forward pass over a bundle (or a GGUF file's Q4_0/Q8_0 blocks).
 
-use crate::linear::{InputQuant, Linear};
-use crate::reference::{dot_f64, rms_norm, silu_mul, softmax};
+use crate::attention::{HeadCache, Scratch, attend};
+use crate::linear::{InputQuant, Linear, Projections};
+use crate::reference::{rms_norm, silu_mul};
 use oqt_core::bundle::Bundle;
 use oqt_core::gguf::GgufFile;
 use oqt_core::gguf::encode::decode_quantized;
@@ -10,17 +11,17 @@ use oqt_core::scoring::{CausalLm, WindowScores, log_softmax_row};
 use oqt_core::weights::{names, rotary_hf_order};
 use oqt_core::{CoreError, LlamaConfig, Result, Tokenizer};
 use oqt_kernels::Isa;
+use oqt_kernels::team::Team;
 use rayon::prelude::*;
 
 struct Layer {
     attn_norm: Vec<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Projections,
     o: Linear,
     mlp_norm: Vec<f32>,
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: Projections,
     down: Linear,
     q_bias: Option<Vec<f32>>,
     k_bias: Option<Vec<f32>>,
@@ -32,8 +33,9 @@ pub struct RuntimeModel {
     pub tokenizer: Tokenizer,
     pub isa: Isa,
     /// Embedding rows, dequantized on lookup: `(q, scale per row)` or f32.
+    /// The embedding table as the head's kernel stores it (tied heads share
+    /// it); lookups dequantize one row at a time.
     embed: Linear,
-    embed_f32: Option<Vec<f32>>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     /// Separate head, or `None` to use the (tied) embedding.
@@ -212,22 +214,25 @@ impl RuntimeModel {
             };
             layers.push(Layer {
                 attn_norm: f32s(&l(names::ATTN_NORM))?,
-                q: linear(&l(names::Q), ActSite::AttnIn, i)?,
-                k: linear(&l(names::K), ActSite::AttnIn, i)?,
-                v: linear(&l(names::V), ActSite::AttnIn, i)?,
+                qkv: Projections::new(vec![
+                    linear(&l(names::Q), ActSite::AttnIn, i)?,
+                    linear(&l(names::K), ActSite::AttnIn, i)?,
+                    linear(&l(names::V), ActSite::AttnIn, i)?,
+                ]),
                 o: linear(&l(names::O), ActSite::AttnOut, i)?,
                 mlp_norm: f32s(&l(names::MLP_NORM))?,
-                gate: linear(&l(names::GATE), ActSite::MlpIn, i)?,
-                up: linear(&l(names::UP), ActSite::MlpIn, i)?,
+                gate_up: Projections::new(vec![
+                    linear(&l(names::GATE), ActSite::MlpIn, i)?,
+                    linear(&l(names::UP), ActSite::MlpIn, i)?,
+                ]),
                 down: linear(&l(names::DOWN), ActSite::DownIn, i)?,
                 q_bias: bias(names::Q_BIAS)?,
                 k_bias: bias(names::K_BIAS)?,
                 v_bias: bias(names::V_BIAS)?,
             });
         }
-        // The embedding is looked up row by row in f32 (a gather, not a matmul); when
-        // the head is tied, the same weights also serve as the head through the kernels.
-        let embed_f32 = Some(f32s(names::EMBED)?);
+        // One copy of the embedding, in the kernels' layout: rows are dequantized
+        // on lookup (a gather, not a matmul), and a tied head multiplies it directly.
         let embed = linear(names::EMBED, ActSite::FinalIn, 0)?;
         let head = if cfg.tie_word_embeddings {
             None
@@ -239,7 +244,6 @@ impl RuntimeModel {
             tokenizer,
             isa,
             embed,
-            embed_f32,
             layers,
             norm: f32s(names::FINAL_NORM)?,
             head,
@@ -295,9 +299,8 @@ impl RuntimeModel {
         let (h, s) = (cfg.hidden_size, tokens.len());
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps as f32;
-        let emb = self.embed_f32.as_ref().expect("embedding loaded");
-        let mut x = Vec::with_capacity(s * h);
-        for &t in tokens {
+        let mut x = vec![0f32; s * h];
+        for (&t, row) in tokens.iter().zip(x.chunks_mut(h)) {
             let t = t as usize;
             if t >= cfg.vocab_size {
                 return Err(CoreError::Other(format!(
@@ -305,7 +308,7 @@ impl RuntimeModel {
                     cfg.vocab_size
                 )));
             }
-            x.extend_from_slice(&emb[t * h..(t + 1) * h]);
+            self.embed.dequantize_row(t, row);
         }
         self.site(0, ActSite::Embed, &mut x);
         let start = cache.len;
@@ -313,9 +316,11 @@ impl RuntimeModel {
         let mut normed = vec![0f32; s * h];
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, eps, &mut normed);
-            let mut q = layer.q.forward(self.isa, &normed, s);
-            let mut k = layer.k.forward(self.isa, &normed, s);
-            let mut v = layer.v.forward(self.isa, &normed, s);
+            let [mut q, mut k, mut v]: [Vec<f32>; 3] = layer
+                .qkv
+                .forward(self.isa, &normed, s)
+                .try_into()
+                .expect("three projections");
             for (t, b) in [
                 (&mut q, &layer.q_bias),
                 (&mut k, &layer.k_bias),
@@ -340,37 +345,45 @@ impl RuntimeModel {
             // spreads over the heads. Each head's arithmetic is independent of
             // the split, so the result does not depend on the thread count.
             let mut attn = vec![0f32; s * nh * hd];
-            attn.par_chunks_mut(hd).enumerate().for_each_init(
-                || (vec![0f32; total], vec![0f64; hd]),
-                |(scores, acc), (item, o)| {
+            let items = s * nh;
+            let team = Team::global();
+            let per_task = items.div_ceil(8 * team.threads());
+            team.for_each_chunk_mut(&mut attn, per_task * hd, |t, chunk| {
+                let mut scratch = Scratch {
+                    scores: vec![0f32; total],
+                    acc: vec![0f64; hd],
+                };
+                for (j, o) in chunk.chunks_mut(hd).enumerate() {
+                    let item = t * per_task + j;
                     let (i, head) = (item / nh, item % nh);
-                    let kvh = head / group;
+                    let head_cache = HeadCache {
+                        k: kc,
+                        v: vc,
+                        stride: nkv * hd,
+                        offset: (head / group) * hd,
+                    };
                     let qv = &q[i * nh * hd + head * hd..][..hd];
-                    let visible = start + i + 1;
-                    for (j, sc) in scores[..visible].iter_mut().enumerate() {
-                        let kv = &kc[j * nkv * hd + kvh * hd..][..hd];
-                        *sc = dot_f64(qv, kv) * scale;
-                    }
-                    softmax(&mut scores[..visible]);
-                    if let Some(g) = &probs_grid {
-                        g.fake(&mut scores[..visible]);
-                    }
-                    acc.fill(0.0);
-                    for (j, &w) in scores[..visible].iter().enumerate() {
-                        let vv = &vc[j * nkv * hd + kvh * hd..][..hd];
-                        let w = w as f64;
-                        acc.iter_mut().zip(vv).for_each(|(a, &b)| *a += w * b as f64);
-                    }
-                    o.iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = a as f32);
-                },
-            );
+                    attend(
+                        qv,
+                        &head_cache,
+                        start + i + 1,
+                        scale,
+                        probs_grid.as_ref(),
+                        &mut scratch,
+                        o,
+                    );
+                }
+            });
             let mut o = layer.o.forward(self.isa, &attn, s);
             self.site(li, ActSite::OOut, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             self.site(li, ActSite::AttnResidual, &mut x);
             rms_norm(&x, &layer.mlp_norm, eps, &mut normed);
-            let mut g = layer.gate.forward(self.isa, &normed, s);
-            let u = layer.up.forward(self.isa, &normed, s);
+            let [mut g, u]: [Vec<f32>; 2] = layer
+                .gate_up
+                .forward(self.isa, &normed, s)
+                .try_into()
+                .expect("two projections");
             silu_mul(&mut g, &u);
             let mut d = layer.down.forward(self.isa, &g, s);
             self.site(li, ActSite::DownOut, &mut d);

@@ -22,7 +22,7 @@
 use crate::Isa;
 use crate::act_quant::QuantizedRows;
 use crate::pack::{BLOCK, PackedInt4};
-use rayon::prelude::*;
+use crate::team::Team;
 
 /// Weight rows per panel (the SIMD lanes of one 256-bit i32 vector).
 pub const PANEL: usize = 8;
@@ -52,10 +52,55 @@ impl Int4Panels {
     pub fn blocks(&self) -> usize {
         self.k_pad / BLOCK
     }
+    /// The signed weight at (`row`, `col`) (`col < k`), read back from the
+    /// panel layout: a gather, e.g. an embedding row looked up from tied weights.
+    pub fn value(&self, row: usize, col: usize) -> i8 {
+        let (p, r) = (row / PANEL, row % PANEL);
+        let (b, c) = (col / BLOCK, col % BLOCK);
+        let (j, t, high) = if c < 16 {
+            (c / 4, c % 4, false)
+        } else {
+            ((c - 16) / 4, c % 4, true)
+        };
+        let byte = self.data[(p * self.blocks() + b) * 128 + j * 32 + 4 * r + t];
+        let nibble = if high { byte >> 4 } else { byte & 0x0F };
+        nibble as i8 - 8
+    }
+
+    /// The scale of (`row`, group of `col`).
+    pub fn scale(&self, row: usize, col: usize) -> f32 {
+        let (p, r) = (row / PANEL, row % PANEL);
+        self.scales[(p * self.groups() + col / self.group) * PANEL + r]
+    }
+
     /// Bytes held (what the runtime keeps in memory).
     pub fn bytes(&self) -> usize {
         self.data.len() + self.scales.len() * 4 + self.sums.len() * 4
     }
+}
+
+/// Several weights of the same width and grouping as one, their panels one
+/// after the other (a part whose rows are not a multiple of [`PANEL`] keeps its
+/// zero padding rows); `None` when the widths or groups differ. Outputs are
+/// computed independently per row, so each part's outputs are unchanged; the
+/// part `i` starts at output column `Σ_{j<i} panels_j × PANEL`.
+pub fn concat_panels(parts: &[&Int4Panels]) -> Option<Int4Panels> {
+    let first = parts.first()?;
+    if parts
+        .iter()
+        .any(|p| (p.k, p.k_pad, p.group) != (first.k, first.k_pad, first.group))
+    {
+        return None;
+    }
+    Some(Int4Panels {
+        rows: parts.iter().map(|p| p.panels() * PANEL).sum(),
+        k: first.k,
+        k_pad: first.k_pad,
+        group: first.group,
+        data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
+        sums: parts.iter().flat_map(|p| p.sums.iter().copied()).collect(),
+    })
 }
 
 /// The load-time repack of row-major packed int4 weights into panels.
@@ -131,40 +176,45 @@ pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut
     let group_sums: Vec<i32> = a.block_sums.chunks(per).map(|c| c.iter().sum()).collect();
     debug_assert_eq!(group_sums.len(), a.rows * groups);
     let (m, n, panels) = (a.rows, w.rows, w.panels());
-    // A couple of tasks per thread, each at least a few panels.
-    let per_task = (panels / (2 * rayon::current_num_threads())).max(2);
-    let tasks: Vec<std::ops::Range<usize>> = (0..panels)
-        .step_by(per_task)
-        .map(|s| s..(s + per_task).min(panels))
-        .collect();
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|r| {
-            let task = PanelTask {
-                a,
-                group_sums: &group_sums,
-                w,
-                panels: r.clone(),
-            };
-            let mut local = vec![0f32; m * r.len() * PANEL];
-            // SAFETY: the ISA was checked above and the task's ranges lie inside `a` and `w`.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                match isa {
-                    Isa::Avx512Vnni => x86::panels_int4_vnni(&task, &mut local),
-                    _ => x86::panels_int4_avx2(&task, &mut local),
-                }
-            }
-            local
-        })
-        .collect();
-    for (r, local) in tasks.iter().zip(&results) {
+    // A few tasks per thread (load balance), each at least a few panels, each
+    // writing its own columns of `out` through a task-local tile.
+    let team = Team::global();
+    let per_task = (panels / (3 * team.threads())).max(2);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    team.run(panels.div_ceil(per_task), |t| {
+        let r = t * per_task..((t + 1) * per_task).min(panels);
+        let task = PanelTask {
+            a,
+            group_sums: &group_sums,
+            w,
+            panels: r.clone(),
+        };
         let width = r.len() * PANEL;
+        let mut local = vec![0f32; m * width];
+        // SAFETY: the ISA was checked above and the task's ranges lie inside `a` and `w`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            match isa {
+                Isa::Avx512Vnni => x86::panels_int4_vnni(&task, &mut local),
+                _ => x86::panels_int4_avx2(&task, &mut local),
+            }
+        }
         let col0 = r.start * PANEL;
         let cols = width.min(n - col0);
         for i in 0..m {
-            out[i * n + col0..i * n + col0 + cols].copy_from_slice(&local[i * width..i * width + cols]);
+            // SAFETY: task `t` alone writes columns `col0..col0 + cols` of every row.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * n + col0), cols) };
+            dst.copy_from_slice(&local[i * width..i * width + cols]);
         }
+    });
+}
+
+/// `out`'s base pointer, shared by tasks that write disjoint columns.
+struct SharedOut(*mut f32);
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    fn get(&self) -> *mut f32 {
+        self.0
     }
 }
 

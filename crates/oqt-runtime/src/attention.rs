@@ -1,0 +1,204 @@
+//! Causal attention of one query row and head against the KV cache, with the
+//! reductions of [`crate::reference`] (f64 accumulation, rounded once).
+//!
+//! The arithmetic is written once ([`attend_body`]) and compiled twice: for the
+//! baseline target and, behind a runtime check, with AVX2 enabled so the f64
+//! dots and the weighted sum of values run four lanes wide. Both compilations
+//! do the same operations in the same order (the dot keeps its four lanes
+//! `i mod 4`; the value sum is element-wise; an f32×f32 product is exact in
+//! f64), so the result is bit-identical whichever runs.
+
+use crate::reference::{dot_f64, softmax};
+use oqt_core::quant::ActGrid;
+
+/// Where one head's keys and values sit in the cache: row `j` of the head is
+/// `k[j * stride + offset..][..head_dim]` (and the same in `v`).
+pub(crate) struct HeadCache<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub stride: usize,
+    pub offset: usize,
+}
+
+/// Scratch one worker reuses across heads: scores and the f64 accumulator.
+pub(crate) struct Scratch {
+    pub scores: Vec<f32>,
+    pub acc: Vec<f64>,
+}
+
+/// `out = softmax(q·Kᵀ · scale) · V` over the first `visible` cache rows; the
+/// probabilities are put on `probs` (the static grid of the Probs site) first
+/// when the recipe quantizes them.
+pub(crate) fn attend(
+    q: &[f32],
+    cache: &HeadCache<'_>,
+    visible: usize,
+    scale: f32,
+    probs: Option<&ActGrid>,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above).
+        unsafe { attend_avx2(q, cache, visible, scale, probs, scratch, out) };
+        return;
+    }
+    attend_body(q, cache, visible, scale, probs, scratch, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2(
+    q: &[f32],
+    cache: &HeadCache<'_>,
+    visible: usize,
+    scale: f32,
+    probs: Option<&ActGrid>,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    if scratch.scores.len() < visible {
+        scratch.scores.resize(visible, 0.0);
+    }
+    let scores = &mut scratch.scores[..visible];
+    // SAFETY: AVX2 is enabled on this function; the cache rows lie inside `k`/`v`.
+    unsafe { x86::scores(q, cache, scale, scores) };
+    softmax(scores);
+    if let Some(g) = probs {
+        g.fake(scores);
+    }
+    scratch.acc.resize(hd, 0.0);
+    // SAFETY: as above.
+    unsafe { x86::weighted_values(scores, cache, &mut scratch.acc[..hd]) };
+    out.iter_mut().zip(scratch.acc.iter()).for_each(|(o, &a)| *o = a as f32);
+}
+
+#[inline(always)]
+fn attend_body(
+    q: &[f32],
+    cache: &HeadCache<'_>,
+    visible: usize,
+    scale: f32,
+    probs: Option<&ActGrid>,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    if scratch.scores.len() < visible {
+        scratch.scores.resize(visible, 0.0);
+    }
+    scratch.acc.resize(hd, 0.0);
+    let scores = &mut scratch.scores[..visible];
+    for (j, sc) in scores.iter_mut().enumerate() {
+        let kv = &cache.k[j * cache.stride + cache.offset..][..hd];
+        *sc = dot_f64(q, kv) * scale;
+    }
+    softmax(scores);
+    if let Some(g) = probs {
+        g.fake(scores);
+    }
+    let acc = &mut scratch.acc[..hd];
+    acc.fill(0.0);
+    for (j, &w) in scores.iter().enumerate() {
+        let vv = &cache.v[j * cache.stride + cache.offset..][..hd];
+        let w = w as f64;
+        acc.iter_mut().zip(vv).for_each(|(a, &b)| *a += w * b as f64);
+    }
+    out.iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = a as f32);
+}
+
+/// The AVX2 forms of the two reductions, in the lanes of the scalar ones.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_op_in_unsafe_fn)]
+mod x86 {
+    use super::HeadCache;
+    use std::arch::x86_64::*;
+
+    /// Keys scored together: four independent dot chains hide the add latency.
+    const KEYS: usize = 4;
+
+    /// `scores[j] = dot_f64(q, k_j) · scale`, lane `i mod 4` per key as in
+    /// [`crate::reference::dot_f64`], four keys at a time.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scores(q: &[f32], cache: &HeadCache<'_>, scale: f32, scores: &mut [f32]) {
+        let hd = q.len();
+        let body = hd / 4 * 4;
+        let key = |j: usize| cache.k[j * cache.stride + cache.offset..][..hd].as_ptr();
+        // The query in f64 once, for every key.
+        let qd: Vec<__m256d> = (0..body)
+            .step_by(4)
+            .map(|i| _mm256_cvtps_pd(_mm_loadu_ps(q.as_ptr().add(i))))
+            .collect();
+        let finish = |acc: __m256d, k: *const f32| -> f32 {
+            let mut lanes = [0f64; 4];
+            _mm256_storeu_pd(lanes.as_mut_ptr(), acc);
+            let tail: f64 = (body..hd).map(|i| q[i] as f64 * *k.add(i) as f64).sum();
+            (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail) as f32
+        };
+        let n = scores.len();
+        let mut j = 0;
+        while j + KEYS <= n {
+            let ks = [key(j), key(j + 1), key(j + 2), key(j + 3)];
+            let mut acc = [_mm256_setzero_pd(); KEYS];
+            for (c, &qv) in qd.iter().enumerate() {
+                for (a, k) in acc.iter_mut().zip(ks) {
+                    let kv = _mm256_cvtps_pd(_mm_loadu_ps(k.add(4 * c)));
+                    *a = _mm256_add_pd(*a, _mm256_mul_pd(qv, kv));
+                }
+            }
+            for (t, (a, k)) in acc.into_iter().zip(ks).enumerate() {
+                scores[j + t] = finish(a, k) * scale;
+            }
+            j += KEYS;
+        }
+        for (jj, sc) in scores.iter_mut().enumerate().skip(j) {
+            let k = key(jj);
+            let mut acc = _mm256_setzero_pd();
+            for (c, &qv) in qd.iter().enumerate() {
+                acc = _mm256_add_pd(acc, _mm256_mul_pd(qv, _mm256_cvtps_pd(_mm_loadu_ps(k.add(4 * c)))));
+            }
+            *sc = finish(acc, k) * scale;
+        }
+    }
+
+    /// Dimensions whose f64 sums stay in registers across all keys.
+    const DIMS: usize = 32;
+
+    /// `acc[d] = Σ_j f64(p_j) · f64(v_j[d])` in key order (element-wise, so
+    /// any lane layout gives the scalar result).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn weighted_values(probs: &[f32], cache: &HeadCache<'_>, acc: &mut [f64]) {
+        let hd = acc.len();
+        let value = |j: usize| cache.v[j * cache.stride + cache.offset..][..hd].as_ptr();
+        let mut d0 = 0;
+        while d0 + DIMS <= hd {
+            let mut sums = [_mm256_setzero_pd(); DIMS / 4];
+            for (j, &p) in probs.iter().enumerate() {
+                let w = _mm256_set1_pd(p as f64);
+                let v = value(j).add(d0);
+                for (c, s) in sums.iter_mut().enumerate() {
+                    let vv = _mm256_cvtps_pd(_mm_loadu_ps(v.add(4 * c)));
+                    *s = _mm256_add_pd(*s, _mm256_mul_pd(w, vv));
+                }
+            }
+            for (c, s) in sums.into_iter().enumerate() {
+                _mm256_storeu_pd(acc.as_mut_ptr().add(d0 + 4 * c), s);
+            }
+            d0 += DIMS;
+        }
+        // Dimensions past the last full chunk (head sizes not a multiple of 32).
+        if d0 < hd {
+            let rest = &mut acc[d0..];
+            rest.fill(0.0);
+            for (j, &p) in probs.iter().enumerate() {
+                let w = p as f64;
+                let v = value(j);
+                for (i, a) in rest.iter_mut().enumerate() {
+                    *a += w * *v.add(d0 + i) as f64;
+                }
+            }
+        }
+    }
+}
