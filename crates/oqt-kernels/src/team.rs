@@ -213,7 +213,7 @@ fn worker(s: &Shared) {
                 return;
             }
             spins = spins.wrapping_add(1);
-            if spins % 1024 != 0 || since.elapsed() < SPIN_FOR {
+            if !spins.is_multiple_of(1024) || since.elapsed() < SPIN_FOR {
                 std::hint::spin_loop();
                 continue;
             }

@@ -39,6 +39,12 @@ pub(crate) fn attend(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked just above).
+        unsafe { attend_avx512(q, cache, visible, scale, probs, scratch, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present (checked just above).
         unsafe { attend_avx2(q, cache, visible, scale, probs, scratch, out) };
@@ -64,7 +70,7 @@ unsafe fn attend_avx2(
     }
     let scores = &mut scratch.scores[..visible];
     // SAFETY: AVX2 is enabled on this function; the cache rows lie inside `k`/`v`.
-    unsafe { x86::scores(q, cache, scale, scores) };
+    unsafe { x86::scores_avx2(q, cache, scale, scores) };
     softmax(scores);
     if let Some(g) = probs {
         g.fake(scores);
@@ -72,6 +78,34 @@ unsafe fn attend_avx2(
     scratch.acc.resize(hd, 0.0);
     // SAFETY: as above.
     unsafe { x86::weighted_values(scores, cache, &mut scratch.acc[..hd]) };
+    out.iter_mut().zip(scratch.acc.iter()).for_each(|(o, &a)| *o = a as f32);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f")]
+unsafe fn attend_avx512(
+    q: &[f32],
+    cache: &HeadCache<'_>,
+    visible: usize,
+    scale: f32,
+    probs: Option<&ActGrid>,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    if scratch.scores.len() < visible {
+        scratch.scores.resize(visible, 0.0);
+    }
+    let scores = &mut scratch.scores[..visible];
+    // SAFETY: AVX-512F is enabled on this function; the cache rows lie inside `k`/`v`.
+    unsafe { x86::scores_avx512(q, cache, scale, scores) };
+    softmax(scores);
+    if let Some(g) = probs {
+        g.fake(scores);
+    }
+    scratch.acc.resize(hd, 0.0);
+    // SAFETY: as above.
+    unsafe { x86::weighted_values_avx512(scores, cache, &mut scratch.acc[..hd]) };
     out.iter_mut().zip(scratch.acc.iter()).for_each(|(o, &a)| *o = a as f32);
 }
 
@@ -122,7 +156,7 @@ mod x86 {
     /// `scores[j] = dot_f64(q, k_j) · scale`, lane `i mod 4` per key as in
     /// [`crate::reference::dot_f64`], four keys at a time.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn scores(q: &[f32], cache: &HeadCache<'_>, scale: f32, scores: &mut [f32]) {
+    pub(super) unsafe fn scores_avx2(q: &[f32], cache: &HeadCache<'_>, scale: f32, scores: &mut [f32]) {
         let hd = q.len();
         let body = hd / 4 * 4;
         let key = |j: usize| cache.k[j * cache.stride + cache.offset..][..hd].as_ptr();
@@ -198,6 +232,86 @@ mod x86 {
                 for (i, a) in rest.iter_mut().enumerate() {
                     *a += w * *v.add(d0 + i) as f64;
                 }
+            }
+        }
+    }
+
+    /// [`scores_avx2`] with two keys per 512-bit vector (lanes 0–3 one key, 4–7 the
+    /// next): each key still sums in its own four lanes `i mod 4`, finished as
+    /// the scalar dot is.
+    #[target_feature(enable = "avx2,avx512f")]
+    pub(super) unsafe fn scores_avx512(q: &[f32], cache: &HeadCache<'_>, scale: f32, scores: &mut [f32]) {
+        let hd = q.len();
+        let body = hd / 4 * 4;
+        let key = |j: usize| cache.k[j * cache.stride + cache.offset..][..hd].as_ptr();
+        let qd: Vec<__m512d> = (0..body)
+            .step_by(4)
+            .map(|i| {
+                let v = _mm_loadu_ps(q.as_ptr().add(i));
+                _mm512_cvtps_pd(_mm256_set_m128(v, v))
+            })
+            .collect();
+        let tail = |k: *const f32| -> f64 { (body..hd).map(|i| q[i] as f64 * *k.add(i) as f64).sum() };
+        let n = scores.len();
+        let mut j = 0;
+        // Four vectors of two keys: eight keys per pass.
+        while j + 2 * KEYS <= n {
+            let ks: [*const f32; 2 * KEYS] = std::array::from_fn(|t| key(j + t));
+            let mut acc = [_mm512_setzero_pd(); KEYS];
+            for (c, &qv) in qd.iter().enumerate() {
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let lo = _mm_loadu_ps(ks[2 * p].add(4 * c));
+                    let hi = _mm_loadu_ps(ks[2 * p + 1].add(4 * c));
+                    *a = _mm512_add_pd(*a, _mm512_mul_pd(qv, _mm512_cvtps_pd(_mm256_set_m128(hi, lo))));
+                }
+            }
+            for (p, a) in acc.into_iter().enumerate() {
+                let mut l = [0f64; 8];
+                _mm512_storeu_pd(l.as_mut_ptr(), a);
+                let (k0, k1) = (ks[2 * p], ks[2 * p + 1]);
+                scores[j + 2 * p] = ((((l[0] + l[1]) + (l[2] + l[3])) + tail(k0)) as f32) * scale;
+                scores[j + 2 * p + 1] = ((((l[4] + l[5]) + (l[6] + l[7])) + tail(k1)) as f32) * scale;
+            }
+            j += 2 * KEYS;
+        }
+        if j < n {
+            scores_rest(q, cache, scale, &mut scores[j..], j);
+        }
+    }
+
+    /// Keys `first..` of [`scores_avx512`] on the AVX2 path.
+    #[target_feature(enable = "avx2")]
+    unsafe fn scores_rest(q: &[f32], cache: &HeadCache<'_>, scale: f32, scores: &mut [f32], first: usize) {
+        let shifted = HeadCache {
+            k: &cache.k[first * cache.stride..],
+            v: cache.v,
+            stride: cache.stride,
+            offset: cache.offset,
+        };
+        scores_avx2(q, &shifted, scale, scores)
+    }
+
+    /// [`weighted_values`] 64 dimensions (eight 512-bit sums) at a time.
+    #[target_feature(enable = "avx2,avx512f")]
+    pub(super) unsafe fn weighted_values_avx512(probs: &[f32], cache: &HeadCache<'_>, acc: &mut [f64]) {
+        const WIDE: usize = 64;
+        let hd = acc.len();
+        if !hd.is_multiple_of(WIDE) {
+            return weighted_values(probs, cache, acc);
+        }
+        let value = |j: usize| cache.v[j * cache.stride + cache.offset..][..hd].as_ptr();
+        for d0 in (0..hd).step_by(WIDE) {
+            let mut sums = [_mm512_setzero_pd(); WIDE / 8];
+            for (j, &p) in probs.iter().enumerate() {
+                let w = _mm512_set1_pd(p as f64);
+                let v = value(j).add(d0);
+                for (c, s) in sums.iter_mut().enumerate() {
+                    let vv = _mm512_cvtps_pd(_mm256_loadu_ps(v.add(8 * c)));
+                    *s = _mm512_add_pd(*s, _mm512_mul_pd(w, vv));
+                }
+            }
+            for (c, s) in sums.into_iter().enumerate() {
+                _mm512_storeu_pd(acc.as_mut_ptr().add(d0 + 8 * c), s);
             }
         }
     }

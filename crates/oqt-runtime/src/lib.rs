@@ -2,10 +2,10 @@
 //! integer kernels of `oqt-kernels` for quantized linears, f32 for norms,
 //! RoPE, attention and the KV cache. No Burn.
 //!
-//! Supported today: bundles whose linears are f32, or quantized with
-//! **dynamic** int8 activations (`w4a8-dyn`-style), or **weight-only** (`w4a16`,
-//! `w8a16`: weights dequantized to f32 at load). Static NPU-style activation
-//! grids (`w4a8`, `w8a8`) are refused with a clear error until calibration lands.
+//! Runs bundles whose linears are f32, quantized with dynamic int8
+//! activations (`w4a8-dyn`), static NPU-style grids (`w4a8`, `w8a8`, 16-bit
+//! inputs) or weight-only (dequantized at load), and GGUF Q4_0/Q8_0 files.
+//! Parallel loops run on `oqt_kernels::team` (threads that spin between ops).
 
 mod attention;
 pub mod generate;

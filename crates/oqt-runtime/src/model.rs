@@ -107,11 +107,14 @@ impl RuntimeModel {
             acts: m.deployment.activations,
             grids: bundle.site_grids()?,
             tensor: Box::new(|name| {
-                Ok(match m.deployment.tensors.get(name) {
+                let weight = match m.deployment.tensors.get(name) {
                     Some(e) if e.int_grid().is_some() => Some(SourceWeight::Quantized(bundle.quantized(name)?)),
                     Some(e) => Some(SourceWeight::F32(bundle.f32_tensor(name)?, e.shape())),
                     None => None,
-                })
+                };
+                // Copied out: the file's pages are no longer needed in memory.
+                bundle.release(name);
+                Ok(weight)
             }),
             path: bundle.path.clone(),
         })
@@ -202,6 +205,9 @@ impl RuntimeModel {
                 None => Err(missing(name)),
             }
         };
+        // One copy of the embedding, in the kernels' layout: rows are dequantized
+        // on lookup (a gather, not a matmul), and a tied head multiplies it directly.
+        let embed = linear(names::EMBED, ActSite::FinalIn, 0)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let l = |s: &str| names::layer(i, s);
@@ -231,9 +237,6 @@ impl RuntimeModel {
                 v_bias: bias(names::V_BIAS)?,
             });
         }
-        // One copy of the embedding, in the kernels' layout: rows are dequantized
-        // on lookup (a gather, not a matmul), and a tied head multiplies it directly.
-        let embed = linear(names::EMBED, ActSite::FinalIn, 0)?;
         let head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -347,7 +350,9 @@ impl RuntimeModel {
             let mut attn = vec![0f32; s * nh * hd];
             let items = s * nh;
             let team = Team::global();
-            let per_task = items.div_ceil(8 * team.threads());
+            // Small tasks: under the causal mask the last rows cost the most, and
+            // the last task claimed must not be a long one.
+            let per_task = items.div_ceil(32 * team.threads());
             team.for_each_chunk_mut(&mut attn, per_task * hd, |t, chunk| {
                 let mut scratch = Scratch {
                     scores: vec![0f32; total],

@@ -132,6 +132,37 @@ impl Bundle {
         })
     }
 
+    /// Drop the resident pages of tensor `name` (all its stored parts) once a
+    /// loader has copied it into its own layout: a runtime that converts every
+    /// weight would otherwise hold the file's pages and its converted weights
+    /// at once. Only whole pages inside the tensor's bytes are dropped; reading
+    /// them again later faults them back in from the file.
+    pub fn release(&self, name: &str) {
+        let Some(encoding) = self.manifest.deployment.tensors.get(name) else {
+            return;
+        };
+        let page = page_size();
+        for (stored, _) in encoding.stored_names(name) {
+            let Some(info) = self.header.info(&stored) else {
+                continue;
+            };
+            let (a, b) = info.data_offsets;
+            let (start, end) = (
+                (self.data_start + a).next_multiple_of(page),
+                (self.data_start + b) / page * page,
+            );
+            if end > start {
+                // SAFETY: the map is read-only and file-backed, so dropped pages are
+                // read back from the file on the next access; no reference into
+                // this range is used for writing.
+                let _ = unsafe {
+                    self.mmap
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
+    }
+
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         Tokenizer::from_stored(&self.manifest.tokenizer, &self.path)
     }
@@ -257,4 +288,10 @@ impl Bundle {
     pub fn data_bytes(&self) -> usize {
         self.header.data_len()
     }
+}
+
+fn page_size() -> usize {
+    // The smallest page any supported OS uses; a larger real page only makes
+    // `release` skip a partial page more at each end.
+    4096
 }

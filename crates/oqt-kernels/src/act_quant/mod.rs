@@ -57,7 +57,7 @@ pub fn quantize_scalar(x: &[f32], inv: f32, zp: i32, out: &mut [i8]) {
 
 /// Quantize `rows × k` row-major activations, each row on its own range (dynamic).
 pub fn quantize_rows(isa: Isa, x: &[f32], rows: usize, k: usize) -> QuantizedRows {
-    quantize_rows_with(x, rows, k, |row, out| quantize_row(isa, row, out))
+    quantize_rows_parallel(x, rows, k, |row, out| quantize_row(isa, row, out))
 }
 
 /// Quantize `rows × k` activations onto one fixed 8-bit grid (NPU-style static
@@ -65,7 +65,7 @@ pub fn quantize_rows(isa: Isa, x: &[f32], rows: usize, k: usize) -> QuantizedRow
 /// as the dynamic path.
 pub fn quantize_rows_static(isa: Isa, x: &[f32], rows: usize, k: usize, scale: f32, zp: i32) -> QuantizedRows {
     let inv = 1.0 / scale;
-    quantize_rows_with(x, rows, k, |row, out| {
+    quantize_rows_parallel(x, rows, k, |row, out| {
         quantize_with(isa, row, inv, zp, out);
         (scale, zp)
     })
@@ -111,6 +111,48 @@ fn quantize_with(isa: Isa, x: &[f32], inv: f32, zp: i32, out: &mut [i8]) {
 }
 
 /// The shared row loop: `quantize(row, out)` fills one row and returns its (scale, zp).
+/// [`quantize_rows_with`] over the thread team when there are enough rows
+/// (a prefill): rows are independent, so the result is the same.
+fn quantize_rows_parallel(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    quantize: impl Fn(&[f32], &mut [i8]) -> (f32, i32) + Sync,
+) -> QuantizedRows {
+    const ROWS_PER_TASK: usize = 16;
+    if rows < 2 * ROWS_PER_TASK {
+        return quantize_rows_with(x, rows, k, quantize);
+    }
+    let parts: Vec<std::sync::Mutex<Option<QuantizedRows>>> =
+        (0..rows.div_ceil(ROWS_PER_TASK)).map(|_| Default::default()).collect();
+    crate::team::Team::global().run(parts.len(), |t| {
+        let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
+        let part = quantize_rows_with(&x[r0 * k..r1 * k], r1 - r0, k, &quantize);
+        *parts[t].lock().unwrap_or_else(|e| e.into_inner()) = Some(part);
+    });
+    let mut out = QuantizedRows {
+        rows,
+        k,
+        k_pad: padded_len(k),
+        q: Vec::with_capacity(rows * padded_len(k)),
+        scale: Vec::with_capacity(rows),
+        zero_point: Vec::with_capacity(rows),
+        block_sums: Vec::with_capacity(rows * padded_len(k) / BLOCK),
+        block_scales: None,
+    };
+    for part in parts {
+        let p = part
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .expect("every part quantized");
+        out.q.extend_from_slice(&p.q);
+        out.scale.extend_from_slice(&p.scale);
+        out.zero_point.extend_from_slice(&p.zero_point);
+        out.block_sums.extend_from_slice(&p.block_sums);
+    }
+    out
+}
+
 fn quantize_rows_with(
     x: &[f32],
     rows: usize,

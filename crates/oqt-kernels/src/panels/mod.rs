@@ -221,3 +221,57 @@ impl SharedOut {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_op_in_unsafe_fn)]
 mod x86;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::act_quant::quantize_rows;
+
+    fn weights(rows: usize, k: usize, seed: usize) -> PackedInt4 {
+        let values: Vec<i8> = (0..rows * k).map(|i| ((i * 7 + seed * 13) % 16) as i8 - 8).collect();
+        let groups = k.div_ceil(BLOCK);
+        let scales = (0..rows * groups).map(|i| 0.01 + (i % 5) as f32 * 0.003).collect();
+        PackedInt4::pack(&values, rows, k, Some(BLOCK), scales)
+    }
+
+    #[test]
+    fn values_and_scales_read_back_from_the_panels() {
+        let w = weights(13, 70, 1); // rows and columns off the panel and block sizes
+        let p = repack_int4(&w);
+        for r in 0..13 {
+            for c in 0..70 {
+                assert_eq!(p.value(r, c), w.value(r, c), "({r}, {c})");
+                assert_eq!(p.scale(r, c), w.scales[r * w.groups() + c / BLOCK]);
+            }
+        }
+    }
+
+    #[test]
+    fn concatenated_panels_give_each_part_its_own_outputs() {
+        let isa = crate::Isa::detect();
+        if !has_panel_kernel(isa) {
+            return;
+        }
+        let (k, m) = (96, 5);
+        let parts = [weights(16, k, 1), weights(11, k, 2), weights(8, k, 3)];
+        let panels: Vec<Int4Panels> = parts.iter().map(repack_int4).collect();
+        let fused = concat_panels(&panels.iter().collect::<Vec<_>>()).expect("same widths");
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        let a = quantize_rows(isa, &x, m, k);
+        let mut y = vec![0f32; m * fused.rows];
+        matmul_int4_panels(isa, &a, &fused, &mut y);
+        let mut first = 0;
+        for p in &panels {
+            let mut own = vec![0f32; m * p.rows];
+            matmul_int4_panels(isa, &a, p, &mut own);
+            for i in 0..m {
+                assert_eq!(
+                    &y[i * fused.rows + first..][..p.rows],
+                    &own[i * p.rows..(i + 1) * p.rows]
+                );
+            }
+            first += p.panels() * PANEL;
+        }
+        assert!(concat_panels(&[&panels[0], &repack_int4(&weights(8, 64, 4))]).is_none());
+    }
+}

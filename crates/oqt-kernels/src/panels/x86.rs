@@ -65,8 +65,7 @@ unsafe fn drive(t: &PanelTask<'_>, out: &mut [f32], dot4: impl Fn(__m256i, __m25
                     partial[r][g % 8] = _mm256_add_ps(partial[r][g % 8], v);
                 }
             }
-            for r in 0..rows {
-                let q = &partial[r];
+            for (r, q) in partial.iter().enumerate().take(rows) {
                 let y = _mm256_add_ps(
                     _mm256_add_ps(_mm256_add_ps(q[0], q[1]), _mm256_add_ps(q[2], q[3])),
                     _mm256_add_ps(_mm256_add_ps(q[4], q[5]), _mm256_add_ps(q[6], q[7])),
