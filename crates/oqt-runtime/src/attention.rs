@@ -1,12 +1,11 @@
 //! Causal attention of one query row and head against the KV cache, with the
 //! reductions of [`crate::reference`] (f64 accumulation, rounded once).
 //!
-//! The arithmetic is written once ([`attend_body`]) and compiled twice: for the
-//! baseline target and, behind a runtime check, with AVX2 enabled so the f64
-//! dots and the weighted sum of values run four lanes wide. Both compilations
-//! do the same operations in the same order (the dot keeps its four lanes
-//! `i mod 4`; the value sum is element-wise; an f32×f32 product is exact in
-//! f64), so the result is bit-identical whichever runs.
+//! The steps around the two reductions are written once ([`attend_with`]); the
+//! reductions have a scalar reference and AVX2 / AVX-512 forms chosen at run
+//! time. The SIMD forms do the same operations in the same order (each dot
+//! keeps its four lanes `i mod 4`; the value sum is element-wise; an f32×f32
+//! product is exact in f64), so the result is bit-identical whichever runs.
 
 use crate::reference::{dot_f64, softmax};
 use oqt_core::quant::ActGrid;
@@ -38,86 +37,42 @@ pub(crate) fn attend(
     scratch: &mut Scratch,
     out: &mut [f32],
 ) {
+    let args = (q, cache, visible, scale, probs);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked just above).
-        unsafe { attend_avx512(q, cache, visible, scale, probs, scratch, out) };
-        return;
+        // SAFETY: AVX-512F (and so AVX2) is present, checked just above; the
+        // cache rows lie inside `k`/`v`.
+        return attend_with(
+            args,
+            scratch,
+            out,
+            |q, c, s, sc| unsafe { x86::scores_avx512(q, c, s, sc) },
+            |p, c, acc| unsafe { x86::weighted_values_avx512(p, c, acc) },
+        );
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above).
-        unsafe { attend_avx2(q, cache, visible, scale, probs, scratch, out) };
-        return;
+        // SAFETY: AVX2 is present, checked just above; as above.
+        return attend_with(
+            args,
+            scratch,
+            out,
+            |q, c, s, sc| unsafe { x86::scores_avx2(q, c, s, sc) },
+            |p, c, acc| unsafe { x86::weighted_values(p, c, acc) },
+        );
     }
-    attend_body(q, cache, visible, scale, probs, scratch, out);
+    attend_with(args, scratch, out, scores_scalar, weighted_values_scalar);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(
-    q: &[f32],
-    cache: &HeadCache<'_>,
-    visible: usize,
-    scale: f32,
-    probs: Option<&ActGrid>,
-    scratch: &mut Scratch,
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    if scratch.scores.len() < visible {
-        scratch.scores.resize(visible, 0.0);
-    }
-    let scores = &mut scratch.scores[..visible];
-    // SAFETY: AVX2 is enabled on this function; the cache rows lie inside `k`/`v`.
-    unsafe { x86::scores_avx2(q, cache, scale, scores) };
-    softmax(scores);
-    if let Some(g) = probs {
-        g.fake(scores);
-    }
-    scratch.acc.resize(hd, 0.0);
-    // SAFETY: as above.
-    unsafe { x86::weighted_values(scores, cache, &mut scratch.acc[..hd]) };
-    out.iter_mut().zip(scratch.acc.iter()).for_each(|(o, &a)| *o = a as f32);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f")]
-unsafe fn attend_avx512(
-    q: &[f32],
-    cache: &HeadCache<'_>,
-    visible: usize,
-    scale: f32,
-    probs: Option<&ActGrid>,
-    scratch: &mut Scratch,
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    if scratch.scores.len() < visible {
-        scratch.scores.resize(visible, 0.0);
-    }
-    let scores = &mut scratch.scores[..visible];
-    // SAFETY: AVX-512F is enabled on this function; the cache rows lie inside `k`/`v`.
-    unsafe { x86::scores_avx512(q, cache, scale, scores) };
-    softmax(scores);
-    if let Some(g) = probs {
-        g.fake(scores);
-    }
-    scratch.acc.resize(hd, 0.0);
-    // SAFETY: as above.
-    unsafe { x86::weighted_values_avx512(scores, cache, &mut scratch.acc[..hd]) };
-    out.iter_mut().zip(scratch.acc.iter()).for_each(|(o, &a)| *o = a as f32);
-}
-
+/// The steps around the two reductions, shared by every path: scores, softmax,
+/// the Probs grid, the weighted sum of values, one rounding to f32.
 #[inline(always)]
-fn attend_body(
-    q: &[f32],
-    cache: &HeadCache<'_>,
-    visible: usize,
-    scale: f32,
-    probs: Option<&ActGrid>,
+fn attend_with(
+    (q, cache, visible, scale, probs): (&[f32], &HeadCache<'_>, usize, f32, Option<&ActGrid>),
     scratch: &mut Scratch,
     out: &mut [f32],
+    scores_of: impl FnOnce(&[f32], &HeadCache<'_>, f32, &mut [f32]),
+    weighted_values: impl FnOnce(&[f32], &HeadCache<'_>, &mut [f64]),
 ) {
     let hd = q.len();
     if scratch.scores.len() < visible {
@@ -125,22 +80,34 @@ fn attend_body(
     }
     scratch.acc.resize(hd, 0.0);
     let scores = &mut scratch.scores[..visible];
-    for (j, sc) in scores.iter_mut().enumerate() {
-        let kv = &cache.k[j * cache.stride + cache.offset..][..hd];
-        *sc = dot_f64(q, kv) * scale;
-    }
+    scores_of(q, cache, scale, scores);
     softmax(scores);
     if let Some(g) = probs {
         g.fake(scores);
     }
     let acc = &mut scratch.acc[..hd];
+    weighted_values(scores, cache, acc);
+    out.iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = a as f32);
+}
+
+/// `scores[j] = dot_f64(q, k_j) · scale`: the reference the SIMD forms follow.
+fn scores_scalar(q: &[f32], cache: &HeadCache<'_>, scale: f32, scores: &mut [f32]) {
+    let hd = q.len();
+    for (j, sc) in scores.iter_mut().enumerate() {
+        let kv = &cache.k[j * cache.stride + cache.offset..][..hd];
+        *sc = dot_f64(q, kv) * scale;
+    }
+}
+
+/// `acc[d] = Σ_j f64(p_j) · f64(v_j[d])` in key order: the reference.
+fn weighted_values_scalar(probs: &[f32], cache: &HeadCache<'_>, acc: &mut [f64]) {
+    let hd = acc.len();
     acc.fill(0.0);
-    for (j, &w) in scores.iter().enumerate() {
+    for (j, &w) in probs.iter().enumerate() {
         let vv = &cache.v[j * cache.stride + cache.offset..][..hd];
         let w = w as f64;
         acc.iter_mut().zip(vv).for_each(|(a, &b)| *a += w * b as f64);
     }
-    out.iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = a as f32);
 }
 
 /// The AVX2 forms of the two reductions, in the lanes of the scalar ones.

@@ -28,9 +28,8 @@ fn sum_sq_f64(x: &[f32]) -> f64 {
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
-/// `Σ a·b` accumulated in f64, rounded once. Always inlined, so a caller
-/// compiled with wider SIMD (the attention's AVX2 path) vectorizes it.
-#[inline(always)]
+/// `Σ a·b` accumulated in f64, rounded once.
+#[inline]
 pub fn dot_f64(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f64; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));

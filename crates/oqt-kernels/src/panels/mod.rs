@@ -22,7 +22,7 @@
 use crate::Isa;
 use crate::act_quant::QuantizedRows;
 use crate::pack::{BLOCK, PackedInt4};
-use crate::team::Team;
+use crate::team::{SendPtr, Team};
 
 /// Weight rows per panel (the SIMD lanes of one 256-bit i32 vector).
 pub const PANEL: usize = 8;
@@ -180,7 +180,7 @@ pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut
     // writing its own columns of `out` through a task-local tile.
     let team = Team::global();
     let per_task = (panels / (3 * team.threads())).max(2);
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = SendPtr(out.as_mut_ptr());
     team.run(panels.div_ceil(per_task), |t| {
         let r = t * per_task..((t + 1) * per_task).min(panels);
         let task = PanelTask {
@@ -207,15 +207,6 @@ pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut
             dst.copy_from_slice(&local[i * width..i * width + cols]);
         }
     });
-}
-
-/// `out`'s base pointer, shared by tasks that write disjoint columns.
-struct SharedOut(*mut f32);
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
