@@ -298,3 +298,39 @@ fn panel_matmul_is_the_same_on_1_and_3_threads() {
         }
     }
 }
+
+/// The panel epilogue's i16 pair `(zp, Σ q_a)` at its edge: groups of 256
+/// whose activations all sit at −128 or at 127 (`Σ q_a` = −32768 / 32512),
+/// zero points at both ends, and groups of 512 (past the pair, the i32 path).
+#[test]
+fn panel_epilogue_holds_at_extreme_group_sums() {
+    let (m, n, k) = (4, 21, 1024);
+    let w: Vec<i8> = (0..n * k).map(|i| ((i * 7919 + 5) % 16) as i8 - 8).collect();
+    // Row 0: all at the minimum of a range that holds 0 (zp = 127 side); row 1:
+    // all at the maximum; row 2: negative half then positive half; row 3: zeros.
+    let mut x = vec![0f32; m * k];
+    x[..k].fill(-3.0);
+    x[k..2 * k].fill(5.0);
+    x[2 * k..3 * k]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = if i < k / 2 { -1.0 } else { 7.0 });
+    let a = quantize_rows(Isa::Scalar, &x, m, k);
+    assert_eq!(a.q[0], -128);
+    assert_eq!(a.q[k], 127);
+    for group in [256, 512] {
+        let scales: Vec<f32> = (0..n * k / group).map(|i| ((i * 31) % 97 + 1) as f32 * 1e-3).collect();
+        let packed = PackedInt4::pack(&w, n, k, Some(group), scales.clone());
+        let want = contract(&a, n, k, group, |r, c| w[r * k + c] as i32, &scales);
+        let panels = repack_int4(&packed);
+        for isa in Isa::available().into_iter().filter(|&i| has_panel_kernel(i)) {
+            let mut out = vec![0f32; m * n];
+            matmul_int4_panels(isa, &a, &panels, &mut out);
+            assert!(
+                out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{} panels differ at group {group}",
+                isa.name()
+            );
+        }
+    }
+}

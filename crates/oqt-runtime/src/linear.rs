@@ -286,10 +286,11 @@ impl Projections {
                 parts
                     .iter()
                     .map(|&(first, width)| {
-                        y.chunks(n)
-                            .flat_map(|row| &row[first..first + width])
-                            .copied()
-                            .collect()
+                        let mut part = Vec::with_capacity(m * width);
+                        for row in y.chunks(n) {
+                            part.extend_from_slice(&row[first..first + width]);
+                        }
+                        part
                     })
                     .collect()
             }

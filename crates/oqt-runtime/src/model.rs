@@ -340,36 +340,37 @@ impl RuntimeModel {
             cache.k[li].extend_from_slice(&k);
             cache.v[li].extend_from_slice(&v);
             let (kc, vc) = (&cache.k[li], &cache.v[li]);
-            let total = start + s;
             let group = nh / nkv;
             let scale = (1.0 / (hd as f64).sqrt()) as f32;
             let probs_grid = self.grids.as_ref().map(|g| g.get(li, ActSite::Probs));
-            // One task per (query row, head): a decode step (one row) still
-            // spreads over the heads. Each head's arithmetic is independent of
-            // the split, so the result does not depend on the thread count.
-            let mut attn = vec![0f32; s * nh * hd];
-            let items = s * nh;
+            // Items of (query row, query heads sharing one KV head): all the
+            // group's heads when there are rows enough to keep every thread
+            // busy (they share the loads of the keys and values), one head each
+            // for a decode step. Each head's arithmetic is the same whichever
+            // split runs, so the result does not depend on it or on the threads.
             let team = Team::global();
+            let heads_per_item = if s * nkv >= 8 * team.threads() { group } else { 1 };
+            let per_row = nh / heads_per_item;
+            let width = heads_per_item * hd;
+            let mut attn = vec![0f32; s * nh * hd];
             // Small tasks: under the causal mask the last rows cost the most, and
             // the last task claimed must not be a long one.
-            let per_task = items.div_ceil(32 * team.threads());
-            team.for_each_chunk_mut(&mut attn, per_task * hd, |t, chunk| {
-                let mut scratch = Scratch {
-                    scores: vec![0f32; total],
-                    acc: vec![0f64; hd],
-                };
-                for (j, o) in chunk.chunks_mut(hd).enumerate() {
+            let per_task = (s * per_row).div_ceil(32 * team.threads());
+            team.for_each_chunk_mut(&mut attn, per_task * width, |t, chunk| {
+                let mut scratch = Scratch::default();
+                for (j, o) in chunk.chunks_mut(width).enumerate() {
                     let item = t * per_task + j;
-                    let (i, head) = (item / nh, item % nh);
+                    let (i, first_head) = (item / per_row, (item % per_row) * heads_per_item);
                     let head_cache = HeadCache {
                         k: kc,
                         v: vc,
                         stride: nkv * hd,
-                        offset: (head / group) * hd,
+                        offset: (first_head / group) * hd,
+                        head_dim: hd,
                     };
-                    let qv = &q[i * nh * hd + head * hd..][..hd];
+                    let qs = &q[i * nh * hd + first_head * hd..][..width];
                     attend(
-                        qv,
+                        qs,
                         &head_cache,
                         start + i + 1,
                         scale,

@@ -38,14 +38,32 @@ pub fn row_params(min: f32, max: f32) -> (f32, i32) {
 /// Quantize one row into `out` (same length); returns `(scale, zero_point)`.
 pub fn quantize_row(isa: Isa, x: &[f32], out: &mut [i8]) -> (f32, i32) {
     assert_eq!(x.len(), out.len());
-    let (mut min, mut max) = (0f32, 0f32);
-    for &v in x {
-        min = min.min(v);
-        max = max.max(v);
-    }
+    let (min, max) = min_max(x);
     let (scale, zp) = row_params(min, max);
     quantize_with(isa, x, 1.0 / scale, zp, out);
     (scale, zp)
+}
+
+/// The smallest and largest of `x` and 0, in sixteen independent lanes so
+/// that it vectorizes (min and max do not depend on the order).
+fn min_max(x: &[f32]) -> (f32, f32) {
+    const LANES: usize = 16;
+    let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    for (i, &v) in chunks.remainder().iter().enumerate() {
+        lo[i] = lo[i].min(v);
+        hi[i] = hi[i].max(v);
+    }
+    for c in chunks {
+        for i in 0..LANES {
+            lo[i] = lo[i].min(c[i]);
+            hi[i] = hi[i].max(c[i]);
+        }
+    }
+    (
+        lo.iter().fold(0f32, |m, &v| m.min(v)),
+        hi.iter().fold(0f32, |m, &v| m.max(v)),
+    )
 }
 
 /// The reference: `clamp(round_half_even(x · inv) + zp, −128, 127)`.

@@ -1,31 +1,35 @@
 //! Register-tiled int8 × int4 GEMM over weights repacked into panels.
 //!
 //! **The repack** ([`repack_int4`], done once when a model loads): the weight
-//! rows are taken eight at a time (a *panel*; the last one padded with zero
-//! rows) and, per block of 32 columns, interleaved so that one 32-byte vector
-//! holds four consecutive columns of all eight rows. A broadcast of four
-//! activation bytes against that vector gives, in one `vpdpbusd` (or
-//! `vpmaddubsw` + `vpmaddwd`), four products for each of the eight rows: the
-//! eight SIMD lanes are eight output columns, so no horizontal reduction is
-//! needed, and the unpacked weights of a block are reused for several
-//! activation rows (the register tile) before the next block is read.
+//! rows are taken sixteen at a time (a *panel*; the last one padded with zero
+//! rows) and, per block of 32 columns, interleaved so that one 64-byte vector
+//! holds four consecutive columns of all sixteen rows. A broadcast of four
+//! activation bytes against that vector gives, in one 512-bit `vpdpbusd`,
+//! four products for each of the sixteen rows: the SIMD lanes are output
+//! columns, so no horizontal reduction is needed, and the unpacked weights of
+//! a block are reused for several activation rows (the register tile) before
+//! the next block is read. AVX2 (`vpmaddubsw` + `vpmaddwd`, 256-bit) reads
+//! each 64-byte vector as two halves of eight rows.
 //!
 //! **The arithmetic** is the crate contract, unchanged: per (row, group) the
 //! exact i32 dot `Σ (q_a − zp) · q_w`, then `p[g mod 8] += (s_a · s_w[g]) · dot`
 //! and the pairwise finish — lane by lane, so every output equals
 //! [`crate::dot::row_int4_scalar`] bit for bit (tests on odd shapes).
 //!
-//! Per panel and block the 128 data bytes are four vectors `P_j` (`j < 4`):
-//! the low nibble of byte `4r + t` of `P_j` is row `r`, column `4j + t` of the
-//! block (stored `+ 8`), its high nibble column `4(j + 4) + t`.
+//! Per panel and block the 256 data bytes are four vectors `P_j` (`j < 4`, 64
+//! bytes each): the low nibble of byte `4r + t` of `P_j` is row `r`, column
+//! `4j + t` of the block (stored `+ 8`), its high nibble column `4(j + 4) + t`.
 
 use crate::Isa;
 use crate::act_quant::QuantizedRows;
 use crate::pack::{BLOCK, PackedInt4};
 use crate::team::{SendPtr, Team};
 
-/// Weight rows per panel (the SIMD lanes of one 256-bit i32 vector).
-pub const PANEL: usize = 8;
+/// Weight rows per panel (the SIMD lanes of one 512-bit i32 vector).
+pub const PANEL: usize = 16;
+
+/// Data bytes of one panel and block of [`BLOCK`] columns (two nibbles a byte).
+pub(crate) const PANEL_BLOCK_BYTES: usize = PANEL * BLOCK / 2;
 
 /// int4 weights repacked into panels of [`PANEL`] rows (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
@@ -34,11 +38,11 @@ pub struct Int4Panels {
     pub k: usize,
     pub k_pad: usize,
     pub group: usize,
-    /// `panels × blocks × 128` bytes.
+    /// `panels × blocks × PANEL_BLOCK_BYTES` bytes.
     pub data: Vec<u8>,
-    /// `panels × groups × 8` scales (lane = row in the panel; 0 for padding rows).
+    /// `panels × groups × PANEL` scales (lane = row in the panel; 0 for padding rows).
     pub scales: Vec<f32>,
-    /// `panels × groups × 8` sums of the signed weights of each (row, group).
+    /// `panels × groups × PANEL` sums of the signed weights of each (row, group).
     pub sums: Vec<i32>,
 }
 
@@ -62,7 +66,7 @@ impl Int4Panels {
         } else {
             ((c - 16) / 4, c % 4, true)
         };
-        let byte = self.data[(p * self.blocks() + b) * 128 + j * 32 + 4 * r + t];
+        let byte = self.data[(p * self.blocks() + b) * PANEL_BLOCK_BYTES + j * 4 * PANEL + 4 * r + t];
         let nibble = if high { byte >> 4 } else { byte & 0x0F };
         nibble as i8 - 8
     }
@@ -106,21 +110,21 @@ pub fn concat_panels(parts: &[&Int4Panels]) -> Option<Int4Panels> {
 /// The load-time repack of row-major packed int4 weights into panels.
 pub fn repack_int4(w: &PackedInt4) -> Int4Panels {
     let (panels, blocks, groups) = (w.rows.div_ceil(PANEL), w.k_pad / BLOCK, w.groups());
-    let mut data = vec![0u8; panels * blocks * 128];
+    let mut data = vec![0u8; panels * blocks * PANEL_BLOCK_BYTES];
     let mut scales = vec![0f32; panels * groups * PANEL];
     let mut sums = vec![0i32; panels * groups * PANEL];
     // Stored nibble (`q + 8`) of (row, col); padding rows hold zeros (8).
     let nib = |r: usize, c: usize| -> u8 { if r < w.rows { (w.value(r, c) + 8) as u8 } else { 8 } };
     for p in 0..panels {
         for b in 0..blocks {
-            let out = &mut data[(p * blocks + b) * 128..][..128];
+            let out = &mut data[(p * blocks + b) * PANEL_BLOCK_BYTES..][..PANEL_BLOCK_BYTES];
             for j in 0..4 {
                 for r in 0..PANEL {
                     for t in 0..4 {
                         let row = p * PANEL + r;
                         let lo = nib(row, b * BLOCK + 4 * j + t);
                         let hi = nib(row, b * BLOCK + 4 * (j + 4) + t);
-                        out[j * 32 + 4 * r + t] = lo | (hi << 4);
+                        out[j * 4 * PANEL + 4 * r + t] = lo | (hi << 4);
                     }
                 }
             }
@@ -152,14 +156,27 @@ pub fn has_panel_kernel(isa: Isa) -> bool {
 }
 
 /// What one task computes: activation rows against panels `panels`, written
-/// `[m, panels.len() × 8]` row-major into `out`.
+/// into their columns of the `[m, n]` row-major output at `out` (padding rows
+/// of the last panel are not written).
 pub(crate) struct PanelTask<'a> {
     pub a: &'a QuantizedRows,
-    /// `Σ q_a` per (activation row, weight group).
-    pub group_sums: &'a [i32],
     pub w: &'a Int4Panels,
     pub panels: std::ops::Range<usize>,
+    pub out: &'a SendPtr<f32>,
+    pub n: usize,
+    /// Per (activation row, weight group): the integer correction's activation
+    /// side, `8 Σ q_a` (the weights are stored `+ 8`), or when
+    /// [`PanelTask::paired`] the i16 pair `(zp, Σ q_a)` that one `vpmaddwd`
+    /// against the weights' `(Σ q_w, 8)` turns into `zp Σ q_w + 8 Σ q_a`.
+    pub act_corr: &'a [i32],
+    /// Per (activation row, weight group): the activation scale.
+    pub act_scale: &'a [f32],
+    /// Whether [`PanelTask::act_corr`] holds i16 pairs (`Σ q_a` fits in i16).
+    pub paired: bool,
 }
+
+/// Groups up to this wide keep `Σ q_a` (≤ 128 per column) inside i16.
+const PAIRED_MAX_GROUP: usize = 256;
 
 /// `a` (`[m, k]` quantized) × `w`ᵀ → `out` `[m, n]`; tasks over panels.
 pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut [f32]) {
@@ -173,38 +190,48 @@ pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut
     );
     let groups = w.groups();
     let per = w.group / BLOCK;
-    let group_sums: Vec<i32> = a.block_sums.chunks(per).map(|c| c.iter().sum()).collect();
-    debug_assert_eq!(group_sums.len(), a.rows * groups);
-    let (m, n, panels) = (a.rows, w.rows, w.panels());
-    // A few tasks per thread (load balance), each at least a few panels, each
-    // writing its own columns of `out` through a task-local tile.
+    let paired = w.group <= PAIRED_MAX_GROUP;
+    // The per-(row, group) scalars of the epilogue, once for every panel.
+    let mut act_corr = Vec::with_capacity(a.rows * groups);
+    let mut act_scale = Vec::with_capacity(a.rows * groups);
+    for i in 0..a.rows {
+        for g in 0..groups {
+            let sum: i32 = a.block_sums[(i * groups + g) * per..][..per].iter().sum();
+            act_corr.push(if paired {
+                (a.zero_point[i] & 0xFFFF) | (sum << 16)
+            } else {
+                8 * sum
+            });
+            act_scale.push(match &a.block_scales {
+                Some(s) => s[i * groups + g],
+                None => a.scale[i],
+            });
+        }
+    }
+    let (n, panels) = (w.rows, w.panels());
+    // A few tasks per thread (load balance), each writing its own columns of `out`.
     let team = Team::global();
-    let per_task = (panels / (3 * team.threads())).max(2);
+    let per_task = (panels / (3 * team.threads())).max(1);
     let out_ptr = SendPtr(out.as_mut_ptr());
     team.run(panels.div_ceil(per_task), |t| {
-        let r = t * per_task..((t + 1) * per_task).min(panels);
         let task = PanelTask {
             a,
-            group_sums: &group_sums,
             w,
-            panels: r.clone(),
+            panels: t * per_task..((t + 1) * per_task).min(panels),
+            out: &out_ptr,
+            n,
+            act_corr: &act_corr,
+            act_scale: &act_scale,
+            paired,
         };
-        let width = r.len() * PANEL;
-        let mut local = vec![0f32; m * width];
-        // SAFETY: the ISA was checked above and the task's ranges lie inside `a` and `w`.
+        // SAFETY: the ISA was checked above, the task's ranges lie inside `a`
+        // and `w`, and task `t` alone writes the columns of its panels.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match isa {
-                Isa::Avx512Vnni => x86::panels_int4_vnni(&task, &mut local),
-                _ => x86::panels_int4_avx2(&task, &mut local),
+                Isa::Avx512Vnni => x86::panels_int4_vnni(&task),
+                _ => x86::panels_int4_avx2(&task),
             }
-        }
-        let col0 = r.start * PANEL;
-        let cols = width.min(n - col0);
-        for i in 0..m {
-            // SAFETY: task `t` alone writes columns `col0..col0 + cols` of every row.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * n + col0), cols) };
-            dst.copy_from_slice(&local[i * width..i * width + cols]);
         }
     });
 }

@@ -1,91 +1,186 @@
-//! x86-64 panel kernels: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI
-//! (`vpdpbusd`, 256-bit), one driver for both.
+//! x86-64 panel kernels: AVX-512 VNNI (512-bit `vpdpbusd`, one panel of
+//! sixteen rows per vector) and AVX2 (`vpmaddubsw` + `vpmaddwd`, each panel as
+//! two 256-bit halves of eight rows). Both run the same tile: [`MR`]
+//! activation rows against one panel (half), every group's exact i32 dot,
+//! then the contract's epilogue per (row, group) lane by lane.
 
-use super::{PANEL, PanelTask};
+use super::{PANEL, PANEL_BLOCK_BYTES, PanelTask};
 use crate::pack::BLOCK;
 use std::arch::x86_64::*;
 
 /// Activation rows per register tile.
 const MR: usize = 4;
 
-/// The eight unpacked weight vectors of one panel block (`u8`, `q + 8`):
-/// vector `c` holds columns `4c..4c+4` of the block for the eight rows.
-#[inline(always)]
-unsafe fn unpack(p: *const u8) -> [__m256i; 8] {
-    let mask = _mm256_set1_epi8(0x0F);
-    let mut w = [_mm256_setzero_si256(); 8];
-    for j in 0..4 {
-        let v = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
-        w[j] = _mm256_and_si256(v, mask);
-        w[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
-    }
-    w
+/// Finishes the eight partial sums (group `g` adds to partial `g mod 8`) pairwise (`((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7))`) as the contract does.
+macro_rules! finish_partials {
+    ($add:ident, $q:expr) => {{
+        let q = $q;
+        $add(
+            $add($add(q[0], q[1]), $add(q[2], q[3])),
+            $add($add(q[4], q[5]), $add(q[6], q[7])),
+        )
+    }};
 }
 
-/// The shared driver; `dot4(acc, w, a)` adds four u8·i8 products per lane.
+/// AVX-512 VNNI: one task's panels, sixteen output columns per vector.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn panels_int4_vnni(t: &PanelTask<'_>) {
+    // Tiles of MR rows, the last one shorter: each size its own compiled loop.
+    let mut i0 = 0;
+    while i0 < t.a.rows {
+        let rows = (t.a.rows - i0).min(MR);
+        match rows {
+            4 => tile_vnni::<4>(t, i0),
+            3 => tile_vnni::<3>(t, i0),
+            2 => tile_vnni::<2>(t, i0),
+            _ => tile_vnni::<1>(t, i0),
+        }
+        i0 += rows;
+    }
+}
+
+/// Rows `i0..i0 + R` against every panel of the task.
 #[inline(always)]
-unsafe fn drive(t: &PanelTask<'_>, out: &mut [f32], dot4: impl Fn(__m256i, __m256i, __m256i) -> __m256i) {
+unsafe fn tile_vnni<const R: usize>(t: &PanelTask<'_>, i0: usize) {
     let (a, w) = (t.a, t.w);
-    let (m, groups, blocks) = (a.rows, w.groups(), w.blocks());
-    let per = w.group / BLOCK;
-    let width = t.panels.len() * PANEL;
-    for (pi, p) in t.panels.clone().enumerate() {
-        let pdata = w.data.as_ptr().add(p * blocks * 128);
-        for i0 in (0..m).step_by(MR) {
-            let rows = (m - i0).min(MR);
-            let mut partial = [[_mm256_setzero_ps(); 8]; MR];
-            for g in 0..groups {
-                let mut acc = [_mm256_setzero_si256(); MR];
-                for b in g * per..(g + 1) * per {
-                    let wv = unpack(pdata.add(b * 128));
-                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                        let aq = a.q.as_ptr().add((i0 + r) * a.k_pad + b * BLOCK) as *const i32;
-                        for (c, wc) in wv.iter().enumerate() {
-                            *acc = dot4(*acc, *wc, _mm256_set1_epi32(aq.add(c).read_unaligned()));
-                        }
+    let (groups, blocks, per) = (w.groups(), w.blocks(), w.group / BLOCK);
+    let nibble = _mm512_set1_epi8(0x0F);
+    let (low16, eight_high) = (_mm512_set1_epi32(0xFFFF), _mm512_set1_epi32(8 << 16));
+    let q: [*const i32; R] = std::array::from_fn(|r| a.q.as_ptr().add((i0 + r) * a.k_pad) as *const i32);
+    let corr = t.act_corr.as_ptr().add(i0 * groups);
+    let scale = t.act_scale.as_ptr().add(i0 * groups);
+    for p in t.panels.clone() {
+        let pdata = w.data.as_ptr().add(p * blocks * PANEL_BLOCK_BYTES);
+        let mut partial = [[_mm512_setzero_ps(); 8]; R];
+        for g in 0..groups {
+            let mut acc = [_mm512_setzero_si512(); R];
+            for b in g * per..(g + 1) * per {
+                // The eight weight vectors of the block (`u8`, `q + 8`):
+                // vector `c` holds its columns `4c..4c+4` for the sixteen rows.
+                let mut wv = [_mm512_setzero_si512(); 8];
+                for j in 0..4 {
+                    let v = _mm512_loadu_si512(pdata.add(b * PANEL_BLOCK_BYTES + 64 * j) as *const _);
+                    wv[j] = _mm512_and_si512(v, nibble);
+                    wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let aq = q[r].add(b * BLOCK / 4);
+                    for (c, wc) in wv.iter().enumerate() {
+                        *acc = _mm512_dpbusd_epi32(*acc, *wc, _mm512_set1_epi32(aq.add(c).read_unaligned()));
                     }
                 }
-                let at = (p * groups + g) * PANEL;
-                let wsum = _mm256_loadu_si256(w.sums.as_ptr().add(at) as *const __m256i);
-                let ws = _mm256_loadu_ps(w.scales.as_ptr().add(at));
-                for r in 0..rows {
-                    let i = i0 + r;
-                    // Raw sums are Σ (q_w + 8) q_a: subtract 8 Σ q_a + zp Σ q_w.
-                    let corr = _mm256_add_epi32(
-                        _mm256_set1_epi32(8 * t.group_sums[i * groups + g]),
-                        _mm256_mullo_epi32(_mm256_set1_epi32(a.zero_point[i]), wsum),
-                    );
-                    let dot = _mm256_sub_epi32(acc[r], corr);
-                    let s_a = match &a.block_scales {
-                        Some(s) => s[i * groups + g],
-                        None => a.scale[i],
-                    };
-                    let s = _mm256_mul_ps(_mm256_set1_ps(s_a), ws);
-                    let v = _mm256_mul_ps(s, _mm256_cvtepi32_ps(dot));
-                    partial[r][g % 8] = _mm256_add_ps(partial[r][g % 8], v);
-                }
             }
-            for (r, q) in partial.iter().enumerate().take(rows) {
-                let y = _mm256_add_ps(
-                    _mm256_add_ps(_mm256_add_ps(q[0], q[1]), _mm256_add_ps(q[2], q[3])),
-                    _mm256_add_ps(_mm256_add_ps(q[4], q[5]), _mm256_add_ps(q[6], q[7])),
-                );
-                _mm256_storeu_ps(out.as_mut_ptr().add((i0 + r) * width + pi * PANEL), y);
+            let at = (p * groups + g) * PANEL;
+            let wsum = _mm512_loadu_si512(w.sums.as_ptr().add(at) as *const _);
+            let ws = _mm512_loadu_ps(w.scales.as_ptr().add(at));
+            let wpair = _mm512_or_si512(_mm512_and_si512(wsum, low16), eight_high);
+            for r in 0..R {
+                let c = *corr.add(r * groups + g);
+                // Raw sums are Σ (q_w + 8) q_a: subtract 8 Σ q_a + zp Σ q_w.
+                let correction = if t.paired {
+                    _mm512_madd_epi16(wpair, _mm512_set1_epi32(c))
+                } else {
+                    let zp = _mm512_set1_epi32(a.zero_point[i0 + r]);
+                    _mm512_add_epi32(_mm512_set1_epi32(c), _mm512_mullo_epi32(zp, wsum))
+                };
+                let dot = _mm512_sub_epi32(acc[r], correction);
+                let s = _mm512_mul_ps(_mm512_set1_ps(*scale.add(r * groups + g)), ws);
+                let v = _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot));
+                partial[r][g % 8] = _mm512_add_ps(partial[r][g % 8], v);
             }
+        }
+        let col = p * PANEL;
+        // The last panel's padding rows are not output columns.
+        let valid: __mmask16 = if col + PANEL <= t.n { !0 } else { (1 << (t.n - col)) - 1 };
+        for (r, q) in partial.iter().enumerate() {
+            let y = finish_partials!(_mm512_add_ps, q);
+            _mm512_mask_storeu_ps(t.out.get().add((i0 + r) * t.n + col), valid, y);
         }
     }
 }
 
+/// AVX2: one task's panels, each as two halves of eight rows.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn panels_int4_avx2(t: &PanelTask<'_>, out: &mut [f32]) {
-    let ones = _mm256_set1_epi16(1);
-    // u8 ≤ 15 times i8: the i16 pair sums cannot saturate.
-    drive(t, out, |acc, w, a| {
-        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones))
-    })
+pub(super) unsafe fn panels_int4_avx2(t: &PanelTask<'_>) {
+    // Tiles of MR rows, the last one shorter: each size its own compiled loop.
+    let mut i0 = 0;
+    while i0 < t.a.rows {
+        let rows = (t.a.rows - i0).min(MR);
+        match rows {
+            4 => tile_avx2::<4>(t, i0),
+            3 => tile_avx2::<3>(t, i0),
+            2 => tile_avx2::<2>(t, i0),
+            _ => tile_avx2::<1>(t, i0),
+        }
+        i0 += rows;
+    }
 }
 
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
-pub(super) unsafe fn panels_int4_vnni(t: &PanelTask<'_>, out: &mut [f32]) {
-    drive(t, out, |acc, w, a| _mm256_dpbusd_epi32(acc, w, a))
+/// Rows `i0..i0 + R` against every panel half of the task.
+#[inline(always)]
+unsafe fn tile_avx2<const R: usize>(t: &PanelTask<'_>, i0: usize) {
+    const HALF: usize = PANEL / 2;
+    let (a, w) = (t.a, t.w);
+    let (groups, blocks, per) = (w.groups(), w.blocks(), w.group / BLOCK);
+    let nibble = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let (low16, eight_high) = (_mm256_set1_epi32(0xFFFF), _mm256_set1_epi32(8 << 16));
+    let q: [*const i32; R] = std::array::from_fn(|r| a.q.as_ptr().add((i0 + r) * a.k_pad) as *const i32);
+    let corr = t.act_corr.as_ptr().add(i0 * groups);
+    let scale = t.act_scale.as_ptr().add(i0 * groups);
+    for p in t.panels.clone() {
+        for h in 0..2 {
+            let pdata = w.data.as_ptr().add(p * blocks * PANEL_BLOCK_BYTES + h * 32);
+            let mut partial = [[_mm256_setzero_ps(); 8]; R];
+            for g in 0..groups {
+                let mut acc = [_mm256_setzero_si256(); R];
+                for b in g * per..(g + 1) * per {
+                    let mut wv = [_mm256_setzero_si256(); 8];
+                    for j in 0..4 {
+                        let v = _mm256_loadu_si256(pdata.add(b * PANEL_BLOCK_BYTES + 64 * j) as *const _);
+                        wv[j] = _mm256_and_si256(v, nibble);
+                        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let aq = q[r].add(b * BLOCK / 4);
+                        for (c, wc) in wv.iter().enumerate() {
+                            // u8 ≤ 15 times i8: the i16 pair sums cannot saturate.
+                            let a4 = _mm256_set1_epi32(aq.add(c).read_unaligned());
+                            *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(_mm256_maddubs_epi16(*wc, a4), ones));
+                        }
+                    }
+                }
+                let at = (p * groups + g) * PANEL + h * HALF;
+                let wsum = _mm256_loadu_si256(w.sums.as_ptr().add(at) as *const _);
+                let ws = _mm256_loadu_ps(w.scales.as_ptr().add(at));
+                let wpair = _mm256_or_si256(_mm256_and_si256(wsum, low16), eight_high);
+                for r in 0..R {
+                    let c = *corr.add(r * groups + g);
+                    let correction = if t.paired {
+                        _mm256_madd_epi16(wpair, _mm256_set1_epi32(c))
+                    } else {
+                        let zp = _mm256_set1_epi32(a.zero_point[i0 + r]);
+                        _mm256_add_epi32(_mm256_set1_epi32(c), _mm256_mullo_epi32(zp, wsum))
+                    };
+                    let dot = _mm256_sub_epi32(acc[r], correction);
+                    let s = _mm256_mul_ps(_mm256_set1_ps(*scale.add(r * groups + g)), ws);
+                    let v = _mm256_mul_ps(s, _mm256_cvtepi32_ps(dot));
+                    partial[r][g % 8] = _mm256_add_ps(partial[r][g % 8], v);
+                }
+            }
+            let col = p * PANEL + h * HALF;
+            if col >= t.n {
+                continue; // a half of padding rows
+            }
+            // Lanes past the output's last column (padding rows) are not written.
+            let valid = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32((t.n - col) as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            for (r, q) in partial.iter().enumerate() {
+                let y = finish_partials!(_mm256_add_ps, q);
+                _mm256_maskstore_ps(t.out.get().add((i0 + r) * t.n + col), valid, y);
+            }
+        }
+    }
 }
