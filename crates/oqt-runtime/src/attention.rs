@@ -219,7 +219,8 @@ mod x86 {
             1 => scores_group::<1>(qs, cache, scale, scores),
             2 => scores_group::<2>(qs, cache, scale, scores),
             3 => scores_group::<3>(qs, cache, scale, scores),
-            4 => scores_group::<4>(qs, cache, scale, scores),
+            // Four heads' eight-key tiles would not fit the 32 registers: two pairs.
+            4 => super::per_head(2, qs, scores, |q, sc| scores_group::<2>(q, cache, scale, sc)),
             _ => super::per_head(heads, qs, scores, |q, sc| scores_group::<1>(q, cache, scale, sc)),
         }
     }
@@ -235,7 +236,34 @@ mod x86 {
             .map(|i| _mm512_cvtps_pd(_mm256_loadu_ps(qs.as_ptr().add((i / chunks) * hd + 8 * (i % chunks)))))
             .collect();
         let qd = qd.as_ptr();
-        for j in 0..n {
+        let mut first = 0;
+        if hd == body {
+            // Eight keys per pass, their sums reduced together (no tail to add).
+            let order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+            while first + 8 <= n {
+                let ks: [*const f32; 8] = std::array::from_fn(|t| key(first + t));
+                let mut acc = [[_mm512_setzero_pd(); 8]; G];
+                for c in 0..chunks {
+                    // 8G sums, G query chunks and one key chunk: 28 of the 32 registers for G = 3.
+                    let qc: [__m512d; G] = std::array::from_fn(|h| *qd.add(h * chunks + c));
+                    for (t, &k) in ks.iter().enumerate() {
+                        let kv = _mm512_cvtps_pd(_mm256_loadu_ps(k.add(8 * c)));
+                        for (a, &q) in acc.iter_mut().zip(&qc) {
+                            a[t] = _mm512_fmadd_pd(q, kv, a[t]);
+                        }
+                    }
+                }
+                for (h, a) in acc.iter().enumerate() {
+                    let sums = _mm256_mul_ps(_mm512_cvtpd_ps(sum_lanes_of_8(a)), _mm256_set1_ps(scale));
+                    _mm256_storeu_ps(
+                        scores.as_mut_ptr().add(h * n + first),
+                        _mm256_permutevar8x32_ps(sums, order),
+                    );
+                }
+                first += 8;
+            }
+        }
+        for j in first..n {
             let k = key(j);
             let mut acc = [_mm512_setzero_pd(); G];
             for c in 0..chunks {
@@ -253,6 +281,26 @@ mod x86 {
                 *scores.get_unchecked_mut(h * n + j) = ((sum_halves(halves) + tail) as f32) * scale;
             }
         }
+    }
+
+    /// The lane sums of eight keys' 8-lane dots, each by the halves of
+    /// [`crate::reference::sum_lanes_f64`] (plus the empty tail's +0.0), as
+    /// one vector in the key order `[0, 4, 1, 5, 2, 6, 3, 7]`.
+    #[inline(always)]
+    unsafe fn sum_lanes_of_8(a: &[__m512d; 8]) -> __m512d {
+        // Lanes i + (i + 4): two keys per vector, [l0+l4 .. l3+l7 | same].
+        let s: [__m512d; 4] = std::array::from_fn(|p| {
+            let (x, y) = (a[2 * p], a[2 * p + 1]);
+            _mm512_add_pd(_mm512_shuffle_f64x2::<0x44>(x, y), _mm512_shuffle_f64x2::<0xEE>(x, y))
+        });
+        // (h0 + h2, h1 + h3): four keys per vector.
+        let t: [__m512d; 2] = std::array::from_fn(|p| {
+            let (x, y) = (s[2 * p], s[2 * p + 1]);
+            _mm512_add_pd(_mm512_shuffle_f64x2::<0x88>(x, y), _mm512_shuffle_f64x2::<0xDD>(x, y))
+        });
+        // (h0 + h2) + (h1 + h3), then the tail (+0.0) as the reference adds it.
+        let r = _mm512_add_pd(_mm512_unpacklo_pd(t[0], t[1]), _mm512_unpackhi_pd(t[0], t[1]));
+        _mm512_add_pd(r, _mm512_setzero_pd())
     }
 
     /// `acc[d] = Σ_j f64(p_j) · f64(v_j[d])` in key order (element-wise, so
@@ -311,13 +359,15 @@ mod x86 {
     unsafe fn values_group<const G: usize>(probs: &[f32], cache: &HeadCache<'_>, acc: &mut [f64]) {
         let hd = cache.head_dim;
         let body = hd / 8 * 8;
+        // The probabilities in f64 once: each is then a broadcast from memory.
+        let p64: Vec<f64> = probs.iter().map(|&p| p as f64).collect();
         let mut d0 = 0;
         while d0 + 32 <= body {
-            values_chunk::<G, 4>(probs, cache, acc, d0);
+            values_chunk::<G, 4>(&p64, cache, acc, d0);
             d0 += 32;
         }
         while d0 < body {
-            values_chunk::<G, 1>(probs, cache, acc, d0);
+            values_chunk::<G, 1>(&p64, cache, acc, d0);
             d0 += 8;
         }
         let n = probs.len() / G;
@@ -334,7 +384,7 @@ mod x86 {
     /// Dimensions `d0..d0 + 8V` of every head's weighted sum.
     #[inline(always)]
     unsafe fn values_chunk<const G: usize, const V: usize>(
-        probs: &[f32],
+        probs: &[f64],
         cache: &HeadCache<'_>,
         acc: &mut [f64],
         d0: usize,
@@ -345,7 +395,7 @@ mod x86 {
             let v = cache.v.as_ptr().add(j * cache.stride + cache.offset + d0);
             let vv: [__m512d; V] = std::array::from_fn(|c| _mm512_cvtps_pd(_mm256_loadu_ps(v.add(8 * c))));
             for (h, s) in sums.iter_mut().enumerate() {
-                let w = _mm512_set1_pd(*probs.get_unchecked(h * n + j) as f64);
+                let w = _mm512_set1_pd(*probs.get_unchecked(h * n + j));
                 for (s, &x) in s.iter_mut().zip(&vv) {
                     *s = _mm512_fmadd_pd(w, x, *s);
                 }

@@ -259,7 +259,8 @@ impl RuntimeModel {
     /// Put `x` on the static grid of `site` (no-op unless activations are static).
     fn site(&self, layer: usize, site: ActSite, x: &mut [f32]) {
         if let Some(g) = &self.grids {
-            g.get(layer, site).fake(x);
+            let g = g.get(layer, site);
+            by_rows(x, self.config.hidden_size, |_, rows| g.fake(rows));
         }
     }
 
@@ -318,7 +319,7 @@ impl RuntimeModel {
         let rope_table = self.rope_table(start, s);
         let mut normed = vec![0f32; s * h];
         for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, eps, &mut normed);
+            by_rows(&mut normed, h, |first, out| rms_norm(&x[first..][..out.len()], &layer.attn_norm, eps, out));
             let [mut q, mut k, mut v]: [Vec<f32>; 3] = layer
                 .qkv
                 .forward(self.isa, &normed, s)
@@ -384,13 +385,14 @@ impl RuntimeModel {
             self.site(li, ActSite::OOut, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             self.site(li, ActSite::AttnResidual, &mut x);
-            rms_norm(&x, &layer.mlp_norm, eps, &mut normed);
+            by_rows(&mut normed, h, |first, out| rms_norm(&x[first..][..out.len()], &layer.mlp_norm, eps, out));
             let [mut g, u]: [Vec<f32>; 2] = layer
                 .gate_up
                 .forward(self.isa, &normed, s)
                 .try_into()
                 .expect("two projections");
-            silu_mul(&mut g, &u);
+            let width = g.len() / s;
+            by_rows(&mut g, width, |first, g| silu_mul(g, &u[first..][..g.len()]));
             let mut d = layer.down.forward(self.isa, &g, s);
             self.site(li, ActSite::DownOut, &mut d);
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
@@ -444,4 +446,18 @@ impl CausalLm for RuntimeModel {
             .map(log_softmax_row)
             .collect())
     }
+}
+
+/// A per-row step of a forward pass (`f(first element, rows)` on whole rows of
+/// `row` elements): over the thread team for a prompt, on this thread for the
+/// few rows of a decode step. Rows are independent, so the split changes no
+/// result.
+fn by_rows(x: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = x.len() / row.max(1);
+    if rows < 8 {
+        return f(0, x);
+    }
+    let team = Team::global();
+    let per_task = rows.div_ceil(4 * team.threads()) * row;
+    team.for_each_chunk_mut(x, per_task, |t, chunk| f(t * per_task, chunk));
 }
