@@ -18,7 +18,7 @@ pub fn generate(
 ) -> Result<GenerationStats> {
     let h = model.config.hidden_size;
     // Prefill and step share the cache; the loop calls them one after the other.
-    let cache = RefCell::new(KvCache::new(model.config.num_layers));
+    let cache = RefCell::new(KvCache::with_capacity(model, prompt.len() + max_new));
     run_generation(
         prompt,
         max_new,

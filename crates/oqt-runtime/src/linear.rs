@@ -276,25 +276,72 @@ impl Projections {
         }
     }
 
-    /// `x` `[m, in]` → one `[m, out_i]` per part.
-    pub fn forward(&self, isa: Isa, x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    /// `x` `[m, in]` → every part's outputs, side by side in each row.
+    pub fn forward(&self, isa: Isa, x: &[f32], m: usize) -> ProjectedRows {
         match self {
-            Self::Separate(parts) => parts.iter().map(|l| l.forward(isa, x, m)).collect(),
-            Self::Fused { linear, parts } => {
-                let y = linear.forward(isa, x, m);
-                let n = linear.out_dim();
-                parts
-                    .iter()
-                    .map(|&(first, width)| {
-                        let mut part = Vec::with_capacity(m * width);
-                        for row in y.chunks(n) {
-                            part.extend_from_slice(&row[first..first + width]);
-                        }
-                        part
-                    })
-                    .collect()
+            Self::Fused { linear, parts } => ProjectedRows {
+                data: linear.forward(isa, x, m),
+                stride: linear.out_dim(),
+                parts: parts.clone(),
+            },
+            Self::Separate(linears) => {
+                let outs: Vec<Vec<f32>> = linears.iter().map(|l| l.forward(isa, x, m)).collect();
+                let mut parts = Vec::with_capacity(outs.len());
+                let mut stride = 0;
+                for l in linears {
+                    parts.push((stride, l.out_dim()));
+                    stride += l.out_dim();
+                }
+                let mut data = Vec::with_capacity(m * stride);
+                for i in 0..m {
+                    for (out, &(_, width)) in outs.iter().zip(&parts) {
+                        data.extend_from_slice(&out[i * width..(i + 1) * width]);
+                    }
+                }
+                ProjectedRows { data, stride, parts }
             }
         }
+    }
+}
+
+/// The outputs of [`Projections`]: `m` rows of `stride` values, part `p` at
+/// columns `parts[p].0..parts[p].0 + parts[p].1` of each row. Consumers read
+/// and update the parts in place, so no part is copied out of the matmul's
+/// output (a prompt's gate/up outputs are megabytes).
+pub struct ProjectedRows {
+    pub data: Vec<f32>,
+    pub stride: usize,
+    pub parts: Vec<(usize, usize)>,
+}
+
+impl ProjectedRows {
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.stride
+    }
+
+    /// Row `i` of part `p`.
+    pub fn row(&self, p: usize, i: usize) -> &[f32] {
+        let (first, width) = self.parts[p];
+        &self.data[i * self.stride + first..][..width]
+    }
+
+    pub fn row_mut(&mut self, p: usize, i: usize) -> &mut [f32] {
+        let (first, width) = self.parts[p];
+        &mut self.data[i * self.stride + first..][..width]
+    }
+
+    /// The first part as `[m, width]` rows, moved to the front of the same
+    /// buffer (no new allocation); the other parts are dropped.
+    pub fn into_first_part(mut self) -> Vec<f32> {
+        let ((first, width), m) = (self.parts[0], self.rows());
+        // Row `i` moves from `i · stride + first` to `i · width` (≤ it): in
+        // ascending order no row is overwritten before it is moved.
+        for i in 0..m {
+            self.data
+                .copy_within(i * self.stride + first..i * self.stride + first + width, i * width);
+        }
+        self.data.truncate(m * width);
+        self.data
     }
 }
 

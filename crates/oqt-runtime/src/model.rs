@@ -62,6 +62,31 @@ impl KvCache {
             len: 0,
         }
     }
+
+    /// A cache with room for `tokens` positions of `model`, reserved once:
+    /// appending up to that many never reallocates (no copy of the cache
+    /// mid-generation, no doubled buffer in the peak memory). Untouched pages
+    /// of the reservation cost no resident memory.
+    pub fn with_capacity(model: &RuntimeModel, tokens: usize) -> Self {
+        let cfg = &model.config;
+        let width = tokens * cfg.num_kv_heads * cfg.head_dim;
+        let buffers = || (0..cfg.num_layers).map(|_| Vec::with_capacity(width)).collect();
+        Self {
+            k: buffers(),
+            v: buffers(),
+            len: 0,
+        }
+    }
+
+    /// Where each layer's keys and values live: unchanged while the cache
+    /// stays within its reservation.
+    pub fn buffers(&self) -> Vec<(*const f32, *const f32)> {
+        self.k
+            .iter()
+            .zip(&self.v)
+            .map(|(k, v)| (k.as_ptr(), v.as_ptr()))
+            .collect()
+    }
     pub fn len(&self) -> usize {
         self.len
     }
@@ -280,23 +305,6 @@ impl RuntimeModel {
         (cos, sin)
     }
 
-    /// Rotate-half RoPE in place on `[s, heads × hd]` with the angles of `table`.
-    fn rope(&self, x: &mut [f32], heads: usize, table: &(Vec<f32>, Vec<f32>)) {
-        let hd = self.config.head_dim;
-        let half = hd / 2;
-        for (p, row) in x.chunks_mut(heads * hd).enumerate() {
-            let (cos, sin) = (&table.0[p * half..(p + 1) * half], &table.1[p * half..(p + 1) * half]);
-            for head in row.chunks_mut(hd) {
-                let (x1s, x2s) = head.split_at_mut(half);
-                for (((x1, x2), &c), &s) in x1s.iter_mut().zip(x2s.iter_mut()).zip(cos).zip(sin) {
-                    let (a, b) = (*x1, *x2);
-                    *x1 = a * c - b * s;
-                    *x2 = b * c + a * s;
-                }
-            }
-        }
-    }
-
     /// Final hidden states `[s, hidden]` for `tokens`, continuing `cache`.
     pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let cfg = &self.config;
@@ -319,27 +327,28 @@ impl RuntimeModel {
         let rope_table = self.rope_table(start, s);
         let mut normed = vec![0f32; s * h];
         for (li, layer) in self.layers.iter().enumerate() {
-            by_rows(&mut normed, h, |first, out| rms_norm(&x[first..][..out.len()], &layer.attn_norm, eps, out));
-            let [mut q, mut k, mut v]: [Vec<f32>; 3] = layer
-                .qkv
-                .forward(self.isa, &normed, s)
-                .try_into()
-                .expect("three projections");
-            for (t, b) in [
-                (&mut q, &layer.q_bias),
-                (&mut k, &layer.k_bias),
-                (&mut v, &layer.v_bias),
-            ] {
+            by_rows(&mut normed, h, |first, out| {
+                rms_norm(&x[first..][..out.len()], &layer.attn_norm, eps, out)
+            });
+            let mut qkv = layer.qkv.forward(self.isa, &normed, s);
+            for (p, b) in [&layer.q_bias, &layer.k_bias, &layer.v_bias].into_iter().enumerate() {
                 if let Some(b) = b {
-                    for row in t.chunks_mut(b.len()) {
-                        row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    for i in 0..s {
+                        qkv.row_mut(p, i).iter_mut().zip(b).for_each(|(a, b)| *a += b);
                     }
                 }
             }
-            self.rope(&mut q, nh, &rope_table);
-            self.rope(&mut k, nkv, &rope_table);
-            cache.k[li].extend_from_slice(&k);
-            cache.v[li].extend_from_slice(&v);
+            for i in 0..s {
+                let angles = (
+                    &rope_table.0[i * hd / 2..][..hd / 2],
+                    &rope_table.1[i * hd / 2..][..hd / 2],
+                );
+                rope_row(qkv.row_mut(0, i), hd, angles);
+                rope_row(qkv.row_mut(1, i), hd, angles);
+                cache.k[li].extend_from_slice(qkv.row(1, i));
+                cache.v[li].extend_from_slice(qkv.row(2, i));
+            }
+            let q = qkv.into_first_part();
             let (kc, vc) = (&cache.k[li], &cache.v[li]);
             let group = nh / nkv;
             let scale = (1.0 / (hd as f64).sqrt()) as f32;
@@ -385,14 +394,26 @@ impl RuntimeModel {
             self.site(li, ActSite::OOut, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             self.site(li, ActSite::AttnResidual, &mut x);
-            by_rows(&mut normed, h, |first, out| rms_norm(&x[first..][..out.len()], &layer.mlp_norm, eps, out));
-            let [mut g, u]: [Vec<f32>; 2] = layer
-                .gate_up
-                .forward(self.isa, &normed, s)
-                .try_into()
-                .expect("two projections");
-            let width = g.len() / s;
-            by_rows(&mut g, width, |first, g| silu_mul(g, &u[first..][..g.len()]));
+            by_rows(&mut normed, h, |first, out| {
+                rms_norm(&x[first..][..out.len()], &layer.mlp_norm, eps, out)
+            });
+            let mut gate_up = layer.gate_up.forward(self.isa, &normed, s);
+            // SiLU(gate) · up in place in each row's gate part.
+            let ((g_first, width), (u_first, _)) = (gate_up.parts[0], gate_up.parts[1]);
+            let stride = gate_up.stride;
+            by_rows(&mut gate_up.data, stride, |_, rows| {
+                for row in rows.chunks_mut(stride) {
+                    let (g, u) = if g_first < u_first {
+                        let (a, b) = row.split_at_mut(u_first);
+                        (&mut a[g_first..g_first + width], &b[..width])
+                    } else {
+                        let (a, b) = row.split_at_mut(g_first);
+                        (&mut b[..width], &a[u_first..u_first + width])
+                    };
+                    silu_mul(g, u);
+                }
+            });
+            let g = gate_up.into_first_part();
             let mut d = layer.down.forward(self.isa, &g, s);
             self.site(li, ActSite::DownOut, &mut d);
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
@@ -422,7 +443,7 @@ impl CausalLm for RuntimeModel {
             )));
         }
         let h = self.config.hidden_size;
-        let hidden = self.forward_hidden(tokens, &mut KvCache::new(self.layers.len()))?;
+        let hidden = self.forward_hidden(tokens, &mut KvCache::with_capacity(self, tokens.len()))?;
         let rows = n - 1 - first;
         let logits = self.logits(&hidden[first * h..(n - 1) * h], rows);
         let v = self.config.vocab_size;
@@ -438,7 +459,7 @@ impl CausalLm for RuntimeModel {
     }
 
     fn log_probs(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let hidden = self.forward_hidden(tokens, &mut KvCache::new(self.layers.len()))?;
+        let hidden = self.forward_hidden(tokens, &mut KvCache::with_capacity(self, tokens.len()))?;
         let v = self.config.vocab_size;
         Ok(self
             .logits(&hidden, tokens.len())
@@ -460,4 +481,18 @@ fn by_rows(x: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let team = Team::global();
     let per_task = rows.div_ceil(4 * team.threads()) * row;
     team.for_each_chunk_mut(x, per_task, |t, chunk| f(t * per_task, chunk));
+}
+
+/// Rotate-half RoPE in place on one row of heads of `hd`, with the row's
+/// `(cos, sin)` angles (`hd / 2` each).
+fn rope_row(row: &mut [f32], hd: usize, (cos, sin): (&[f32], &[f32])) {
+    let half = hd / 2;
+    for head in row.chunks_mut(hd) {
+        let (x1s, x2s) = head.split_at_mut(half);
+        for (((x1, x2), &c), &s) in x1s.iter_mut().zip(x2s.iter_mut()).zip(cos).zip(sin) {
+            let (a, b) = (*x1, *x2);
+            *x1 = a * c - b * s;
+            *x2 = b * c + a * s;
+        }
+    }
 }

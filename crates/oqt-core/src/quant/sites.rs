@@ -385,17 +385,30 @@ mod tests {
             ActGrid::from_range(-1.0, 3.0, 8),
             ActGrid::from_range(-100.0, 50.0, 16),
             ActGrid::probabilities(8),
-            ActGrid { scale: 0.5, zero_point: 3, bits: 8 },
+            ActGrid {
+                scale: 0.5,
+                zero_point: 3,
+                bits: 8,
+            },
         ] {
             let inv = g.inv_scale();
             // Exact half steps (ties both ways), the grid's edges, far outside, ±∞.
             let mut x: Vec<f32> = (-300..300).map(|i| (i as f32 + 0.5) * g.scale).collect();
             x.extend((-70_000..70_000).step_by(997).map(|i| i as f32 * g.scale * 0.37));
-            x.extend([0.0, -0.0, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE]);
+            x.extend([
+                0.0,
+                -0.0,
+                1e30,
+                -1e30,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MIN_POSITIVE,
+            ]);
             let want: Vec<f32> = x
                 .iter()
                 .map(|&v| {
-                    let q = ((v * inv).round_ties_even().clamp(-1e9, 1e9) as i32 + g.zero_point).clamp(g.qmin(), g.qmax());
+                    let q =
+                        ((v * inv).round_ties_even().clamp(-1e9, 1e9) as i32 + g.zero_point).clamp(g.qmin(), g.qmax());
                     (q - g.zero_point) as f32 * g.scale
                 })
                 .collect();
