@@ -55,6 +55,10 @@ pub struct QuantizeArgs {
     /// GPTQ's diagonal damping, as a fraction of the Hessian's mean diagonal.
     #[arg(long, default_value_t = 0.01)]
     pub damp: f64,
+    /// GPTQ: the paper's Hessian `XᵀX` instead of the default over unit-length
+    /// token rows (which keeps a few huge-norm tokens from dominating it).
+    #[arg(long)]
+    pub gptq_raw_hessian: bool,
     /// Evaluation chunks for the report instead of the recipe's `[eval] chunks`.
     #[arg(long, value_name = "N")]
     pub eval_chunks: Option<usize>,
@@ -171,6 +175,7 @@ fn options(a: &QuantizeArgs, recipe: &Recipe) -> anyhow::Result<PtqOptions> {
         bail!("--damp must be a non-negative number");
     }
     o.gptq.damp_percent = a.damp;
+    o.gptq.unit_token_rows = !a.gptq_raw_hessian;
     if let Some(s) = a.steps {
         o.mobilequant.steps = s;
     }

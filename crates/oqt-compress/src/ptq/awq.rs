@@ -63,6 +63,7 @@ pub(crate) fn model_scales(input: &MethodInput, progress: &mut dyn Progress) -> 
     let gather = Gather {
         sample_rows_per_window: input.opts.awq_sample_rows.div_ceil(input.windows.len().max(1)),
         gram: false,
+        gram_unit_rows: false,
     };
     let stats = input.input_stats(gather, progress)?;
     let model = input.model;

@@ -62,6 +62,7 @@ pub(crate) fn quantize_model(input: &MethodInput, progress: &mut dyn Progress) -
     let gather = Gather {
         sample_rows_per_window: 0,
         gram: true,
+        gram_unit_rows: input.opts.gptq.unit_token_rows,
     };
     let stats = input.input_stats(gather, progress)?;
     let model = input.model;
@@ -122,6 +123,10 @@ pub struct GptqOptions {
     pub block_size: usize,
     /// Quantize columns in order of decreasing `H[i,i]` (false).
     pub act_order: bool,
+    /// The Hessian over unit-length token rows, `Σ x xᵀ / ‖x‖²` (true), not
+    /// the paper's `XᵀX`: on SmolLM2 the raw Hessian is dominated by the few
+    /// tokens of huge norm and GPTQ loses to RTN (BENCHMARKS.md, issue 37).
+    pub unit_token_rows: bool,
 }
 
 impl Default for GptqOptions {
@@ -130,6 +135,7 @@ impl Default for GptqOptions {
             damp_percent: 0.01,
             block_size: 128,
             act_order: false,
+            unit_token_rows: true,
         }
     }
 }

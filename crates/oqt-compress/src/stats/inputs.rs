@@ -68,6 +68,12 @@ pub struct Gather {
     pub sample_rows_per_window: usize,
     /// Accumulate `XᵀX` (GPTQ).
     pub gram: bool,
+    /// Accumulate it over unit-length rows, `Σ_t x_t x_tᵀ / ‖x_t‖²`: the
+    /// relative output error of every token weighs the same. Raw `XᵀX` is
+    /// dominated by a few tokens of huge norm (SmolLM2's first position of a
+    /// window carries activations hundreds of times the others'), and GPTQ
+    /// then trades every other token's error for theirs.
+    pub gram_unit_rows: bool,
 }
 
 /// Observes linear inputs; the forward pass is unchanged.
@@ -85,10 +91,17 @@ impl ForwardHooks for InputObserver {
             let abs = rows.clone().abs();
             let max = to_vec(abs.clone().max_dim(0));
             let sum = to_vec(abs.sum_dim(0));
-            let gram = self
-                .gather
-                .gram
-                .then(|| to_vec(rows.clone().transpose().matmul(rows.clone())));
+            let gram = self.gather.gram.then(|| {
+                // Each token's row scaled to unit length: every token counts
+                // once, not by its squared norm (see `Gather::gram_unit_rows`).
+                let r = if self.gather.gram_unit_rows {
+                    let norm = rows.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-30);
+                    rows.clone() / norm
+                } else {
+                    rows.clone()
+                };
+                to_vec(r.clone().transpose().matmul(r))
+            });
             let mut all = self.stats.borrow_mut();
             let st = all[layer][g].get_or_insert_with(|| InputStats::new(d, self.gather.gram));
             for j in 0..d {
@@ -153,4 +166,39 @@ pub fn gather_inputs(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oqt_core::testing::{random_weights, tiny_config};
+
+    /// Over unit-length rows every token adds exactly 1 to the Gram matrix's
+    /// trace; the raw Gram matrix's trace is the inputs' total squared norm.
+    #[test]
+    fn unit_row_gram_counts_every_token_once() {
+        let cfg = tiny_config();
+        let llama = oqt_model::llama_from_weights(&cfg, random_weights(&cfg, 3), &burn::tensor::Device::flex());
+        let windows = vec![vec![3u32, 40, 7, 99, 12, 5], vec![250u32, 1, 2, 3]];
+        let gather = |unit| Gather {
+            sample_rows_per_window: 0,
+            gram: true,
+            gram_unit_rows: unit,
+        };
+        let unit = gather_inputs(&llama, &windows, gather(true), |_, _| {}).unwrap();
+        let raw = gather_inputs(&llama, &windows, gather(false), |_, _| {}).unwrap();
+        for (u, r) in unit.iter().flatten().zip(raw.iter().flatten()) {
+            let trace = |st: &InputStats| {
+                let g = st.gram.as_ref().unwrap();
+                (0..st.width).map(|i| g[i * st.width + i]).sum::<f64>()
+            };
+            assert_eq!(u.tokens, 10);
+            assert!((trace(u) - 10.0).abs() < 1e-4, "unit trace {}", trace(u));
+            assert!(
+                (trace(r) - 10.0).abs() > 1e-2,
+                "raw trace {} is not a token count",
+                trace(r)
+            );
+        }
+    }
 }
