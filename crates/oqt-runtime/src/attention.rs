@@ -68,21 +68,7 @@ pub(crate) fn attend(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present, checked just above; as above.
-        return attend_with(
-            args,
-            scratch,
-            out,
-            |q, c, s, sc| {
-                per_head(q.len() / c.head_dim, q, sc, |q, sc| unsafe {
-                    x86::scores_avx2(q, c, s, sc)
-                })
-            },
-            |p, c, acc| {
-                per_head(acc.len() / c.head_dim, p, acc, |p, acc| unsafe {
-                    x86::weighted_values(p, c, acc)
-                })
-            },
-        );
+        return unsafe { attend_avx2(args, scratch, out) };
     }
     attend_with(
         args,
@@ -96,6 +82,32 @@ pub(crate) fn attend(
         },
     );
 }
+
+/// The AVX2 path of [`attend`]: the one-head AVX2 reductions, head by head.
+///
+/// # Safety
+/// AVX2 must be present; the cache rows must lie inside `k`/`v`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn attend_avx2(args: AttendArgs<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+    attend_with(
+        args,
+        scratch,
+        out,
+        |q, c, s, sc| {
+            per_head(q.len() / c.head_dim, q, sc, |q, sc| unsafe {
+                x86::scores_avx2(q, c, s, sc)
+            })
+        },
+        |p, c, acc| {
+            per_head(acc.len() / c.head_dim, p, acc, |p, acc| unsafe {
+                x86::weighted_values(p, c, acc)
+            })
+        },
+    )
+}
+
+/// Queries, cache, visible rows, scale and the Probs grid of one [`attend`] call.
+type AttendArgs<'a> = (&'a [f32], &'a HeadCache<'a>, usize, f32, Option<&'a ActGrid>);
 
 /// Runs a one-head reduction for each of `heads` heads: `input` and `output`
 /// hold the heads one after the other.
@@ -113,7 +125,7 @@ fn per_head<A, B>(heads: usize, input: &[A], output: &mut [B], mut one: impl FnM
 /// values, one rounding to f32.
 #[inline(always)]
 fn attend_with(
-    (qs, cache, visible, scale, probs): (&[f32], &HeadCache<'_>, usize, f32, Option<&ActGrid>),
+    (qs, cache, visible, scale, probs): AttendArgs<'_>,
     scratch: &mut Scratch,
     out: &mut [f32],
     scores_of: impl FnOnce(&[f32], &HeadCache<'_>, f32, &mut [f32]),
@@ -146,12 +158,16 @@ fn scores_scalar(q: &[f32], cache: &HeadCache<'_>, scale: f32, scores: &mut [f32
 
 /// `acc[d] = Σ_j f64(p_j) · f64(v_j[d])` in key order: the reference.
 fn weighted_values_scalar(probs: &[f32], cache: &HeadCache<'_>, acc: &mut [f64]) {
-    let hd = acc.len();
+    values_from(probs, cache, acc, 0);
+}
+
+/// Dimensions `first..first + acc.len()` of the weighted sum, one at a time:
+/// the reference, and the SIMD forms' tail past their whole vectors.
+fn values_from(probs: &[f32], cache: &HeadCache<'_>, acc: &mut [f64], first: usize) {
     acc.fill(0.0);
-    for (j, &w) in probs.iter().enumerate() {
-        let vv = &cache.v[j * cache.stride + cache.offset..][..hd];
-        let w = w as f64;
-        acc.iter_mut().zip(vv).for_each(|(a, &b)| *a += w * b as f64);
+    for (j, &p) in probs.iter().enumerate() {
+        let v = &cache.v[j * cache.stride + cache.offset + first..][..acc.len()];
+        acc.iter_mut().zip(v).for_each(|(a, &x)| *a += p as f64 * x as f64);
     }
 }
 
@@ -327,16 +343,7 @@ mod x86 {
             }
             d0 += DIMS;
         }
-        values_rest(probs, cache, &mut acc[d0..], d0);
-    }
-
-    /// Dimensions `first..` of the weighted sum, one at a time.
-    fn values_rest(probs: &[f32], cache: &HeadCache<'_>, rest: &mut [f64], first: usize) {
-        rest.fill(0.0);
-        for (j, &p) in probs.iter().enumerate() {
-            let v = &cache.v[j * cache.stride + cache.offset + first..][..rest.len()];
-            rest.iter_mut().zip(v).for_each(|(a, &x)| *a += p as f64 * x as f64);
-        }
+        super::values_from(probs, cache, &mut acc[d0..], d0);
     }
 
     /// [`weighted_values`] for the query heads whose probabilities `probs`
@@ -372,7 +379,7 @@ mod x86 {
         }
         let n = probs.len() / G;
         for h in 0..G {
-            values_rest(
+            super::values_from(
                 &probs[h * n..(h + 1) * n],
                 cache,
                 &mut acc[h * hd + body..(h + 1) * hd],
@@ -476,21 +483,8 @@ mod tests {
                     #[cfg(target_arch = "x86_64")]
                     if std::arch::is_x86_feature_detected!("avx2") {
                         let mut got = vec![0f32; heads * hd];
-                        attend_with(
-                            args,
-                            &mut Scratch::default(),
-                            &mut got,
-                            |q, c, s, sc| {
-                                per_head(q.len() / c.head_dim, q, sc, |q, sc| unsafe {
-                                    x86::scores_avx2(q, c, s, sc)
-                                })
-                            },
-                            |p, c, acc| {
-                                per_head(acc.len() / c.head_dim, p, acc, |p, acc| unsafe {
-                                    x86::weighted_values(p, c, acc)
-                                })
-                            },
-                        );
+                        // SAFETY: AVX2 was detected just above.
+                        unsafe { attend_avx2(args, &mut Scratch::default(), &mut got) };
                         assert_eq!(bits(&got), bits(&want), "AVX2, hd {hd}, {heads} heads, {visible} keys");
                     }
                 }
