@@ -8,6 +8,7 @@
 //! | `f32`    | `NAME` F32, canonical shape                                     | float input                                          | [`KernelChoice::Float`]             |
 //! | `int4`   | `NAME.qweight` U8 `[rows, k_pad/2]` (two values a byte, [`pack`] block order), `NAME.scales` F32, `NAME.zero_points` I32 if asymmetric | int8 (dynamic rows, 8-bit static grid, Q8_0 blocks with groups of 32) or a 16-bit static grid | [`KernelChoice::Int8Input`] / [`KernelChoice::Int16Input`], else [`KernelChoice::Dequantized`] |
 //! | `int8`   | `NAME.qweight` I8 `[rows, k_pad]`, scales and zero points as `int4` | as `int4`                                         | as `int4`                           |
+//! | `int4-lpbq` | `NAME.qweight` U8 nibbles as `int4` (the 4-bit values), `NAME.multipliers` U8 `[rows, cols/block]` (each in [1, 16]), `NAME.scales` F32 `[rows, 1]` | as `int4` | as an int8 per-channel weight of values `q4 · m` ([`KernelChoice::Int8Input`] with `weight_bits` 8; the runtime keeps the nibbles and multiplies each block's exact dot by `m`) |
 //!
 //! (`k_pad` is the row padded to whole blocks of 32.) Later encodings — LUT /
 //! palette, sparse masks and N:M, shared-block references, adapters — join as
@@ -48,6 +49,9 @@ pub enum TensorEncoding {
         group: usize,
         spec: WeightSpec,
     },
+    /// LPBQ: 4-bit values two per byte, an integer multiplier per (row,
+    /// block of `spec`'s block size) and one float scale per row.
+    Int4Lpbq { rows: usize, cols: usize, spec: WeightSpec },
 }
 
 /// One safetensors tensor of an encoded weight: name, dtype, shape, bytes.
@@ -67,6 +71,8 @@ pub struct IntGrid {
     pub spec: WeightSpec,
     /// Storage width: 4 (nibbles) or 8 (bytes).
     pub width: u8,
+    /// LPBQ grids: the block of input columns sharing one integer multiplier.
+    pub lpbq_block: Option<usize>,
 }
 
 impl IntGrid {
@@ -103,10 +109,17 @@ impl TensorEncoding {
         Self::integer(qw.rows, qw.cols, qw.group, qw.spec)
     }
 
+    /// The LPBQ multiplier tensor's name.
+    pub fn multipliers_name(name: &str) -> String {
+        format!("{name}.multipliers")
+    }
+
     /// The encoding of integer weights on `spec`'s grid: values of at most 4
     /// bits are packed two per byte, 8-bit ones take a byte each.
     pub fn integer(rows: usize, cols: usize, group: usize, spec: WeightSpec) -> Self {
-        if spec.bits <= 4 {
+        if spec.granularity.lpbq_block().is_some() {
+            Self::Int4Lpbq { rows, cols, spec }
+        } else if spec.bits <= 4 {
             Self::Int4 {
                 rows,
                 cols,
@@ -129,6 +142,7 @@ impl TensorEncoding {
             Self::F32 { .. } => "f32",
             Self::Int4 { .. } => "int4",
             Self::Int8 { .. } => "int8",
+            Self::Int4Lpbq { .. } => "int4-lpbq",
         }
     }
 
@@ -136,15 +150,25 @@ impl TensorEncoding {
     pub fn shape(&self) -> Vec<usize> {
         match self {
             Self::F32 { shape } => shape.clone(),
-            Self::Int4 { rows, cols, .. } | Self::Int8 { rows, cols, .. } => vec![*rows, *cols],
+            Self::Int4 { rows, cols, .. } | Self::Int8 { rows, cols, .. } | Self::Int4Lpbq { rows, cols, .. } => {
+                vec![*rows, *cols]
+            }
         }
     }
 
     /// The integer grid, for integer encodings.
     pub fn int_grid(&self) -> Option<IntGrid> {
-        let width = if matches!(self, Self::Int4 { .. }) { 4 } else { 8 };
+        let width = if matches!(self, Self::Int8 { .. }) { 8 } else { 4 };
         match *self {
             Self::F32 { .. } => None,
+            Self::Int4Lpbq { rows, cols, spec } => Some(IntGrid {
+                rows,
+                cols,
+                group: cols,
+                spec,
+                width,
+                lpbq_block: spec.granularity.lpbq_block(),
+            }),
             Self::Int4 {
                 rows,
                 cols,
@@ -162,6 +186,7 @@ impl TensorEncoding {
                 group,
                 spec,
                 width,
+                lpbq_block: None,
             }),
         }
     }
@@ -171,7 +196,9 @@ impl TensorEncoding {
         match self.int_grid() {
             None => "f32".into(),
             Some(g) => {
-                let gran = if g.group == g.cols {
+                let gran = if let Some(b) = g.lpbq_block {
+                    format!("lpbq{b}")
+                } else if g.group == g.cols {
                     "per-channel".to_string()
                 } else {
                     format!("g{}", g.group)
@@ -200,6 +227,9 @@ impl TensorEncoding {
                 if !g.spec.symmetric {
                     v.push((format!("{name}.zero_points"), Dtype::I32));
                 }
+                if g.lpbq_block.is_some() {
+                    v.push((Self::multipliers_name(name), Dtype::U8));
+                }
                 v
             }
         }
@@ -215,9 +245,14 @@ impl TensorEncoding {
         let (dtype, bytes, shape) = if g.width == 4 {
             // Symmetric grids are stored offset by 8; asymmetric ones are already in [0, 15].
             let offset = if qw.spec.symmetric { 8 } else { 0 };
+            // LPBQ stores the 4-bit factor of its expanded values.
+            let values = match g.lpbq_block {
+                Some(_) => std::borrow::Cow::Owned(lpbq_values(qw)),
+                None => std::borrow::Cow::Borrowed(&qw.q),
+            };
             (
                 Dtype::U8,
-                pack_int4_rows(&qw.q, qw.rows, qw.cols, offset),
+                pack_int4_rows(&values, qw.rows, qw.cols, offset),
                 vec![qw.rows, k_pad / 2],
             )
         } else {
@@ -254,6 +289,14 @@ impl TensorEncoding {
                 bytes: qw.scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
             },
         ];
+        if let (Some(block), Some(m)) = (g.lpbq_block, &qw.multipliers) {
+            out.push(StoredTensor {
+                name: Self::multipliers_name(name),
+                dtype: Dtype::U8,
+                shape: vec![qw.rows, qw.cols / block],
+                bytes: m.clone(),
+            });
+        }
         if let Some(z) = &qw.zero_points {
             out.push(StoredTensor {
                 name: format!("{name}.zero_points"),
@@ -265,8 +308,28 @@ impl TensorEncoding {
         out
     }
 
+    /// An LPBQ weight's expanded values `q4 · m` from its stored 4-bit values
+    /// ([`Self::load_values`]) and multiplier bytes; `Err` names what is wrong.
+    pub fn expand_lpbq(&self, q4: &mut [i8], multipliers: &[u8]) -> Result<(), String> {
+        let g = self.int_grid().expect("expand_lpbq() is for integer encodings");
+        let block = g.lpbq_block.expect("expand_lpbq() is for LPBQ encodings");
+        let blocks = g.cols / block;
+        if multipliers.len() != g.rows * blocks {
+            return Err(format!("{} multipliers ([{}, {blocks}])", g.rows * blocks, g.rows));
+        }
+        if let Some(bad) = multipliers.iter().find(|&&m| m == 0 || m > crate::quant::spec::LPBQ_MAX_MULTIPLIER) {
+            return Err(format!("multipliers in [1, 16], found {bad}"));
+        }
+        for (row, m) in q4.chunks_mut(g.cols).zip(multipliers.chunks(blocks)) {
+            for (b, &m) in row.chunks_mut(block).zip(m) {
+                b.iter_mut().for_each(|v| *v *= m as i8);
+            }
+        }
+        Ok(())
+    }
+
     /// The unpacked values `[rows, cols]` of an integer encoding from its stored
-    /// `qweight` bytes; `Err` says what size was expected.
+    /// `qweight` bytes (LPBQ: the 4-bit factors); `Err` says what size was expected.
     pub fn load_values(&self, qweight: &[u8]) -> Result<Vec<i8>, String> {
         let g = self.int_grid().expect("load_values() is for integer encodings");
         let (rows, cols) = (g.rows, g.cols);
@@ -294,10 +357,20 @@ impl TensorEncoding {
     }
 }
 
+/// The 4-bit factors `q / m` of an LPBQ weight's expanded values.
+fn lpbq_values(qw: &QuantizedWeight) -> Vec<i8> {
+    (0..qw.rows * qw.cols)
+        .map(|i| qw.lpbq_value(i / qw.cols, i % qw.cols).expect("an LPBQ weight"))
+        .collect()
+}
+
 /// The llama.cpp block type whose grid a weight on `spec` may already be on
 /// (GGUF export keeps such weights exactly; the block size is checked when encoding).
 pub fn natural_gguf_type(spec: &WeightSpec) -> Option<crate::gguf::GgmlType> {
     use crate::gguf::GgmlType;
+    if spec.granularity.lpbq_block().is_some() {
+        return None; // per-row float scales: no GGUF block type holds them exactly
+    }
     match (spec.bits, spec.symmetric) {
         (8, true) => Some(GgmlType::Q8_0),
         (4, true) => Some(GgmlType::Q4_0),
@@ -370,8 +443,9 @@ pub fn choose_kernel(encoding: &TensorEncoding, input: ActInput) -> KernelChoice
         ActInput::Static(g) if g.bits == 16 => KernelChoice::Int16Input { group },
         // Block activation scales pair with block weight scales only.
         ActInput::Q8Blocks if group != BLOCK => KernelChoice::Dequantized,
+        // LPBQ multiplies as its expanded int8 per-channel values.
         i if i.is_int8() => KernelChoice::Int8Input {
-            weight_bits: grid.width,
+            weight_bits: if grid.lpbq_block.is_some() { 8 } else { grid.width },
             group,
         },
         _ => KernelChoice::Dequantized,

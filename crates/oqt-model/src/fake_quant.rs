@@ -191,7 +191,11 @@ impl ActQuantizer {
 pub fn fake_quant_weight_learned(w: Tensor<2>, spec: &WeightSpec, clip: Tensor<2>) -> Tensor<2> {
     assert!(spec.symmetric, "asymmetric weight grids are not simulated yet");
     let [d_in, d_out] = w.dims();
+    if let Granularity::Lpbq(block) = spec.granularity {
+        return fake_quant_lpbq(w, block, clip);
+    }
     let group = match spec.granularity {
+        Granularity::Lpbq(_) => unreachable!("handled above"),
         Granularity::PerGroup(g) => g,
         Granularity::PerChannel => d_in,
         Granularity::PerTensor => panic!("per-tensor weight grids are not simulated yet"),
@@ -235,4 +239,28 @@ pub fn fake_quant_weight_learned(w: Tensor<2>, spec: &WeightSpec, clip: Tensor<2
     let scale = (amax.clone() / divisor).mask_fill(amax.equal_elem(0.0), 1.0);
     let q = round_ste(g3 / scale.clone()).clamp(qmin as f32, qmax as f32);
     (q * scale).reshape([d_in, d_out])
+}
+
+/// LPBQ ([`Granularity::Lpbq`]) on Burn's `[d_in, d_out]` layout, as
+/// `oqt_core::quant::weights::lpbq_row_params` computes per output column:
+/// block scales `s_b = clip · amax_b / 7`, `s_row = max_b s_b / 16` (1 for an
+/// all-zero column), integer multipliers `m_b = clamp(round(s_b / s_row), 1, 16)`
+/// (a discrete choice: no gradient), `q = clamp(round(w / (m_b · s_row)), −8, 7)`;
+/// returns `(q · m_b) · s_row`, the expanded int8 value times the row scale.
+/// The clip's gradient reaches `s_row` through the largest block.
+fn fake_quant_lpbq(w: Tensor<2>, block: usize, clip: Tensor<2>) -> Tensor<2> {
+    let [d_in, d_out] = w.dims();
+    assert!(
+        d_in.is_multiple_of(block),
+        "LPBQ blocks of {block} do not divide the input width {d_in}"
+    );
+    let max_m = oqt_core::quant::spec::LPBQ_MAX_MULTIPLIER as f32;
+    let g3 = w.reshape([d_in / block, block, d_out]);
+    let clip = clip.reshape([1, 1, d_out]);
+    let block_scale = g3.clone().abs().max_dim(1) * clip / 7.0; // [B, 1, d_out]
+    let largest = block_scale.clone().max_dim(0); // [1, 1, d_out]
+    let s_row = (largest.clone() / max_m).mask_fill(largest.equal_elem(0.0), 1.0);
+    let m = (block_scale / s_row.clone()).round().clamp(1.0, max_m).detach();
+    let q = round_ste(g3 / (m.clone() * s_row.clone())).clamp(-8.0, 7.0);
+    ((q * m) * s_row).reshape([d_in, d_out])
 }

@@ -38,11 +38,21 @@ fn dynamic_activation_fake_quant_equals_the_kernel_grid() {
 #[test]
 fn weight_fake_quant_equals_the_reference_quantizer() {
     let (out, inp) = (24, 96);
-    let w = pseudo_random(out * inp, 23, 0.3);
+    let mut w = pseudo_random(out * inp, 23, 0.3);
+    // LPBQ edge cases: an all-zero row, a row with one huge block (small
+    // blocks clamp to multiplier 1), a row whose blocks are all equal.
+    w[..inp].fill(0.0);
+    w[inp + 3] = 9.0;
+    for (c, v) in w[2 * inp..3 * inp].iter_mut().enumerate() {
+        *v = if c % 16 == 0 { 0.5 } else { 0.01 };
+    }
     for (granularity, rule, clip) in [
         (Granularity::PerGroup(32), ScaleRule::AmaxOverQmax, 1.0),
         (Granularity::PerChannel, ScaleRule::AmaxOverQmax, 0.9),
         (Granularity::PerGroup(32), ScaleRule::AmaxOverHalfRange, 1.0),
+        (Granularity::Lpbq(16), ScaleRule::AmaxOverQmax, 1.0),
+        (Granularity::Lpbq(32), ScaleRule::AmaxOverQmax, 0.85),
+        (Granularity::Lpbq(32), ScaleRule::AmaxOverQmax, 1.0),
     ] {
         let spec = WeightSpec {
             bits: 4,

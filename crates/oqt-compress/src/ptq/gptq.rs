@@ -279,6 +279,7 @@ pub fn gptq_quantize(
         scales,
         zero_points: (!spec.symmetric).then_some(zps),
         spec: *spec,
+        multipliers: None,
     })
 }
 

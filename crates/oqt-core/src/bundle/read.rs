@@ -1,3 +1,4 @@
+use crate::encoding::TensorEncoding;
 use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
 use crate::error::{CoreError, Result};
 use crate::quant::{ActMode, QuantizedWeight, SiteGrids};
@@ -191,7 +192,7 @@ impl Bundle {
         };
         let (rows, cols, group, spec) = (grid.rows, grid.cols, grid.group, grid.spec);
         let raw = self.tensor(&format!("{name}.qweight")).expect("checked at open");
-        let q = encoding
+        let mut q = encoding
             .load_values(raw.bytes)
             .map_err(|expected| CoreError::BadField {
                 path: self.path.clone(),
@@ -199,6 +200,21 @@ impl Bundle {
                 expected,
                 found: format!("{} bytes", raw.bytes.len()),
             })?;
+        let multipliers = if grid.lpbq_block.is_some() {
+            let field = TensorEncoding::multipliers_name(name);
+            let m = self.tensor(&field).expect("checked at open").bytes.to_vec();
+            encoding
+                .expand_lpbq(&mut q, &m)
+                .map_err(|expected| CoreError::BadField {
+                    path: self.path.clone(),
+                    field,
+                    expected,
+                    found: format!("{} bytes", m.len()),
+                })?;
+            Some(m)
+        } else {
+            None
+        };
         let scales = self.f32_tensor(&format!("{name}.scales"))?;
         let groups = grid.scale_count();
         if scales.len() != groups {
@@ -228,6 +244,7 @@ impl Bundle {
             scales,
             zero_points,
             spec,
+            multipliers,
         })
     }
 

@@ -137,6 +137,7 @@ fn describe_granularity(spec: &WeightSpec) -> String {
         Granularity::PerTensor => "per-tensor".into(),
         Granularity::PerChannel => "per-channel".into(),
         Granularity::PerGroup(g) => format!("groups of {g}"),
+        Granularity::Lpbq(b) => format!("LPBQ blocks of {b}"),
     }
 }
 
@@ -217,6 +218,7 @@ pub fn decode_quantized(raw: &[u8], ty: GgmlType, rows: usize, cols: usize) -> O
         scales,
         zero_points: None,
         spec,
+        multipliers: None,
     })
 }
 

@@ -12,6 +12,25 @@ pub enum Granularity {
     PerChannel,
     /// One scale per `size` consecutive input columns of an output row.
     PerGroup(usize),
+    /// Qualcomm's low-power block quantization (LPBQ): 4-bit values in blocks
+    /// of `size` input columns, each block's scale an integer in [1, 16] times
+    /// one float scale per output row. `q4 · m` is an 8-bit per-channel
+    /// integer weight, so kernels keep per-channel integer arithmetic
+    /// (`Σ_b m_b · dot_b` exact, one float scale per row).
+    Lpbq(usize),
+}
+
+/// Largest LPBQ block multiplier: 4-bit values × [1, 16] span the int8 grid.
+pub const LPBQ_MAX_MULTIPLIER: u8 = 16;
+
+impl Granularity {
+    /// The LPBQ block size, for LPBQ grids.
+    pub fn lpbq_block(self) -> Option<usize> {
+        match self {
+            Self::Lpbq(b) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 /// How a symmetric grid's scale follows from the absolute maximum.
@@ -120,7 +139,18 @@ impl WeightSpec {
     pub fn group_len(&self, cols: usize) -> usize {
         match self.granularity {
             Granularity::PerGroup(g) => g,
-            Granularity::PerChannel | Granularity::PerTensor => cols,
+            // LPBQ's float scale is per row; its block multipliers are integers.
+            Granularity::PerChannel | Granularity::PerTensor | Granularity::Lpbq(_) => cols,
+        }
+    }
+
+    /// Problems of this grid on a weight `cols` inputs wide (`field` names it).
+    pub fn width_problems(&self, field: &str, cols: usize) -> Option<String> {
+        match self.granularity {
+            Granularity::Lpbq(b) if !cols.is_multiple_of(b) => Some(format!(
+                "{field}: LPBQ blocks of {b} do not divide its {cols} input channels; pick a block size that divides {cols} (16, 32 or 64 for this model's widths)"
+            )),
+            _ => None,
         }
     }
 }
@@ -220,6 +250,18 @@ impl QuantSpec {
                 out.push(format!(
                     "{field}.granularity: group size must be a positive multiple of 32, found {g}"
                 ));
+            }
+            if let Granularity::Lpbq(b) = w.granularity {
+                if !matches!(b, 16 | 32 | 64) {
+                    out.push(format!(
+                        "{field}.granularity: LPBQ block size must be 16, 32 or 64 input channels, found {b}"
+                    ));
+                }
+                if w.bits != 4 || !w.symmetric || w.scale_rule != ScaleRule::AmaxOverQmax {
+                    out.push(format!(
+                        "{field}.granularity: LPBQ is a 4-bit symmetric grid with scale rule `amax-over-qmax` (its values expand to int8 by a multiplier in [1, 16]); set bits = 4, symmetric = true"
+                    ));
+                }
             }
             let llama_cpp_bits = match w.scale_rule {
                 ScaleRule::LlamaCppQ8_0 => Some(8),

@@ -15,6 +15,11 @@ pub struct QuantizedWeight {
     pub scales: Vec<f32>,
     pub zero_points: Option<Vec<i32>>,
     pub spec: WeightSpec,
+    /// LPBQ grids only: each (row, block)'s integer multiplier in [1, 16]
+    /// (`[rows, cols / block]`). `q` then holds the expanded 8-bit values
+    /// `q4 · m` and `scales` one float per row: the per-channel int8 weight
+    /// every kernel and the simulation multiply; the bundle stores `q4` and `m`.
+    pub multipliers: Option<Vec<u8>>,
 }
 
 impl QuantizedWeight {
@@ -26,6 +31,17 @@ impl QuantizedWeight {
         if let (Some(z), Some(zr)) = (self.zero_points.as_mut(), &row.zero_points) {
             z[r * per_row..(r + 1) * per_row].copy_from_slice(zr);
         }
+        if let (Some(m), Some(mr)) = (self.multipliers.as_mut(), &row.multipliers) {
+            let blocks = mr.len();
+            m[r * blocks..(r + 1) * blocks].copy_from_slice(mr);
+        }
+    }
+
+    /// The 4-bit value of (row, col) of an LPBQ weight (`q / m`).
+    pub fn lpbq_value(&self, r: usize, c: usize) -> Option<i8> {
+        let block = self.spec.granularity.lpbq_block()?;
+        let m = self.multipliers.as_ref()?[r * (self.cols / block) + c / block];
+        Some(self.q[r * self.cols + c] / m as i8)
     }
 
     /// Row `i` of the result is row `order[i]` of `self`, scales and zero points with it.
@@ -41,6 +57,10 @@ impl QuantizedWeight {
             q: gather(&self.q, self.cols, order),
             scales: gather(&self.scales, per_row, order),
             zero_points: self.zero_points.as_ref().map(|z| gather(z, per_row, order)),
+            multipliers: self
+                .multipliers
+                .as_ref()
+                .map(|m| gather(m, m.len() / self.rows, order)),
             ..self.clone()
         }
     }
@@ -131,6 +151,9 @@ pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec, c
         w.len()
     );
     assert!(clip > 0.0 && clip <= 1.0, "clip ratio {clip} outside (0, 1]");
+    if let Granularity::Lpbq(block) = spec.granularity {
+        return quantize_lpbq(w, rows, cols, block, clip, spec);
+    }
     let group = spec.group_len(cols);
     let mut q = vec![0i8; w.len()];
     let mut scales = Vec::new();
@@ -164,6 +187,67 @@ pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &WeightSpec, c
         scales,
         zero_points: (!spec.symmetric).then_some(zps),
         spec: *spec,
+        multipliers: None,
+    }
+}
+
+/// The LPBQ parameters of one row (after clipping by `clip`): each block's
+/// 4-bit scale `s_b = clip · amax_b / 7` is expressed as `m_b · s_row` with
+/// `s_row = max_b s_b / 16` and `m_b = clamp(round(s_b / s_row), 1, 16)`
+/// (AIMET's 4-bit values on an 8-bit per-channel grid). Returns
+/// `(s_row, multipliers)`; an all-zero row gets `s_row = 1`, multipliers 1.
+pub fn lpbq_row_params(row: &[f32], block: usize, clip: f32) -> (f32, Vec<u8>) {
+    let qmax = 7.0f32;
+    let block_scales: Vec<f32> = row
+        .chunks(block)
+        .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) * clip / qmax)
+        .collect();
+    let largest = block_scales.iter().fold(0f32, |m, &v| m.max(v));
+    if largest == 0.0 {
+        return (1.0, vec![1; block_scales.len()]);
+    }
+    let s_row = largest / super::spec::LPBQ_MAX_MULTIPLIER as f32;
+    let multipliers = block_scales
+        .iter()
+        .map(|&s| (s / s_row).round_ties_even().clamp(1.0, super::spec::LPBQ_MAX_MULTIPLIER as f32) as u8)
+        .collect();
+    (s_row, multipliers)
+}
+
+/// One row on its LPBQ grid with the given parameters: the expanded values
+/// `clamp(round(w / (m_b · s_row)), −8, 7) · m_b`.
+pub fn lpbq_quantize_row(row: &[f32], block: usize, s_row: f32, multipliers: &[u8], out: &mut [i8]) {
+    for ((chunk, o), &m) in row.chunks(block).zip(out.chunks_mut(block)).zip(multipliers) {
+        let scale = m as f32 * s_row;
+        for (o, &v) in o.iter_mut().zip(chunk) {
+            *o = ((v / scale).round_ties_even().clamp(-8.0, 7.0) as i32 * m as i32) as i8;
+        }
+    }
+}
+
+fn quantize_lpbq(w: &[f32], rows: usize, cols: usize, block: usize, clip: f32, spec: &WeightSpec) -> QuantizedWeight {
+    assert!(
+        cols.is_multiple_of(block),
+        "LPBQ blocks of {block} do not divide {cols} input channels"
+    );
+    let mut q = vec![0i8; w.len()];
+    let mut scales = Vec::with_capacity(rows);
+    let mut multipliers = Vec::with_capacity(rows * cols / block);
+    for (row, out) in w.chunks(cols).zip(q.chunks_mut(cols)) {
+        let (s_row, m) = lpbq_row_params(row, block, clip);
+        lpbq_quantize_row(row, block, s_row, &m, out);
+        scales.push(s_row);
+        multipliers.extend(m);
+    }
+    QuantizedWeight {
+        rows,
+        cols,
+        group: cols,
+        q,
+        scales,
+        zero_points: None,
+        spec: *spec,
+        multipliers: Some(multipliers),
     }
 }
 
