@@ -1170,3 +1170,80 @@ fn a_two_step_recipe_equals_the_two_commands_and_resumes_between_steps() {
         .failure()
         .stderr(contains("state.json").and(contains("recipe")));
 }
+
+/// LPBQ through MobileQuant with outlier splitting: every widened down
+/// projection stays a whole number of blocks, and the bundle runs as
+/// simulated. A block that does not divide a width fails before calibration,
+/// naming the tensor, and writes nothing.
+#[test]
+fn lpbq_mobilequant_bundle_runs_as_simulated_and_bad_blocks_are_refused() {
+    let (dir, gguf) = tiny_model(12);
+    let text = write_text(&dir, "a quick brown fox jumps over the lazy dog. ", 40);
+    let lpbq = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/w4a8-lpbq.toml")).unwrap();
+    let with_block = |b: usize| {
+        lpbq.replace(
+            "granularity = { lpbq = 64 }",
+            &format!("granularity = {{ lpbq = {b} }}"),
+        )
+    };
+    let recipe = dir.path().join("lpbq.toml");
+    std::fs::write(&recipe, with_block(32)).unwrap();
+    let out = dir.path().join("lpbq.oqt");
+    let quantize = |recipe: &std::path::Path, out: &std::path::Path| {
+        let mut c = oqt();
+        c.args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--calib-data",
+            text.to_str().unwrap(),
+            "--calib-samples",
+            "3",
+            "--calib-seq-len",
+            "48",
+            "--output",
+            out.to_str().unwrap(),
+            "--no-eval",
+            "--json",
+        ]);
+        c
+    };
+    json_of(&mut quantize(&recipe, &out));
+    let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
+    let sizes = bundle
+        .manifest
+        .config
+        .layer_intermediate_sizes
+        .clone()
+        .expect("split widths");
+    assert!(sizes.iter().all(|s| s % 32 == 0 && *s > 96), "{sizes:?}");
+    let down = bundle.quantized("model.layers.1.mlp.down_proj.weight").unwrap();
+    assert_eq!(down.multipliers.as_ref().unwrap().len(), 64 * sizes[1] / 32);
+    assert_runs_as_simulated(&out, &text, "LPBQ bundle");
+    oqt()
+        .args(["inspect"])
+        .arg(&out)
+        .assert()
+        .success()
+        .stdout(contains("lpbq32"));
+
+    // Blocks of 64 do not tile the tiny model's 96-wide MLP.
+    let bad = dir.path().join("lpbq64.toml");
+    std::fs::write(&bad, with_block(64)).unwrap();
+    let bad_out = dir.path().join("bad.oqt");
+    quantize(&bad, &bad_out)
+        .assert()
+        .failure()
+        .stderr(contains("down_proj.weight").and(contains("LPBQ blocks of 64 do not divide its 96")));
+    assert!(!bad_out.exists(), "a refused recipe writes nothing");
+    // A block size LPBQ does not define is named with its field.
+    std::fs::write(&bad, with_block(48)).unwrap();
+    quantize(&bad, &bad_out)
+        .assert()
+        .failure()
+        .stderr(contains("granularity").and(contains("48")));
+    assert!(!bad_out.exists());
+}

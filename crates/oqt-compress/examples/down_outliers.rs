@@ -53,7 +53,7 @@ fn plans(st: &[[oqt_compress::stats::inputs::InputStats; 4]]) {
         (1.0, 32, 512),
         (1.0, 64, 1024),
     ] {
-        let p = oqt_compress::ptq::split::plan(st, ratio, rank, cap);
+        let p = oqt_compress::ptq::split::plan(st, ratio, rank, cap, 1);
         let widest: Vec<f32> = st
             .iter()
             .zip(&p.copies)

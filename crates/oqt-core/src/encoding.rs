@@ -317,7 +317,10 @@ impl TensorEncoding {
         if multipliers.len() != g.rows * blocks {
             return Err(format!("{} multipliers ([{}, {blocks}])", g.rows * blocks, g.rows));
         }
-        if let Some(bad) = multipliers.iter().find(|&&m| m == 0 || m > crate::quant::spec::LPBQ_MAX_MULTIPLIER) {
+        if let Some(bad) = multipliers
+            .iter()
+            .find(|&&m| m == 0 || m > crate::quant::spec::LPBQ_MAX_MULTIPLIER)
+        {
             return Err(format!("multipliers in [1, 16], found {bad}"));
         }
         for (row, m) in q4.chunks_mut(g.cols).zip(multipliers.chunks(blocks)) {

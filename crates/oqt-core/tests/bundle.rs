@@ -226,3 +226,57 @@ fn hostile_deployment_specs_are_refused_with_the_field() {
     let msg = Bundle::open(&p).unwrap_err().to_string();
     assert!(msg.contains("missing tensor `extra.weight`"), "{msg}");
 }
+
+/// The byte range of tensor `name`'s data in a safetensors file.
+fn tensor_bytes(file: &[u8], name: &str) -> std::ops::Range<usize> {
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&file[8..8 + n]).unwrap();
+    let off = &header[name]["data_offsets"];
+    let (a, b) = (off[0].as_u64().unwrap() as usize, off[1].as_u64().unwrap() as usize);
+    8 + n + a..8 + n + b
+}
+
+#[test]
+fn lpbq_weights_round_trip_and_hostile_multipliers_are_refused() {
+    use oqt_core::quant::{Granularity, WeightSpec};
+    let cfg = tiny_config();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("t.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
+    let m = load_model(&gguf).unwrap();
+    let mut data: Vec<f32> = oqt_core::testing::pseudo_random(6 * 128, 5, 1.0);
+    data[64..128].fill(0.0); // a zero block: multiplier 1
+    data[2 * 128..3 * 128].iter_mut().for_each(|v| *v *= 1e-3); // a small row
+    let path = dir.path().join("x.oqt");
+    let mut expected = Vec::new();
+    {
+        let mut w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
+        for block in [16, 32, 64] {
+            let qw = quantize_weight(&data, 6, 128, &WeightSpec::new(4, Granularity::Lpbq(block), true), 1.0);
+            assert!(qw.multipliers.as_ref().unwrap().iter().any(|&x| x > 1 && x < 16));
+            w.add_quantized(&format!("lpbq{block}"), &qw);
+            expected.push(qw);
+        }
+        w.write(&path).unwrap();
+    }
+    let bundle = Bundle::open(&path).unwrap();
+    for (block, qw) in [16, 32, 64].iter().zip(&expected) {
+        assert_eq!(&bundle.quantized(&format!("lpbq{block}")).unwrap(), qw);
+    }
+    drop(bundle);
+    let clean = std::fs::read(&path).unwrap();
+    for bad in [0u8, 17, 255] {
+        let mut bytes = clean.clone();
+        let range = tensor_bytes(&bytes, "lpbq32.multipliers");
+        bytes[range.start + 3] = bad;
+        std::fs::write(&path, &bytes).unwrap();
+        let msg = Bundle::open(&path)
+            .and_then(|b| b.quantized("lpbq32"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("lpbq32.multipliers") && msg.contains("[1, 16]") && msg.contains(&bad.to_string()),
+            "{msg}"
+        );
+    }
+}

@@ -5,7 +5,7 @@ use oqt_core::quant::{ActGrid, QuantizedWeight, dequantize_weight};
 use oqt_kernels::panels::has_panel_kernel;
 use oqt_kernels::{
     Int4Panels, Isa, PackedInt4, PackedInt8, by_weight_rows, concat_panels, dot_wide, matmul_int4, matmul_int4_panels,
-    matmul_int8, quantize_row, quantize_rows, quantize_rows_q8_0, quantize_rows_static, repack_int4,
+    matmul_int8, quantize_row, quantize_rows, quantize_rows_q8_0, quantize_rows_static, repack_int4, repack_int4_lpbq,
 };
 
 /// The weights and the kernel that multiplies them.
@@ -104,7 +104,7 @@ impl Linear {
             }
             Kernel::Int4Panels(w) => {
                 for (c, o) in out.iter_mut().enumerate() {
-                    *o = w.value(n, c) as i32 as f32 * w.scale(n, c);
+                    *o = w.weight(n, c) as f32 * w.scale(n, c);
                 }
             }
             Kernel::Int8(w) => {
@@ -153,6 +153,26 @@ impl Linear {
                 } else {
                     Kernel::Int4(packed)
                 }
+            }
+            // LPBQ: the expanded grid is int8 per channel; on panel ISAs the
+            // 4-bit factors run in panels with their block multipliers (half
+            // the bytes, the same outputs bit for bit).
+            KernelChoice::Int8Input { .. }
+                if has_panel_kernel(isa)
+                    && input != InputQuant::Q8Blocks
+                    && let (Some(block), Some(m)) = (qw.spec.granularity.lpbq_block(), &qw.multipliers)
+                    && block.is_multiple_of(oqt_kernels::BLOCK) =>
+            {
+                let q4: Vec<i8> = (0..qw.rows * qw.cols)
+                    .map(|i| qw.lpbq_value(i / qw.cols, i % qw.cols).expect("an LPBQ weight"))
+                    .collect();
+                let per_block = qw
+                    .scales
+                    .iter()
+                    .flat_map(|&s| std::iter::repeat_n(s, qw.cols / block))
+                    .collect();
+                let packed = PackedInt4::pack(&q4, qw.rows, qw.cols, Some(block), per_block);
+                Kernel::Int4Panels(repack_int4_lpbq(&packed, m))
             }
             KernelChoice::Int8Input { .. } => {
                 Kernel::Int8(PackedInt8::pack(&qw.q, qw.rows, qw.cols, group, qw.scales.clone()))

@@ -105,3 +105,19 @@ fn w8a8_with_16_bit_linear_inputs_runtime_matches_simulation() {
     r.spec.act16_sites.push("down_proj_input@11".into());
     check_recipe(&r, "w8a8 + qkv_input + down_proj_input@11");
 }
+
+/// LPBQ weights (blocks of 64, integer multipliers on a per-row scale) run as
+/// the expanded per-channel int8 grid in both.
+#[test]
+fn w4a8_lpbq_runtime_matches_simulation() {
+    check("w4a8-lpbq");
+}
+
+/// LPBQ with 16-bit linear inputs runs the 16-bit-input kernel on the expanded grid.
+#[test]
+fn w4a8_lpbq_with_16_bit_linear_inputs_runtime_matches_simulation() {
+    let mut r = load_recipe("w4a8-lpbq").unwrap();
+    r.spec.weights.granularity = oqt_core::quant::Granularity::Lpbq(32);
+    r.spec.act16_sites.push("down_proj_input".into());
+    check_recipe(&r, "w4a8-lpbq32 + down_proj_input");
+}

@@ -222,11 +222,30 @@ pub fn gptq_quantize(
     })?;
 
     // Grid parameters per (row, group); per-tensor is expanded to every row.
-    let group = spec.group_len(cols);
+    // LPBQ sweeps on its blocks with the fixed scales `m_b · s_row` taken from
+    // the original weights (like static groups), and expands `q4 · m_b` after.
+    let lpbq = spec.granularity.lpbq_block();
+    if let Some(b) = lpbq
+        && !cols.is_multiple_of(b)
+    {
+        return Err(bad(format!(
+            "LPBQ blocks of {b} do not divide the {cols} input columns"
+        )));
+    }
+    let group = lpbq.unwrap_or_else(|| spec.group_len(cols));
     let groups_per_row = cols.div_ceil(group);
     let dynamic_groups = matches!(spec.granularity, Granularity::PerGroup(_)) && !opts.act_order;
     let (mut scales, mut zps) = (vec![1f32; rows * groups_per_row], vec![0i32; rows * groups_per_row]);
-    if !dynamic_groups {
+    let mut lpbq_init = None;
+    if lpbq.is_some() {
+        let wf: Vec<f32> = wz.iter().map(|&v| v as f32).collect();
+        let init = quantize_weight(&wf, rows, cols, spec, 1.0);
+        let m = init.multipliers.as_deref().expect("LPBQ weights carry multipliers");
+        for (k, s) in scales.iter_mut().enumerate() {
+            *s = init.scales[k / groups_per_row] * m[k] as f32;
+        }
+        lpbq_init = Some(init);
+    } else if !dynamic_groups {
         let init = if matches!(spec.granularity, Granularity::PerGroup(_)) {
             // Static groups (act_order): from the weights with dead columns zeroed.
             let wf: Vec<f32> = wz.iter().map(|&v| v as f32).collect();
@@ -267,6 +286,13 @@ pub fn gptq_quantize(
         .zip(zps.par_chunks_mut(chunk_rows * groups_per_row))
         .for_each(|(((wc, qc), sc), zc)| sweep.run(wc, qc, sc, zc));
 
+    if let Some(init) = lpbq_init {
+        let m = init.multipliers.as_deref().expect("LPBQ weights carry multipliers");
+        for (k, v) in q.iter_mut().enumerate() {
+            *v = (*v as i32 * m[k / group] as i32) as i8;
+        }
+        return Ok(QuantizedWeight { q, ..init });
+    }
     if spec.granularity == Granularity::PerTensor {
         scales.truncate(1);
         zps.truncate(1);
@@ -603,6 +629,43 @@ mod tests {
     }
 
     #[test]
+    fn lpbq_with_an_identity_hessian_reproduces_round_to_nearest() {
+        let (rows, cols) = (7, 128);
+        let mut w = pseudo_random(rows * cols, 5, 0.4);
+        // A zero block and a zero row exercise the multiplier floor.
+        w[16..32].fill(0.0);
+        w[3 * cols..4 * cols].fill(0.0);
+        for block in [16, 32, 64] {
+            let s = spec(4, Granularity::Lpbq(block), true);
+            for act_order in [false, true] {
+                let opts = GptqOptions {
+                    act_order,
+                    ..Default::default()
+                };
+                let g = gptq_quantize(&w, rows, cols, &identity(cols), &s, &opts).unwrap();
+                assert_eq!(
+                    g,
+                    quantize_weight(&w, rows, cols, &s, 1.0),
+                    "block {block}, act_order {act_order}"
+                );
+            }
+        }
+        let err = gptq_quantize(
+            &w[..rows * 100],
+            rows,
+            100,
+            &identity(100),
+            &spec(4, Granularity::Lpbq(64), true),
+            &GptqOptions::default(),
+        );
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .contains("LPBQ blocks of 64 do not divide the 100")
+        );
+    }
+
+    #[test]
     fn correlated_inputs_give_much_lower_output_error_than_rtn() {
         let (n, rows, cols) = (2048, 32, 64);
         let x = correlated_inputs(n, cols, 21);
@@ -614,6 +677,8 @@ mod tests {
             (spec(4, Granularity::PerGroup(32), true), false),
             (spec(4, Granularity::PerGroup(32), false), false),
             (spec(4, Granularity::PerGroup(32), true), true),
+            (spec(4, Granularity::Lpbq(16), true), false),
+            (spec(4, Granularity::Lpbq(32), true), true),
         ] {
             let opts = GptqOptions {
                 act_order,

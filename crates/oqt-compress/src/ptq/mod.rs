@@ -208,7 +208,7 @@ pub fn quantize(
     progress: &mut dyn Progress,
 ) -> Result<PtqOutcome> {
     // Fail before calibration, not only when the bundle is assembled.
-    crate::ptq::rtn::check_layers(recipe, model.config.num_layers)?;
+    crate::ptq::rtn::check_model(recipe, model)?;
     let is_static = recipe.spec.activations.mode == ActMode::Static;
     let (windows, calibration_input) = if is_static || method != Method::Rtn {
         let (data, windows) = load_windows(&model.tokenizer, &opts.calibration)?;
@@ -275,7 +275,15 @@ fn split_outliers(
     progress.phase("input statistics (channel splitting)", windows.len());
     let float = oqt_model::llama_from_weights(cfg, model.weights.clone(), &burn::tensor::Device::flex());
     let st = gather_inputs(&float, windows, Gather::default(), |d, _| progress.set(d))?;
-    let plan = crate::ptq::split::plan(&st, ratio, 16, opts.mobilequant.split_down_max);
+    // LPBQ blocks must tile the widened down projection.
+    let align = (0..cfg.num_layers)
+        .filter_map(|l| {
+            let name = format!("model.layers.{l}.mlp.down_proj.weight");
+            recipe.spec.weights_for(&name).granularity.lpbq_block()
+        })
+        .max()
+        .unwrap_or(1);
+    let plan = crate::ptq::split::plan(&st, ratio, 16, opts.mobilequant.split_down_max, align);
     let mut weights = model.weights.clone();
     let sizes = crate::ptq::split::apply(cfg, &mut weights, &plan)?;
     tracing::info!(

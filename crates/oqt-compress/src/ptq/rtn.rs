@@ -53,9 +53,20 @@ pub struct Prepared<'a> {
     pub method: String,
 }
 
-/// Fails naming every `act16_sites` entry that names a layer the model lacks.
-pub fn check_layers(recipe: &Recipe, n_layers: usize) -> Result<()> {
-    let problems = recipe.spec.layer_problems(n_layers);
+/// Fails naming every `act16_sites` entry that names a layer the model lacks
+/// and every matrix whose width its grid cannot tile (LPBQ blocks).
+pub fn check_model(recipe: &Recipe, model: &LoadedModel) -> Result<()> {
+    let mut problems = recipe.spec.layer_problems(model.config.num_layers);
+    // Grids that need a width (LPBQ blocks) are checked on every matrix now,
+    // before calibration, not when the bundle is half assembled.
+    for name in model.weights.names() {
+        let t = model.weights.get(name).expect("listed");
+        if t.shape.len() == 2
+            && let Some(p) = recipe.spec.weights_for(name).width_problems(name, t.shape[1])
+        {
+            problems.push(p);
+        }
+    }
     if problems.is_empty() {
         Ok(())
     } else {
@@ -77,7 +88,7 @@ pub fn assemble(
     created_by: &str,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BundleWriter> {
-    check_layers(recipe, model.config.num_layers)?;
+    check_model(recipe, model)?;
     let mut manifest = Manifest::for_model(model, created_by)?;
     let grids = match (recipe.spec.activations.mode, calibrated) {
         (ActMode::Static, Some(c)) => {
@@ -134,6 +145,9 @@ pub fn assemble(
                     all.scales.extend_from_slice(&p.scales);
                     if let (Some(z), Some(pz)) = (all.zero_points.as_mut(), &p.zero_points) {
                         z.extend_from_slice(pz);
+                    }
+                    if let (Some(m), Some(pm)) = (all.multipliers.as_mut(), &p.multipliers) {
+                        m.extend_from_slice(pm);
                     }
                 }
                 all

@@ -41,8 +41,11 @@ impl SplitPlan {
 /// `ratio` × the layer's reference channel maximum (the `reference_rank`-th
 /// largest, i.e. where the bulk begins) into as many copies as bring it under
 /// that threshold; at most `max_extra` channels per layer (the largest
-/// channels are served first).
-pub fn plan(stats: &[[InputStats; 4]], ratio: f32, reference_rank: usize, max_extra: usize) -> SplitPlan {
+/// channels are served first). Each layer's new width is then rounded up to a
+/// multiple of `align` (LPBQ blocks tile the down projection's inputs) by
+/// adding copies to the channel whose share is then largest: rounding down
+/// would undo a layer's few splits, and those layers carry the outliers.
+pub fn plan(stats: &[[InputStats; 4]], ratio: f32, reference_rank: usize, max_extra: usize, align: usize) -> SplitPlan {
     let copies = stats
         .iter()
         .map(|groups| {
@@ -63,6 +66,21 @@ pub fn plan(stats: &[[InputStats; 4]], ratio: f32, reference_rank: usize, max_ex
                     .min_by(|a, b| a.1.total_cmp(&b.1))
                     .expect("over budget means some channel is split");
                 k[j] -= 1;
+            }
+            let align = align.max(1);
+            let extra = k.iter().map(|&c| c as usize - 1).sum::<usize>();
+            let width = m.len() + extra;
+            let target = width.next_multiple_of(align);
+            let mut extra = extra;
+            while m.len() + extra < target {
+                let (j, _) = k
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &c)| (j, m[j] / c as f32))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .expect("a layer has channels");
+                k[j] += 1;
+                extra += 1;
             }
             k
         })
@@ -165,15 +183,32 @@ mod tests {
         m[3] = 9.0; // 5 copies (9 / 2 = 4.5)
         m[7] = 2.5; // 2 copies
         m[20] = 2.0; // at the threshold: unchanged
-        let plan = plan(&[stats_with_down_max(m.clone())], 2.0, 16, 100);
+        let plan = plan(&[stats_with_down_max(m.clone())], 2.0, 16, 100, 1);
         assert_eq!(plan.copies[0][3], 5);
         assert_eq!(plan.copies[0][7], 2);
         assert_eq!(plan.copies[0][20], 1);
         assert_eq!(plan.extra(0), 5);
         // A budget of 3: the largest channel keeps what it can.
-        let tight = super::plan(&[stats_with_down_max(m)], 2.0, 16, 3);
+        let tight = super::plan(&[stats_with_down_max(m)], 2.0, 16, 3, 1);
         assert_eq!(tight.extra(0), 3);
         assert_eq!((tight.copies[0][3], tight.copies[0][7]), (4, 1));
+    }
+
+    #[test]
+    fn plan_rounds_each_layer_width_up_to_the_lpbq_block() {
+        // 32 channels + 5 wanted copies = 37 wide: 48 with blocks of 16, the
+        // added copies going to the channel with the largest share.
+        let mut m = vec![1.0f32; 32];
+        m[3] = 9.0;
+        m[7] = 2.5;
+        let p16 = plan(&[stats_with_down_max(m.clone())], 2.0, 16, 100, 16);
+        assert_eq!(p16.extra(0), 16);
+        let p8 = plan(&[stats_with_down_max(m.clone())], 2.0, 16, 100, 8);
+        assert_eq!(p8.extra(0), 8);
+        assert_eq!((p8.copies[0][3], p8.copies[0][7]), (8, 2));
+        // A layer without outliers stays as it is.
+        let flat = plan(&[stats_with_down_max(vec![1.0; 32])], 2.0, 16, 100, 16);
+        assert_eq!(flat.extra(0), 0);
     }
 
     #[test]
@@ -197,7 +232,7 @@ mod tests {
         };
         let (before, stats) = run(&cfg, &weights);
         let widest = |s: &[[InputStats; 4]]| s[0][3].abs_max.iter().copied().fold(0f32, f32::max);
-        let plan = plan(&stats, 2.0, 16, 64);
+        let plan = plan(&stats, 2.0, 16, 64, 1);
         assert!(
             plan.copies[0][10] > 2,
             "the massive channel is split: {:?}",

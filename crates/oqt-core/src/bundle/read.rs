@@ -1,5 +1,5 @@
-use crate::encoding::TensorEncoding;
 use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
+use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
 use crate::quant::{ActMode, QuantizedWeight, SiteGrids};
 use crate::tokenizer::Tokenizer;

@@ -345,6 +345,7 @@ pub const QUANTIZE_METHODS: &[&str] = &["rtn", "smoothquant", "gptq", "awq", "mo
 
 const BUILTIN: &[(&str, &str)] = &[
     ("w4a8", include_str!("../../../../recipes/w4a8.toml")),
+    ("w4a8-lpbq", include_str!("../../../../recipes/w4a8-lpbq.toml")),
     ("w4a8-dyn", include_str!("../../../../recipes/w4a8-dyn.toml")),
     (
         "w4a8-dyn-zeroqat",

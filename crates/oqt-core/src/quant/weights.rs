@@ -57,10 +57,7 @@ impl QuantizedWeight {
             q: gather(&self.q, self.cols, order),
             scales: gather(&self.scales, per_row, order),
             zero_points: self.zero_points.as_ref().map(|z| gather(z, per_row, order)),
-            multipliers: self
-                .multipliers
-                .as_ref()
-                .map(|m| gather(m, m.len() / self.rows, order)),
+            multipliers: self.multipliers.as_ref().map(|m| gather(m, m.len() / self.rows, order)),
             ..self.clone()
         }
     }
@@ -209,7 +206,11 @@ pub fn lpbq_row_params(row: &[f32], block: usize, clip: f32) -> (f32, Vec<u8>) {
     let s_row = largest / super::spec::LPBQ_MAX_MULTIPLIER as f32;
     let multipliers = block_scales
         .iter()
-        .map(|&s| (s / s_row).round_ties_even().clamp(1.0, super::spec::LPBQ_MAX_MULTIPLIER as f32) as u8)
+        .map(|&s| {
+            (s / s_row)
+                .round_ties_even()
+                .clamp(1.0, super::spec::LPBQ_MAX_MULTIPLIER as f32) as u8
+        })
         .collect();
     (s_row, multipliers)
 }

@@ -44,6 +44,11 @@ pub struct Int4Panels {
     pub scales: Vec<f32>,
     /// `panels × groups × PANEL` sums of the signed weights of each (row, group).
     pub sums: Vec<i32>,
+    /// LPBQ: `panels × groups × PANEL` integer block multipliers in [1, 16].
+    /// The kernel then accumulates `Σ_g m_g · dot_g` in i32 and scales once by
+    /// the row's scale (every group's `scales` entry): the int8 per-channel
+    /// contract on the expanded weights `q · m`, bit for bit.
+    pub multipliers: Option<Vec<i32>>,
 }
 
 impl Int4Panels {
@@ -71,6 +76,16 @@ impl Int4Panels {
         nibble as i8 - 8
     }
 
+    /// The weight the arithmetic uses at (`row`, `col`): the stored value times
+    /// its LPBQ multiplier (1 for plain int4 panels).
+    pub fn weight(&self, row: usize, col: usize) -> i32 {
+        let m = self.multipliers.as_ref().map_or(1, |m| {
+            let (p, r) = (row / PANEL, row % PANEL);
+            m[(p * self.groups() + col / self.group) * PANEL + r]
+        });
+        self.value(row, col) as i32 * m
+    }
+
     /// The scale of (`row`, group of `col`).
     pub fn scale(&self, row: usize, col: usize) -> f32 {
         let (p, r) = (row / PANEL, row % PANEL);
@@ -79,7 +94,10 @@ impl Int4Panels {
 
     /// Bytes held (what the runtime keeps in memory).
     pub fn bytes(&self) -> usize {
-        self.data.len() + self.scales.len() * 4 + self.sums.len() * 4
+        self.data.len()
+            + self.scales.len() * 4
+            + self.sums.len() * 4
+            + self.multipliers.as_ref().map_or(0, |m| m.len() * 4)
     }
 }
 
@@ -93,6 +111,9 @@ pub fn concat_panels(parts: &[&Int4Panels]) -> Option<Int4Panels> {
     if parts
         .iter()
         .any(|p| (p.k, p.k_pad, p.group) != (first.k, first.k_pad, first.group))
+        || parts
+            .iter()
+            .any(|p| p.multipliers.is_some() != first.multipliers.is_some())
     {
         return None;
     }
@@ -104,6 +125,12 @@ pub fn concat_panels(parts: &[&Int4Panels]) -> Option<Int4Panels> {
         data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
         scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
         sums: parts.iter().flat_map(|p| p.sums.iter().copied()).collect(),
+        multipliers: first.multipliers.as_ref().map(|_| {
+            parts
+                .iter()
+                .flat_map(|p| p.multipliers.iter().flatten().copied())
+                .collect()
+        }),
     })
 }
 
@@ -147,7 +174,26 @@ pub fn repack_int4(w: &PackedInt4) -> Int4Panels {
         data,
         scales,
         sums,
+        multipliers: None,
     }
+}
+
+/// LPBQ weights as panels: `w` holds the 4-bit factors in groups of the LPBQ
+/// block (a multiple of [`BLOCK`]) with the row's float scale in every group,
+/// `multipliers` the `[rows, groups]` block multipliers in [1, 16].
+pub fn repack_int4_lpbq(w: &PackedInt4, multipliers: &[u8]) -> Int4Panels {
+    let groups = w.groups();
+    assert_eq!(w.k, w.k_pad, "LPBQ blocks tile the row, so its width is whole blocks");
+    assert_eq!(multipliers.len(), w.rows * groups, "one multiplier per (row, block)");
+    let mut p = repack_int4(w);
+    let mut m = vec![0i32; p.panels() * groups * PANEL];
+    for row in 0..w.rows {
+        for g in 0..groups {
+            m[((row / PANEL) * groups + g) * PANEL + row % PANEL] = multipliers[row * groups + g] as i32;
+        }
+    }
+    p.multipliers = Some(m);
+    p
 }
 
 /// Whether this ISA has a panel kernel (otherwise the row kernels run).
@@ -187,6 +233,10 @@ pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut
         a.block_scales.is_none() || w.group == BLOCK,
         "Q8_0 block activations need weights in groups of {BLOCK}, found {}",
         w.group
+    );
+    assert!(
+        a.block_scales.is_none() || w.multipliers.is_none(),
+        "LPBQ weights take per-row activation scales, not Q8_0 blocks"
     );
     let groups = w.groups();
     let per = w.group / BLOCK;
@@ -264,6 +314,51 @@ mod tests {
         }
     }
 
+    /// LPBQ panels against the int8 per-channel kernel on the expanded
+    /// weights `q4 · m`: the same outputs bit for bit, blocks of 32 and 64,
+    /// rows off the panel size, 1 to 6 activation rows, extreme multipliers.
+    #[test]
+    fn lpbq_panels_equal_the_int8_per_channel_kernel_on_expanded_weights() {
+        use crate::{PackedInt8, matmul_int8, quantize_rows_static};
+        let isa = crate::Isa::detect();
+        if !has_panel_kernel(isa) {
+            return;
+        }
+        for (rows, k, block) in [(13, 128, 32), (40, 192, 64), (16, 64, 64), (5, 96, 32)] {
+            let blocks = k / block;
+            let q4: Vec<i8> = (0..rows * k).map(|i| ((i * 7 + 3) % 16) as i8 - 8).collect();
+            let m: Vec<u8> = (0..rows * blocks).map(|i| [1, 16, 7, 2, 11][i % 5]).collect();
+            let q8: Vec<i8> = (0..rows * k)
+                .map(|i| q4[i] * m[(i / k) * blocks + (i % k) / block] as i8)
+                .collect();
+            let row_scales: Vec<f32> = (0..rows).map(|r| 0.002 + r as f32 * 1e-4).collect();
+            let per_group: Vec<f32> = row_scales
+                .iter()
+                .flat_map(|&s| std::iter::repeat_n(s, blocks))
+                .collect();
+            let panels = repack_int4_lpbq(&PackedInt4::pack(&q4, rows, k, Some(block), per_group), &m);
+            let int8 = PackedInt8::pack(&q8, rows, k, None, row_scales);
+            for r in 0..rows {
+                for c in 0..k {
+                    assert_eq!(panels.weight(r, c), q8[r * k + c] as i32);
+                }
+            }
+            for mr in 1..=6 {
+                let x: Vec<f32> = (0..mr * k).map(|i| ((i * 31) % 23) as f32 / 7.0 - 1.5).collect();
+                for a in [
+                    quantize_rows(isa, &x, mr, k),
+                    quantize_rows_static(isa, &x, mr, k, 0.013, 117),
+                ] {
+                    let (mut y_panels, mut y_int8) = (vec![0f32; mr * rows], vec![0f32; mr * rows]);
+                    matmul_int4_panels(isa, &a, &panels, &mut y_panels);
+                    matmul_int8(isa, &a, &int8, &mut y_int8);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&y_panels), bits(&y_int8), "{rows}×{k} block {block}, {mr} rows");
+                }
+            }
+        }
+    }
+
     #[test]
     fn concatenated_panels_give_each_part_its_own_outputs() {
         let isa = crate::Isa::detect();
@@ -291,5 +386,10 @@ mod tests {
             first += p.panels() * PANEL;
         }
         assert!(concat_panels(&[&panels[0], &repack_int4(&weights(8, 64, 4))]).is_none());
+        // LPBQ and plain int4 panels do not mix; LPBQ parts concatenate with their multipliers.
+        let lpbq = |rows: usize| repack_int4_lpbq(&weights(rows, k, 5), &vec![3; rows * k / BLOCK]);
+        assert!(concat_panels(&[&panels[0], &lpbq(16)]).is_none());
+        let both = concat_panels(&[&lpbq(11), &lpbq(16)]).unwrap();
+        assert_eq!(both.weight(16 + 2, 5), 3 * both.value(18, 5) as i32);
     }
 }

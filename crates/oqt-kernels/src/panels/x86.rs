@@ -49,9 +49,12 @@ unsafe fn tile_vnni<const R: usize>(t: &PanelTask<'_>, i0: usize) {
     let q: [*const i32; R] = std::array::from_fn(|r| a.q.as_ptr().add((i0 + r) * a.k_pad) as *const i32);
     let corr = t.act_corr.as_ptr().add(i0 * groups);
     let scale = t.act_scale.as_ptr().add(i0 * groups);
+    let lpbq = w.multipliers.as_ref().map(|m| m.as_ptr());
     for p in t.panels.clone() {
         let pdata = w.data.as_ptr().add(p * blocks * PANEL_BLOCK_BYTES);
         let mut partial = [[_mm512_setzero_ps(); 8]; R];
+        // LPBQ: Σ_g m_g · dot_g, exact in i32.
+        let mut iacc = [_mm512_setzero_si512(); R];
         for g in 0..groups {
             let mut acc = [_mm512_setzero_si512(); R];
             for b in g * per..(g + 1) * per {
@@ -84,9 +87,22 @@ unsafe fn tile_vnni<const R: usize>(t: &PanelTask<'_>, i0: usize) {
                     _mm512_add_epi32(_mm512_set1_epi32(c), _mm512_mullo_epi32(zp, wsum))
                 };
                 let dot = _mm512_sub_epi32(acc[r], correction);
+                if let Some(m) = lpbq {
+                    let mv = _mm512_loadu_si512(m.add(at) as *const _);
+                    iacc[r] = _mm512_add_epi32(iacc[r], _mm512_mullo_epi32(dot, mv));
+                    continue;
+                }
                 let s = _mm512_mul_ps(_mm512_set1_ps(*scale.add(r * groups + g)), ws);
                 let v = _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot));
                 partial[r][g % 8] = _mm512_add_ps(partial[r][g % 8], v);
+            }
+        }
+        if lpbq.is_some() {
+            // One per-channel group over the expanded weights: (s_a · s_w) · dot.
+            let ws = _mm512_loadu_ps(w.scales.as_ptr().add(p * groups * PANEL));
+            for r in 0..R {
+                let s = _mm512_mul_ps(_mm512_set1_ps(*scale.add(r * groups)), ws);
+                partial[r][0] = _mm512_add_ps(partial[r][0], _mm512_mul_ps(s, _mm512_cvtepi32_ps(iacc[r])));
             }
         }
         let col = p * PANEL;
@@ -128,10 +144,12 @@ unsafe fn tile_avx2<const R: usize>(t: &PanelTask<'_>, i0: usize) {
     let q: [*const i32; R] = std::array::from_fn(|r| a.q.as_ptr().add((i0 + r) * a.k_pad) as *const i32);
     let corr = t.act_corr.as_ptr().add(i0 * groups);
     let scale = t.act_scale.as_ptr().add(i0 * groups);
+    let lpbq = w.multipliers.as_ref().map(|m| m.as_ptr());
     for p in t.panels.clone() {
         for h in 0..2 {
             let pdata = w.data.as_ptr().add(p * blocks * PANEL_BLOCK_BYTES + h * 32);
             let mut partial = [[_mm256_setzero_ps(); 8]; R];
+            let mut iacc = [_mm256_setzero_si256(); R];
             for g in 0..groups {
                 let mut acc = [_mm256_setzero_si256(); R];
                 for b in g * per..(g + 1) * per {
@@ -163,9 +181,21 @@ unsafe fn tile_avx2<const R: usize>(t: &PanelTask<'_>, i0: usize) {
                         _mm256_add_epi32(_mm256_set1_epi32(c), _mm256_mullo_epi32(zp, wsum))
                     };
                     let dot = _mm256_sub_epi32(acc[r], correction);
+                    if let Some(m) = lpbq {
+                        let mv = _mm256_loadu_si256(m.add(at) as *const _);
+                        iacc[r] = _mm256_add_epi32(iacc[r], _mm256_mullo_epi32(dot, mv));
+                        continue;
+                    }
                     let s = _mm256_mul_ps(_mm256_set1_ps(*scale.add(r * groups + g)), ws);
                     let v = _mm256_mul_ps(s, _mm256_cvtepi32_ps(dot));
                     partial[r][g % 8] = _mm256_add_ps(partial[r][g % 8], v);
+                }
+            }
+            if lpbq.is_some() {
+                let ws = _mm256_loadu_ps(w.scales.as_ptr().add(p * groups * PANEL + h * HALF));
+                for r in 0..R {
+                    let s = _mm256_mul_ps(_mm256_set1_ps(*scale.add(r * groups)), ws);
+                    partial[r][0] = _mm256_add_ps(partial[r][0], _mm256_mul_ps(s, _mm256_cvtepi32_ps(iacc[r])));
                 }
             }
             let col = p * PANEL + h * HALF;
