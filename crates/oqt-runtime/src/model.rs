@@ -209,7 +209,10 @@ impl RuntimeModel {
         let mut linear = |name: &str, input: ActSite, layer: usize| -> Result<Linear> {
             match tensor(name)? {
                 Some(SourceWeight::Quantized(qw)) => {
-                    weight_bytes += qw.q.len() * qw.spec.bits as usize / 8 + qw.scales.len() * 4;
+                    // Nominal stored size: values at their bit width, f32 scales, LPBQ's u8 multipliers.
+                    weight_bytes += qw.q.len() * qw.spec.bits as usize / 8
+                        + qw.scales.len() * 4
+                        + qw.multipliers.as_ref().map_or(0, Vec::len);
                     Ok(Linear::from_quantized(
                         &qw,
                         InputQuant::resolve(acts, grid(layer, input)),
