@@ -191,11 +191,8 @@ impl ActQuantizer {
 pub fn fake_quant_weight_learned(w: Tensor<2>, spec: &WeightSpec, clip: Tensor<2>) -> Tensor<2> {
     assert!(spec.symmetric, "asymmetric weight grids are not simulated yet");
     let [d_in, d_out] = w.dims();
-    if let Granularity::Lpbq(block) = spec.granularity {
-        return fake_quant_lpbq(w, block, clip);
-    }
     let group = match spec.granularity {
-        Granularity::Lpbq(_) => unreachable!("handled above"),
+        Granularity::Lpbq(block) => return fake_quant_lpbq(w, block, clip),
         Granularity::PerGroup(g) => g,
         Granularity::PerChannel => d_in,
         Granularity::PerTensor => panic!("per-tensor weight grids are not simulated yet"),

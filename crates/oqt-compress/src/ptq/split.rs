@@ -67,11 +67,8 @@ pub fn plan(stats: &[[InputStats; 4]], ratio: f32, reference_rank: usize, max_ex
                     .expect("over budget means some channel is split");
                 k[j] -= 1;
             }
-            let align = align.max(1);
-            let extra = k.iter().map(|&c| c as usize - 1).sum::<usize>();
-            let width = m.len() + extra;
-            let target = width.next_multiple_of(align);
-            let mut extra = extra;
+            let mut extra = k.iter().map(|&c| c as usize - 1).sum::<usize>();
+            let target = (m.len() + extra).next_multiple_of(align.max(1));
             while m.len() + extra < target {
                 let (j, _) = k
                     .iter()

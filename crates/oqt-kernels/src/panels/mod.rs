@@ -108,13 +108,10 @@ impl Int4Panels {
 /// part `i` starts at output column `Σ_{j<i} panels_j × PANEL`.
 pub fn concat_panels(parts: &[&Int4Panels]) -> Option<Int4Panels> {
     let first = parts.first()?;
-    if parts
-        .iter()
-        .any(|p| (p.k, p.k_pad, p.group) != (first.k, first.k_pad, first.group))
-        || parts
-            .iter()
-            .any(|p| p.multipliers.is_some() != first.multipliers.is_some())
-    {
+    if parts.iter().any(|p| {
+        (p.k, p.k_pad, p.group, p.multipliers.is_some())
+            != (first.k, first.k_pad, first.group, first.multipliers.is_some())
+    }) {
         return None;
     }
     Some(Int4Panels {
