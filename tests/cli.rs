@@ -1247,3 +1247,97 @@ fn lpbq_mobilequant_bundle_runs_as_simulated_and_bad_blocks_are_refused() {
         .stderr(contains("granularity").and(contains("48")));
     assert!(!bad_out.exists());
 }
+
+#[test]
+fn size_budget_plans_mixed_precision_fits_and_runs_as_simulated() {
+    use oqt_compress::ptq::mixed_precision::{model_bytes, reserved_bytes};
+    let (dir, gguf) = tiny_model(21);
+    let text = write_text(&dir, "a quick brown fox jumps over the lazy dog. ", 40);
+    // `w4a8-auto` on LPBQ blocks of 32 (the tiny model's widths are 64 and 96).
+    let auto = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/w4a8-auto.toml"))
+        .unwrap()
+        .replace("granularity = { lpbq = 64 }", "granularity = { lpbq = 32 }");
+    let recipe_path = dir.path().join("auto.toml");
+    std::fs::write(&recipe_path, &auto).unwrap();
+    let recipe = oqt_core::quant::load_recipe(recipe_path.to_str().unwrap()).unwrap();
+    let m = oqt_core::load_model(&gguf).unwrap();
+    let base = model_bytes(&m.weights, &recipe.spec);
+    let reserved = reserved_bytes(&m).unwrap();
+    // Room for about a third of the decoder linears at 8 bits.
+    let budget = base + reserved + 20_000;
+    let out = dir.path().join("auto.oqt");
+    let quantize = |budget: &str, out: &std::path::Path| {
+        let mut c = oqt();
+        c.args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            recipe_path.to_str().unwrap(),
+        ])
+        .args(["--method", "rtn", "--size-budget", budget, "--max-act16-inputs", "2"])
+        .args([
+            "--calib-data",
+            text.to_str().unwrap(),
+            "--calib-samples",
+            "3",
+            "--calib-seq-len",
+            "48",
+        ])
+        .args(["--no-eval", "--json", "--output", out.to_str().unwrap()]);
+        c
+    };
+    let report = json_of(&mut quantize(&format!("{budget}B"), &out));
+    let plan = &report["rows"][0]["mixed_precision"];
+    let units = plan["units"].as_array().unwrap();
+    assert_eq!(units.len(), 2 * 4);
+    let wide: Vec<&Value> = units.iter().filter(|u| u["wide_weights"] == true).collect();
+    assert!(!wide.is_empty() && wide.len() < units.len(), "{plan}");
+    assert_eq!(units.iter().filter(|u| u["act16_input"] == true).count(), 2);
+    let size = std::fs::metadata(&out).unwrap().len();
+    assert!(size <= budget, "bundle {size} B over the budget {budget} B");
+    let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
+    assert_eq!(bundle.data_bytes() as u64, plan["planned_bytes"].as_u64().unwrap());
+    assert!(bundle.manifest.provenance.mixed_precision.is_some());
+    // The chosen units are int8 per-channel in the bundle, the rest LPBQ.
+    for u in units {
+        let layer = u["layer"].as_u64().unwrap();
+        let name = match u["unit"].as_str().unwrap() {
+            "qkv" => format!("model.layers.{layer}.self_attn.k_proj.weight"),
+            "o" => format!("model.layers.{layer}.self_attn.o_proj.weight"),
+            "gate_up" => format!("model.layers.{layer}.mlp.up_proj.weight"),
+            _ => format!("model.layers.{layer}.mlp.down_proj.weight"),
+        };
+        let kind = bundle.manifest.deployment.tensors[&name].kind();
+        let expected = if u["wide_weights"] == true { "int8" } else { "int4-lpbq" };
+        assert_eq!(kind, expected, "{name}");
+    }
+    drop(bundle);
+    assert_runs_as_simulated(&out, &text, "mixed-precision bundle");
+
+    // A budget below the all-narrow plan is refused before any work, nothing written.
+    let small = dir.path().join("small.oqt");
+    quantize("1KiB", &small)
+        .assert()
+        .failure()
+        .stderr(contains("size budget 1024B").and(contains("below the smallest plan")));
+    assert!(!small.exists());
+    quantize("5 parsecs", &small)
+        .assert()
+        .failure()
+        .stderr(contains("5 parsecs").and(contains("MiB")));
+    // A 16-bit input count without a budget says what is missing.
+    oqt()
+        .args([
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--recipe",
+            "w4a8",
+            "--max-act16-inputs",
+            "2",
+        ])
+        .args(["--no-eval", "--output", small.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(contains("--size-budget"));
+    assert!(!small.exists());
+}

@@ -212,6 +212,19 @@ impl TensorEncoding {
         }
     }
 
+    /// Bytes of the tensor data this encoding stores (what [`Self::store`]
+    /// writes, headers aside): size budgets are planned on it.
+    pub fn stored_bytes(&self) -> usize {
+        let Some(g) = self.int_grid() else {
+            return self.shape().iter().product::<usize>() * 4;
+        };
+        let values = g.rows * g.row_bytes();
+        let scales = g.scale_count() * 4;
+        let zero_points = if g.spec.symmetric { 0 } else { g.scale_count() * 4 };
+        let multipliers = g.lpbq_block.map_or(0, |b| g.rows * (g.cols / b));
+        values + scales + zero_points + multipliers
+    }
+
     /// The safetensors tensors (name, dtype) that hold tensor `name` in a bundle.
     pub fn stored_names(&self, name: &str) -> Vec<(String, Dtype)> {
         match self.int_grid() {

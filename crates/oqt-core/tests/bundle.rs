@@ -280,3 +280,36 @@ fn lpbq_weights_round_trip_and_hostile_multipliers_are_refused() {
         );
     }
 }
+
+#[test]
+fn stored_bytes_of_every_encoding_is_what_the_bundle_holds() {
+    use oqt_core::encoding::TensorEncoding;
+    use oqt_core::quant::{Granularity, WeightSpec};
+    let cfg = tiny_config();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("t.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
+    let m = load_model(&gguf).unwrap();
+    let mut w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
+    let data: Vec<f32> = oqt_core::testing::pseudo_random(6 * 128, 9, 1.0);
+    let specs = [
+        WeightSpec::new(4, Granularity::PerChannel, true),
+        WeightSpec::new(4, Granularity::PerGroup(32), false),
+        WeightSpec::new(8, Granularity::PerChannel, true),
+        WeightSpec::new(8, Granularity::PerTensor, true),
+        WeightSpec::new(4, Granularity::Lpbq(64), true),
+    ];
+    let mut expected = 0;
+    for (i, spec) in specs.iter().enumerate() {
+        // 100 columns: rows padded to 128 in storage (groups and LPBQ blocks need whole widths).
+        let cols = if matches!(i, 1 | 4) { 128 } else { 100 };
+        let qw = quantize_weight(&data[..6 * cols], 6, cols, spec, 1.0);
+        expected += TensorEncoding::of_quantized(&qw).stored_bytes();
+        w.add_quantized(&format!("w{i}"), &qw);
+    }
+    w.add_f32("norm", vec![7], &[1.0; 7]);
+    expected += TensorEncoding::F32 { shape: vec![7] }.stored_bytes();
+    let path = dir.path().join("x.oqt");
+    w.write(&path).unwrap();
+    assert_eq!(Bundle::open(&path).unwrap().data_bytes(), expected);
+}

@@ -121,3 +121,39 @@ fn w4a8_lpbq_with_16_bit_linear_inputs_runtime_matches_simulation() {
     r.spec.act16_sites.push("down_proj_input".into());
     check_recipe(&r, "w4a8-lpbq32 + down_proj_input");
 }
+
+/// A mixed-precision plan (`w4a8-auto`'s spec): LPBQ units beside 8-bit
+/// per-channel ones, and 16-bit inputs in single layers, as the planner writes
+/// them into the recipe — the same arithmetic in both.
+#[test]
+fn w4a8_auto_mixed_plan_runtime_matches_simulation() {
+    use oqt_compress::ptq::mixed_precision::{apply, model_bytes, plan, reserved_bytes};
+    use oqt_compress::stats::sensitivity::{LinearUnit, UnitSensitivity};
+    let m = model();
+    let recipe = load_recipe("w4a8-auto").unwrap();
+    let mut mp = recipe.mixed_precision.clone().unwrap();
+    // Room for about a quarter of the units: a real mix.
+    let base = model_bytes(&m.weights, &recipe.spec);
+    let reserved = reserved_bytes(&m).unwrap();
+    mp.size_budget = oqt_core::quant::SizeBudget::Bytes(base + reserved + 5 * 1024 * 1024);
+    mp.max_act16_inputs = 3;
+    let sens: Vec<UnitSensitivity> = (0..m.config.num_layers)
+        .flat_map(|layer| {
+            LinearUnit::ALL.into_iter().map(move |unit| UnitSensitivity {
+                layer,
+                unit,
+                weights_error: ((layer * 7 + unit as usize * 3) % 11) as f64,
+                input_error: Some(((layer * 5 + unit as usize) % 13) as f64),
+            })
+        })
+        .collect();
+    let p = plan(&m.weights, &recipe.spec, &mp, &sens, m.config.n_params(), reserved).unwrap();
+    assert!(
+        p.wide_count() > 4 && p.wide_count() < 100,
+        "{} wide units",
+        p.wide_count()
+    );
+    assert_eq!(p.act16_count(), 3);
+    let planned = apply(&recipe, &p);
+    check_recipe(&planned, "w4a8-auto (synthetic plan)");
+}

@@ -59,6 +59,16 @@ pub struct QuantizeArgs {
     /// token rows (which keeps a few huge-norm tokens from dominating it).
     #[arg(long)]
     pub gptq_raw_hessian: bool,
+    /// Mixed precision under a size budget (`87.5MiB`, `5.45bpw`): each
+    /// decoder layer's q/k/v, o, gate/up and down weights stay on the recipe's
+    /// grid or move to 8-bit per-channel, most sensitive per byte first, while
+    /// the bundle fits (instead of the recipe's `[mixed_precision] size_budget`).
+    #[arg(long, value_name = "SIZE")]
+    pub size_budget: Option<oqt_core::quant::SizeBudget>,
+    /// With a size budget: how many linear inputs (the most sensitive) may move
+    /// from 8 to 16 bits (A16 layers; instead of the recipe's `max_act16_inputs`).
+    #[arg(long, value_name = "N")]
+    pub max_act16_inputs: Option<usize>,
     /// Evaluation chunks for the report instead of the recipe's `[eval] chunks`.
     #[arg(long, value_name = "N")]
     pub eval_chunks: Option<usize>,
@@ -129,6 +139,9 @@ pub struct ReportRow {
     /// MobileQuant's first and last loss.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss: Option<(f32, f32)>,
+    /// The mixed-precision plan (size-budget recipes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixed_precision: Option<oqt_compress::ptq::mixed_precision::MixedPrecisionPlan>,
 }
 
 #[derive(Debug, Serialize)]
@@ -225,8 +238,36 @@ fn evaluate(
     Ok(r)
 }
 
+/// `--size-budget` / `--max-act16-inputs` written into the recipe's `[mixed_precision]`.
+fn with_budget(mut recipe: Recipe, a: &QuantizeArgs) -> anyhow::Result<Recipe> {
+    if let Some(budget) = a.size_budget {
+        match &mut recipe.mixed_precision {
+            Some(mp) => mp.size_budget = budget,
+            None => {
+                recipe.mixed_precision = Some(oqt_core::quant::MixedPrecisionSpec::with_budget(budget));
+            }
+        }
+    }
+    if let Some(n) = a.max_act16_inputs {
+        let Some(mp) = &mut recipe.mixed_precision else {
+            bail!(
+                "--max-act16-inputs chooses inputs under a size budget: give --size-budget too (recipe `{}` has none)",
+                recipe.name
+            );
+        };
+        if n > 0 && recipe.spec.activations.mode != oqt_core::quant::ActMode::Static {
+            bail!(
+                "--max-act16-inputs: recipe `{}` has no static 8-bit inputs to widen",
+                recipe.name
+            );
+        }
+        mp.max_act16_inputs = n;
+    }
+    Ok(recipe)
+}
+
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
-    let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
+    let recipe = with_budget(oqt_core::quant::load_recipe(&a.recipe)?, &a)?;
     // A pipeline recipe's later steps would be silently skipped here.
     if recipe
         .steps
@@ -296,6 +337,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
             quantize_seconds: seconds,
             eval_seconds: None,
             loss: outcome.losses.first().zip(outcome.losses.last()).map(|(a, b)| (*a, *b)),
+            mixed_precision: outcome.mixed_precision,
         });
     }
 
@@ -335,6 +377,11 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         return print_json(&report);
     }
     print_table(&report, f16_bytes);
+    for r in &report.rows {
+        if let Some(plan) = &r.mixed_precision {
+            print_plan(&r.method, plan);
+        }
+    }
     println!("report: {}", report_path.display());
     Ok(())
 }
@@ -349,6 +396,7 @@ fn float_report_row(f16_bytes: f64, n_params: f64) -> ReportRow {
         quantize_seconds: 0.0,
         eval_seconds: None,
         loss: None,
+        mixed_precision: None,
     }
 }
 
@@ -394,5 +442,49 @@ fn print_table(report: &Report, f16_bytes: f64) {
     }
     if let Some(p) = report.peak_rss_mib {
         println!("peak RSS {p:.0} MiB");
+    }
+}
+
+/// The plan as a table: one row per decoder layer, one column per unit;
+/// `4`/`8` the weight grid's bits, `+a16` a 16-bit input.
+fn print_plan(method: &str, plan: &oqt_compress::ptq::mixed_precision::MixedPrecisionPlan) {
+    use oqt_compress::stats::sensitivity::LinearUnit;
+    println!(
+        "{method}: mixed precision under {} — {} of {} units' weights on {}-bit per-channel, {} inputs at 16 bits; tensors {} (all narrow {}) + {} reserved of {}",
+        plan.budget,
+        plan.wide_count(),
+        plan.units.len(),
+        plan.wide_weights.bits,
+        plan.act16_count(),
+        mib(plan.planned_bytes),
+        mib(plan.base_bytes),
+        mib(plan.reserved_bytes),
+        mib(plan.budget_bytes),
+    );
+    print!("{:>5}", "layer");
+    for u in LinearUnit::ALL {
+        print!(" {:>12}", u.label());
+    }
+    println!();
+    let layers = plan.units.iter().map(|u| u.layer + 1).max().unwrap_or(0);
+    for layer in 0..layers {
+        print!("{layer:>5}");
+        for unit in LinearUnit::ALL {
+            let cell = plan
+                .units
+                .iter()
+                .find(|u| u.layer == layer && u.unit == unit)
+                .map_or("-".to_string(), |u| {
+                    let bits = if u.wide_weights {
+                        &plan.wide_weights
+                    } else {
+                        &plan.narrow_weights
+                    }
+                    .bits;
+                    format!("w{bits}{}", if u.act16_input { " a16" } else { "" })
+                });
+            print!(" {cell:>12}");
+        }
+        println!();
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod awq;
 pub mod gptq;
+pub mod mixed_precision;
 pub mod mobilequant;
 pub mod rtn;
 pub mod smoothing;
@@ -130,6 +131,8 @@ pub struct PtqOutcome {
     pub writer: BundleWriter,
     /// MobileQuant's loss per step (empty for other methods).
     pub losses: Vec<f32>,
+    /// The mixed-precision plan, when the recipe has a size budget.
+    pub mixed_precision: Option<mixed_precision::MixedPrecisionPlan>,
 }
 
 /// What every method's whole-model pass sees: the model (already widened when
@@ -209,6 +212,14 @@ pub fn quantize(
 ) -> Result<PtqOutcome> {
     // Fail before calibration, not only when the bundle is assembled.
     crate::ptq::rtn::check_model(recipe, model)?;
+    let reserved = match &recipe.mixed_precision {
+        Some(mp) => {
+            let reserved = mixed_precision::reserved_bytes(model)?;
+            mixed_precision::check_fits(&model.weights, &recipe.spec, mp, model.config.n_params(), reserved)?;
+            reserved
+        }
+        None => 0,
+    };
     let is_static = recipe.spec.activations.mode == ActMode::Static;
     let (windows, calibration_input) = if is_static || method != Method::Rtn {
         let (data, windows) = load_windows(&model.tokenizer, &opts.calibration)?;
@@ -233,9 +244,17 @@ pub fn quantize(
     } else {
         None
     };
+    let widened = split_model.as_ref().unwrap_or(model);
+    let planned = match &recipe.mixed_precision {
+        Some(mp) => {
+            let plan = plan_mixed_precision(model, widened, recipe, mp, opts, reserved, progress)?;
+            Some((mixed_precision::apply(recipe, &plan), plan))
+        }
+        None => None,
+    };
     let input = MethodInput {
-        model: split_model.as_ref().unwrap_or(model),
-        recipe,
+        model: widened,
+        recipe: planned.as_ref().map_or(recipe, |(r, _)| r),
         opts,
         windows: &windows,
     };
@@ -252,7 +271,56 @@ pub fn quantize(
         Method::Gptq => crate::ptq::gptq::quantize_model(&input, progress)?,
         Method::MobileQuant => crate::ptq::mobilequant::quantize_model(&input, progress)?,
     };
-    write_bundle(&input, method, output, calibration_input, created_by, progress)
+    let mut outcome = write_bundle(&input, method, output, calibration_input, created_by, progress)?;
+    if let Some((_, plan)) = planned {
+        outcome.writer.manifest_mut().provenance.mixed_precision =
+            Some(serde_json::to_value(&plan).map_err(|e| CoreError::Other(format!("mixed-precision plan: {e}")))?);
+        outcome.mixed_precision = Some(plan);
+    }
+    Ok(outcome)
+}
+
+/// Measure every unit's sensitivity on `widened` (the model the method will
+/// quantize) and choose the plan under the recipe's budget.
+fn plan_mixed_precision(
+    model: &LoadedModel,
+    widened: &LoadedModel,
+    recipe: &Recipe,
+    mp: &oqt_core::quant::MixedPrecisionSpec,
+    opts: &PtqOptions,
+    reserved: u64,
+    progress: &mut dyn Progress,
+) -> Result<mixed_precision::MixedPrecisionPlan> {
+    let mut calibration = opts.calibration.clone();
+    calibration.samples = mp.samples;
+    calibration.seq_len = mp.seq_len;
+    let (_, windows) = load_windows(&widened.tokenizer, &calibration)?;
+    let total = widened.config.num_layers * crate::stats::sensitivity::LinearUnit::ALL.len();
+    progress.phase("mixed precision: unit sensitivity", total);
+    let sensitivities = crate::stats::sensitivity::unit_sensitivity(
+        &widened.config,
+        &widened.weights,
+        &recipe.spec,
+        &calibration,
+        &windows,
+        |d, _| progress.set(d),
+    )?;
+    let plan = mixed_precision::plan(
+        &widened.weights,
+        &recipe.spec,
+        mp,
+        &sensitivities,
+        model.config.n_params(),
+        reserved,
+    )?;
+    tracing::info!(
+        wide_units = plan.wide_count(),
+        act16_inputs = plan.act16_count(),
+        planned_mib = plan.planned_bytes as f64 / 1048576.0,
+        budget_mib = plan.budget_bytes as f64 / 1048576.0,
+        "mixed-precision plan"
+    );
+    Ok(plan)
 }
 
 /// The model with the down projection's outlier input channels split into
@@ -350,6 +418,7 @@ fn write_bundle(
     Ok(PtqOutcome {
         writer,
         losses: output.losses,
+        mixed_precision: None,
     })
 }
 

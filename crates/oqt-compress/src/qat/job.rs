@@ -92,10 +92,46 @@ pub fn qat_options(s: &QatStep) -> Result<QatOptions> {
     })
 }
 
+/// The recipe a start bundle was planned with, when it is `recipe` under a
+/// mixed-precision plan (its provenance holds the planned spec).
+fn planned_recipe(bundle: &Bundle, recipe: &Recipe) -> Result<Option<Recipe>> {
+    if bundle.manifest.provenance.mixed_precision.is_none() || bundle.manifest.recipe_name() != Some(&recipe.name) {
+        return Ok(None);
+    }
+    let stored = bundle.manifest.provenance.recipe.clone().expect("named above");
+    let planned: Recipe = serde_json::from_value(stored).map_err(|e| {
+        err(format!(
+            "{}: provenance.recipe: not a recipe ({e})",
+            bundle.path.display()
+        ))
+    })?;
+    let problems = planned.spec.problems();
+    if !problems.is_empty() {
+        return Err(err(format!(
+            "{}: provenance.recipe: {}",
+            bundle.path.display(),
+            problems.join("; ")
+        )));
+    }
+    Ok(Some(planned))
+}
+
 /// Train as `job` says and write the bundle (unless interrupted).
 pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport> {
     let s = job.options;
-    let recipe = job.recipe;
+    let bundle = job.from.map(Bundle::open).transpose()?;
+    // A start bundle made under a size budget carries its planned recipe (the
+    // per-layer grids the plan chose): train on those grids.
+    let planned = bundle
+        .as_ref()
+        .map(|b| planned_recipe(b, job.recipe))
+        .transpose()?
+        .flatten();
+    let plan_record = planned
+        .as_ref()
+        .and(bundle.as_ref())
+        .and_then(|b| b.manifest.provenance.mixed_precision.clone());
+    let recipe = planned.as_ref().unwrap_or(job.recipe);
     if !s.zeroth_order && job.resume.is_some() {
         return Err(err(
             "--resume: first-order runs do not checkpoint (their AdamW moments are not saved); only --zeroth-order runs resume"
@@ -165,7 +201,6 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
 
     // Static recipes: the starting activation grids and where they came from.
     let mut grids = None;
-    let bundle = job.from.map(Bundle::open).transpose()?;
     let start_record = match job.from {
         Some(b) => Some(InputRecord {
             role: "start".into(),
@@ -351,6 +386,7 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
     if let Some(r) = start_record.filter(|_| !start_in_grids) {
         m.inputs.push(r);
     }
+    m.provenance.mixed_precision = plan_record;
     m.provenance.training = Some(serde_json::json!({
         "method": method,
         "options": options,

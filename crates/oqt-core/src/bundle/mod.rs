@@ -97,6 +97,9 @@ pub struct Provenance {
     /// How the weights were trained (QAT runs: method, options, steps, held-out curve).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<serde_json::Value>,
+    /// The mixed-precision plan a size budget chose (units, choices, gains, bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixed_precision: Option<serde_json::Value>,
 }
 
 impl Manifest {

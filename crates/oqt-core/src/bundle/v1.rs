@@ -91,6 +91,7 @@ pub(super) fn upgrade(json: &str) -> Result<Manifest, String> {
             recipe: v1.recipe,
             method: v1.method,
             training: v1.training,
+            mixed_precision: None,
         },
         inputs: v1.inputs,
         evaluation: v1.evaluation,

@@ -4,12 +4,14 @@
 //! Burn side and the integer kernels of the runtime both follow these
 //! definitions, so simulation and deployment cannot disagree.
 
+pub mod mixed_precision;
 pub mod pack;
 pub mod recipe;
 pub mod sites;
 pub mod spec;
 pub mod weights;
 
+pub use mixed_precision::{MixedPrecisionSpec, SizeBudget};
 pub use recipe::{
     ActRange, CalibrationSpec, Checkpointing, LayerLoss, MobileQuantSpec, QUANTIZE_METHODS, QatStep, QuantizeStep,
     Recipe, Step, TransformInit, builtin_recipe, builtin_recipe_names, load_recipe,

@@ -168,6 +168,9 @@ pub struct Recipe {
     pub eval: EvalSpec,
     #[serde(default)]
     pub mobilequant: MobileQuantSpec,
+    /// Automatic mixed precision under a size budget (`[mixed_precision]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixed_precision: Option<super::mixed_precision::MixedPrecisionSpec>,
     /// The pipeline (`[[steps]]`), run in order by `oqt run`; empty means one
     /// `quantize` step with `default_method` ([`Recipe::pipeline`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -346,6 +349,7 @@ pub const QUANTIZE_METHODS: &[&str] = &["rtn", "smoothquant", "gptq", "awq", "mo
 const BUILTIN: &[(&str, &str)] = &[
     ("w4a8", include_str!("../../../../recipes/w4a8.toml")),
     ("w4a8-lpbq", include_str!("../../../../recipes/w4a8-lpbq.toml")),
+    ("w4a8-auto", include_str!("../../../../recipes/w4a8-auto.toml")),
     ("w4a8-dyn", include_str!("../../../../recipes/w4a8-dyn.toml")),
     (
         "w4a8-dyn-zeroqat",
@@ -414,6 +418,9 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
                 problems.extend(q.problems(|f| format!("steps[{i}].{f}")));
             }
         }
+    }
+    if let Some(mp) = &recipe.mixed_precision {
+        problems.extend(mp.problems());
     }
     let ratio = recipe.mobilequant.split_down_ratio;
     if !(ratio == 0.0 || ratio >= 1.0) || !ratio.is_finite() {
