@@ -1314,6 +1314,30 @@ fn size_budget_plans_mixed_precision_fits_and_runs_as_simulated() {
     drop(bundle);
     assert_runs_as_simulated(&out, &text, "mixed-precision bundle");
 
+    // ZeroQAT from the planned bundle trains on its planned grids and keeps the plan.
+    let trained = dir.path().join("auto-zo.oqt");
+    oqt()
+        .args(["qat", "--zeroth-order", "--recipe", recipe_path.to_str().unwrap(), gguf.to_str().unwrap()])
+        .arg("--from")
+        .arg(&out)
+        .args(["--dataset", text.to_str().unwrap(), "--steps", "2", "--batch", "2", "--seq-len", "32"])
+        .args(["--eval-every", "2", "--eval-windows", "2", "--json", "--output"])
+        .arg(&trained)
+        .assert()
+        .success();
+    let (before, after) = (
+        oqt_core::bundle::Bundle::open(&out).unwrap(),
+        oqt_core::bundle::Bundle::open(&trained).unwrap(),
+    );
+    for (name, encoding) in &before.manifest.deployment.tensors {
+        assert_eq!(after.manifest.deployment.tensors[name].kind(), encoding.kind(), "{name}");
+    }
+    assert_eq!(
+        after.manifest.provenance.mixed_precision,
+        before.manifest.provenance.mixed_precision
+    );
+    assert_runs_as_simulated(&trained, &text, "ZeroQAT on a mixed-precision bundle");
+
     // A budget below the all-narrow plan is refused before any work, nothing written.
     let small = dir.path().join("small.oqt");
     quantize("1KiB", &small)
