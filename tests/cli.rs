@@ -550,6 +550,20 @@ fn sensitivity_reports_every_layer_and_saves_the_report() {
     }
     let saved: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(saved["layers"], v["layers"]);
+
+    // Per unit: four per layer, weights and (static recipe) 8-bit inputs each measured.
+    let v = json_of(
+        oqt()
+            .args(["sensitivity", gguf.to_str().unwrap(), "--recipe", "w4a8", "--units"])
+            .args(["--calib-samples", "2", "--calib-seq-len", "32", "--json", "--output"])
+            .arg(dir.path().join("units.json")),
+    );
+    let units = v["units"].as_array().unwrap();
+    assert_eq!(units.len(), 4 * cfg.num_layers);
+    for u in units {
+        let (w, i) = (u["weights_error"].as_f64().unwrap(), u["input_error"].as_f64().unwrap());
+        assert!(w > 1e-7 && w.is_finite() && i > 1e-9 && i.is_finite(), "{u}");
+    }
 }
 
 #[test]
@@ -1317,10 +1331,25 @@ fn size_budget_plans_mixed_precision_fits_and_runs_as_simulated() {
     // ZeroQAT from the planned bundle trains on its planned grids and keeps the plan.
     let trained = dir.path().join("auto-zo.oqt");
     oqt()
-        .args(["qat", "--zeroth-order", "--recipe", recipe_path.to_str().unwrap(), gguf.to_str().unwrap()])
+        .args([
+            "qat",
+            "--zeroth-order",
+            "--recipe",
+            recipe_path.to_str().unwrap(),
+            gguf.to_str().unwrap(),
+        ])
         .arg("--from")
         .arg(&out)
-        .args(["--dataset", text.to_str().unwrap(), "--steps", "2", "--batch", "2", "--seq-len", "32"])
+        .args([
+            "--dataset",
+            text.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+        ])
         .args(["--eval-every", "2", "--eval-windows", "2", "--json", "--output"])
         .arg(&trained)
         .assert()
@@ -1330,7 +1359,11 @@ fn size_budget_plans_mixed_precision_fits_and_runs_as_simulated() {
         oqt_core::bundle::Bundle::open(&trained).unwrap(),
     );
     for (name, encoding) in &before.manifest.deployment.tensors {
-        assert_eq!(after.manifest.deployment.tensors[name].kind(), encoding.kind(), "{name}");
+        assert_eq!(
+            after.manifest.deployment.tensors[name].kind(),
+            encoding.kind(),
+            "{name}"
+        );
     }
     assert_eq!(
         after.manifest.provenance.mixed_precision,

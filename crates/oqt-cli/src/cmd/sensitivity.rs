@@ -17,6 +17,11 @@ pub struct SensitivityArgs {
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub calib_seq_len: usize,
+    /// Per unit instead of per layer: each layer's q/k/v, o, gate/up and down
+    /// weights alone on the recipe's grid, and (static recipes) their 8-bit
+    /// inputs alone — what `--size-budget` plans mixed precision from.
+    #[arg(long)]
+    pub units: bool,
     /// Where to save the report (JSON); default `exports/<model>-<recipe>.sensitivity.json`.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -35,6 +40,9 @@ pub fn run(a: SensitivityArgs) -> anyhow::Result<()> {
     calibration.samples = a.calib_samples;
     calibration.seq_len = a.calib_seq_len;
     let (_, windows) = oqt_compress::stats::calibrate::load_windows(&model.tokenizer, &calibration)?;
+    if a.units {
+        return run_units(&a, &recipe, &model, &calibration, &windows);
+    }
     let pb = crate::output::bar(model.config.num_layers as u64, "layer sensitivity");
     let layers = oqt_compress::stats::sensitivity::layer_sensitivity(
         &model.config,
@@ -52,14 +60,7 @@ pub fn run(a: SensitivityArgs) -> anyhow::Result<()> {
         "metric": "relative MSE of the last decoder layer's output with only this layer quantized",
         "layers": layers,
     });
-    let output = a.output.clone().unwrap_or_else(|| {
-        let stem = a.model.replace(['/', '\\'], "_");
-        PathBuf::from("exports").join(format!("{stem}-{}.sensitivity.json", recipe.name))
-    });
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    crate::output::write_json_atomic(&output, &report)?;
+    let output = save(&a, &recipe.name, &report)?;
     if a.json {
         return print_json(&report);
     }
@@ -72,6 +73,77 @@ pub fn run(a: SensitivityArgs) -> anyhow::Result<()> {
             "{:>5} {:>14.4e} {:>16.4e}  {bar}",
             l.layer, l.relative_mse, l.weights_only_relative_mse
         );
+    }
+    println!("report: {}", output.display());
+    Ok(())
+}
+
+/// Write the report where `--output` says (default under `exports/`).
+fn save(a: &SensitivityArgs, recipe: &str, report: &serde_json::Value) -> anyhow::Result<PathBuf> {
+    let output = a.output.clone().unwrap_or_else(|| {
+        let stem = a.model.replace(['/', '\\'], "_");
+        let kind = if a.units { "units" } else { "sensitivity" };
+        PathBuf::from("exports").join(format!("{stem}-{recipe}.{kind}.json"))
+    });
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::output::write_json_atomic(&output, report)?;
+    Ok(output)
+}
+
+fn run_units(
+    a: &SensitivityArgs,
+    recipe: &oqt_core::quant::Recipe,
+    model: &oqt_core::LoadedModel,
+    calibration: &oqt_core::quant::CalibrationSpec,
+    windows: &[Vec<u32>],
+) -> anyhow::Result<()> {
+    use oqt_compress::stats::sensitivity::{LinearUnit, unit_sensitivity};
+    let total = model.config.num_layers * LinearUnit::ALL.len();
+    let pb = crate::output::bar(total as u64, "unit sensitivity");
+    let units = unit_sensitivity(
+        &model.config,
+        &model.weights,
+        &recipe.spec,
+        calibration,
+        windows,
+        |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    let report = serde_json::json!({
+        "model": model.name,
+        "recipe": recipe.name,
+        "calibration": {"dataset": calibration.dataset, "samples": calibration.samples, "seq_len": calibration.seq_len},
+        "metric": "relative MSE of the final-normed hidden state with only this unit's weights (or only its 8-bit input) quantized",
+        "units": units,
+    });
+    let output = save(a, &recipe.name, &report)?;
+    if a.json {
+        return print_json(&report);
+    }
+    println!(
+        "{} · {} · one unit quantized at a time (weights / 8-bit input)",
+        model.name, recipe.name
+    );
+    print!("{:>5}", "layer");
+    for u in LinearUnit::ALL {
+        print!(" {:>21}", u.label());
+    }
+    println!();
+    for layer in 0..model.config.num_layers {
+        print!("{layer:>5}");
+        for unit in LinearUnit::ALL {
+            let cell = units
+                .iter()
+                .find(|s| s.layer == layer && s.unit == unit)
+                .map_or("-".into(), |s| {
+                    let input = s.input_error.map_or("-".into(), |e| format!("{e:.2e}"));
+                    format!("{:.2e} / {input}", s.weights_error)
+                });
+            print!(" {cell:>21}");
+        }
+        println!();
     }
     println!("report: {}", output.display());
     Ok(())
