@@ -61,7 +61,7 @@ impl fmt::Display for SizeBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             // Whole thousandths of a MiB read back exactly (87.5MiB, not 91750400B).
-            Self::Bytes(b) if (b * 1000).is_multiple_of(1 << 20) => write!(f, "{}MiB", *b as f64 / 1048576.0),
+            Self::Bytes(b) if (*b as u128 * 1000).is_multiple_of(1 << 20) => write!(f, "{}MiB", *b as f64 / 1048576.0),
             Self::Bytes(b) => write!(f, "{b}B"),
             Self::BitsPerWeight(bpw) => write!(f, "{bpw}bpw"),
         }
@@ -161,6 +161,7 @@ mod tests {
             assert!(e.contains(bad), "{e}");
         }
         assert_eq!(SizeBudget::Bytes(91_750_400).to_string(), "87.5MiB");
+        assert_eq!(SizeBudget::Bytes(u64::MAX).to_string(), format!("{}B", u64::MAX));
         let round: SizeBudget = SizeBudget::Bytes(91_750_400).to_string().parse().unwrap();
         assert_eq!(round, SizeBudget::Bytes(91_750_400));
     }
