@@ -260,7 +260,7 @@ impl TensorEncoding {
             let offset = if qw.spec.symmetric { 8 } else { 0 };
             // LPBQ stores the 4-bit factor of its expanded values.
             let values = match g.lpbq_block {
-                Some(_) => std::borrow::Cow::Owned(lpbq_values(qw)),
+                Some(_) => std::borrow::Cow::Owned(qw.lpbq_factors().expect("an LPBQ weight")),
                 None => std::borrow::Cow::Borrowed(&qw.q),
             };
             (
@@ -374,12 +374,6 @@ impl TensorEncoding {
 }
 
 /// The 4-bit factors `q / m` of an LPBQ weight's expanded values.
-fn lpbq_values(qw: &QuantizedWeight) -> Vec<i8> {
-    (0..qw.rows * qw.cols)
-        .map(|i| qw.lpbq_value(i / qw.cols, i % qw.cols).expect("an LPBQ weight"))
-        .collect()
-}
-
 /// The llama.cpp block type whose grid a weight on `spec` may already be on
 /// (GGUF export keeps such weights exactly; the block size is checked when encoding).
 pub fn natural_gguf_type(spec: &WeightSpec) -> Option<crate::gguf::GgmlType> {

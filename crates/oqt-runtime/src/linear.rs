@@ -163,9 +163,7 @@ impl Linear {
                     && let (Some(block), Some(m)) = (qw.spec.granularity.lpbq_block(), &qw.multipliers)
                     && block.is_multiple_of(oqt_kernels::BLOCK) =>
             {
-                let q4: Vec<i8> = (0..qw.rows * qw.cols)
-                    .map(|i| qw.lpbq_value(i / qw.cols, i % qw.cols).expect("an LPBQ weight"))
-                    .collect();
+                let q4 = qw.lpbq_factors().expect("an LPBQ weight");
                 let per_block = qw
                     .scales
                     .iter()

@@ -37,11 +37,19 @@ impl QuantizedWeight {
         }
     }
 
-    /// The 4-bit value of (row, col) of an LPBQ weight (`q / m`).
-    pub fn lpbq_value(&self, r: usize, c: usize) -> Option<i8> {
+    /// Every 4-bit value of an LPBQ weight (`q / m`), row-major: what the
+    /// bundle stores and the panel kernels multiply.
+    pub fn lpbq_factors(&self) -> Option<Vec<i8>> {
         let block = self.spec.granularity.lpbq_block()?;
-        let m = self.multipliers.as_ref()?[r * (self.cols / block) + c / block];
-        Some(self.q[r * self.cols + c] / m as i8)
+        let m = self.multipliers.as_ref()?;
+        let blocks = self.cols / block;
+        Some(
+            self.q
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| q / m[(i / self.cols) * blocks + (i % self.cols) / block] as i8)
+                .collect(),
+        )
     }
 
     /// Row `i` of the result is row `order[i]` of `self`, scales and zero points with it.
