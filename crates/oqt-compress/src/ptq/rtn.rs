@@ -6,7 +6,7 @@
 //! float model ([`crate::stats::calibrate`]); they are passed in and stored in the manifest.
 
 use oqt_core::bundle::{BundleWriter, InputRecord, Manifest};
-use oqt_core::quant::{ActGrid, ActMode, Recipe, quantize_weight, quantize_weight_mse};
+use oqt_core::quant::{ActGrid, ActMode, QuantizedWeight, Recipe, quantize_weight, quantize_weight_mse};
 use oqt_core::{CoreError, LoadedModel, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -138,19 +138,7 @@ pub fn assemble(
                     .par_chunks(chunk * cols)
                     .map(|part| quantize_weight_mse(part, part.len() / cols, cols, &spec).0)
                     .collect();
-                let mut all = parts[0].clone();
-                all.rows = rows;
-                for p in &parts[1..] {
-                    all.q.extend_from_slice(&p.q);
-                    all.scales.extend_from_slice(&p.scales);
-                    if let (Some(z), Some(pz)) = (all.zero_points.as_mut(), &p.zero_points) {
-                        z.extend_from_slice(pz);
-                    }
-                    if let (Some(m), Some(pm)) = (all.multipliers.as_mut(), &p.multipliers) {
-                        m.extend_from_slice(pm);
-                    }
-                }
-                all
+                QuantizedWeight::stack_rows(parts).expect("a weight has rows")
             } else if opts.clip_search {
                 quantize_weight_mse(&t.data, t.shape[0], t.shape[1], &spec).0
             } else {

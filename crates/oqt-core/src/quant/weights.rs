@@ -37,6 +37,31 @@ impl QuantizedWeight {
         }
     }
 
+    /// `parts` (row blocks of one weight, same columns and grid) stacked in
+    /// order: every per-row array — values, scales, zero points, LPBQ
+    /// multipliers — follows its rows. `None` for no parts.
+    pub fn stack_rows(parts: Vec<QuantizedWeight>) -> Option<QuantizedWeight> {
+        let mut parts = parts.into_iter();
+        let mut all = parts.next()?;
+        for p in parts {
+            assert_eq!(
+                (p.cols, p.group, p.spec),
+                (all.cols, all.group, all.spec),
+                "stacking different grids"
+            );
+            all.rows += p.rows;
+            all.q.extend_from_slice(&p.q);
+            all.scales.extend_from_slice(&p.scales);
+            if let (Some(z), Some(pz)) = (all.zero_points.as_mut(), &p.zero_points) {
+                z.extend_from_slice(pz);
+            }
+            if let (Some(m), Some(pm)) = (all.multipliers.as_mut(), &p.multipliers) {
+                m.extend_from_slice(pm);
+            }
+        }
+        Some(all)
+    }
+
     /// Every 4-bit value of an LPBQ weight (`q / m`), row-major: what the
     /// bundle stores and the panel kernels multiply.
     pub fn lpbq_factors(&self) -> Option<Vec<i8>> {
@@ -342,6 +367,26 @@ mod tests {
 
     fn spec(bits: u8, granularity: Granularity, symmetric: bool) -> WeightSpec {
         WeightSpec::new(bits, granularity, symmetric)
+    }
+
+    #[test]
+    fn stacked_row_blocks_equal_the_whole_weight_for_every_row_wise_grid() {
+        let (rows, cols) = (7, 128);
+        let w = pseudo_random(rows * cols, 11, 1.0);
+        for s in [
+            spec(4, Granularity::PerChannel, true),
+            spec(4, Granularity::PerGroup(32), false),
+            spec(8, Granularity::PerChannel, true),
+            spec(4, Granularity::Lpbq(32), true),
+        ] {
+            let whole = quantize_weight(&w, rows, cols, &s, 1.0);
+            let parts = [0..3, 3..4, 4..7]
+                .into_iter()
+                .map(|r| quantize_weight(&w[r.start * cols..r.end * cols], r.len(), cols, &s, 1.0))
+                .collect();
+            assert_eq!(QuantizedWeight::stack_rows(parts).unwrap(), whole, "{s:?}");
+        }
+        assert!(QuantizedWeight::stack_rows(Vec::new()).is_none());
     }
 
     #[test]
