@@ -15,6 +15,7 @@
 //! family's entry point as a recipe step kind.
 
 pub mod distill;
+pub mod prune;
 pub mod ptq;
 pub mod qat;
 pub mod stats;
