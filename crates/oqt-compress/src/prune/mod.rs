@@ -4,3 +4,4 @@
 //! encodings are still to come.
 
 pub mod mask;
+pub mod model;
