@@ -47,7 +47,7 @@ impl ForwardHooks for InputNorms {
                 .sum_dim(0)
                 .into_data()
                 .convert::<f32>()
-                .into_vec::<f32>()
+                .try_into_vec::<f32>()
                 .expect("f32 sums");
             let mut sums = self.sums.borrow_mut();
             let acc = sums.entry(proj).or_insert_with(|| vec![0.0; d]);
@@ -162,11 +162,21 @@ mod tests {
         let half = Pattern::Unstructured { sparsity: 0.5 };
         let (m, _) = prune_model(&cfg, &w, Scoring::Magnitude, half, &windows, |_, _| {}).unwrap();
         let (wa, _) = prune_model(&cfg, &w, Scoring::Wanda, half, &windows, |_, _| {}).unwrap();
-        assert_ne!(m.get("model.layers.1.mlp.down_proj.weight"), wa.get("model.layers.1.mlp.down_proj.weight"));
+        assert_ne!(
+            m.get("model.layers.1.mlp.down_proj.weight"),
+            wa.get("model.layers.1.mlp.down_proj.weight")
+        );
         // A pattern the widths cannot take names the tensor.
-        let e = prune_model(&cfg, &w, Scoring::Magnitude, Pattern::NOfM { n: 2, m: 5 }, &windows, |_, _| {})
-            .unwrap_err()
-            .to_string();
+        let e = prune_model(
+            &cfg,
+            &w,
+            Scoring::Magnitude,
+            Pattern::NOfM { n: 2, m: 5 },
+            &windows,
+            |_, _| {},
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("q_proj.weight") && e.contains("do not divide"), "{e}");
     }
 }
