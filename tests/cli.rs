@@ -393,6 +393,28 @@ fn every_methods_static_bundle_runs_as_simulated_and_benches() {
 
 /// Outlier channel splitting widens the MLP of the layers it touches; the
 /// bundle records the per-layer widths and the runtime runs it as simulated.
+/// `oqt quantize GGUF --recipe RECIPE` with a two-step MobileQuant on three
+/// 48-token windows of `text`, writing `out` without evaluation, JSON out:
+/// the tiny-model quantize of the recipe tests below.
+fn quick_quantize(
+    gguf: &std::path::Path,
+    recipe: &std::path::Path,
+    text: &std::path::Path,
+    out: &std::path::Path,
+) -> Command {
+    let mut c = oqt();
+    c.arg("quantize")
+        .arg(gguf)
+        .arg("--recipe")
+        .arg(recipe)
+        .args(["--steps", "2", "--calib-data"])
+        .arg(text)
+        .args(["--calib-samples", "3", "--calib-seq-len", "48", "--output"])
+        .arg(out)
+        .args(["--no-eval", "--json"]);
+    c
+}
+
 #[test]
 fn mobilequant_with_outlier_splitting_runs_as_simulated() {
     let (dir, gguf) = tiny_model(11);
@@ -412,24 +434,7 @@ fn mobilequant_with_outlier_splitting_runs_as_simulated() {
     let recipe = dir.path().join("w8a8-split.toml");
     std::fs::write(&recipe, with_ratio("1.0")).unwrap();
     let out = dir.path().join("split.oqt");
-    json_of(oqt().args([
-        "quantize",
-        gguf.to_str().unwrap(),
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--calib-data",
-        text.to_str().unwrap(),
-        "--calib-samples",
-        "3",
-        "--calib-seq-len",
-        "48",
-        "--output",
-        out.to_str().unwrap(),
-        "--no-eval",
-        "--json",
-    ]));
+    json_of(&mut quick_quantize(&gguf, &recipe, &text, &out));
     let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
     let sizes = bundle
         .manifest
@@ -1203,28 +1208,7 @@ fn lpbq_mobilequant_bundle_runs_as_simulated_and_bad_blocks_are_refused() {
     let recipe = dir.path().join("lpbq.toml");
     std::fs::write(&recipe, with_block(32)).unwrap();
     let out = dir.path().join("lpbq.oqt");
-    let quantize = |recipe: &std::path::Path, out: &std::path::Path| {
-        let mut c = oqt();
-        c.args([
-            "quantize",
-            gguf.to_str().unwrap(),
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "--steps",
-            "2",
-            "--calib-data",
-            text.to_str().unwrap(),
-            "--calib-samples",
-            "3",
-            "--calib-seq-len",
-            "48",
-            "--output",
-            out.to_str().unwrap(),
-            "--no-eval",
-            "--json",
-        ]);
-        c
-    };
+    let quantize = |recipe: &std::path::Path, out: &std::path::Path| quick_quantize(&gguf, recipe, &text, out);
     json_of(&mut quantize(&recipe, &out));
     let bundle = oqt_core::bundle::Bundle::open(&out).unwrap();
     let sizes = bundle

@@ -72,23 +72,25 @@ fn smollm2_w4a8_bundle_round_trips_and_is_under_a_third_of_f16() {
     assert_eq!(tok.chat_template, m.tokenizer.chat_template);
 }
 
-fn tiny_bundle(dir: &Path) -> std::path::PathBuf {
+/// The tiny random Llama of weights `seed`, written to `dir/t.gguf` and loaded.
+fn tiny_model(dir: &Path, seed: u64) -> LoadedModel {
     let cfg = tiny_config();
-    let gguf = dir.join("tiny.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 4)).unwrap();
+    let gguf = dir.join("t.gguf");
+    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, seed)).unwrap();
+    load_model(&gguf).unwrap()
+}
+
+fn tiny_bundle(dir: &Path) -> std::path::PathBuf {
     let out = dir.join("tiny.oqt");
-    write_bundle(&load_model(&gguf).unwrap(), "w4a8-dyn", &out);
+    write_bundle(&tiny_model(dir, 4), "w4a8-dyn", &out);
     out
 }
 
 #[test]
 fn asymmetric_and_odd_width_weights_round_trip() {
     use oqt_core::quant::{Granularity, Rounding, ScaleRule, WeightSpec};
-    let cfg = tiny_config();
     let gguf_dir = tempfile::tempdir().unwrap();
-    let gguf = gguf_dir.path().join("t.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
-    let m = load_model(&gguf).unwrap();
+    let m = tiny_model(gguf_dir.path(), 8);
     let mut w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
     let data: Vec<f32> = oqt_core::testing::pseudo_random(5 * 45, 3, 1.0);
     let asym = WeightSpec {
@@ -159,11 +161,8 @@ fn plain_safetensors_is_not_a_bundle_and_failed_writes_leave_nothing() {
     let msg = Bundle::open(&p).unwrap_err().to_string();
     assert!(msg.contains("not an oqt bundle"), "{msg}");
 
-    let cfg = tiny_config();
-    let gguf = dir.path().join("t.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 1)).unwrap();
     let missing_dir = dir.path().join("no-such-dir").join("x.oqt");
-    let m = load_model(&gguf).unwrap();
+    let m = tiny_model(dir.path(), 1);
     let w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
     assert!(w.write(&missing_dir).is_err());
     assert!(!missing_dir.exists());
@@ -239,11 +238,8 @@ fn tensor_bytes(file: &[u8], name: &str) -> std::ops::Range<usize> {
 #[test]
 fn lpbq_weights_round_trip_and_hostile_multipliers_are_refused() {
     use oqt_core::quant::{Granularity, WeightSpec};
-    let cfg = tiny_config();
     let dir = tempfile::tempdir().unwrap();
-    let gguf = dir.path().join("t.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
-    let m = load_model(&gguf).unwrap();
+    let m = tiny_model(dir.path(), 8);
     let mut data: Vec<f32> = oqt_core::testing::pseudo_random(6 * 128, 5, 1.0);
     data[64..128].fill(0.0); // a zero block: multiplier 1
     data[2 * 128..3 * 128].iter_mut().for_each(|v| *v *= 1e-3); // a small row
@@ -285,11 +281,8 @@ fn lpbq_weights_round_trip_and_hostile_multipliers_are_refused() {
 fn stored_bytes_of_every_encoding_is_what_the_bundle_holds() {
     use oqt_core::encoding::TensorEncoding;
     use oqt_core::quant::{Granularity, WeightSpec};
-    let cfg = tiny_config();
     let dir = tempfile::tempdir().unwrap();
-    let gguf = dir.path().join("t.gguf");
-    write_tiny_gguf(&gguf, &cfg, &random_weights(&cfg, 8)).unwrap();
-    let m = load_model(&gguf).unwrap();
+    let m = tiny_model(dir.path(), 8);
     let mut w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
     let data: Vec<f32> = oqt_core::testing::pseudo_random(6 * 128, 9, 1.0);
     let specs = [

@@ -53,13 +53,13 @@ pub fn run(a: SensitivityArgs) -> anyhow::Result<()> {
         |d, _| pb.set_position(d as u64),
     )?;
     pb.finish_and_clear();
-    let report = serde_json::json!({
-        "model": model.name,
-        "recipe": recipe.name,
-        "calibration": {"dataset": calibration.dataset, "samples": calibration.samples, "seq_len": calibration.seq_len},
-        "metric": "relative MSE of the last decoder layer's output with only this layer quantized",
-        "layers": layers,
-    });
+    let report = report(
+        &model,
+        &recipe,
+        &calibration,
+        "relative MSE of the last decoder layer's output with only this layer quantized",
+        ("layers", serde_json::to_value(&layers)?),
+    );
     let output = save(&a, &recipe.name, &report)?;
     if a.json {
         return print_json(&report);
@@ -76,6 +76,24 @@ pub fn run(a: SensitivityArgs) -> anyhow::Result<()> {
     }
     println!("report: {}", output.display());
     Ok(())
+}
+
+/// The report: what was measured on what, and the results under `key`.
+fn report(
+    model: &oqt_core::LoadedModel,
+    recipe: &oqt_core::quant::Recipe,
+    calibration: &oqt_core::quant::CalibrationSpec,
+    metric: &str,
+    (key, results): (&str, serde_json::Value),
+) -> serde_json::Value {
+    let mut report = serde_json::json!({
+        "model": model.name,
+        "recipe": recipe.name,
+        "calibration": {"dataset": calibration.dataset, "samples": calibration.samples, "seq_len": calibration.seq_len},
+        "metric": metric,
+    });
+    report[key] = results;
+    report
 }
 
 /// Write the report where `--output` says (default under `exports/`).
@@ -111,13 +129,13 @@ fn run_units(
         |d, _| pb.set_position(d as u64),
     )?;
     pb.finish_and_clear();
-    let report = serde_json::json!({
-        "model": model.name,
-        "recipe": recipe.name,
-        "calibration": {"dataset": calibration.dataset, "samples": calibration.samples, "seq_len": calibration.seq_len},
-        "metric": "relative MSE of the final-normed hidden state with only this unit's weights (or only its 8-bit input) quantized",
-        "units": units,
-    });
+    let report = report(
+        model,
+        recipe,
+        calibration,
+        "relative MSE of the final-normed hidden state with only this unit's weights (or only its 8-bit input) quantized",
+        ("units", serde_json::to_value(&units)?),
+    );
     let output = save(a, &recipe.name, &report)?;
     if a.json {
         return print_json(&report);

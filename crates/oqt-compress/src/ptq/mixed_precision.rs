@@ -290,22 +290,17 @@ mod tests {
         mp.size_budget = SizeBudget::Bytes(base + room + 7);
         mp.max_act16_inputs = 2;
         let p = plan(&weights, spec, &mp, &s, cfg.n_params(), 7).unwrap();
-        let wide: Vec<(usize, LinearUnit)> = p
-            .units
-            .iter()
-            .filter(|u| u.wide_weights)
-            .map(|u| (u.layer, u.unit))
-            .collect();
+        let chosen = |pick: fn(&PlannedUnit) -> bool| -> Vec<(usize, LinearUnit)> {
+            p.units.iter().filter(|u| pick(u)).map(|u| (u.layer, u.unit)).collect()
+        };
+        let wide = chosen(|u| u.wide_weights);
         assert_eq!(wide, vec![(0, LinearUnit::O), (0, LinearUnit::Down)]);
         assert_eq!(p.planned_bytes, base + room);
         assert!(p.error_after < p.error_before);
-        let a16: Vec<(usize, LinearUnit)> = p
-            .units
-            .iter()
-            .filter(|u| u.act16_input)
-            .map(|u| (u.layer, u.unit))
-            .collect();
-        assert_eq!(a16, vec![(0, LinearUnit::GateUp), (1, LinearUnit::Qkv)]);
+        assert_eq!(
+            chosen(|u| u.act16_input),
+            vec![(0, LinearUnit::GateUp), (1, LinearUnit::Qkv)]
+        );
 
         let planned = apply(&recipe, &p);
         for layer in 0..2 {

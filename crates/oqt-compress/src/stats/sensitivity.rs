@@ -61,12 +61,7 @@ impl OneLayer<'_> {
 impl ForwardHooks for OneLayer<'_> {
     fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         match self.weights.get(&proj).filter(|_| layer == self.layer) {
-            Some(w) => {
-                let x = self.quantize(proj.input_site(), x);
-                let [b, s, d] = x.dims();
-                let out = w.dims()[1];
-                x.reshape([b * s, d]).matmul(w.clone()).reshape([b, s, out])
-            }
+            Some(w) => project(self.quantize(proj.input_site(), x), w),
             None => float(x),
         }
     }
@@ -97,6 +92,52 @@ fn sum_sq(t: Tensor<3>) -> f64 {
         .expect("f64 scalar")[0]
 }
 
+/// Linears `projs` of `layer` on `spec`'s grid (round to nearest), dequantized
+/// and transposed to `[in, out]` for [`project`].
+fn dequantized_linears(
+    weights: &ModelWeights,
+    spec: &QuantSpec,
+    layer: usize,
+    projs: &[Proj],
+    device: &burn::tensor::Device,
+) -> std::collections::HashMap<Proj, Tensor<2>> {
+    projs
+        .iter()
+        .map(|&p| {
+            let name = p.weight_name(layer);
+            let t = weights.get(&name).expect("validated");
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let qw = quantize_weight(&t.data, rows, cols, &spec.weights_for(&name), 1.0);
+            let deq = Tensor::<2>::from_data(TensorData::new(dequantize_weight(&qw), [rows, cols]), device);
+            (p, deq.transpose())
+        })
+        .collect()
+}
+
+/// `x` `[b, s, in]` times `w` `[in, out]`.
+fn project(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
+    let [b, s, d] = x.dims();
+    let out = w.dims()[1];
+    x.reshape([b * s, d]).matmul(w.clone()).reshape([b, s, out])
+}
+
+/// The float model of `weights` and, for static recipes, its calibrated grids.
+fn float_model_and_grids(
+    cfg: &LlamaConfig,
+    weights: &ModelWeights,
+    spec: &QuantSpec,
+    calibration: &CalibrationSpec,
+    windows: &[Vec<u32>],
+) -> Result<(Llama, BTreeMap<String, ActGrid>)> {
+    let model: Llama = oqt_model::llama_from_weights(cfg, weights.clone(), &burn::tensor::Device::flex());
+    let grids = if spec.activations.mode == ActMode::Static {
+        calibrate(&model, spec, calibration, windows, |_, _| {})?
+    } else {
+        BTreeMap::new()
+    };
+    Ok((model, grids))
+}
+
 /// Sensitivity of every decoder layer of `weights` under `spec`;
 /// `progress(done, total)` after each layer.
 pub fn layer_sensitivity(
@@ -108,12 +149,7 @@ pub fn layer_sensitivity(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<LayerSensitivity>> {
     let device = burn::tensor::Device::flex();
-    let model: Llama = oqt_model::llama_from_weights(cfg, weights.clone(), &device);
-    let grids = if spec.activations.mode == ActMode::Static {
-        calibrate(&model, spec, calibration, windows, |_, _| {})?
-    } else {
-        BTreeMap::new()
-    };
+    let (model, grids) = float_model_and_grids(cfg, weights, spec, calibration, windows)?;
     let tokens: Vec<Tensor<2, burn::tensor::Int>> = windows.iter().map(|w| model.tokens_tensor(w)).collect();
     let reference: Vec<Tensor<3>> = tokens
         .iter()
@@ -122,15 +158,7 @@ pub fn layer_sensitivity(
     let norm: f64 = reference.iter().map(|r| sum_sq(r.clone())).sum();
     let mut out = Vec::with_capacity(cfg.num_layers);
     for layer in 0..cfg.num_layers {
-        let mut w = std::collections::HashMap::new();
-        for p in Proj::PER_LAYER {
-            let name = p.weight_name(layer);
-            let t = weights.get(&name).expect("validated");
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            let qw = quantize_weight(&t.data, rows, cols, &spec.weights_for(&name), 1.0);
-            let deq = Tensor::<2>::from_data(TensorData::new(dequantize_weight(&qw), [rows, cols]), &device);
-            w.insert(p, deq.transpose());
-        }
+        let w = dequantized_linears(weights, spec, layer, &Proj::PER_LAYER, &device);
         let mut errs = [0f64; 2];
         for (k, quantize_acts) in [true, false].into_iter().enumerate() {
             let hooks = OneLayer {
@@ -236,11 +264,7 @@ impl ForwardHooks for OneUnit {
             None => x,
         };
         match self.weights.as_ref().and_then(|w| w.get(&proj)) {
-            Some(w) => {
-                let [b, s, d] = x.dims();
-                let out = w.dims()[1];
-                x.reshape([b * s, d]).matmul(w.clone()).reshape([b, s, out])
-            }
+            Some(w) => project(x, w),
             None => float(x),
         }
     }
@@ -263,13 +287,8 @@ pub fn unit_sensitivity(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<UnitSensitivity>> {
     let device = burn::tensor::Device::flex();
-    let model: Llama = oqt_model::llama_from_weights(cfg, weights.clone(), &device);
     let is_static = spec.activations.mode == ActMode::Static;
-    let grids = if is_static {
-        calibrate(&model, spec, calibration, windows, |_, _| {})?
-    } else {
-        BTreeMap::new()
-    };
+    let (model, grids) = float_model_and_grids(cfg, weights, spec, calibration, windows)?;
     // Every layer's float input and the float reference, per window.
     let mut inputs: Vec<Vec<Tensor<3>>> = Vec::with_capacity(windows.len());
     let mut reference = Vec::with_capacity(windows.len());
@@ -302,19 +321,10 @@ pub fn unit_sensitivity(
     let mut out = Vec::with_capacity(total);
     for layer in 0..cfg.num_layers {
         for unit in LinearUnit::ALL {
-            let mut w = std::collections::HashMap::new();
-            for &p in unit.projs() {
-                let name = p.weight_name(layer);
-                let t = weights.get(&name).expect("validated");
-                let (rows, cols) = (t.shape[0], t.shape[1]);
-                let qw = quantize_weight(&t.data, rows, cols, &spec.weights_for(&name), 1.0);
-                let deq = Tensor::<2>::from_data(TensorData::new(dequantize_weight(&qw), [rows, cols]), &device);
-                w.insert(p, deq.transpose());
-            }
             let weights_error = error_of(&OneUnit {
                 layer,
                 unit,
-                weights: Some(w),
+                weights: Some(dequantized_linears(weights, spec, layer, unit.projs(), &device)),
                 grid: None,
             });
             let grid = (is_static && unit.input_site().bits_at(layer, spec) == 8)
