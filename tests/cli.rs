@@ -1382,3 +1382,200 @@ fn size_budget_plans_mixed_precision_fits_and_runs_as_simulated() {
         .stderr(contains("--size-budget"));
     assert!(!small.exists());
 }
+
+#[test]
+fn prune_then_quantize_keeps_exact_zeros_stores_them_sparse_and_runs_as_simulated() {
+    use oqt_core::encoding::TensorEncoding;
+    let (dir, gguf) = tiny_model(31);
+    let d = dir.path();
+    let text = write_text(&dir, "a quick brown fox jumps over the lazy dog. ", 40);
+    let prune = |args: &[&str], out: &std::path::Path| {
+        let mut c = oqt();
+        c.arg("prune")
+            .arg(&gguf)
+            .args(args)
+            .arg("--calib-data")
+            .arg(&text)
+            .args([
+                "--calib-samples",
+                "3",
+                "--calib-seq-len",
+                "48",
+                "--no-eval",
+                "--json",
+                "--output",
+            ])
+            .arg(out);
+        c
+    };
+    // SparseGPT 2:4: every block of four inputs keeps two, stored as 2:4.
+    let p24 = d.join("p24.oqt");
+    let report = json_of(&mut prune(&["--method", "sparsegpt", "--nm", "2:4"], &p24));
+    assert_eq!(report["sparsity"].as_f64().unwrap(), 0.5);
+    assert_eq!(report["linears"].as_array().unwrap().len(), 2 * 7);
+    let pruned = oqt_core::load_model(&p24).unwrap();
+    let dense = oqt_core::load_model(&gguf).unwrap();
+    for l in report["linears"].as_array().unwrap() {
+        let name = l["name"].as_str().unwrap();
+        let e = l["error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 1.0, "{name}: {e}");
+        let w = pruned.weights.get(name).unwrap();
+        for block in w.data.chunks_exact(4) {
+            assert_eq!(block.iter().filter(|v| **v == 0.0).count(), 2, "{name}");
+        }
+        assert_eq!(
+            pruned.sparsity[name],
+            oqt_core::sparse::SparseLayout::NOfM { n: 2, m: 4 }
+        );
+    }
+    // SparseGPT updates the kept weights; the embedding stays as it was.
+    assert_ne!(
+        pruned.weights.get("model.layers.0.self_attn.q_proj.weight"),
+        dense.weights.get("model.layers.0.self_attn.q_proj.weight")
+    );
+    assert_eq!(
+        pruned.weights.get("model.embed_tokens.weight"),
+        dense.weights.get("model.embed_tokens.weight")
+    );
+
+    // Quantized on the 8da4w grid, the zeros stay exact and the linears are stored 2:4, smaller than dense.
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/w4a8-dyn.toml");
+    let (q24, qdense) = (d.join("q24.oqt"), d.join("qdense.oqt"));
+    for (from, out) in [(&p24, &q24), (&gguf, &qdense)] {
+        oqt()
+            .arg("quantize")
+            .arg(from)
+            .args(["--recipe", recipe, "--method", "rtn", "--no-eval", "--json", "--output"])
+            .arg(out)
+            .assert()
+            .success();
+    }
+    let b = oqt_core::bundle::Bundle::open(&q24).unwrap();
+    let name = "model.layers.1.mlp.down_proj.weight";
+    assert!(matches!(
+        b.manifest.deployment.tensors[name],
+        TensorEncoding::Sparse { .. }
+    ));
+    let q = b.quantized(name).unwrap();
+    let float = pruned.weights.get(name).unwrap();
+    // (A kept weight may round to zero too; a pruned one always does.)
+    let deq = oqt_core::quant::dequantize_weight(&q);
+    assert!(deq.iter().zip(&float.data).all(|(v, f)| *f != 0.0 || *v == 0.0));
+    let (sparse_bytes, dense_bytes) = (
+        oqt_core::bundle::Bundle::open(&q24).unwrap().data_bytes(),
+        oqt_core::bundle::Bundle::open(&qdense).unwrap().data_bytes(),
+    );
+    // Each decoder linear row: its nibbles (rows padded to 32 values) dense,
+    // half of them (padded) plus 2-bit positions at 2:4; scales equal. On
+    // SmolLM2's widths (576, 1536) that is exactly 4 → 3 bits a weight.
+    use oqt_core::quant::pack::padded_len;
+    let saved: usize = dense
+        .weights
+        .names()
+        .filter(|n| n.contains("proj"))
+        .map(|n| {
+            let s = &dense.weights.get(n).unwrap().shape;
+            s[0] * (padded_len(s[1]) / 2 - padded_len(s[1] / 2) / 2 - s[1] / 8)
+        })
+        .sum();
+    assert_eq!(dense_bytes - sparse_bytes, saved, "{dense_bytes} vs {sparse_bytes}");
+    assert_runs_as_simulated(&q24, &text, "2:4 w4a8-dyn");
+
+    // Wanda 60% unstructured with DSnoT on every linear: a bitmap bundle, the
+    // DSnoT error reported per linear; the float bundle runs.
+    let p60 = d.join("p60.oqt");
+    let report = json_of(&mut prune(
+        &["--method", "wanda", "--sparsity", "0.6", "--dsnot", "--dsnot-mlp"],
+        &p60,
+    ));
+    assert!((report["sparsity"].as_f64().unwrap() - 0.6).abs() < 0.01);
+    assert!(
+        report["linears"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["error_dsnot"].is_number())
+    );
+    let b = oqt_core::bundle::Bundle::open(&p60).unwrap();
+    assert!(b.manifest.deployment.tensors[name].describe().ends_with("bitmap"));
+    assert!(b.manifest.provenance.pruning.is_some());
+    oqt()
+        .arg("eval")
+        .arg(&p60)
+        .arg("--dataset")
+        .arg(&text)
+        .args(["--ctx", "64", "--json"])
+        .assert()
+        .success();
+
+    // Bad input: each names the option; nothing is written.
+    let none = d.join("none.oqt");
+    for (args, says) in [
+        (&["--sparsity", "1.5"][..], "--sparsity: expected a fraction in (0, 1)"),
+        (&["--sparsity", "0"][..], "--sparsity: expected a fraction in (0, 1)"),
+        (&["--nm", "2:5"][..], "blocks of 5 do not divide the row length 64"),
+        (&["--nm", "4:2"][..], "--nm: `4:2`: expected 0 < N < M"),
+        (
+            &["--nm", "2:4", "--method", "obs"][..],
+            "--method: unknown method `obs`",
+        ),
+    ] {
+        prune(args, &none).assert().failure().stderr(contains(says));
+        assert!(!none.exists(), "{args:?} wrote a bundle");
+    }
+}
+
+#[test]
+fn prune_recipes_chain_before_quantize_and_bad_step_orders_are_refused() {
+    let (dir, gguf) = tiny_model(33);
+    let d = dir.path();
+    // The built-in recipe end to end from one command (Tiny Shakespeare calibration).
+    let out = d.join("run.oqt");
+    oqt()
+        .args(["run", "sparse-2of4-w4a8-dyn"])
+        .arg(&gguf)
+        .arg("--output")
+        .arg(&out)
+        .assert()
+        .success();
+    let b = oqt_core::bundle::Bundle::open(&out).unwrap();
+    let sparse = b
+        .manifest
+        .deployment
+        .tensors
+        .values()
+        .filter(|e| e.describe() == "int4 g32 sym 2:4")
+        .count();
+    assert_eq!(sparse, 2 * 7);
+    let text = write_text(&dir, "a quick brown fox jumps over the lazy dog. ", 40);
+    assert_runs_as_simulated(&out, &text, "sparse-2of4-w4a8-dyn");
+
+    // A prune step after quantize, an unknown step kind: refused before any work.
+    let base = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../recipes/sparse-2of4-w4a8-dyn.toml"
+    ))
+    .unwrap();
+    let after = base.clone() + "\n[[steps]]\nkind = \"prune\"\nmethod = \"wanda\"\nsparsity = 0.5\n";
+    let unknown = base.replace("kind = \"quantize\"", "kind = \"export\"");
+    let bad_sparsity = base.replace("nm = \"2:4\"", "sparsity = 1.0");
+    for (text, says) in [
+        (after, "steps[2]: a `prune` step works on the float model"),
+        (unknown, "unknown variant `export`"),
+        (bad_sparsity, "steps[0].sparsity: expected a fraction in (0, 1)"),
+    ] {
+        let path = d.join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let none = d.join("none.oqt");
+        oqt()
+            .arg("run")
+            .arg(&path)
+            .arg(&gguf)
+            .arg("--output")
+            .arg(&none)
+            .assert()
+            .failure()
+            .stderr(contains(says));
+        assert!(!none.exists() && !d.join("none.oqt.run").exists());
+    }
+}

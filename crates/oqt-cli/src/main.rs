@@ -41,6 +41,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Quantize a model with a recipe into a bundle the runtime runs.
     Quantize(cmd::quantize::QuantizeArgs),
+    /// Prune every decoder linear (magnitude, Wanda, SparseGPT; DSnoT on top) into a sparse float bundle.
+    Prune(cmd::prune::PruneArgs),
     /// Measure prefill/decode speed, time to first token and memory of a bundle or model.
     Bench(cmd::bench::BenchArgs),
     /// Per-layer quantization sensitivity: the output error when only one layer is quantized.
@@ -101,6 +103,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Prune(a) => cmd::prune::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Sensitivity(a) => cmd::sensitivity::run(a),
         Command::Export(a) => cmd::export::run(a),

@@ -1,18 +1,24 @@
-//! First pruning figures on SmolLM2 until `oqt prune` exists (issue 38):
-//! magnitude and Wanda at 50% unstructured and 2:4, every decoder linear,
-//! WikiText-2 ctx 512 on the first CHUNKS chunks (default 16), Wanda's norms
-//! from 16 × 512 Tiny Shakespeare tokens.
+//! Pruning figures on SmolLM2 outside the CLI (issue 38): one run per
+//! process so that `/usr/bin/time -v` reports each run's peak RSS.
 //!
-//!     OQT_DATA=../shared/datasets cargo run --release -p oqt-compress --example prune_probe [CHUNKS]
+//!     OQT_DATA=../shared/datasets cargo run --release -p oqt-compress --example prune_probe -- \
+//!         CHUNKS SAMPLES RUN
+//!
+//! RUN is `dense` or `METHOD/PATTERN[/dsnot[-mlp][-sign]]`, PATTERN `50%` or
+//! `2:4`: e.g. `wanda/60%/dsnot`, `sparsegpt/2:4`. WikiText-2 ctx 512 on the
+//! first CHUNKS chunks; calibration SAMPLES × 512 Tiny Shakespeare tokens.
 
-use oqt_compress::prune::mask::Pattern;
-use oqt_compress::prune::model::{Scoring, prune_model};
+use oqt_compress::prune::{DsnotOptions, Pattern, PruneOptions, prune_model};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let chunks: usize = std::env::args().nth(1).map_or(16, |c| c.parse().expect("CHUNKS"));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let chunks: usize = args[0].parse()?;
+    let samples: usize = args[1].parse()?;
+    let run = args[2].as_str();
     let model = oqt_core::load_model(&oqt_hub::resolve_model("smollm2-135m")?.path)?;
     let mut cal = oqt_core::quant::load_recipe("w4a8")?.calibration;
-    cal.samples = 16;
+    cal.samples = samples;
+    cal.seq_len = 512;
     let (_, windows) = oqt_compress::stats::calibrate::load_windows(&model.tokenizer, &cal)?;
     let text = oqt_core::datasets::resolve("wikitext2")?.read_text()?;
     let tokens = model.tokenizer.encode(&text, false)?;
@@ -22,18 +28,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bos: model.tokenizer.document_bos(),
     };
     let device = burn::tensor::Device::flex();
-    let eval = |w: oqt_core::weights::ModelWeights| -> Result<f64, Box<dyn std::error::Error>> {
-        let llama = oqt_model::llama_from_weights(&model.config, w, &device);
-        Ok(oqt_eval::perplexity(&llama, &tokens, &opts, |_| {})?.perplexity)
+    let t0 = std::time::Instant::now();
+    let weights = if run == "dense" {
+        model.weights.clone()
+    } else {
+        let parts: Vec<&str> = run.split('/').collect();
+        let pattern = match parts[1].strip_suffix('%') {
+            Some(p) => Pattern::Unstructured {
+                sparsity: p.parse::<f32>()? / 100.0,
+            },
+            None => parts[1].parse()?,
+        };
+        let dsnot = parts.get(2).map(|d| DsnotOptions {
+            skip_mlp: !d.contains("-mlp"),
+            sign_check: d.contains("-sign"),
+            ..Default::default()
+        });
+        let o = PruneOptions {
+            method: parts[0].parse()?,
+            pattern,
+            dsnot,
+            sparsegpt: Default::default(),
+        };
+        let (w, report) = prune_model(&model.config, &model.weights, &o, &windows, |_, _| {})?;
+        let mean = |f: &dyn Fn(&oqt_compress::prune::PrunedLinear) -> Option<f64>| {
+            let v: Vec<f64> = report.iter().filter_map(f).collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        println!(
+            "mean relative output error {:.4}; DSnoT linears {:.4} → {:.4}",
+            mean(&|r| Some(r.error)),
+            mean(&|r| r.error_dsnot.map(|_| r.error)),
+            mean(&|r| r.error_dsnot)
+        );
+        w
     };
-    println!("dense: {:.4}", eval(model.weights.clone())?);
-    for pattern in [Pattern::Unstructured { sparsity: 0.5 }, Pattern::NOfM { n: 2, m: 4 }] {
-        for scoring in [Scoring::Magnitude, Scoring::Wanda] {
-            let t0 = std::time::Instant::now();
-            let (w, _) = prune_model(&model.config, &model.weights, scoring, pattern, &windows, |_, _| {})?;
-            let secs = t0.elapsed().as_secs_f64();
-            println!("{scoring:?} {pattern}: {:.4} (pruned in {secs:.1} s)", eval(w)?);
-        }
-    }
+    let prune_s = t0.elapsed().as_secs_f64();
+    let llama = oqt_model::llama_from_weights(&model.config, weights, &device);
+    let ppl = oqt_eval::perplexity(&llama, &tokens, &opts, |_| {})?.perplexity;
+    println!("{run}: ppl {ppl:.4} (pruned in {prune_s:.1} s, {chunks} chunks, {samples} × 512 calibration)");
     Ok(())
 }

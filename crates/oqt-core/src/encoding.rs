@@ -10,9 +10,11 @@
 //! | `int8`   | `NAME.qweight` I8 `[rows, k_pad]`, scales and zero points as `int4` | as `int4`                                         | as `int4`                           |
 //! | `int4-lpbq` | `NAME.qweight` U8 nibbles as `int4` (the 4-bit values), `NAME.multipliers` U8 `[rows, cols/block]` (each in [1, 16]), `NAME.scales` F32 `[rows, 1]` | as `int4` | as an int8 per-channel weight of values `q4 · m` ([`KernelChoice::Int8Input`] with `weight_bits` 8; the runtime keeps the nibbles and multiplies each block's exact dot by `m`) |
 //!
+//! | `sparse` | a pruned weight ([`crate::sparse`]): its kept values in an inner encoding — `f32` `[nnz]` after a `NAME.mask` U8 bitmap `[rows, ⌈cols/8⌉]`, or (`n-of-m`) `f32` / `int4` / `int8` over the compacted `[rows, cols·n/m]` (groups shrink by `n/m`, scales unchanged) with `NAME.indices` U8 positions (2 bits each for `m ≤ 4`, else 4) | as its inner encoding on the dense weight | as the dense weight it expands to on load (zeros exact; the kernels run it dense) |
+//!
 //! (`k_pad` is the row padded to whole blocks of 32.) Later encodings — LUT /
-//! palette, sparse masks and N:M, shared-block references, adapters — join as
-//! variants with their own rows in this table.
+//! palette, shared-block references, adapters — join as variants with their
+//! own rows in this table.
 //!
 //! Each kernel's scalar reference and its SIMD paths live in `oqt-kernels`
 //! (`dot` for one weight row, `gemm` for a matrix, per-architecture modules
@@ -25,6 +27,7 @@
 
 use crate::quant::pack::{BLOCK, int4_nibble, pack_int4_rows, padded_len};
 use crate::quant::{ActGrid, ActMode, Granularity, QuantizedWeight, WeightSpec};
+use crate::sparse::SparseLayout;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +55,15 @@ pub enum TensorEncoding {
     /// LPBQ: 4-bit values two per byte, an integer multiplier per (row,
     /// block of `spec`'s block size) and one float scale per row.
     Int4Lpbq { rows: usize, cols: usize, spec: WeightSpec },
+    /// A pruned weight `[rows, cols]`: its kept values in `values` (f32 `[nnz]`
+    /// for a bitmap; f32 or integer over `[rows, cols·n/m]` for N:M) and their
+    /// positions as `layout` says. Everything downstream sees the dense weight.
+    Sparse {
+        rows: usize,
+        cols: usize,
+        layout: SparseLayout,
+        values: Box<TensorEncoding>,
+    },
 }
 
 /// One safetensors tensor of an encoded weight: name, dtype, shape, bytes.
@@ -143,6 +155,7 @@ impl TensorEncoding {
             Self::Int4 { .. } => "int4",
             Self::Int8 { .. } => "int8",
             Self::Int4Lpbq { .. } => "int4-lpbq",
+            Self::Sparse { .. } => "sparse",
         }
     }
 
@@ -150,17 +163,33 @@ impl TensorEncoding {
     pub fn shape(&self) -> Vec<usize> {
         match self {
             Self::F32 { shape } => shape.clone(),
-            Self::Int4 { rows, cols, .. } | Self::Int8 { rows, cols, .. } | Self::Int4Lpbq { rows, cols, .. } => {
+            Self::Int4 { rows, cols, .. }
+            | Self::Int8 { rows, cols, .. }
+            | Self::Int4Lpbq { rows, cols, .. }
+            | Self::Sparse { rows, cols, .. } => {
                 vec![*rows, *cols]
             }
         }
     }
 
-    /// The integer grid, for integer encodings.
+    /// The integer grid, for integer encodings (a sparse one's: the grid of
+    /// the dense weight it expands to).
     pub fn int_grid(&self) -> Option<IntGrid> {
         let width = if matches!(self, Self::Int8 { .. }) { 8 } else { 4 };
         match *self {
             Self::F32 { .. } => None,
+            Self::Sparse {
+                rows,
+                cols,
+                layout: SparseLayout::NOfM { n, m },
+                ref values,
+            } => values.int_grid().map(|g| IntGrid {
+                rows,
+                cols,
+                group: if g.group == g.cols { cols } else { g.group * m / n },
+                ..g
+            }),
+            Self::Sparse { .. } => None,
             Self::Int4Lpbq { rows, cols, spec } => Some(IntGrid {
                 rows,
                 cols,
@@ -193,6 +222,13 @@ impl TensorEncoding {
 
     /// A short description for reports: `f32`, `int4 g32 sym`, `int8 per-channel sym`, …
     pub fn describe(&self) -> String {
+        if let Self::Sparse { layout, .. } = self {
+            let dense = match self.int_grid() {
+                Some(g) => Self::integer(g.rows, g.cols, g.group, g.spec).describe(),
+                None => "f32".into(),
+            };
+            return format!("{dense} {layout}");
+        }
         match self.int_grid() {
             None => "f32".into(),
             Some(g) => {
@@ -215,6 +251,15 @@ impl TensorEncoding {
     /// Bytes of the tensor data this encoding stores (what [`Self::store`]
     /// writes, headers aside): size budgets are planned on it.
     pub fn stored_bytes(&self) -> usize {
+        if let Self::Sparse {
+            rows,
+            cols,
+            layout,
+            values,
+        } = self
+        {
+            return values.stored_bytes() + rows * layout.positions_row_bytes(*cols);
+        }
         let Some(g) = self.int_grid() else {
             return self.shape().iter().product::<usize>() * 4;
         };
@@ -227,6 +272,11 @@ impl TensorEncoding {
 
     /// The safetensors tensors (name, dtype) that hold tensor `name` in a bundle.
     pub fn stored_names(&self, name: &str) -> Vec<(String, Dtype)> {
+        if let Self::Sparse { layout, values, .. } = self {
+            let mut v = values.stored_names(name);
+            v.push((layout.positions_name(name), Dtype::U8));
+            return v;
+        }
         match self.int_grid() {
             None => vec![(name.to_string(), Dtype::F32)],
             Some(g) => {
@@ -370,6 +420,155 @@ impl TensorEncoding {
             }
         }
         Ok(q)
+    }
+}
+
+impl TensorEncoding {
+    /// A pruned float weight `[rows, cols]` stored as `layout` (its zeros are
+    /// the pruned weights): the encoding and its tensors. `Err` when an N:M
+    /// block keeps more than `n` non-zeros.
+    pub fn store_sparse_f32(
+        name: &str,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        layout: SparseLayout,
+    ) -> Result<(Self, Vec<StoredTensor>), String> {
+        use crate::sparse;
+        if let Some(p) = layout.problems(cols) {
+            return Err(p);
+        }
+        let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (values, positions, shape) = match layout {
+            SparseLayout::Bitmap => {
+                let kept: Vec<f32> = data.iter().copied().filter(|v| *v != 0.0).collect();
+                let n = kept.len();
+                (kept, sparse::bitmap(rows, cols, |i| data[i] != 0.0), vec![n])
+            }
+            SparseLayout::NOfM { n, m } => {
+                let pos = sparse::n_of_m_positions(rows, cols, n, m, |i| data[i] != 0.0)
+                    .ok_or_else(|| format!("more than {n} non-zeros in a block of {m}: not {n}:{m} sparse"))?;
+                let kept = sparse::gather_n_of_m(data, &pos, n, m);
+                (
+                    kept,
+                    sparse::pack_positions(&pos, rows, layout, cols),
+                    vec![rows, cols / m * n],
+                )
+            }
+        };
+        let encoding = Self::Sparse {
+            rows,
+            cols,
+            layout,
+            values: Box::new(Self::F32 { shape: shape.clone() }),
+        };
+        let stored = vec![
+            StoredTensor {
+                name: name.into(),
+                dtype: Dtype::F32,
+                shape,
+                bytes: f32_bytes(&values),
+            },
+            StoredTensor {
+                name: layout.positions_name(name),
+                dtype: Dtype::U8,
+                shape: vec![rows, layout.positions_row_bytes(cols)],
+                bytes: positions,
+            },
+        ];
+        Ok((encoding, stored))
+    }
+
+    /// A pruned integer weight stored N:M: the kept codes compacted (groups
+    /// shrink by `n/m`, scales and zero points unchanged) and their positions.
+    /// `Err` when a block keeps more than `n` codes off the zero code, or the
+    /// groups do not hold whole blocks.
+    pub fn store_sparse_quantized(
+        name: &str,
+        qw: &QuantizedWeight,
+        layout: SparseLayout,
+    ) -> Result<(Self, Vec<StoredTensor>), String> {
+        use crate::sparse;
+        let SparseLayout::NOfM { n, m } = layout else {
+            return Err("integer weights are stored sparse as N:M only".into());
+        };
+        if let Some(p) = layout.problems(qw.cols) {
+            return Err(p);
+        }
+        if qw.multipliers.is_some() || !qw.group.is_multiple_of(m) {
+            return Err(format!(
+                "groups of {} columns (LPBQ or not a multiple of {m}) cannot be stored {n}:{m}",
+                qw.group
+            ));
+        }
+        let zero = |i: usize| zero_code(qw, i);
+        let pos = sparse::n_of_m_positions(qw.rows, qw.cols, n, m, |i| qw.q[i] != zero(i))
+            .ok_or_else(|| format!("more than {n} non-zero codes in a block of {m}: not {n}:{m} sparse"))?;
+        let cols = qw.cols / m * n;
+        let compact = QuantizedWeight {
+            cols,
+            group: if qw.group == qw.cols { cols } else { qw.group / m * n },
+            q: sparse::gather_n_of_m(&qw.q, &pos, n, m),
+            ..qw.clone()
+        };
+        let inner = Self::of_quantized(&compact);
+        let mut stored = inner.store(name, &compact);
+        stored.push(StoredTensor {
+            name: layout.positions_name(name),
+            dtype: Dtype::U8,
+            shape: vec![qw.rows, layout.positions_row_bytes(qw.cols)],
+            bytes: sparse::pack_positions(&pos, qw.rows, layout, qw.cols),
+        });
+        let encoding = Self::Sparse {
+            rows: qw.rows,
+            cols: qw.cols,
+            layout,
+            values: Box::new(inner),
+        };
+        Ok((encoding, stored))
+    }
+
+    /// Problems with a sparse encoding's own fields (its inner encoding's
+    /// shape against its layout); `None` for the other encodings.
+    pub fn sparse_problems(&self) -> Option<String> {
+        let Self::Sparse {
+            rows,
+            cols,
+            layout,
+            values,
+        } = self
+        else {
+            return None;
+        };
+        if let Some(p) = layout.problems(*cols) {
+            return Some(p);
+        }
+        match (layout, values.as_ref()) {
+            (_, Self::Sparse { .. } | Self::Int4Lpbq { .. }) => Some(format!(
+                "values: a `{}` encoding cannot hold sparse values",
+                values.kind()
+            )),
+            (SparseLayout::Bitmap, Self::F32 { shape }) if shape.len() == 1 && shape[0] <= rows * cols => None,
+            (SparseLayout::Bitmap, _) => {
+                Some("values: a bitmap's values are f32 `[nnz]` with nnz ≤ rows × cols".into())
+            }
+            (SparseLayout::NOfM { .. }, v) => {
+                let want = vec![*rows, layout.kept_per_row(*cols).expect("N:M")];
+                (v.shape() != want).then(|| format!("values: shape {:?}, expected {want:?}", v.shape()))
+            }
+        }
+    }
+}
+
+/// The code that dequantizes to exactly zero at weight index `i` (row-major).
+pub fn zero_code(qw: &QuantizedWeight, i: usize) -> i8 {
+    match &qw.zero_points {
+        None => 0,
+        Some(z) if z.len() == 1 => z[0] as i8,
+        Some(z) => {
+            let groups = qw.cols.div_ceil(qw.group);
+            z[i / qw.cols * groups + i % qw.cols / qw.group] as i8
+        }
     }
 }
 

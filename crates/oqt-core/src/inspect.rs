@@ -65,6 +65,22 @@ fn tokenizer_summary(t: &Tokenizer) -> TokenizerSummary {
 pub fn inspect_model(path: &Path) -> Result<ModelSummary> {
     let file_bytes = dir_or_file_size(path);
     let (config, tokenizer, metadata, tensors) = match detect_format(path)? {
+        ModelFormat::Bundle => {
+            let b = crate::bundle::Bundle::open(path)?;
+            let tensors = b
+                .manifest
+                .deployment
+                .tensors
+                .iter()
+                .map(|(name, e)| TensorSummary {
+                    name: name.clone(),
+                    dtype: e.describe(),
+                    shape: e.shape(),
+                    bytes: e.stored_bytes() as u64,
+                })
+                .collect();
+            (b.manifest.config.clone(), b.tokenizer()?, BTreeMap::new(), tensors)
+        }
         ModelFormat::Gguf => {
             let g = GgufFile::open(path)?;
             let config = LlamaConfig::from_gguf(&g)?;

@@ -16,6 +16,7 @@ pub mod load;
 pub mod quant;
 pub mod sampling;
 pub mod scoring;
+pub mod sparse;
 pub mod sys;
 pub mod tensorboard;
 pub mod testing;

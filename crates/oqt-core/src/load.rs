@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 pub enum ModelFormat {
     Gguf,
     Hf,
+    /// An oqt bundle of float weights (a pruned model; quantized bundles are refused).
+    Bundle,
 }
 
 /// A model ready for any backend: config, float weights in canonical layout, tokenizer.
@@ -27,6 +29,9 @@ pub struct LoadedModel {
     pub config: LlamaConfig,
     pub weights: ModelWeights,
     pub tokenizer: Tokenizer,
+    /// Weights pruned to a layout (from a float bundle's `sparse` encodings):
+    /// quantization keeps their zeros exact and stores them in that layout.
+    pub sparsity: BTreeMap<String, crate::sparse::SparseLayout>,
 }
 
 /// What kind of model `path` holds, judged by its contents.
@@ -40,12 +45,14 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat> {
     let n = f.take(4).read(&mut magic).map_err(|e| CoreError::io(path, e))?;
     if n == 4 && &magic == crate::gguf::GGUF_MAGIC {
         Ok(ModelFormat::Gguf)
+    } else if looks_like_safetensors(path) {
+        Ok(ModelFormat::Bundle)
     } else {
         Err(CoreError::Unsupported {
             path: path.into(),
             what: "model file",
             detail:
-                "not a GGUF file (bad magic) and not a directory; pass a .gguf file or a Hugging Face model directory"
+                "not a GGUF file (bad magic), not an oqt bundle and not a directory; pass a .gguf file, a float .oqt bundle or a Hugging Face model directory"
                     .into(),
         })
     }
@@ -55,7 +62,58 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     match detect_format(path)? {
         ModelFormat::Gguf => load_gguf(path),
         ModelFormat::Hf => load_hf_dir(path),
+        ModelFormat::Bundle => load_float_bundle(path),
     }
+}
+
+/// A safetensors header: a little-endian length, then `{`.
+fn looks_like_safetensors(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    std::fs::File::open(path)
+        .and_then(|f| f.take(9).read_exact(&mut head))
+        .is_ok()
+        && head[8] == b'{'
+}
+
+/// A float bundle (what `oqt prune` writes) as a model to compress further.
+pub fn load_float_bundle(path: &Path) -> Result<LoadedModel> {
+    let b = crate::bundle::Bundle::open(path)?;
+    if let Some((name, e)) = b
+        .manifest
+        .deployment
+        .tensors
+        .iter()
+        .find(|(_, e)| e.int_grid().is_some())
+    {
+        return Err(CoreError::Unsupported {
+            path: path.into(),
+            what: "model",
+            detail: format!(
+                "a quantized bundle (`{name}` is {}); compress the float model it came from, or a float bundle such as `oqt prune` writes",
+                e.describe()
+            ),
+        });
+    }
+    let sparsity = b
+        .manifest
+        .deployment
+        .tensors
+        .iter()
+        .filter_map(|(n, e)| match e {
+            crate::encoding::TensorEncoding::Sparse { layout, .. } => Some((n.clone(), *layout)),
+            _ => None,
+        })
+        .collect();
+    Ok(LoadedModel {
+        path: path.into(),
+        format: ModelFormat::Bundle,
+        name: b.manifest.model_name.clone(),
+        config: b.manifest.config.clone(),
+        weights: b.dequantized_weights()?,
+        tokenizer: b.tokenizer()?,
+        sparsity,
+    })
 }
 
 /// Per-layer tensors: GGUF suffix (after `blk.N.`) and canonical suffix.
@@ -141,6 +199,12 @@ pub fn load_model_meta(path: &Path) -> Result<(LoadedModel, BTreeMap<String, Str
         }
         // Safetensors headers carry the dtypes too, but an HF checkpoint is
         // float already: load it and keep only the types.
+        ModelFormat::Bundle => {
+            let mut m = load_float_bundle(path)?;
+            let types = m.weights.source_types();
+            m.weights = ModelWeights::default();
+            Ok((m, types))
+        }
         ModelFormat::Hf => {
             let mut m = load_hf_dir(path)?;
             let types = m.weights.source_types();
@@ -163,6 +227,7 @@ fn gguf_model(g: &GgufFile, path: &Path, config: LlamaConfig, weights: ModelWeig
         config,
         weights,
         tokenizer: Tokenizer::from_gguf(g)?,
+        sparsity: BTreeMap::new(),
     })
 }
 
@@ -309,5 +374,6 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         config,
         weights,
         tokenizer,
+        sparsity: BTreeMap::new(),
     })
 }

@@ -96,3 +96,14 @@ pub fn llama_from_loaded(m: &mut LoadedModel, device: &Device) -> Llama {
     let weights = std::mem::take(&mut m.weights);
     llama_from_weights(&m.config, weights, device)
 }
+
+/// Replace the weight of decoder linear `proj` in `layer` with `w` (canonical
+/// `[out, in]` row-major): methods that rewrite one layer at a time (pruning)
+/// update the model in place instead of rebuilding it.
+pub fn set_decoder_weight(llama: &mut Llama, layer: usize, proj: crate::Proj, w: &[f32]) {
+    let lin = llama.decoder_linear_mut(layer, proj);
+    let [cols, rows] = lin.weight.val().dims();
+    assert_eq!(w.len(), rows * cols, "weight of {rows} × {cols} expected");
+    let device = lin.weight.val().device();
+    lin.weight = Param::from_tensor(transposed(w, rows, cols, &device));
+}

@@ -14,6 +14,6 @@ pub mod scoring;
 
 pub use device::{DeviceKind, select_device};
 pub use hooks::{ForwardHooks, NoHooks, Proj};
-pub use import::{llama_from_loaded, llama_from_weights};
+pub use import::{llama_from_loaded, llama_from_weights, set_decoder_weight};
 pub use llama::{KvCache, Llama};
 pub use quant_sim::{QuantSim, SimulatedModel};

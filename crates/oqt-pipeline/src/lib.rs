@@ -9,8 +9,9 @@
 //! step killed mid-way resumes from its own checkpoint. The last step's
 //! bundle is then copied to the output.
 //!
-//! Steps share what they can: the float model is loaded once for every
-//! `quantize` step, and a `qat` step trains from the previous bundle's
+//! Steps share what they can: the float model is loaded once, a `quantize`
+//! step after `prune` steps starts from the last one's (float, sparse)
+//! bundle and keeps its zeros, and a `qat` step trains from the previous bundle's
 //! integer weights and calibrated activation grids (no second calibration).
 //! Methods register as step kinds in [`run_step`]; nothing here prints or
 //! parses arguments.
@@ -173,11 +174,37 @@ fn run_step(
     observer: &mut dyn PipelineObserver,
 ) -> Result<StepOutcome> {
     match step {
+        Step::Prune(p) => {
+            let pruned_before;
+            let model = match input {
+                // Chained prune steps: each prunes what the one before wrote.
+                Some(from) => {
+                    pruned_before = oqt_core::load_model(from)?;
+                    &pruned_before
+                }
+                None => float_model(job, float)?,
+            };
+            let opts = oqt_compress::prune::PruneOptions::from_step(p, |f| format!("steps[{index}].{f}"))?;
+            let outcome = oqt_compress::prune::prune_to_bundle(
+                model,
+                &opts,
+                &job.recipe.calibration,
+                job.created_by,
+                observer.ptq(),
+            )?;
+            outcome.writer.write(output)?;
+            Ok(StepOutcome::Written)
+        }
         Step::Quantize(q) => {
-            if float.is_none() {
-                *float = Some(oqt_core::load_model(job.model_path)?);
-            }
-            let model = float.as_ref().expect("loaded above");
+            // After `prune` steps the float model is the last one's bundle.
+            let pruned;
+            let model = match input {
+                Some(from) => {
+                    pruned = oqt_core::load_model(from)?;
+                    &pruned
+                }
+                None => float_model(job, float)?,
+            };
             quantize(job.recipe, q, index, model, output, job.created_by, observer.ptq())?;
             Ok(StepOutcome::Written)
         }
@@ -213,6 +240,14 @@ fn run_step(
             })
         }
     }
+}
+
+/// The float model, loaded once for every step that starts from it.
+fn float_model<'a>(job: &PipelineJob<'_>, float: &'a mut Option<LoadedModel>) -> Result<&'a LoadedModel> {
+    if float.is_none() {
+        *float = Some(oqt_core::load_model(job.model_path)?);
+    }
+    Ok(float.as_ref().expect("loaded above"))
 }
 
 /// A `quantize` step: the recipe's grids by `q.method` (the recipe's default

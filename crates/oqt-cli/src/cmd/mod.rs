@@ -5,6 +5,7 @@ pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
+pub mod prune;
 pub mod qat;
 pub mod quantize;
 pub mod run;
@@ -25,7 +26,7 @@ pub struct DeviceArgs {
 
 /// Whether `path` is an oqt bundle (a safetensors file carrying the oqt manifest).
 pub fn is_bundle(path: &std::path::Path) -> bool {
-    path.is_file() && oqt_core::load::detect_format(path).is_err()
+    path.is_file() && !matches!(oqt_core::load::detect_format(path), Ok(oqt_core::ModelFormat::Gguf))
 }
 
 /// The runtime on an oqt bundle, or on a GGUF file (its Q4_0/Q8_0 blocks run

@@ -86,9 +86,9 @@ pub struct QuantizeArgs {
     pub json: bool,
 }
 
-/// Progress bars for the phases of one method.
+/// Progress bars for the phases of one method (`label`: its name).
 pub struct Bars {
-    pub method: Method,
+    pub label: String,
     pub pb: Option<ProgressBar>,
 }
 
@@ -97,8 +97,8 @@ impl Progress for Bars {
         if let Some(pb) = self.pb.take() {
             pb.finish_and_clear();
         }
-        tracing::info!(method = %self.method, phase = name, "started");
-        self.pb = Some(crate::output::bar(total as u64, &format!("{}: {name}", self.method)));
+        tracing::info!(method = %self.label, phase = name, "started");
+        self.pb = Some(crate::output::bar(total as u64, &format!("{}: {name}", self.label)));
     }
 
     fn set(&mut self, done: usize) {
@@ -317,7 +317,10 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         let path = if i == 0 { output.clone() } else { sibling(&output, m) };
         let start = std::time::Instant::now();
         let outcome = {
-            let mut bars = Bars { method: m, pb: None };
+            let mut bars = Bars {
+                label: m.to_string(),
+                pb: None,
+            };
             oqt_compress::ptq::quantize(&model, &recipe, m, &opts, &created_by, &mut bars)
                 .with_context(|| format!("quantizing with {m}"))?
         };

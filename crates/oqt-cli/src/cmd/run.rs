@@ -63,11 +63,19 @@ impl PipelineObserver for Observer {
         let what = match step {
             Step::Quantize(q) => format!("quantize ({})", q.method.as_deref().unwrap_or("the recipe's method")),
             Step::Qat(q) => format!("qat ({})", if q.zeroth_order { "zeroth-order" } else { "first-order" }),
+            Step::Prune(p) => {
+                self.bars.label = "prune".into();
+                format!(
+                    "prune ({}, {}{})",
+                    p.method,
+                    p.nm.clone()
+                        .unwrap_or_else(|| format!("{:.0}%", p.sparsity.unwrap_or(0.0) * 100.0)),
+                    if p.dsnot { ", DSnoT" } else { "" }
+                )
+            }
         };
-        if let Step::Quantize(q) = step
-            && let Some(m) = q.method.as_deref().and_then(|m| m.parse::<Method>().ok())
-        {
-            self.bars.method = m;
+        if let Step::Quantize(q) = step {
+            self.bars.label = q.method.clone().unwrap_or_else(|| "quantize".into());
         }
         let state = if resumed { "done earlier" } else { "running" };
         eprintln!("step {}/{total}: {what} — {state}", index + 1);
@@ -98,7 +106,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     });
     let method = recipe.default_method.parse::<Method>().unwrap_or(Method::Rtn);
     let mut observer = Observer {
-        bars: Bars { method, pb: None },
+        bars: Bars {
+            label: method.to_string(),
+            pb: None,
+        },
         reporter: None,
     };
     let job = PipelineJob {

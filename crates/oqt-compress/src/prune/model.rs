@@ -1,25 +1,76 @@
 //! Prune every decoder linear of a model, layer after layer: each layer's
-//! input norms come from calibration windows run through the layers already
-//! pruned (as Wanda and SparseGPT do), so later layers see the errors of the
-//! earlier ones.
+//! calibration statistics come from windows run through the layers already
+//! pruned (as Wanda, SparseGPT and DSnoT do), so later layers see the errors
+//! of the earlier ones.
 
+use super::dsnot::{DsnotOptions, InputMoments, dsnot_refine};
 use super::mask::{Pattern, apply_mask, magnitude_scores, mask_from_scores, wanda_scores};
+use super::sparsegpt::{SparseGptOptions, relative_output_error, sparsegpt_prune};
+use crate::stats::inputs::{group_index, to_vec};
 use burn::tensor::Tensor;
 use oqt_core::weights::ModelWeights;
 use oqt_core::{CoreError, LlamaConfig, Result};
 use oqt_model::hooks::{ForwardHooks, Proj};
 use serde::Serialize;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
 
-/// How a weight's importance is scored.
+/// How the base mask is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Scoring {
-    /// `|W|` (needs no calibration).
+pub enum PruneMethod {
+    /// `|W|` per output row (needs no calibration).
     Magnitude,
-    /// `|W| · ‖X_j‖₂` over the calibration inputs.
+    /// `|W| · ‖X_j‖₂` per output row, no weight update.
     Wanda,
+    /// OBS pruning with weight reconstruction from `XᵀX` ([`super::sparsegpt`]).
+    Sparsegpt,
+}
+
+impl PruneMethod {
+    pub const NAMES: &[&str] = &["magnitude", "wanda", "sparsegpt"];
+}
+
+impl FromStr for PruneMethod {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "magnitude" => Ok(Self::Magnitude),
+            "wanda" => Ok(Self::Wanda),
+            "sparsegpt" => Ok(Self::Sparsegpt),
+            _ => Err(format!(
+                "unknown pruning method `{s}`; expected one of {}",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+impl fmt::Display for PruneMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Magnitude => "magnitude",
+            Self::Wanda => "wanda",
+            Self::Sparsegpt => "sparsegpt",
+        })
+    }
+}
+
+/// Everything a pruning run decides.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PruneOptions {
+    pub method: PruneMethod,
+    #[serde(serialize_with = "display")]
+    pub pattern: Pattern,
+    /// DSnoT on top of the base mask (on the dense weights: for SparseGPT its
+    /// mask, its reconstruction dropped).
+    pub dsnot: Option<DsnotOptions>,
+    pub sparsegpt: SparseGptOptions,
+}
+
+fn display<S: serde::Serializer>(p: &Pattern, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(p)
 }
 
 /// One pruned linear.
@@ -28,45 +79,71 @@ pub struct PrunedLinear {
     pub name: String,
     /// Fraction of the weights now zero.
     pub sparsity: f64,
+    /// Relative output error `‖(W − Ŵ)X‖² / ‖WX‖²` on the calibration inputs
+    /// of the base method (before DSnoT).
+    pub error: f64,
+    /// The same after DSnoT, and its swaps (when DSnoT ran on this linear).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_dsnot: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dsnot_swaps: Option<usize>,
 }
 
-/// Per-input-channel sums of squares of every linear input of one layer.
-struct InputNorms {
+/// Per-channel moments and the Gram matrix of one layer's four linear inputs.
+struct LayerInputs {
     layer: usize,
-    sums: RefCell<HashMap<Proj, Vec<f64>>>,
+    stats: RefCell<[Option<Moments>; 4]>,
 }
 
-impl ForwardHooks for InputNorms {
+#[derive(Clone)]
+struct Moments {
+    sum: Vec<f64>,
+    sum_sq: Vec<f64>,
+    gram: Vec<f64>,
+    tokens: usize,
+    windows: usize,
+}
+
+impl ForwardHooks for LayerInputs {
     fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        if layer == self.layer {
+        if layer == self.layer && matches!(proj, Proj::Q | Proj::O | Proj::Gate | Proj::Down) {
+            let g = group_index(proj).expect("decoder linear");
             let [b, s, d] = x.dims();
-            let sq: Vec<f32> = x
-                .clone()
-                .reshape([b * s, d])
-                .powi_scalar(2)
-                .sum_dim(0)
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32 sums");
-            let mut sums = self.sums.borrow_mut();
-            let acc = sums.entry(proj).or_insert_with(|| vec![0.0; d]);
-            for (a, v) in acc.iter_mut().zip(sq) {
+            let rows = x.clone().reshape([b * s, d]);
+            let sum = to_vec(rows.clone().sum_dim(0));
+            let sum_sq = to_vec(rows.clone().powi_scalar(2).sum_dim(0));
+            let gram = to_vec(rows.clone().transpose().matmul(rows));
+            let mut all = self.stats.borrow_mut();
+            let st = all[g].get_or_insert_with(|| Moments {
+                sum: vec![0.0; d],
+                sum_sq: vec![0.0; d],
+                gram: vec![0.0; d * d],
+                tokens: 0,
+                windows: 0,
+            });
+            for (a, v) in st.sum.iter_mut().zip(sum) {
                 *a += v as f64;
             }
+            for (a, v) in st.sum_sq.iter_mut().zip(sum_sq) {
+                *a += v as f64;
+            }
+            for (a, v) in st.gram.iter_mut().zip(gram) {
+                *a += v as f64;
+            }
+            st.tokens += b * s;
+            st.windows += b;
         }
         float(x)
     }
 }
 
-/// `weights` with every decoder linear pruned to `pattern` by `scoring`
-/// (Wanda's norms from `windows`, layer by layer). The embedding, head and
-/// norms stay dense. `progress(done, total)` after each layer.
+/// `weights` with every decoder linear pruned as `opts` says, statistics from
+/// `windows` (not needed by magnitude pruning alone), layer by layer. The
+/// embedding, head and norms stay dense. `progress(done, total)` after each layer.
 pub fn prune_model(
     cfg: &LlamaConfig,
     weights: &ModelWeights,
-    scoring: Scoring,
-    pattern: Pattern,
+    opts: &PruneOptions,
     windows: &[Vec<u32>],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(ModelWeights, Vec<PrunedLinear>)> {
@@ -74,56 +151,96 @@ pub fn prune_model(
         for p in Proj::PER_LAYER {
             let name = p.weight_name(l);
             let cols = weights.get(&name).map(|t| t.shape[1]).unwrap_or(0);
-            if let Some(problem) = pattern.problems(cols) {
+            if let Some(problem) = opts.pattern.problems(cols) {
                 return Err(CoreError::Other(format!("{name}: {problem}")));
             }
         }
     }
-    if scoring == Scoring::Wanda && windows.is_empty() {
-        return Err(CoreError::Other("Wanda needs calibration windows".into()));
+    if windows.is_empty() {
+        return Err(CoreError::Other("pruning needs calibration windows".into()));
     }
     let device = burn::tensor::Device::flex();
     let mut pruned = weights.clone();
     let mut report = Vec::new();
-    // The hidden state entering the current layer, per window, through the pruned layers.
-    let mut model = oqt_model::llama_from_weights(cfg, pruned.clone(), &device);
+    let mut model = oqt_model::llama_from_weights(cfg, weights.clone(), &device);
     let positions: Vec<_> = windows.iter().map(|w| model.positions(w.len(), &device)).collect();
+    // The hidden state entering the current layer, per window, through the pruned layers.
     let mut hidden: Vec<Tensor<3>> = windows
         .iter()
         .map(|w| model.embed_with(model.tokens_tensor(w), &oqt_model::NoHooks))
         .collect();
     for layer in 0..cfg.num_layers {
-        let norms = InputNorms {
+        let inputs = LayerInputs {
             layer,
-            sums: RefCell::new(HashMap::new()),
+            stats: RefCell::new([None, None, None, None]),
         };
-        if scoring == Scoring::Wanda {
-            for (x, pos) in hidden.iter().zip(&positions) {
-                model.layer_with(layer, x.clone(), pos, &norms);
-            }
+        for (x, pos) in hidden.iter().zip(&positions) {
+            model.layer_with(layer, x.clone(), pos, &inputs);
         }
-        let sums = norms.sums.into_inner();
+        let stats = inputs.stats.into_inner();
         for p in Proj::PER_LAYER {
             let name = p.weight_name(layer);
+            let st = stats[group_index(p).expect("decoder linear")]
+                .as_ref()
+                .expect("every input observed");
             let t = pruned.get_mut(&name).expect("checked above");
-            let cols = t.shape[1];
-            let scores = match scoring {
-                Scoring::Magnitude => magnitude_scores(&t.data),
-                Scoring::Wanda => {
-                    let norm: Vec<f32> = sums[&p].iter().map(|s| s.sqrt() as f32).collect();
-                    wanda_scores(&t.data, cols, &norm)
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let dense = t.data.clone();
+            let norm: Vec<f64> = st.sum_sq.iter().map(|s| s.sqrt()).collect();
+            let (mut values, mut keep) = match opts.method {
+                PruneMethod::Sparsegpt => sparsegpt_prune(&dense, rows, cols, &st.gram, opts.pattern, &opts.sparsegpt)
+                    .map_err(|e| CoreError::Other(format!("{name}: {e}")))?,
+                m => {
+                    let scores = if m == PruneMethod::Magnitude {
+                        magnitude_scores(&dense)
+                    } else {
+                        let n32: Vec<f32> = norm.iter().map(|&v| v as f32).collect();
+                        wanda_scores(&dense, cols, &n32)
+                    };
+                    let keep = mask_from_scores(&scores, cols, opts.pattern);
+                    let mut v = dense.clone();
+                    apply_mask(&mut v, &keep);
+                    (v, keep)
                 }
             };
-            let keep = mask_from_scores(&scores, cols, pattern);
-            apply_mask(&mut t.data, &keep);
-            report.push(PrunedLinear {
-                name,
-                sparsity: keep.iter().filter(|k| !**k).count() as f64 / keep.len() as f64,
-            });
+            let error = relative_output_error(&dense, &values, cols, &st.gram);
+            let mut entry = PrunedLinear {
+                name: name.clone(),
+                sparsity: 0.0,
+                error,
+                error_dsnot: None,
+                dsnot_swaps: None,
+            };
+            if let Some(d) = opts
+                .dsnot
+                .filter(|d| !(d.skip_mlp && matches!(p, Proj::Gate | Proj::Up | Proj::Down)))
+            {
+                let n = st.tokens as f64;
+                let mean: Vec<f64> = st.sum.iter().map(|s| s / st.windows as f64).collect();
+                let var: Vec<f64> = st
+                    .sum
+                    .iter()
+                    .zip(&st.sum_sq)
+                    .map(|(s, q)| (q / n - (s / n) * (s / n)).max(0.0))
+                    .collect();
+                let moments = InputMoments {
+                    mean: &mean,
+                    var: &var,
+                    norm: &norm,
+                };
+                let swaps = dsnot_refine(&dense, &mut keep, cols, opts.pattern, &moments, &d);
+                values = dense.clone();
+                apply_mask(&mut values, &keep);
+                entry.error_dsnot = Some(relative_output_error(&dense, &values, cols, &st.gram));
+                entry.dsnot_swaps = Some(swaps);
+            }
+            entry.sparsity = keep.iter().filter(|k| !**k).count() as f64 / keep.len() as f64;
+            oqt_model::set_decoder_weight(&mut model, layer, p, &values);
+            t.data = values;
+            report.push(entry);
         }
-        if scoring == Scoring::Wanda && layer + 1 < cfg.num_layers {
+        if layer + 1 < cfg.num_layers {
             // The next layer's inputs come through this layer pruned.
-            model = oqt_model::llama_from_weights(cfg, pruned.clone(), &device);
             hidden = hidden
                 .into_iter()
                 .zip(&positions)
@@ -140,28 +257,49 @@ mod tests {
     use super::*;
     use oqt_core::testing::{random_weights, tiny_config};
 
+    fn opts(method: PruneMethod, pattern: Pattern) -> PruneOptions {
+        PruneOptions {
+            method,
+            pattern,
+            dsnot: None,
+            sparsegpt: SparseGptOptions::default(),
+        }
+    }
+
     #[test]
     fn every_decoder_linear_reaches_the_pattern_and_the_rest_stays_dense() {
         let cfg = tiny_config();
         let w = random_weights(&cfg, 5);
         let windows = vec![(0..40).map(|i| (i * 7 % 300) as u32).collect::<Vec<u32>>()];
-        for (scoring, pattern) in [
-            (Scoring::Magnitude, Pattern::Unstructured { sparsity: 0.5 }),
-            (Scoring::Wanda, Pattern::NOfM { n: 2, m: 4 }),
+        let half = Pattern::Unstructured { sparsity: 0.5 };
+        for o in [
+            opts(PruneMethod::Magnitude, half),
+            opts(PruneMethod::Wanda, Pattern::NOfM { n: 2, m: 4 }),
+            opts(PruneMethod::Sparsegpt, Pattern::NOfM { n: 2, m: 4 }),
+            PruneOptions {
+                dsnot: Some(DsnotOptions {
+                    skip_mlp: false,
+                    ..Default::default()
+                }),
+                ..opts(PruneMethod::Wanda, half)
+            },
         ] {
-            let (p, report) = prune_model(&cfg, &w, scoring, pattern, &windows, |_, _| {}).unwrap();
+            let (p, report) = prune_model(&cfg, &w, &o, &windows, |_, _| {}).unwrap();
             assert_eq!(report.len(), cfg.num_layers * 7);
             for r in &report {
                 assert_eq!(r.sparsity, 0.5, "{}", r.name);
                 let zeros = p.get(&r.name).unwrap().data.iter().filter(|v| **v == 0.0).count();
                 assert_eq!(zeros * 2, p.get(&r.name).unwrap().data.len());
+                assert!(r.error > 0.0 && r.error < 1.0, "{}: {}", r.name, r.error);
+                if let Some(e) = r.error_dsnot {
+                    assert!(r.dsnot_swaps.is_some() && e.is_finite());
+                }
             }
             assert_eq!(p.get("model.embed_tokens.weight"), w.get("model.embed_tokens.weight"));
         }
         // Wanda ranks by input norm: its mask differs from magnitude's somewhere.
-        let half = Pattern::Unstructured { sparsity: 0.5 };
-        let (m, _) = prune_model(&cfg, &w, Scoring::Magnitude, half, &windows, |_, _| {}).unwrap();
-        let (wa, _) = prune_model(&cfg, &w, Scoring::Wanda, half, &windows, |_, _| {}).unwrap();
+        let (m, _) = prune_model(&cfg, &w, &opts(PruneMethod::Magnitude, half), &windows, |_, _| {}).unwrap();
+        let (wa, _) = prune_model(&cfg, &w, &opts(PruneMethod::Wanda, half), &windows, |_, _| {}).unwrap();
         assert_ne!(
             m.get("model.layers.1.mlp.down_proj.weight"),
             wa.get("model.layers.1.mlp.down_proj.weight")
@@ -170,8 +308,7 @@ mod tests {
         let e = prune_model(
             &cfg,
             &w,
-            Scoring::Magnitude,
-            Pattern::NOfM { n: 2, m: 5 },
+            &opts(PruneMethod::Magnitude, Pattern::NOfM { n: 2, m: 5 }),
             &windows,
             |_, _| {},
         )

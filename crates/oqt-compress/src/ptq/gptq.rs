@@ -337,7 +337,7 @@ pub fn output_error(w: &[f32], qw: &QuantizedWeight, h: &[f64]) -> f64 {
 /// With `J` the index reversal and `J(H + damp·I)J = L̃L̃ᵀ`, `H + damp·I = VVᵀ`
 /// for the upper-triangular `V = JL̃J`, so its inverse is `(V⁻¹)ᵀV⁻¹` and
 /// `U = V⁻¹ = J L̃⁻¹ J`.
-fn inverse_cholesky_upper(n: usize, hp: impl Fn(usize, usize) -> f64, damp: f64) -> Option<Vec<f64>> {
+pub(crate) fn inverse_cholesky_upper(n: usize, hp: impl Fn(usize, usize) -> f64, damp: f64) -> Option<Vec<f64>> {
     let m = DMatrix::from_fn(n, n, |i, j| hp(n - 1 - i, n - 1 - j) + if i == j { damp } else { 0.0 });
     // nalgebra reads the lower triangle only; L̃ is column-major, lower.
     let l = Cholesky::new(m)?.unpack();

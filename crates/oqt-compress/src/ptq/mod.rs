@@ -368,6 +368,13 @@ fn split_outliers(
         config,
         weights,
         tokenizer: model.tokenizer.clone(),
+        // Split down projections no longer hold their N:M blocks.
+        sparsity: model
+            .sparsity
+            .iter()
+            .filter(|(n, _)| !n.ends_with("mlp.down_proj.weight"))
+            .map(|(n, l)| (n.clone(), *l))
+            .collect(),
     })
 }
 

@@ -79,6 +79,34 @@ pub fn check_model(recipe: &Recipe, model: &LoadedModel) -> Result<()> {
 }
 
 /// Write `prepared` as a bundle of `model` under `recipe`.
+/// Add a quantized weight; a pruned one (`model.sparsity`) keeps its pruned
+/// weights on the exact zero code (methods that update weights, like GPTQ,
+/// may have moved them) and is stored N:M when its layout is N:M (an
+/// unstructured mask is stored dense: zeros cost their codes).
+fn add_weight(w: &mut BundleWriter, model: &LoadedModel, name: &str, mut qw: QuantizedWeight) -> Result<()> {
+    let Some(layout) = model.sparsity.get(name) else {
+        w.add_quantized(name, &qw);
+        return Ok(());
+    };
+    let float = model.weights.get(name).expect("a pruned weight of the model");
+    if float.data.len() == qw.q.len() {
+        for i in (0..qw.q.len()).filter(|&i| float.data[i] == 0.0) {
+            qw.q[i] = oqt_core::encoding::zero_code(&qw, i);
+        }
+    }
+    match layout {
+        oqt_core::sparse::SparseLayout::NOfM { .. } => {
+            if let Err(e) = w.add_sparse_quantized(name, &qw, *layout) {
+                // LPBQ blocks or groups that split N:M blocks: the zeros stay, stored dense.
+                tracing::warn!(%e, "stored dense");
+                w.add_quantized(name, &qw);
+            }
+        }
+        oqt_core::sparse::SparseLayout::Bitmap => w.add_quantized(name, &qw),
+    }
+    Ok(())
+}
+
 pub fn assemble(
     model: &LoadedModel,
     prepared: Prepared<'_>,
@@ -121,7 +149,7 @@ pub fn assemble(
     let total = names.len();
     for (done, name) in names.into_iter().enumerate() {
         if let Some(qw) = prepared.quantized.get(name) {
-            w.add_quantized(name, qw);
+            add_weight(&mut w, model, name, qw.clone())?;
             progress(done + 1, total);
             continue;
         }
@@ -144,7 +172,7 @@ pub fn assemble(
             } else {
                 quantize_weight(&t.data, t.shape[0], t.shape[1], &spec, 1.0)
             };
-            w.add_quantized(name, &qw);
+            add_weight(&mut w, model, name, qw)?;
         } else {
             w.add_f32(name, t.shape.clone(), &t.data);
         }

@@ -100,6 +100,9 @@ pub struct Provenance {
     /// The mixed-precision plan a size budget chose (units, choices, gains, bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mixed_precision: Option<serde_json::Value>,
+    /// How the weights were pruned (method, pattern, options, per-linear report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<serde_json::Value>,
 }
 
 impl Manifest {

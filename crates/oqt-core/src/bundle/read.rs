@@ -2,6 +2,7 @@ use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
 use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
 use crate::quant::{ActMode, QuantizedWeight, SiteGrids};
+use crate::sparse::SparseLayout;
 use crate::tokenizer::Tokenizer;
 use crate::weights::TensorF32;
 use memmap2::Mmap;
@@ -99,6 +100,13 @@ impl Bundle {
 
     fn check_tensors(&self) -> Result<()> {
         for (name, encoding) in &self.manifest.deployment.tensors {
+            if let Some(reason) = encoding.sparse_problems() {
+                return Err(CoreError::Malformed {
+                    path: self.path.clone(),
+                    format: "oqt bundle manifest",
+                    reason: format!("deployment.tensors.{name}: {reason}"),
+                });
+            }
             for (n, dtype) in encoding.stored_names(name) {
                 match self.header.info(&n) {
                     None => {
@@ -168,7 +176,66 @@ impl Bundle {
         Tokenizer::from_stored(&self.manifest.tokenizer, &self.path)
     }
 
+    /// A float tensor by name: a stored F32 tensor, or a manifest tensor of
+    /// encoding `sparse` with f32 values, expanded to its dense shape.
     pub fn f32_tensor(&self, name: &str) -> Result<Vec<f32>> {
+        if let Some(TensorEncoding::Sparse {
+            rows,
+            cols,
+            layout,
+            values,
+        }) = self.manifest.deployment.tensors.get(name)
+            && values.int_grid().is_none()
+        {
+            return self.sparse_f32(name, *rows, *cols, *layout);
+        }
+        self.stored_f32(name)
+    }
+
+    fn sparse_f32(&self, name: &str, rows: usize, cols: usize, layout: SparseLayout) -> Result<Vec<f32>> {
+        let kept = self.stored_f32(name)?;
+        let field = layout.positions_name(name);
+        let raw = self.tensor(&field).expect("checked at open");
+        let bad = |expected: String| CoreError::BadField {
+            path: self.path.clone(),
+            field: field.clone(),
+            expected,
+            found: format!("{} bytes", raw.bytes.len()),
+        };
+        match layout {
+            SparseLayout::Bitmap => {
+                let mask = crate::sparse::read_bitmap(raw.bytes, rows, cols).map_err(bad)?;
+                let set = mask.iter().filter(|k| **k).count();
+                if set != kept.len() {
+                    return Err(CoreError::BadField {
+                        path: self.path.clone(),
+                        field: name.into(),
+                        expected: format!("{set} values (the bits set in {field})"),
+                        found: format!("{} values", kept.len()),
+                    });
+                }
+                let mut it = kept.into_iter();
+                Ok(mask
+                    .iter()
+                    .map(|&k| if k { it.next().expect("counted") } else { 0.0 })
+                    .collect())
+            }
+            SparseLayout::NOfM { n, m } => {
+                let pos = crate::sparse::unpack_positions(raw.bytes, rows, cols, layout).map_err(bad)?;
+                if kept.len() != pos.len() {
+                    return Err(CoreError::BadField {
+                        path: self.path.clone(),
+                        field: name.into(),
+                        expected: format!("{} values", pos.len()),
+                        found: format!("{} values", kept.len()),
+                    });
+                }
+                Ok(crate::sparse::scatter_n_of_m(&kept, &pos, rows, cols, n, m, |_| 0.0))
+            }
+        }
+    }
+
+    fn stored_f32(&self, name: &str) -> Result<Vec<f32>> {
         let t = self.tensor(name).ok_or_else(|| CoreError::Missing {
             path: self.path.clone(),
             what: "tensor",
@@ -183,13 +250,51 @@ impl Bundle {
     /// A quantized weight back in unpacked form (`q` row-major `[rows, cols]`).
     pub fn quantized(&self, name: &str) -> Result<QuantizedWeight> {
         let found = self.manifest.deployment.tensors.get(name);
-        let Some((encoding, grid)) = found.and_then(|e| Some((e, e.int_grid()?))) else {
+        let Some(encoding) = found.filter(|e| e.int_grid().is_some()) else {
             return Err(CoreError::Missing {
                 path: self.path.clone(),
                 what: "quantized tensor",
                 name: name.into(),
             });
         };
+        let TensorEncoding::Sparse {
+            rows,
+            cols,
+            layout,
+            values,
+        } = encoding
+        else {
+            return self.quantized_as(name, encoding);
+        };
+        // N:M: the compacted codes, scattered back with the zero code between them.
+        let (SparseLayout::NOfM { n, m }, &rows, &cols) = (*layout, rows, cols) else {
+            unreachable!("only N:M sparse encodings have an integer grid");
+        };
+        let mut compact = self.quantized_as(name, values)?;
+        let field = layout.positions_name(name);
+        let raw = self.tensor(&field).expect("checked at open");
+        let pos = crate::sparse::unpack_positions(raw.bytes, rows, cols, *layout).map_err(|expected| {
+            CoreError::BadField {
+                path: self.path.clone(),
+                field,
+                expected,
+                found: format!("{} bytes", raw.bytes.len()),
+            }
+        })?;
+        let kept = std::mem::take(&mut compact.q);
+        let mut dense = QuantizedWeight {
+            cols,
+            group: encoding.int_grid().expect("checked above").group,
+            ..compact
+        };
+        dense.q =
+            crate::sparse::scatter_n_of_m(&kept, &pos, rows, cols, n, m, |i| crate::encoding::zero_code(&dense, i));
+        Ok(dense)
+    }
+
+    /// A quantized weight stored as `encoding` (not sparse) under `name`.
+    fn quantized_as(&self, name: &str, encoding: &TensorEncoding) -> Result<QuantizedWeight> {
+        let grid = encoding.int_grid().expect("an integer encoding");
         let (rows, cols, group, spec) = (grid.rows, grid.cols, grid.group, grid.spec);
         let raw = self.tensor(&format!("{name}.qweight")).expect("checked at open");
         let mut q = encoding

@@ -92,6 +92,7 @@ pub(super) fn upgrade(json: &str) -> Result<Manifest, String> {
             method: v1.method,
             training: v1.training,
             mixed_precision: None,
+            pruning: None,
         },
         inputs: v1.inputs,
         evaluation: v1.evaluation,

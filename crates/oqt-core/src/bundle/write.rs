@@ -2,6 +2,7 @@ use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
 use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
 use crate::quant::QuantizedWeight;
+use crate::sparse::SparseLayout;
 use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,6 +47,37 @@ impl BundleWriter {
     pub fn add_quantized(&mut self, name: &str, qw: &QuantizedWeight) {
         let encoding = TensorEncoding::of_quantized(qw);
         for t in encoding.store(name, qw) {
+            self.tensors.push((t.name, t.dtype, t.shape, t.bytes));
+        }
+        self.manifest.deployment.tensors.insert(name.into(), encoding);
+    }
+
+    /// Add a pruned float weight `[rows, cols]` stored as `layout` (its zeros
+    /// are the pruned weights); an N:M layout it does not fit is an error naming the tensor.
+    pub fn add_sparse_f32(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+        layout: SparseLayout,
+    ) -> Result<()> {
+        let (encoding, stored) = TensorEncoding::store_sparse_f32(name, rows, cols, data, layout)
+            .map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
+        self.push(name, encoding, stored);
+        Ok(())
+    }
+
+    /// Add a pruned quantized weight stored N:M ([`TensorEncoding::store_sparse_quantized`]).
+    pub fn add_sparse_quantized(&mut self, name: &str, qw: &QuantizedWeight, layout: SparseLayout) -> Result<()> {
+        let (encoding, stored) = TensorEncoding::store_sparse_quantized(name, qw, layout)
+            .map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
+        self.push(name, encoding, stored);
+        Ok(())
+    }
+
+    fn push(&mut self, name: &str, encoding: TensorEncoding, stored: Vec<crate::encoding::StoredTensor>) {
+        for t in stored {
             self.tensors.push((t.name, t.dtype, t.shape, t.bytes));
         }
         self.manifest.deployment.tensors.insert(name.into(), encoding);

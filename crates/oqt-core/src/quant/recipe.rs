@@ -188,6 +188,8 @@ pub enum Step {
     /// Quantization-aware training through the recipe's fake quantizers,
     /// starting from the previous step's bundle.
     Qat(QatStep),
+    /// Pruning of the float model (before `quantize`, which keeps its zeros).
+    Prune(PruneStep),
 }
 
 impl Step {
@@ -195,7 +197,106 @@ impl Step {
         match self {
             Self::Quantize(_) => "quantize",
             Self::Qat(_) => "qat",
+            Self::Prune(_) => "prune",
         }
+    }
+}
+
+/// The `prune` step's methods (`oqt_compress::prune::PruneMethod` names).
+pub const PRUNE_METHODS: &[&str] = &["magnitude", "wanda", "sparsegpt"];
+
+/// `[[steps]] kind = "prune"`: the options of `oqt prune`, same names in
+/// snake case, same defaults. Exactly one of `sparsity` and `nm`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PruneStep {
+    /// `magnitude`, `wanda` or `sparsegpt`.
+    pub method: String,
+    /// Unstructured: the fraction of every decoder linear's weights zeroed, in (0, 1).
+    pub sparsity: Option<f32>,
+    /// N:M: keep N of every M consecutive inputs (`"2:4"`, `"4:8"`).
+    pub nm: Option<String>,
+    /// DSnoT prune-and-grow on top of the method's mask.
+    pub dsnot: bool,
+    /// DSnoT: swaps per row at most.
+    pub dsnot_cycles: usize,
+    /// DSnoT: a row stops when its expected error is within this.
+    pub dsnot_threshold: f64,
+    /// DSnoT on the MLP linears too (the authors leave them on the base mask).
+    pub dsnot_mlp: bool,
+    /// DSnoT: check the sign of the pruned weight on unstructured masks too.
+    pub dsnot_sign_check: bool,
+}
+
+impl Default for PruneStep {
+    fn default() -> Self {
+        Self {
+            method: "wanda".into(),
+            sparsity: None,
+            nm: None,
+            dsnot: false,
+            dsnot_cycles: 50,
+            dsnot_threshold: 0.1,
+            dsnot_mlp: false,
+            dsnot_sign_check: false,
+        }
+    }
+}
+
+impl PruneStep {
+    /// `(n, m)` of an `"N:M"` string, checked (`0 < N < M ≤ 16`).
+    pub fn parse_nm(s: &str) -> std::result::Result<(usize, usize), String> {
+        let (n, m) = s
+            .split_once(':')
+            .ok_or_else(|| format!("`{s}`: expected N:M, e.g. 2:4"))?;
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{s}`: expected N:M with whole numbers, e.g. 2:4"))
+        };
+        let (n, m) = (parse(n)?, parse(m)?);
+        if n == 0 || n >= m || m > crate::sparse::MAX_BLOCK {
+            return Err(format!("`{s}`: expected 0 < N < M ≤ {}", crate::sparse::MAX_BLOCK));
+        }
+        Ok((n, m))
+    }
+
+    /// Problems with the options, each naming its field as `name(field)` renders it.
+    pub fn problems(&self, name: impl Fn(&str) -> String) -> Vec<String> {
+        let mut out = Vec::new();
+        if !PRUNE_METHODS.contains(&self.method.as_str()) {
+            out.push(format!(
+                "{}: unknown method `{}`; expected one of {}",
+                name("method"),
+                self.method,
+                PRUNE_METHODS.join(", ")
+            ));
+        }
+        match (self.sparsity, &self.nm) {
+            (Some(_), Some(_)) | (None, None) => out.push(format!(
+                "{} or {}: give exactly one (unstructured or N:M)",
+                name("sparsity"),
+                name("nm")
+            )),
+            (Some(s), None) if !(s > 0.0 && s < 1.0) => out.push(format!(
+                "{}: expected a fraction in (0, 1), found {s}",
+                name("sparsity")
+            )),
+            (None, Some(nm)) => {
+                if let Err(e) = Self::parse_nm(nm) {
+                    out.push(format!("{}: {e}", name("nm")));
+                }
+            }
+            _ => {}
+        }
+        if !(self.dsnot_threshold >= 0.0 && self.dsnot_threshold.is_finite()) {
+            out.push(format!(
+                "{}: expected a number ≥ 0, found {}",
+                name("dsnot_threshold"),
+                self.dsnot_threshold
+            ));
+        }
+        out
     }
 }
 
@@ -362,6 +463,12 @@ const BUILTIN: &[(&str, &str)] = &[
     ("w8a16", include_str!("../../../../recipes/w8a16.toml")),
     ("gguf-q4_0", include_str!("../../../../recipes/gguf-q4_0.toml")),
     ("gguf-q8_0", include_str!("../../../../recipes/gguf-q8_0.toml")),
+    ("sparse50", include_str!("../../../../recipes/sparse50.toml")),
+    ("sparse-2of4", include_str!("../../../../recipes/sparse-2of4.toml")),
+    (
+        "sparse-2of4-w4a8-dyn",
+        include_str!("../../../../recipes/sparse-2of4-w4a8-dyn.toml"),
+    ),
 ];
 
 pub fn builtin_recipe_names() -> Vec<&'static str> {
@@ -392,12 +499,22 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
     if recipe.calibration.samples == 0 || recipe.calibration.seq_len < 2 {
         problems.push("calibration: samples must be ≥ 1 and seq_len ≥ 2".into());
     }
+    let first_non_prune = recipe.steps.iter().position(|s| !matches!(s, Step::Prune(_)));
     for (i, step) in recipe.steps.iter().enumerate() {
         match step {
-            Step::Quantize(q) => {
-                if i != 0 {
+            Step::Prune(p) => {
+                if first_non_prune.is_some_and(|f| f < i) {
                     problems.push(format!(
-                        "steps[{i}]: a `quantize` step starts from the float model, so it must come first"
+                        "steps[{i}]: a `prune` step works on the float model, so it goes before `quantize` (found after `{}`)",
+                        recipe.steps[first_non_prune.expect("checked")].kind()
+                    ));
+                }
+                problems.extend(p.problems(|f| format!("steps[{i}].{f}")));
+            }
+            Step::Quantize(q) => {
+                if Some(i) != first_non_prune {
+                    problems.push(format!(
+                        "steps[{i}]: a `quantize` step starts from the float (or pruned) model, so it comes first or right after the `prune` steps"
                     ));
                 }
                 if let Some(m) = &q.method
@@ -410,10 +527,10 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
                 }
             }
             Step::Qat(q) => {
-                if i == 0 {
-                    problems.push(
-                        "steps[0]: a `qat` step trains a quantized bundle; put a `quantize` step before it".into(),
-                    );
+                if !recipe.steps[..i].iter().any(|s| matches!(s, Step::Quantize(_))) {
+                    problems.push(format!(
+                        "steps[{i}]: a `qat` step trains a quantized bundle; put a `quantize` step before it"
+                    ));
                 }
                 problems.extend(q.problems(|f| format!("steps[{i}].{f}")));
             }
