@@ -306,3 +306,117 @@ fn stored_bytes_of_every_encoding_is_what_the_bundle_holds() {
     w.write(&path).unwrap();
     assert_eq!(Bundle::open(&path).unwrap().data_bytes(), expected);
 }
+
+#[test]
+fn sparse_weights_round_trip_and_hostile_positions_are_refused() {
+    use oqt_core::encoding::TensorEncoding;
+    use oqt_core::quant::{Granularity, WeightSpec, dequantize_weight};
+    use oqt_core::sparse::SparseLayout;
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_model(dir.path(), 8);
+    let (rows, cols) = (6, 128);
+    let mut data: Vec<f32> = oqt_core::testing::pseudo_random(rows * cols, 5, 1.0);
+    // 2:4 by magnitude; an unstructured copy with a few more zeros.
+    for block in data.chunks_exact_mut(4) {
+        let mut idx = [0, 1, 2, 3];
+        idx.sort_by(|&a, &b| block[a].abs().total_cmp(&block[b].abs()));
+        block[idx[0]] = 0.0;
+        block[idx[1]] = 0.0;
+    }
+    let mut unstructured = data.clone();
+    unstructured[..40].fill(0.0);
+    let two_four = SparseLayout::NOfM { n: 2, m: 4 };
+    let specs = [
+        WeightSpec::new(4, Granularity::PerGroup(32), true),
+        WeightSpec::new(4, Granularity::PerChannel, false),
+        WeightSpec::new(8, Granularity::PerChannel, true),
+    ];
+    let path = dir.path().join("s.oqt");
+    let mut quantized = Vec::new();
+    let mut expected_bytes = 0;
+    {
+        let mut w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
+        w.add_sparse_f32("f24", rows, cols, &data, two_four).unwrap();
+        w.add_sparse_f32("fbits", rows, cols, &unstructured, SparseLayout::Bitmap)
+            .unwrap();
+        for (i, spec) in specs.iter().enumerate() {
+            let qw = quantize_weight(&data, rows, cols, spec, 1.0);
+            w.add_sparse_quantized(&format!("q{i}"), &qw, two_four).unwrap();
+            quantized.push(qw);
+        }
+        // A weight that is not 2:4 is refused, naming it.
+        let e = w.add_sparse_f32(
+            "dense",
+            rows,
+            cols,
+            &unstructured.iter().map(|v| v + 9.0).collect::<Vec<_>>(),
+            two_four,
+        );
+        assert!(e.unwrap_err().to_string().contains("dense: more than 2 non-zeros"));
+        expected_bytes += w
+            .manifest_mut()
+            .deployment
+            .tensors
+            .values()
+            .map(TensorEncoding::stored_bytes)
+            .sum::<usize>();
+        w.write(&path).unwrap();
+    }
+    let b = Bundle::open(&path).unwrap();
+    assert_eq!(b.data_bytes(), expected_bytes);
+    assert_eq!(b.f32_tensor("f24").unwrap(), data);
+    assert_eq!(b.f32_tensor("fbits").unwrap(), unstructured);
+    for (i, qw) in quantized.iter().enumerate() {
+        let back = b.quantized(&format!("q{i}")).unwrap();
+        // The kept codes back in place, the pruned ones on the exact zero code.
+        assert_eq!(dequantize_weight(&back), dequantize_weight(qw), "{:?}", specs[i]);
+        assert_eq!(
+            b.manifest.deployment.tensors[&format!("q{i}")].int_grid().unwrap().cols,
+            cols
+        );
+    }
+    assert_eq!(b.manifest.deployment.tensors["q0"].describe(), "int4 g32 sym 2:4");
+    drop(b);
+
+    // Hostile: a repeated position, a bitmap whose bits do not count the values, a values shape off its layout.
+    let clean = std::fs::read(&path).unwrap();
+    let mut bytes = clean.clone();
+    let r = tensor_bytes(&bytes, "q0.indices");
+    bytes[r.start] = 0; // positions 0, 0, 0, 0
+    std::fs::write(&path, &bytes).unwrap();
+    let msg = Bundle::open(&path)
+        .and_then(|b| b.quantized("q0"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("q0.indices") && msg.contains("increasing positions"),
+        "{msg}"
+    );
+    let mut bytes = clean.clone();
+    let r = tensor_bytes(&bytes, "fbits.mask");
+    bytes[r.start] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let msg = Bundle::open(&path)
+        .and_then(|b| b.f32_tensor("fbits"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("fbits") && msg.contains("bits set in fbits.mask"), "{msg}");
+    std::fs::write(&path, &clean).unwrap();
+    rewrite_manifest(&path, |m| {
+        m["deployment"]["tensors"]["f24"]["values"]["shape"] = serde_json::json!([6, 60]);
+    });
+    let msg = Bundle::open(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("deployment.tensors.f24") && msg.contains("expected [6, 64]"),
+        "{msg}"
+    );
+    std::fs::write(&path, &clean).unwrap();
+    rewrite_manifest(&path, |m| {
+        m["deployment"]["tensors"]["q1"]["layout"] = serde_json::json!({"n-of-m": {"n": 2, "m": 5}});
+    });
+    let msg = Bundle::open(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("deployment.tensors.q1") && msg.contains("do not divide"),
+        "{msg}"
+    );
+}
