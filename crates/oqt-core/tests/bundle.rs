@@ -363,6 +363,12 @@ fn sparse_weights_round_trip_and_hostile_positions_are_refused() {
         w.write(&path).unwrap();
     }
     let b = Bundle::open(&path).unwrap();
+    // Sparse bundles are version 3 (an older oqt says "upgrade"); dense ones stay 2.
+    assert_eq!(b.manifest.format_version, 3);
+    assert_eq!(
+        Bundle::open(tiny_bundle(dir.path())).unwrap().manifest.format_version,
+        2
+    );
     assert_eq!(b.data_bytes(), expected_bytes);
     assert_eq!(b.f32_tensor("f24").unwrap(), data);
     assert_eq!(b.f32_tensor("fbits").unwrap(), unstructured);

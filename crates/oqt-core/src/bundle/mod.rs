@@ -29,9 +29,13 @@ use crate::tokenizer::StoredTokenizer;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The manifest version this oqt writes and the newest it reads. Version 1
-/// (the recipe embedded, read by every consumer) is upgraded on open.
-pub const BUNDLE_FORMAT_VERSION: u32 = 2;
+/// The newest manifest version this oqt reads. Version 1 (the recipe
+/// embedded, read by every consumer) is upgraded on open; version 3 adds the
+/// `sparse` encoding, and only bundles holding one are written as 3, so an
+/// older oqt reads every other bundle and says "upgrade" for a sparse one.
+pub const BUNDLE_FORMAT_VERSION: u32 = 3;
+/// The version of bundles without sparse tensors.
+pub const DENSE_FORMAT_VERSION: u32 = 2;
 pub const MANIFEST_KEY: &str = "oqt.manifest";
 
 /// A file that went into making the bundle.

@@ -1,4 +1,4 @@
-use super::{BUNDLE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
+use super::{BUNDLE_FORMAT_VERSION, DENSE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
 use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
 use crate::quant::QuantizedWeight;
@@ -85,7 +85,18 @@ impl BundleWriter {
 
     /// Write atomically (temporary file + rename): a failed write leaves nothing behind.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string(&self.manifest).map_err(|e| CoreError::Other(format!("manifest: {e}")))?;
+        let mut manifest = self.manifest.clone();
+        let sparse = manifest
+            .deployment
+            .tensors
+            .values()
+            .any(|e| matches!(e, TensorEncoding::Sparse { .. }));
+        manifest.format_version = if sparse {
+            BUNDLE_FORMAT_VERSION
+        } else {
+            DENSE_FORMAT_VERSION
+        };
+        let json = serde_json::to_string(&manifest).map_err(|e| CoreError::Other(format!("manifest: {e}")))?;
         let metadata = HashMap::from([
             (MANIFEST_KEY.to_string(), json),
             ("format".to_string(), "oqt-bundle".to_string()),
