@@ -17,7 +17,8 @@ METHOD is one of
   selection); N:M masks are chosen when the sweep reaches each block of M
   columns; a pruned weight's error w / U[i,i] is subtracted along U[i, i+1:];
 * `dsnot` — Zhang et al. 2024 on the Wanda mask: with m_j = W_j * E[x_j]
-  (E[x_j] = the window's sum of x_j), r = sum of m_j over pruned j; while
+  (E[x_j] = 2048 × the mean of x_j: the sum over a
+  2048-token sequence, the authors' scale), r = sum of m_j over pruned j; while
   |r| > 0.1 and fewer than 50 swaps: grow the pruned weight of sign(m) =
   sign(r) with the largest |m_j| / Var(x_j), prune the kept weight with the
   lowest Wanda score (N:M: inside the grown weight's block, and only among
@@ -93,7 +94,7 @@ def dsnot(W, X, pattern, cycles=50, threshold=0.1):
     rows, cols = W.shape
     norm = np.sqrt((X**2).sum(axis=0))
     keep = rank_mask(np.abs(W) * norm[None, :], pattern)
-    mean = X.sum(axis=0)
+    mean = 2048.0 * X.mean(axis=0)
     var = X.var(axis=0)
     for r in range(rows):
         w = W[r]

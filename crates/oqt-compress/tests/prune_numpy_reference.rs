@@ -82,8 +82,9 @@ fn every_method_on_a_real_layer_matches_the_numpy_reference() {
         .zip(&sum_sq)
         .map(|(s, q)| q / n as f64 - (s / n as f64).powi(2))
         .collect();
+    let mean: Vec<f64> = sum.iter().map(|s| s / n as f64 * 2048.0).collect();
     let moments = InputMoments {
-        mean: &sum,
+        mean: &mean,
         var: &var,
         norm: &norm,
     };

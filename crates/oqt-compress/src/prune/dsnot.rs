@@ -3,9 +3,8 @@
 //! that the row's expected reconstruction error shrinks.
 //!
 //! With `m_j = W_j · E[x_j]` for one row, pruning leaves the expected output
-//! error `r = Σ_{j pruned} m_j` (`E[x_j]` is the calibration input's
-//! per-window *sum* averaged over windows, the authors' scale for the
-//! threshold). Each cycle, while `|r| > threshold`:
+//! error `r = Σ_{j pruned} m_j` (`E[x_j]` on the authors' scale for the
+//! threshold: the sum over a 2048-token sequence, i.e. 2048 × the mean). Each cycle, while `|r| > threshold`:
 //! * **grow** the pruned weight with `sign(m_j) = sign(r)` and the largest
 //!   `|m_j| / Var(x_j)` (an input that varies little makes its expectation a
 //!   safe bet);
@@ -48,7 +47,7 @@ impl Default for DsnotOptions {
 
 /// Calibration statistics of one linear input, per channel.
 pub struct InputMoments<'a> {
-    /// `E[x_j]` on the per-window sum scale.
+    /// `E[x_j]` on the 2048-token sum scale (2048 × the mean).
     pub mean: &'a [f64],
     /// `Var(x_j)` over tokens.
     pub var: &'a [f64],

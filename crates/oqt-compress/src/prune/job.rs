@@ -107,8 +107,15 @@ pub fn prune_to_bundle(
     let mut writer = BundleWriter::new(manifest);
     let pruned: std::collections::BTreeSet<&str> = linears.iter().map(|l| l.name.as_str()).collect();
     let (mut zeros, mut linear_params) = (0usize, 0usize);
-    for name in weights.names() {
-        let t = weights.get(name).expect("listed");
+    let dense_bytes: u64 = weights
+        .names()
+        .map(|n| weights.get(n).expect("listed").data.len() as u64 * 4)
+        .sum();
+    let names: Vec<String> = weights.names().cloned().collect();
+    let mut weights = weights;
+    for name in &names {
+        // Taken one at a time: a 1B model's pruned f32 copy shrinks as the bundle fills.
+        let t = weights.take(name).expect("listed");
         if pruned.contains(name.as_str()) {
             zeros += t.data.iter().filter(|v| **v == 0.0).count();
             linear_params += t.data.len();
@@ -123,10 +130,6 @@ pub fn prune_to_bundle(
         .tensors
         .values()
         .map(|e| e.stored_bytes() as u64)
-        .sum();
-    let dense_bytes = weights
-        .names()
-        .map(|n| weights.get(n).expect("listed").data.len() as u64 * 4)
         .sum();
     let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let with_dsnot: Vec<&PrunedLinear> = linears.iter().filter(|l| l.error_dsnot.is_some()).collect();

@@ -16,6 +16,11 @@ use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 
+/// DSnoT's expectations are sums over a sequence of this many tokens (the
+/// authors' calibration length), whatever the calibration windows are, so that
+/// its threshold means what theirs does.
+pub const DSNOT_SEQUENCE: f64 = 2048.0;
+
 /// How the base mask is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -101,7 +106,6 @@ struct Moments {
     sum_sq: Vec<f64>,
     gram: Vec<f64>,
     tokens: usize,
-    windows: usize,
 }
 
 impl ForwardHooks for LayerInputs {
@@ -119,7 +123,6 @@ impl ForwardHooks for LayerInputs {
                 sum_sq: vec![0.0; d],
                 gram: vec![0.0; d * d],
                 tokens: 0,
-                windows: 0,
             });
             for (a, v) in st.sum.iter_mut().zip(sum) {
                 *a += v as f64;
@@ -131,7 +134,6 @@ impl ForwardHooks for LayerInputs {
                 *a += v as f64;
             }
             st.tokens += b * s;
-            st.windows += b;
         }
         float(x)
     }
@@ -216,7 +218,8 @@ pub fn prune_model(
                 .filter(|d| !(d.skip_mlp && matches!(p, Proj::Gate | Proj::Up | Proj::Down)))
             {
                 let n = st.tokens as f64;
-                let mean: Vec<f64> = st.sum.iter().map(|s| s / st.windows as f64).collect();
+                // E[x_j] on the authors' scale: a 2048-token sequence's sum.
+                let mean: Vec<f64> = st.sum.iter().map(|s| s / n * DSNOT_SEQUENCE).collect();
                 let var: Vec<f64> = st
                     .sum
                     .iter()
