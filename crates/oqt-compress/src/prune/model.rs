@@ -5,7 +5,7 @@
 
 use super::dsnot::{DsnotOptions, InputMoments, dsnot_refine};
 use super::mask::{Pattern, apply_mask, magnitude_scores, mask_from_scores, wanda_scores};
-use super::sparsegpt::{SparseGptOptions, relative_output_error, sparsegpt_prune};
+use super::sparsegpt::{HessianFactor, SparseGptOptions, relative_output_error, sparsegpt_prune_factored};
 use crate::stats::inputs::{group_index, to_vec};
 use burn::tensor::Tensor;
 use oqt_core::weights::ModelWeights;
@@ -180,6 +180,8 @@ pub fn prune_model(
             model.layer_with(layer, x.clone(), pos, &inputs);
         }
         let stats = inputs.stats.into_inner();
+        // One Hessian factor per input, shared by the linears reading it.
+        let mut factors: [Option<HessianFactor>; 4] = [None, None, None, None];
         for p in Proj::PER_LAYER {
             let name = p.weight_name(layer);
             let st = stats[group_index(p).expect("decoder linear")]
@@ -190,8 +192,18 @@ pub fn prune_model(
             let dense = t.data.clone();
             let norm: Vec<f64> = st.sum_sq.iter().map(|s| s.sqrt()).collect();
             let (mut values, mut keep) = match opts.method {
-                PruneMethod::Sparsegpt => sparsegpt_prune(&dense, rows, cols, &st.gram, opts.pattern, &opts.sparsegpt)
-                    .map_err(|e| CoreError::Other(format!("{name}: {e}")))?,
+                PruneMethod::Sparsegpt => {
+                    let g = group_index(p).expect("decoder linear");
+                    if factors[g].is_none() {
+                        factors[g] = Some(
+                            HessianFactor::new(&st.gram, cols, opts.sparsegpt.damp_percent)
+                                .map_err(|e| CoreError::Other(format!("{name}: {e}")))?,
+                        );
+                    }
+                    let factor = factors[g].as_ref().expect("set above");
+                    sparsegpt_prune_factored(&dense, rows, factor, opts.pattern, opts.sparsegpt.block_size)
+                        .map_err(|e| CoreError::Other(format!("{name}: {e}")))?
+                }
                 m => {
                     let scores = if m == PruneMethod::Magnitude {
                         magnitude_scores(&dense)

@@ -46,6 +46,54 @@ fn bad(msg: String) -> CoreError {
     CoreError::Other(format!("SparseGPT: {msg}"))
 }
 
+/// The factor SparseGPT sweeps with, computed once per layer input (q, k
+/// and v share theirs): `U` with `UᵀU = (H + λI)⁻¹` and the inputs that never fire.
+pub struct HessianFactor {
+    cols: usize,
+    u: Vec<f64>,
+    dead: Vec<bool>,
+}
+
+impl HessianFactor {
+    /// From `h` (`cols × cols`, any positive multiple of `XᵀX`), damped by
+    /// `damp_percent` of its mean diagonal (×10 up to three times if needed).
+    pub fn new(h: &[f64], cols: usize, damp_percent: f64) -> Result<Self, CoreError> {
+        if h.len() != cols * cols {
+            return Err(bad(format!("Hessian has {} values, expected {cols} × {cols}", h.len())));
+        }
+        if h.iter().any(|v| !v.is_finite()) {
+            return Err(bad("Hessian has non-finite entries".into()));
+        }
+        let diag: Vec<f64> = (0..cols).map(|i| h[i * cols + i]).collect();
+        if diag.iter().all(|&d| d == 0.0) {
+            return Err(bad(
+                "Hessian is all zero: no calibration input reached this layer".into()
+            ));
+        }
+        let dead: Vec<bool> = diag.iter().map(|&d| d == 0.0).collect();
+        let diag: Vec<f64> = diag.iter().map(|&d| if d == 0.0 { 1.0 } else { d }).collect();
+        let hp = |i: usize, j: usize| if i == j { diag[i] } else { h[i * cols + j] };
+        let mean_diag = diag.iter().sum::<f64>() / cols as f64;
+        let mut frac = damp_percent;
+        let mut u = None;
+        for attempt in 0..4 {
+            if attempt > 0 {
+                frac = if frac > 0.0 { frac * 10.0 } else { 0.01 };
+            }
+            u = inverse_cholesky_upper(cols, hp, frac * mean_diag);
+            if u.is_some() {
+                break;
+            }
+        }
+        let u = u.ok_or_else(|| {
+            bad(format!(
+                "Hessian ({cols} × {cols}) is not positive definite even with damping {frac:.3e}"
+            ))
+        })?;
+        Ok(Self { cols, u, dead })
+    }
+}
+
 /// `w` (`[rows, cols]` row-major) pruned to `pattern` with weight
 /// reconstruction from `h` (`cols × cols`, any positive multiple of `XᵀX`):
 /// the updated weights (exact zeros where pruned) and the mask (`true` = kept).
@@ -57,65 +105,43 @@ pub fn sparsegpt_prune(
     pattern: Pattern,
     opts: &SparseGptOptions,
 ) -> Result<(Vec<f32>, Vec<bool>), CoreError> {
-    if w.len() != rows * cols || h.len() != cols * cols {
-        return Err(bad(format!(
-            "weight has {} values and Hessian {}, expected {rows} × {cols} and {cols} × {cols}",
-            w.len(),
-            h.len()
-        )));
+    let factor = HessianFactor::new(h, cols, opts.damp_percent)?;
+    sparsegpt_prune_factored(w, rows, &factor, pattern, opts.block_size)
+}
+
+/// [`sparsegpt_prune`] with the Hessian already factored.
+pub fn sparsegpt_prune_factored(
+    w: &[f32],
+    rows: usize,
+    factor: &HessianFactor,
+    pattern: Pattern,
+    block_size: usize,
+) -> Result<(Vec<f32>, Vec<bool>), CoreError> {
+    let (cols, u, dead) = (factor.cols, &factor.u, &factor.dead);
+    if w.len() != rows * cols {
+        return Err(bad(format!("weight has {} values, expected {rows} × {cols}", w.len())));
     }
     if let Some(p) = pattern.problems(cols) {
         return Err(bad(p));
     }
-    if opts.block_size == 0 {
+    if block_size == 0 {
         return Err(bad("block_size must be positive".into()));
     }
     if let Pattern::NOfM { m, .. } = pattern
-        && !opts.block_size.min(cols).is_multiple_of(m)
+        && !block_size.min(cols).is_multiple_of(m)
     {
         return Err(bad(format!(
-            "block_size {} must hold whole N:M blocks of {m}",
-            opts.block_size
+            "block_size {block_size} must hold whole N:M blocks of {m}"
         )));
     }
-    if h.iter().any(|v| !v.is_finite()) {
-        return Err(bad("Hessian has non-finite entries".into()));
-    }
-    let diag: Vec<f64> = (0..cols).map(|i| h[i * cols + i]).collect();
-    if diag.iter().all(|&d| d == 0.0) {
-        return Err(bad(
-            "Hessian is all zero: no calibration input reached this layer".into()
-        ));
-    }
-    let dead: Vec<bool> = diag.iter().map(|&d| d == 0.0).collect();
-    let diag: Vec<f64> = diag.iter().map(|&d| if d == 0.0 { 1.0 } else { d }).collect();
-    let hp = |i: usize, j: usize| if i == j { diag[i] } else { h[i * cols + j] };
-    let mean_diag = diag.iter().sum::<f64>() / cols as f64;
-    let mut frac = opts.damp_percent;
-    let mut u = None;
-    for attempt in 0..4 {
-        if attempt > 0 {
-            frac = if frac > 0.0 { frac * 10.0 } else { 0.01 };
-        }
-        u = inverse_cholesky_upper(cols, hp, frac * mean_diag);
-        if u.is_some() {
-            break;
-        }
-    }
-    let u = u.ok_or_else(|| {
-        bad(format!(
-            "Hessian ({cols} × {cols}) is not positive definite even with damping {frac:.3e}"
-        ))
-    })?;
-
     let mut ws: Vec<f64> = w.iter().map(|&v| v as f64).collect();
     for row in ws.chunks_exact_mut(cols) {
-        for (v, _) in row.iter_mut().zip(&dead).filter(|(_, d)| **d) {
+        for (v, _) in row.iter_mut().zip(dead).filter(|(_, d)| **d) {
             *v = 0.0;
         }
     }
     let mut keep = vec![true; rows * cols];
-    let bs = opts.block_size.min(cols);
+    let bs = block_size.min(cols);
     let saliency = |v: f64, c: usize| v * v / (u[c * cols + c] * u[c * cols + c]);
     for b0 in (0..cols).step_by(bs) {
         let b1 = (b0 + bs).min(cols);
@@ -136,7 +162,7 @@ pub fn sparsegpt_prune(
         }
         ws.par_chunks_mut(cols)
             .zip(keep.par_chunks_mut(cols))
-            .for_each(|(row, kept)| sweep_row_block(row, kept, &u, cols, b0, b1, pattern, &saliency));
+            .for_each(|(row, kept)| sweep_row_block(row, kept, u, cols, b0, b1, pattern, &saliency));
     }
     let out = ws
         .iter()
