@@ -262,6 +262,7 @@ pub fn prune_model(
                 .map(|(x, pos)| model.layer_with(layer, x, pos, &oqt_model::NoHooks))
                 .collect();
         }
+        tracing::info!(layer, of = cfg.num_layers, "layer pruned");
         progress(layer + 1, cfg.num_layers);
     }
     Ok((pruned, report))
