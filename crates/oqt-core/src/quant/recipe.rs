@@ -658,9 +658,25 @@ mod tests {
         let good = include_str!("../../../../recipes/w4a8-dyn-zeroqat.toml");
         let p = Path::new("pipe.toml");
         let err = |text: String| parse(&text, p).unwrap_err().to_string();
-        let e = err(good.replace("kind = \"qat\"", "kind = \"prune\""));
+        let e = err(good.replace("kind = \"qat\"", "kind = \"export\""));
         assert!(
-            e.contains("pipe.toml") && e.contains("prune") && e.contains("qat"),
+            e.contains("pipe.toml") && e.contains("export") && e.contains("qat") && e.contains("prune"),
+            "{e}"
+        );
+        // A prune step after quantize, and a prune step's bad fields.
+        let e = err(good.to_string() + "\n[[steps]]\nkind = \"prune\"\nsparsity = 0.5\n");
+        assert!(e.contains("steps[2]: a `prune` step works on the float model"), "{e}");
+        let e = err(good.replace(
+            "[[steps]]\nkind = \"quantize\"",
+            "[[steps]]\nkind = \"prune\"\nnm = \"2:3\"\nsparsity = 0.5\n\n[[steps]]\nkind = \"quantize\"",
+        ));
+        assert!(e.contains("steps[0].sparsity or steps[0].nm: give exactly one"), "{e}");
+        let e = err(good.replace(
+            "[[steps]]\nkind = \"quantize\"",
+            "[[steps]]\nkind = \"prune\"\nnm = \"4:2\"\nmethod = \"obs\"\n\n[[steps]]\nkind = \"quantize\"",
+        ));
+        assert!(
+            e.contains("steps[0].nm: `4:2`: expected 0 < N < M") && e.contains("steps[0].method: unknown method `obs`"),
             "{e}"
         );
         let e = err(good.replace("n_spsa = 8", "n_spsa = 8\nlearning_rate = 1"));
@@ -673,7 +689,7 @@ mod tests {
         let swapped = good.replace("kind = \"quantize\"\nmethod = \"rtn\"", "kind = \"qat\"");
         let e = err(swapped.clone() + "\n[[steps]]\nkind = \"quantize\"\n");
         assert!(
-            e.contains("steps[0]") && e.contains("steps[2]") && e.contains("must come first"),
+            e.contains("steps[0]") && e.contains("steps[2]") && e.contains("comes first"),
             "{e}"
         );
         let e = err(good.replace("lr = 1e-3", "lr = -1.0"));
