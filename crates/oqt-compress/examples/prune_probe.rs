@@ -4,7 +4,7 @@
 //!     OQT_DATA=../shared/datasets cargo run --release -p oqt-compress --example prune_probe -- \
 //!         CHUNKS SAMPLES RUN
 //!
-//! RUN is `dense` or `METHOD/PATTERN[/dsnot[-mlp][-sign]]`, PATTERN `50%` or
+//! RUN is `dense` or `METHOD/PATTERN[/dsnot[-mlp][-sign][-cCYCLES][-tTHRESHOLD]]`, PATTERN `50%` or
 //! `2:4`: e.g. `wanda/60%/dsnot`, `sparsegpt/2:4`. WikiText-2 ctx 512 on the
 //! first CHUNKS chunks; calibration SAMPLES × 512 Tiny Shakespeare tokens.
 
@@ -39,10 +39,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
             None => parts[1].parse()?,
         };
-        let dsnot = parts.get(2).map(|d| DsnotOptions {
-            skip_mlp: !d.contains("-mlp"),
-            sign_check: d.contains("-sign"),
-            ..Default::default()
+        // `dsnot[-mlp][-sign][-cN][-tX]`: MLP too, sign check, N cycles, threshold X.
+        let dsnot = parts.get(2).map(|d| {
+            let mut o = DsnotOptions {
+                skip_mlp: !d.contains("-mlp"),
+                sign_check: d.contains("-sign"),
+                ..Default::default()
+            };
+            for part in d.split('-') {
+                if let Some(c) = part.strip_prefix('c') {
+                    o.max_cycles = c.parse().expect("cycles");
+                }
+                if let Some(t) = part.strip_prefix('t') {
+                    o.threshold = t.parse().expect("threshold");
+                }
+            }
+            o
         });
         let o = PruneOptions {
             method: parts[0].parse()?,
