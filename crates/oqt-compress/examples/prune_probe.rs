@@ -4,7 +4,7 @@
 //!     OQT_DATA=../shared/datasets cargo run --release -p oqt-compress --example prune_probe -- \
 //!         CHUNKS SAMPLES RUN
 //!
-//! RUN is `dense` or `METHOD/PATTERN[/dsnot[-mlp][-sign][-cCYCLES][-tTHRESHOLD]]`, PATTERN `50%` or
+//! RUN is `dense` or `METHOD/PATTERN[/dsnot[-mlp][-sign][-unit][-cCYCLES][-tTHRESHOLD]]`, PATTERN `50%` or
 //! `2:4`: e.g. `wanda/60%/dsnot`, `sparsegpt/2:4`. WikiText-2 ctx 512 on the
 //! first CHUNKS chunks; calibration SAMPLES × 512 Tiny Shakespeare tokens.
 
@@ -44,6 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut o = DsnotOptions {
                 skip_mlp: !d.contains("-mlp"),
                 sign_check: d.contains("-sign"),
+                unit_token_rows: d.contains("-unit"),
                 ..Default::default()
             };
             for part in d.split('-') {

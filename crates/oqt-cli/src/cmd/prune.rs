@@ -43,6 +43,10 @@ pub struct PruneArgs {
     /// row's error on unstructured masks too (N:M always does).
     #[arg(long)]
     pub dsnot_sign_check: bool,
+    /// DSnoT: take the inputs' means and variances over unit-length token rows
+    /// (robust to the few tokens of huge norm) instead of raw.
+    #[arg(long)]
+    pub dsnot_unit_rows: bool,
     /// Calibration dataset (a training-role name or a text file).
     #[arg(long, value_name = "DATASET", default_value = "tinyshakespeare")]
     pub calib_data: String,
@@ -89,6 +93,7 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
         dsnot_threshold: a.dsnot_threshold,
         dsnot_mlp: a.dsnot_mlp,
         dsnot_sign_check: a.dsnot_sign_check,
+        dsnot_unit_rows: a.dsnot_unit_rows,
     };
     let opts = PruneOptions::from_step(&step, |f| format!("--{}", f.replace('_', "-")))?;
     if a.calib_samples == 0 || a.calib_seq_len < 2 {

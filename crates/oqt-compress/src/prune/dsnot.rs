@@ -32,6 +32,11 @@ pub struct DsnotOptions {
     /// Check the pruned weight's sign on unstructured masks too (the authors
     /// skip it: `--without_same_sign`); N:M always checks.
     pub sign_check: bool,
+    /// Take `E[x]` and `Var(x)` over token rows scaled to unit length: raw
+    /// moments are dominated by the few tokens of huge norm (SmolLM2's first
+    /// positions carry activations hundreds of times the others'), and DSnoT
+    /// then fits the mask to them (BENCHMARKS.md, issue 38).
+    pub unit_token_rows: bool,
 }
 
 impl Default for DsnotOptions {
@@ -41,6 +46,7 @@ impl Default for DsnotOptions {
             threshold: 0.1,
             skip_mlp: true,
             sign_check: false,
+            unit_token_rows: false,
         }
     }
 }

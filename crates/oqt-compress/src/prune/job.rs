@@ -36,6 +36,7 @@ impl PruneOptions {
                 threshold: step.dsnot_threshold,
                 skip_mlp: !step.dsnot_mlp,
                 sign_check: step.dsnot_sign_check,
+                unit_token_rows: step.dsnot_unit_rows,
             }),
             sparsegpt: Default::default(),
         })

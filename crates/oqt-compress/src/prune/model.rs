@@ -104,6 +104,9 @@ struct LayerInputs {
 struct Moments {
     sum: Vec<f64>,
     sum_sq: Vec<f64>,
+    /// The same over token rows scaled to unit length (DSnoT's robust moments).
+    unit_sum: Vec<f64>,
+    unit_sum_sq: Vec<f64>,
     gram: Vec<f64>,
     tokens: usize,
 }
@@ -116,11 +119,16 @@ impl ForwardHooks for LayerInputs {
             let rows = x.clone().reshape([b * s, d]);
             let sum = to_vec(rows.clone().sum_dim(0));
             let sum_sq = to_vec(rows.clone().powi_scalar(2).sum_dim(0));
+            let unit = rows.clone() / rows.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-30);
+            let unit_sum = to_vec(unit.clone().sum_dim(0));
+            let unit_sum_sq = to_vec(unit.powi_scalar(2).sum_dim(0));
             let gram = to_vec(rows.clone().transpose().matmul(rows));
             let mut all = self.stats.borrow_mut();
             let st = all[g].get_or_insert_with(|| Moments {
                 sum: vec![0.0; d],
                 sum_sq: vec![0.0; d],
+                unit_sum: vec![0.0; d],
+                unit_sum_sq: vec![0.0; d],
                 gram: vec![0.0; d * d],
                 tokens: 0,
             });
@@ -128,6 +136,12 @@ impl ForwardHooks for LayerInputs {
                 *a += v as f64;
             }
             for (a, v) in st.sum_sq.iter_mut().zip(sum_sq) {
+                *a += v as f64;
+            }
+            for (a, v) in st.unit_sum.iter_mut().zip(unit_sum) {
+                *a += v as f64;
+            }
+            for (a, v) in st.unit_sum_sq.iter_mut().zip(unit_sum_sq) {
                 *a += v as f64;
             }
             for (a, v) in st.gram.iter_mut().zip(gram) {
@@ -230,12 +244,16 @@ pub fn prune_model(
                 .filter(|d| !(d.skip_mlp && matches!(p, Proj::Gate | Proj::Up | Proj::Down)))
             {
                 let n = st.tokens as f64;
+                let (sum, sum_sq) = if d.unit_token_rows {
+                    (&st.unit_sum, &st.unit_sum_sq)
+                } else {
+                    (&st.sum, &st.sum_sq)
+                };
                 // E[x_j] on the authors' scale: a 2048-token sequence's sum.
-                let mean: Vec<f64> = st.sum.iter().map(|s| s / n * DSNOT_SEQUENCE).collect();
-                let var: Vec<f64> = st
-                    .sum
+                let mean: Vec<f64> = sum.iter().map(|s| s / n * DSNOT_SEQUENCE).collect();
+                let var: Vec<f64> = sum
                     .iter()
-                    .zip(&st.sum_sq)
+                    .zip(sum_sq)
                     .map(|(s, q)| (q / n - (s / n) * (s / n)).max(0.0))
                     .collect();
                 let moments = InputMoments {

@@ -226,6 +226,9 @@ pub struct PruneStep {
     pub dsnot_mlp: bool,
     /// DSnoT: check the sign of the pruned weight on unstructured masks too.
     pub dsnot_sign_check: bool,
+    /// DSnoT: input moments over unit-length token rows (robust to the few
+    /// huge-norm tokens), not raw.
+    pub dsnot_unit_rows: bool,
 }
 
 impl Default for PruneStep {
@@ -239,6 +242,7 @@ impl Default for PruneStep {
             dsnot_threshold: 0.1,
             dsnot_mlp: false,
             dsnot_sign_check: false,
+            dsnot_unit_rows: false,
         }
     }
 }
