@@ -42,18 +42,8 @@ impl Pattern {
 impl FromStr for Pattern {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (n, m) = s
-            .split_once(':')
-            .ok_or_else(|| format!("`{s}`: expected N:M, e.g. 2:4"))?;
-        let parse = |v: &str| {
-            v.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("`{s}`: expected N:M with whole numbers, e.g. 2:4"))
-        };
-        Ok(Self::NOfM {
-            n: parse(n)?,
-            m: parse(m)?,
-        })
+        let (n, m) = oqt_core::quant::PruneStep::parse_nm(s)?;
+        Ok(Self::NOfM { n, m })
     }
 }
 
@@ -183,8 +173,14 @@ mod tests {
     fn bad_patterns_are_named() {
         let p = |s: &str| s.parse::<Pattern>().unwrap().problems(576).unwrap();
         assert!(p("2:5").contains("do not divide the row length 576"));
-        assert!(p("4:4").contains("0 < N < M"));
-        assert!(p("0:4").contains("0 < N < M"));
+        assert!("4:4".parse::<Pattern>().unwrap_err().contains("0 < N < M"));
+        assert!("0:4".parse::<Pattern>().unwrap_err().contains("0 < N < M"));
+        assert!(
+            Pattern::NOfM { n: 4, m: 4 }
+                .problems(576)
+                .unwrap()
+                .contains("0 < N < M")
+        );
         assert!("24".parse::<Pattern>().unwrap_err().contains("N:M"));
         assert!("a:4".parse::<Pattern>().unwrap_err().contains("whole numbers"));
         for s in [0.0f32, 1.0, -0.5, f32::NAN] {

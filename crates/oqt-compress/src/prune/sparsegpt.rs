@@ -19,7 +19,7 @@
 //!   `damp_percent` (1%) of the mean diagonal, retried ×10 (as in GPTQ).
 
 use super::mask::Pattern;
-use crate::ptq::gptq::inverse_cholesky_upper;
+use crate::ptq::gptq::damped_inverse_cholesky;
 use crate::stats::inputs::to_vec;
 use oqt_core::CoreError;
 use rayon::prelude::*;
@@ -74,22 +74,7 @@ impl HessianFactor {
         let diag: Vec<f64> = diag.iter().map(|&d| if d == 0.0 { 1.0 } else { d }).collect();
         let hp = |i: usize, j: usize| if i == j { diag[i] } else { h[i * cols + j] };
         let mean_diag = diag.iter().sum::<f64>() / cols as f64;
-        let mut frac = damp_percent;
-        let mut u = None;
-        for attempt in 0..4 {
-            if attempt > 0 {
-                frac = if frac > 0.0 { frac * 10.0 } else { 0.01 };
-            }
-            u = inverse_cholesky_upper(cols, hp, frac * mean_diag);
-            if u.is_some() {
-                break;
-            }
-        }
-        let u = u.ok_or_else(|| {
-            bad(format!(
-                "Hessian ({cols} × {cols}) is not positive definite even with damping {frac:.3e}"
-            ))
-        })?;
+        let u = damped_inverse_cholesky(cols, hp, mean_diag, damp_percent).map_err(bad)?;
         Ok(Self { cols, u, dead })
     }
 }

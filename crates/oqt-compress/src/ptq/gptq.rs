@@ -204,22 +204,7 @@ pub fn gptq_quantize(
         if i == j { diag[i] } else { h[i * cols + j] }
     };
     let mean_diag = diag.iter().sum::<f64>() / cols as f64;
-    let mut frac = opts.damp_percent;
-    let mut u = None;
-    for attempt in 0..4 {
-        if attempt > 0 {
-            frac = if frac > 0.0 { frac * 10.0 } else { 0.01 };
-        }
-        u = inverse_cholesky_upper(cols, hp, frac * mean_diag);
-        if u.is_some() {
-            break;
-        }
-    }
-    let u = u.ok_or_else(|| {
-        bad(format!(
-            "Hessian ({cols} × {cols}) is not positive definite even with damping {frac:.3e} × its mean diagonal"
-        ))
-    })?;
+    let u = damped_inverse_cholesky(cols, hp, mean_diag, opts.damp_percent).map_err(bad)?;
 
     // Grid parameters per (row, group); per-tensor is expanded to every row.
     // LPBQ sweeps on its blocks with the fixed scales `m_b · s_row` taken from
@@ -331,13 +316,36 @@ pub fn output_error(w: &[f32], qw: &QuantizedWeight, h: &[f64]) -> f64 {
         .sum()
 }
 
+/// [`inverse_cholesky_upper`] with damping `damp_percent × mean_diag`,
+/// retried with 10× more (three times) when `H` is not positive definite;
+/// `Err` says so (GPTQ and SparseGPT share it).
+pub(crate) fn damped_inverse_cholesky(
+    n: usize,
+    hp: impl Fn(usize, usize) -> f64 + Copy,
+    mean_diag: f64,
+    damp_percent: f64,
+) -> Result<Vec<f64>, String> {
+    let mut frac = damp_percent;
+    for attempt in 0..4 {
+        if attempt > 0 {
+            frac = if frac > 0.0 { frac * 10.0 } else { 0.01 };
+        }
+        if let Some(u) = inverse_cholesky_upper(n, hp, frac * mean_diag) {
+            return Ok(u);
+        }
+    }
+    Err(format!(
+        "Hessian ({n} × {n}) is not positive definite even with damping {frac:.3e} × its mean diagonal"
+    ))
+}
+
 /// Upper-triangular `U` (row-major `n × n`) with `UᵀU = (H + damp·I)⁻¹`, where
 /// `hp(i, j)` reads `H`; `None` when `H + damp·I` is not positive definite.
 ///
 /// With `J` the index reversal and `J(H + damp·I)J = L̃L̃ᵀ`, `H + damp·I = VVᵀ`
 /// for the upper-triangular `V = JL̃J`, so its inverse is `(V⁻¹)ᵀV⁻¹` and
 /// `U = V⁻¹ = J L̃⁻¹ J`.
-pub(crate) fn inverse_cholesky_upper(n: usize, hp: impl Fn(usize, usize) -> f64, damp: f64) -> Option<Vec<f64>> {
+fn inverse_cholesky_upper(n: usize, hp: impl Fn(usize, usize) -> f64, damp: f64) -> Option<Vec<f64>> {
     let m = DMatrix::from_fn(n, n, |i, j| hp(n - 1 - i, n - 1 - j) + if i == j { damp } else { 0.0 });
     // nalgebra reads the lower triangle only; L̃ is column-major, lower.
     let l = Cholesky::new(m)?.unpack();
