@@ -175,15 +175,8 @@ fn run_step(
 ) -> Result<StepOutcome> {
     match step {
         Step::Prune(p) => {
-            let pruned_before;
-            let model = match input {
-                // Chained prune steps: each prunes what the one before wrote.
-                Some(from) => {
-                    pruned_before = oqt_core::load_model(from)?;
-                    &pruned_before
-                }
-                None => float_model(job, float)?,
-            };
+            let mut pruned = None;
+            let model = start_model(job, input, float, &mut pruned)?;
             let opts = oqt_compress::prune::PruneOptions::from_step(p, |f| format!("steps[{index}].{f}"))?;
             let outcome = oqt_compress::prune::prune_to_bundle(
                 model,
@@ -196,15 +189,8 @@ fn run_step(
             Ok(StepOutcome::Written)
         }
         Step::Quantize(q) => {
-            // After `prune` steps the float model is the last one's bundle.
-            let pruned;
-            let model = match input {
-                Some(from) => {
-                    pruned = oqt_core::load_model(from)?;
-                    &pruned
-                }
-                None => float_model(job, float)?,
-            };
+            let mut pruned = None;
+            let model = start_model(job, input, float, &mut pruned)?;
             quantize(job.recipe, q, index, model, output, job.created_by, observer.ptq())?;
             Ok(StepOutcome::Written)
         }
@@ -248,6 +234,20 @@ fn float_model<'a>(job: &PipelineJob<'_>, float: &'a mut Option<LoadedModel>) ->
         *float = Some(oqt_core::load_model(job.model_path)?);
     }
     Ok(float.as_ref().expect("loaded above"))
+}
+
+/// What a `prune` or `quantize` step starts from: the previous step's (float,
+/// pruned) bundle, loaded into `loaded`, or the float model when it is first.
+fn start_model<'a>(
+    job: &PipelineJob<'_>,
+    input: Option<&Path>,
+    float: &'a mut Option<LoadedModel>,
+    loaded: &'a mut Option<LoadedModel>,
+) -> Result<&'a LoadedModel> {
+    match input {
+        Some(from) => Ok(loaded.insert(oqt_core::load_model(from)?)),
+        None => float_model(job, float),
+    }
 }
 
 /// A `quantize` step: the recipe's grids by `q.method` (the recipe's default

@@ -97,6 +97,7 @@ pub struct PrunedLinear {
 /// Per-channel moments and the Gram matrix of one layer's four linear inputs.
 struct LayerInputs {
     layer: usize,
+    unit_rows: bool,
     stats: RefCell<[Option<Moments>; 4]>,
 }
 
@@ -119,9 +120,13 @@ impl ForwardHooks for LayerInputs {
             let rows = x.clone().reshape([b * s, d]);
             let sum = to_vec(rows.clone().sum_dim(0));
             let sum_sq = to_vec(rows.clone().powi_scalar(2).sum_dim(0));
-            let unit = rows.clone() / rows.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-30);
-            let unit_sum = to_vec(unit.clone().sum_dim(0));
-            let unit_sum_sq = to_vec(unit.powi_scalar(2).sum_dim(0));
+            // Unit-row moments only for DSnoT's `unit_token_rows` (zeros otherwise).
+            let (unit_sum, unit_sum_sq) = if self.unit_rows {
+                let unit = rows.clone() / rows.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-30);
+                (to_vec(unit.clone().sum_dim(0)), to_vec(unit.powi_scalar(2).sum_dim(0)))
+            } else {
+                (vec![0.0; d], vec![0.0; d])
+            };
             let gram = to_vec(rows.clone().transpose().matmul(rows));
             let mut all = self.stats.borrow_mut();
             let st = all[g].get_or_insert_with(|| Moments {
@@ -188,6 +193,7 @@ pub fn prune_model(
     for layer in 0..cfg.num_layers {
         let inputs = LayerInputs {
             layer,
+            unit_rows: opts.dsnot.is_some_and(|d| d.unit_token_rows),
             stats: RefCell::new([None, None, None, None]),
         };
         for (x, pos) in hidden.iter().zip(&positions) {
