@@ -1579,3 +1579,97 @@ fn prune_recipes_chain_before_quantize_and_bad_step_orders_are_refused() {
         assert!(!none.exists() && !d.join("none.oqt.run").exists());
     }
 }
+
+#[test]
+fn cluster_palettizes_into_a_lut_bundle_that_runs_as_simulated_and_refuses_bad_shapes() {
+    use oqt_core::encoding::TensorEncoding;
+    let (dir, gguf) = tiny_model(41);
+    let d = dir.path();
+    let text = write_text(&dir, "a quick brown fox jumps over the lazy dog. ", 40);
+    let cluster = |args: &[&str], out: &std::path::Path| {
+        let mut c = oqt();
+        c.arg("cluster")
+            .arg(&gguf)
+            .args(args)
+            .args(["--no-importance", "--no-eval", "--json", "--output"])
+            .arg(out);
+        c
+    };
+    // 3-bit tables shared by 32 output channels.
+    let out = d.join("lut3.oqt");
+    let report = json_of(&mut cluster(&["--bits", "3", "--group-channels", "32"], &out));
+    assert_eq!(report["linears"].as_array().unwrap().len(), 2 * 7);
+    let bpw = report["linear_bits_per_weight"].as_f64().unwrap();
+    assert!(bpw > 3.0 && bpw < 3.2, "{bpw}");
+    let b = oqt_core::bundle::Bundle::open(&out).unwrap();
+    let name = "model.layers.1.mlp.down_proj.weight";
+    assert!(matches!(
+        b.manifest.deployment.tensors[name],
+        TensorEncoding::Lut {
+            bits: 3,
+            group_rows: 32,
+            ..
+        }
+    ));
+    // Every weight is one of its table's 8 values.
+    let p = b.palettized(name).unwrap();
+    let dense = oqt_core::load_model(&gguf).unwrap();
+    let w = &dense.weights.get(name).unwrap().data;
+    let deq = p.dequantize();
+    let err: f32 = w.iter().zip(&deq).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / w.len() as f32;
+    let var: f32 = w.iter().map(|a| a * a).sum::<f32>() / w.len() as f32;
+    assert!(err < 0.05 * var, "3-bit palette error {err} vs weight energy {var}");
+    drop(b);
+    assert_runs_as_simulated(&out, &text, "lut3 g32");
+
+    // Pruned first: the zeros keep an exact zero entry of their table.
+    let p24 = d.join("p24.oqt");
+    oqt()
+        .arg("prune")
+        .arg(&gguf)
+        .args(["--nm", "2:4", "--calib-data"])
+        .arg(&text)
+        .args(["--calib-samples", "3", "--calib-seq-len", "48", "--no-eval", "--output"])
+        .arg(&p24)
+        .assert()
+        .success();
+    let lut_sparse = d.join("lut-sparse.oqt");
+    oqt()
+        .arg("cluster")
+        .arg(&p24)
+        .args(["--bits", "2", "--no-importance", "--no-eval", "--output"])
+        .arg(&lut_sparse)
+        .assert()
+        .success();
+    let pruned = oqt_core::load_model(&p24).unwrap();
+    let b = oqt_core::bundle::Bundle::open(&lut_sparse).unwrap();
+    let deq = b.palettized(name).unwrap().dequantize();
+    let zeros = pruned
+        .weights
+        .get(name)
+        .unwrap()
+        .data
+        .iter()
+        .filter(|a| **a == 0.0)
+        .count();
+    assert_eq!(zeros, deq.len() / 2);
+    for (a, b) in pruned.weights.get(name).unwrap().data.iter().zip(&deq) {
+        assert!(*a != 0.0 || *b == 0.0, "a pruned weight moved off zero: {b}");
+    }
+
+    // Bad input: bits outside 1–8, a group not dividing the output channels; nothing written.
+    let bad = d.join("bad.oqt");
+    cluster(&["--bits", "9"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("--bits: expected 1–8, found 9"));
+    cluster(&["--group-channels", "5"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("q_proj.weight").and(contains("divisor of the 64 output channels")));
+    cluster(&["--method", "dkm-naive"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("--method: unknown method `dkm-naive`"));
+    assert!(!bad.exists());
+}

@@ -16,15 +16,17 @@ METHOD is one of
   block (all rows) by the OBS saliency w² / U[c,c]² (the paper's adaptive mask
   selection); N:M masks are chosen when the sweep reaches each block of M
   columns; a pruned weight's error w / U[i,i] is subtracted along U[i, i+1:];
-* `dsnot` — Zhang et al. 2024 on the Wanda mask: with m_j = W_j * E[x_j]
-  (E[x_j] = 2048 × the mean of x_j: the sum over a
-  2048-token sequence, the authors' scale), r = sum of m_j over pruned j; while
-  |r| > 0.1 and fewer than 50 swaps: grow the pruned weight of sign(m) =
-  sign(r) with the largest |m_j| / Var(x_j), prune the kept weight with the
-  lowest Wanda score (N:M: inside the grown weight's block, and only among
-  weights with sign(m) opposite to r; the pair whose grown weight scores
-  highest), keep the swap only if |r| shrinks; a weight swapped once is not
-  swapped again.
+* `dsnot` — Zhang et al. 2024 on the Wanda mask, as the authors' code runs
+  it: with m_j = W_j * E[x_j] (E[x_j] = 2048 × the mean of x_j: the sum over
+  a 2048-token sequence, the authors' scale), r = sum of m_j over pruned j.
+  The initially pruned weights are ranked by m_j / Var(x_j); the initially
+  kept ones with m < 0 and with m > 0 are each ranked by Wanda score. While
+  |r| > 0.1 and fewer than 50 swaps: grow the next pruned weight from the top
+  of its ranking if r > 0, from the bottom if r < 0 (stop if its m does not
+  share r's sign); prune, unstructured, the next kept weight of the opposite
+  sign (lowest Wanda first), N:M, the kept weight of lowest Wanda score in
+  the grown weight's block that has not itself grown; N:M stops a row rather
+  than let r change sign.
 
 Writes OUT.keep (uint8 mask, 1 = kept, [ROWS, COLS]) and OUT.w (f32 pruned
 weights).
@@ -96,45 +98,45 @@ def dsnot(W, X, pattern, cycles=50, threshold=0.1):
     keep = rank_mask(np.abs(W) * norm[None, :], pattern)
     mean = 2048.0 * X.mean(axis=0)
     var = X.var(axis=0)
+    nm = pattern[0] != "frac"
     for r in range(rows):
-        w = W[r]
-        m = w * mean
-        grow = np.abs(m) / np.maximum(var, 1e-12)
-        wanda = np.abs(w) * norm
-        err = m[~keep[r]].sum()
-        touched = np.zeros(cols, dtype=bool)
+        m = W[r] * mean
+        wanda = np.abs(W[r]) * norm
+        pruned0 = np.flatnonzero(~keep[r])
+        growth = pruned0[np.lexsort((pruned0, m[pruned0] / np.maximum(var[pruned0], 1e-12)))]
+        kept0 = np.flatnonzero(keep[r])
+        neg = [k for k in kept0[np.lexsort((kept0, wanda[kept0]))] if m[k] < 0]
+        pos = [k for k in kept0[np.lexsort((kept0, wanda[kept0]))] if m[k] > 0]
+        err = m[pruned0].sum()
+        sign0 = np.sign(err)
+        lo, hi = 0, len(growth)
+        grown = np.zeros(cols, dtype=bool)
         for _ in range(cycles):
-            if abs(err) <= threshold:
+            if abs(err) <= threshold or lo >= hi:
                 break
-            sign = np.sign(err)
-            growable = [j for j in range(cols) if not keep[r, j] and not touched[j] and m[j] * sign > 0]
-
-            def prune_in(lo, hi, check):
-                cands = [k for k in range(lo, hi) if keep[r, k] and not touched[k] and (not check or m[k] * sign < 0)]
-                return min(cands, key=lambda k: wanda[k]) if cands else None
-
-            pair = None
-            if pattern[0] == "frac":
-                if growable:
-                    j = max(growable, key=lambda j: grow[j])
-                    k = prune_in(0, cols, False)
-                    pair = (j, k) if k is not None else None
+            j = growth[hi - 1] if err > 0 else growth[lo]
+            if m[j] * err <= 0:
+                break
+            if nm:
+                b0 = j // pattern[2] * pattern[2]
+                cands = [k for k in range(b0, b0 + pattern[2]) if keep[r, k] and not grown[k]]
+                if not cands:
+                    break
+                k = min(cands, key=lambda k: (wanda[k], k))
             else:
-                blk = pattern[2]
-                best = None
-                for j in growable:
-                    k = prune_in(j // blk * blk, j // blk * blk + blk, True)
-                    if k is not None and (best is None or grow[j] > grow[best[0]]):
-                        best = (j, k)
-                pair = best
-            if pair is None:
-                break
-            j, k = pair
+                queue = neg if err > 0 else pos
+                if not queue:
+                    break
+                k = queue.pop(0)
             nxt = err - m[j] + m[k]
-            if abs(nxt) >= abs(err):
+            if nm and np.sign(nxt) != sign0:
                 break
+            if err > 0:
+                hi -= 1
+            else:
+                lo += 1
             keep[r, j], keep[r, k] = True, False
-            touched[j] = touched[k] = True
+            grown[j] = True
             err = nxt
     return np.where(keep, W, 0.0), keep
 

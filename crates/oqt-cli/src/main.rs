@@ -43,6 +43,8 @@ enum Command {
     Quantize(cmd::quantize::QuantizeArgs),
     /// Prune every decoder linear (magnitude, Wanda, SparseGPT; DSnoT on top) into a sparse float bundle.
     Prune(cmd::prune::PruneArgs),
+    /// Palettize every decoder linear (k-means LUT, tables per group of channels) into a `lut` bundle.
+    Cluster(cmd::cluster::ClusterArgs),
     /// Measure prefill/decode speed, time to first token and memory of a bundle or model.
     Bench(cmd::bench::BenchArgs),
     /// Per-layer quantization sensitivity: the output error when only one layer is quantized.
@@ -104,6 +106,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Prune(a) => cmd::prune::run(a),
+        Command::Cluster(a) => cmd::cluster::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Sensitivity(a) => cmd::sensitivity::run(a),
         Command::Export(a) => cmd::export::run(a),

@@ -4,7 +4,7 @@
 //!     OQT_DATA=../shared/datasets cargo run --release -p oqt-compress --example prune_probe -- \
 //!         CHUNKS SAMPLES RUN
 //!
-//! RUN is `dense` or `METHOD/PATTERN[/dsnot[-mlp][-sign][-unit][-cCYCLES][-tTHRESHOLD]]`, PATTERN `50%` or
+//! RUN is `dense` or `METHOD/PATTERN[/dsnot[-mlp][-sign][-unit][-exact][-cCYCLES][-tTHRESHOLD]]`, PATTERN `50%` or
 //! `2:4`: e.g. `wanda/60%/dsnot`, `sparsegpt/2:4`. WikiText-2 ctx 512 on the
 //! first CHUNKS chunks; calibration SAMPLES × 512 Tiny Shakespeare tokens.
 
@@ -45,6 +45,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 skip_mlp: !d.contains("-mlp"),
                 sign_check: d.contains("-sign"),
                 unit_token_rows: d.contains("-unit"),
+                criterion: if d.contains("-exact") {
+                    oqt_compress::prune::dsnot::DsnotCriterion::Exact
+                } else {
+                    Default::default()
+                },
                 ..Default::default()
             };
             for part in d.split('-') {

@@ -14,6 +14,7 @@
 //! callback. The pipeline that chains them (`oqt-pipeline`) registers each
 //! family's entry point as a recipe step kind.
 
+pub mod cluster;
 pub mod distill;
 pub mod prune;
 pub mod ptq;

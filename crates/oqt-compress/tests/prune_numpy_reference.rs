@@ -87,6 +87,7 @@ fn every_method_on_a_real_layer_matches_the_numpy_reference() {
         mean: &mean,
         var: &var,
         norm: &norm,
+        gram: None,
     };
     let w = &t.data;
     let masked = |keep: &[bool]| {

@@ -12,9 +12,11 @@
 //!
 //! | `sparse` | a pruned weight ([`crate::sparse`]): its kept values in an inner encoding — `f32` `[nnz]` after a `NAME.mask` U8 bitmap `[rows, ⌈cols/8⌉]`, or (`n-of-m`) `f32` / `int4` / `int8` over the compacted `[rows, cols·n/m]` (groups shrink by `n/m`, scales unchanged) with `NAME.indices` U8 positions (2 bits each for `m ≤ 4`, else 4) | as its inner encoding on the dense weight | as the dense weight it expands to on load (zeros exact; the kernels run it dense) |
 //!
-//! (`k_pad` is the row padded to whole blocks of 32.) Later encodings — LUT /
-//! palette, shared-block references, adapters — join as variants with their
-//! own rows in this table.
+//! | `lut`    | a palettized weight ([`crate::lut`]): `NAME.indices` U8, every row's `bits`-bit indices as a bit stream (`⌈cols·bits/8⌉` bytes a row), `NAME.lut` F16 `[rows / group_rows, 2^bits]` | as `int8` per-channel, on each table's int8 grid ([`crate::lut::Palettized::kernel_view`]) | as that int8 weight ([`KernelChoice::Int8Input`] with `weight_bits` 8); float inputs: the f16 table values dequantized |
+//!
+//! (`k_pad` is the row padded to whole blocks of 32.) Later encodings —
+//! shared-block references, adapters — join as variants with their own rows
+//! in this table.
 //!
 //! Each kernel's scalar reference and its SIMD paths live in `oqt-kernels`
 //! (`dot` for one weight row, `gemm` for a matrix, per-architecture modules
@@ -63,6 +65,14 @@ pub enum TensorEncoding {
         cols: usize,
         layout: SparseLayout,
         values: Box<TensorEncoding>,
+    },
+    /// A palettized weight `[rows, cols]`: `bits`-bit indices into one table
+    /// of `2^bits` f16 values per `group_rows` output rows ([`crate::lut`]).
+    Lut {
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        group_rows: usize,
     },
 }
 
@@ -121,6 +131,44 @@ impl TensorEncoding {
         Self::integer(qw.rows, qw.cols, qw.group, qw.spec)
     }
 
+    /// A LUT weight's packed indices tensor.
+    pub fn lut_indices_name(name: &str) -> String {
+        format!("{name}.indices")
+    }
+
+    /// A LUT weight's tables tensor.
+    pub fn lut_table_name(name: &str) -> String {
+        format!("{name}.lut")
+    }
+
+    /// A palettized weight's encoding and stored tensors; `Err` names what is wrong.
+    pub fn store_lut(name: &str, p: &crate::lut::Palettized) -> Result<(Self, Vec<StoredTensor>), String> {
+        if let Some(problem) = p.problems() {
+            return Err(problem);
+        }
+        let encoding = Self::Lut {
+            rows: p.rows,
+            cols: p.cols,
+            bits: p.bits,
+            group_rows: p.group_rows,
+        };
+        let stored = vec![
+            StoredTensor {
+                name: Self::lut_indices_name(name),
+                dtype: Dtype::U8,
+                shape: vec![p.rows, crate::lut::index_row_bytes(p.cols, p.bits)],
+                bytes: crate::lut::pack_indices(&p.indices, p.rows, p.cols, p.bits),
+            },
+            StoredTensor {
+                name: Self::lut_table_name(name),
+                dtype: Dtype::F16,
+                shape: vec![p.table_count(), p.entries()],
+                bytes: p.tables.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
+        ];
+        Ok((encoding, stored))
+    }
+
     /// The LPBQ multiplier tensor's name.
     pub fn multipliers_name(name: &str) -> String {
         format!("{name}.multipliers")
@@ -156,6 +204,7 @@ impl TensorEncoding {
             Self::Int8 { .. } => "int8",
             Self::Int4Lpbq { .. } => "int4-lpbq",
             Self::Sparse { .. } => "sparse",
+            Self::Lut { .. } => "lut",
         }
     }
 
@@ -166,7 +215,8 @@ impl TensorEncoding {
             Self::Int4 { rows, cols, .. }
             | Self::Int8 { rows, cols, .. }
             | Self::Int4Lpbq { rows, cols, .. }
-            | Self::Sparse { rows, cols, .. } => {
+            | Self::Sparse { rows, cols, .. }
+            | Self::Lut { rows, cols, .. } => {
                 vec![*rows, *cols]
             }
         }
@@ -190,6 +240,15 @@ impl TensorEncoding {
                 ..g
             }),
             Self::Sparse { .. } => None,
+            // The kernels multiply a LUT weight as its int8 per-channel view.
+            Self::Lut { rows, cols, .. } => Some(IntGrid {
+                rows,
+                cols,
+                group: cols,
+                spec: crate::lut::kernel_spec(),
+                width: 8,
+                lpbq_block: None,
+            }),
             Self::Int4Lpbq { rows, cols, spec } => Some(IntGrid {
                 rows,
                 cols,
@@ -229,6 +288,16 @@ impl TensorEncoding {
             };
             return format!("{dense} {layout}");
         }
+        if let Self::Lut {
+            rows, bits, group_rows, ..
+        } = *self
+        {
+            return if group_rows == rows {
+                format!("lut{bits} per-tensor")
+            } else {
+                format!("lut{bits} g{group_rows}")
+            };
+        }
         match self.int_grid() {
             None => "f32".into(),
             Some(g) => {
@@ -260,6 +329,15 @@ impl TensorEncoding {
         {
             return values.stored_bytes() + rows * layout.positions_row_bytes(*cols);
         }
+        if let Self::Lut {
+            rows,
+            cols,
+            bits,
+            group_rows,
+        } = *self
+        {
+            return rows * crate::lut::index_row_bytes(cols, bits) + rows / group_rows.max(1) * (1 << bits) * 2;
+        }
         let Some(g) = self.int_grid() else {
             return self.shape().iter().product::<usize>() * 4;
         };
@@ -276,6 +354,12 @@ impl TensorEncoding {
             let mut v = values.stored_names(name);
             v.push((layout.positions_name(name), Dtype::U8));
             return v;
+        }
+        if let Self::Lut { .. } = self {
+            return vec![
+                (Self::lut_indices_name(name), Dtype::U8),
+                (Self::lut_table_name(name), Dtype::F16),
+            ];
         }
         match self.int_grid() {
             None => vec![(name.to_string(), Dtype::F32)],
@@ -528,9 +612,15 @@ impl TensorEncoding {
         Ok((encoding, stored))
     }
 
-    /// Problems with a sparse encoding's own fields (its inner encoding's
-    /// shape against its layout); `None` for the other encodings.
-    pub fn sparse_problems(&self) -> Option<String> {
+    /// Problems with an encoding's own fields: a sparse one's inner encoding
+    /// against its layout, a LUT's bits and row groups; `None` for the others.
+    pub fn field_problems(&self) -> Option<String> {
+        if let Self::Lut {
+            rows, bits, group_rows, ..
+        } = *self
+        {
+            return crate::lut::shape_problems(rows, bits, group_rows);
+        }
         let Self::Sparse {
             rows,
             cols,
@@ -544,7 +634,7 @@ impl TensorEncoding {
             return Some(p);
         }
         match (layout, values.as_ref()) {
-            (_, Self::Sparse { .. } | Self::Int4Lpbq { .. }) => Some(format!(
+            (_, Self::Sparse { .. } | Self::Int4Lpbq { .. } | Self::Lut { .. }) => Some(format!(
                 "values: a `{}` encoding cannot hold sparse values",
                 values.kind()
             )),

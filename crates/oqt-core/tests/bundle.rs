@@ -191,11 +191,11 @@ fn hostile_deployment_specs_are_refused_with_the_field() {
     let original = std::fs::read(&p).unwrap();
     // An encoding this oqt does not know.
     rewrite_manifest(&p, |m| {
-        m["deployment"]["tensors"]["model.norm.weight"]["kind"] = "lut".into();
+        m["deployment"]["tensors"]["model.norm.weight"]["kind"] = "vq".into();
     });
     let msg = Bundle::open(&p).unwrap_err().to_string();
     assert!(
-        msg.contains("tiny.oqt") && msg.contains("lut") && msg.contains("int4"),
+        msg.contains("tiny.oqt") && msg.contains("vq") && msg.contains("int4"),
         "{msg}"
     );
     // An integer encoding whose stored values are too short for its shape.
@@ -423,6 +423,91 @@ fn sparse_weights_round_trip_and_hostile_positions_are_refused() {
     let msg = Bundle::open(&path).unwrap_err().to_string();
     assert!(
         msg.contains("deployment.tensors.q1") && msg.contains("do not divide"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn lut_bundles_round_trip_are_version_4_and_refuse_hostile_palettes() {
+    use half::f16;
+    use oqt_core::encoding::TensorEncoding;
+    use oqt_core::lut::Palettized;
+    use oqt_core::quant::dequantize_weight;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lut.oqt");
+    let m = tiny_model(dir.path(), 5);
+    let mut w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
+    let (rows, cols) = (8, 20);
+    let mut palettes = Vec::new();
+    for bits in [2u8, 3, 4, 8] {
+        let entries = 1usize << bits;
+        let p = Palettized {
+            rows,
+            cols,
+            bits,
+            group_rows: 4,
+            tables: (0..2 * entries).map(|i| f16::from_f32(i as f32 * 0.01 - 0.3)).collect(),
+            indices: (0..rows * cols).map(|i| ((i * 5 + 1) % entries) as u8).collect(),
+        };
+        w.add_lut(&format!("w{bits}"), &p).unwrap();
+        palettes.push(p);
+    }
+    // A malformed palette is refused at the writer, naming the tensor.
+    let mut bad = palettes[0].clone();
+    bad.group_rows = 3;
+    let msg = w.add_lut("bad", &bad).unwrap_err().to_string();
+    assert!(msg.contains("bad") && msg.contains("divisor"), "{msg}");
+    let expected: usize = w
+        .manifest_mut()
+        .deployment
+        .tensors
+        .values()
+        .map(TensorEncoding::stored_bytes)
+        .sum();
+    w.write(&path).unwrap();
+    let b = Bundle::open(&path).unwrap();
+    assert_eq!(b.manifest.format_version, 4);
+    assert_eq!(b.data_bytes(), expected);
+    for p in &palettes {
+        let name = format!("w{}", p.bits);
+        assert_eq!(&b.palettized(&name).unwrap(), p);
+        // The kernels' int8 view: each weight within half a step of its table value.
+        let qw = b.quantized(&name).unwrap();
+        let half_step = p.tables.iter().fold(0f32, |a, t| a.max(t.to_f32().abs())) / 127.0 / 2.0;
+        for (v, want) in dequantize_weight(&qw).iter().zip(p.dequantize()) {
+            assert!((v - want).abs() <= half_step * 1.0001, "{v} {want}");
+        }
+        assert_eq!(
+            b.manifest.deployment.tensors[&name].describe(),
+            format!("lut{} g4", p.bits)
+        );
+    }
+    drop(b);
+
+    // Hostile: bits outside 1–8, a row group not dividing the rows, short indices, a newer version.
+    let clean = std::fs::read(&path).unwrap();
+    rewrite_manifest(&path, |m| m["deployment"]["tensors"]["w4"]["bits"] = 9.into());
+    let msg = Bundle::open(&path).unwrap_err().to_string();
+    assert!(msg.contains("deployment.tensors.w4") && msg.contains("1–8"), "{msg}");
+    std::fs::write(&path, &clean).unwrap();
+    rewrite_manifest(&path, |m| m["deployment"]["tensors"]["w4"]["group_rows"] = 3.into());
+    let msg = Bundle::open(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("deployment.tensors.w4") && msg.contains("divisor"),
+        "{msg}"
+    );
+    std::fs::write(&path, &clean).unwrap();
+    rewrite_manifest(&path, |m| m["deployment"]["tensors"]["w4"]["cols"] = 24.into());
+    let msg = Bundle::open(&path)
+        .and_then(|b| b.palettized("w4"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("w4.indices") && msg.contains("4-bit indices"), "{msg}");
+    std::fs::write(&path, &clean).unwrap();
+    rewrite_manifest(&path, |m| m["format_version"] = 5.into());
+    let msg = Bundle::open(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("bundle format version") && msg.contains("upgrade"),
         "{msg}"
     );
 }

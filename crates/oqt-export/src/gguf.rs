@@ -373,6 +373,14 @@ fn export_notes(src: &ExportSource, reports: &[TensorReport]) -> Vec<String> {
                 .unwrap_or_default()
         )),
     }
+    if !src.palettized.is_empty() {
+        notes.push(format!(
+            "{} palettized (LUT) tensors were dequantized, as no GGUF type holds a palette: \
+             F16 (the default) holds their f16 table values exactly, at 16 bits a weight, larger \
+             than the bundle; any other type re-rounds them (lossy)",
+            src.palettized.len()
+        ));
+    }
     let requantized = reports.iter().filter(|t| t.encoding == Encoding::Requantized).count();
     if requantized > 0 {
         notes.push(format!(

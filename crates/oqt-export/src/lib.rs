@@ -46,14 +46,22 @@ pub struct ExportSource {
     pub tensors: BTreeMap<String, SourceTensor>,
     /// How the bundle's deployment quantizes activations (`None` for a float model).
     pub activations: Option<oqt_core::quant::ActMode>,
+    /// Palettized (LUT) tensors, exported as their f16 table values: no GGUF
+    /// type oqt writes holds a palette.
+    pub palettized: Vec<String>,
 }
 
 impl ExportSource {
     pub fn from_bundle(bundle: &Bundle) -> Result<Self> {
         let m = &bundle.manifest;
         let mut tensors = BTreeMap::new();
+        let mut palettized = Vec::new();
         for (name, encoding) in &m.deployment.tensors {
             let t = match encoding.int_grid() {
+                _ if matches!(encoding, oqt_core::encoding::TensorEncoding::Lut { .. }) => {
+                    palettized.push(name.clone());
+                    SourceTensor::Float(TensorF32::new(encoding.shape(), bundle.palettized(name)?.dequantize()))
+                }
                 None => SourceTensor::Float(TensorF32::new(encoding.shape(), bundle.f32_tensor(name)?)),
                 Some(_) => SourceTensor::Quantized(bundle.quantized(name)?),
             };
@@ -66,6 +74,7 @@ impl ExportSource {
             tokenizer: bundle.tokenizer()?,
             tensors,
             activations: Some(m.deployment.activations),
+            palettized,
         })
     }
 
@@ -86,6 +95,7 @@ impl ExportSource {
             tokenizer: model.tokenizer,
             tensors,
             activations: None,
+            palettized: Vec::new(),
         }
     }
 }

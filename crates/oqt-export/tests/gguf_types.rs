@@ -78,6 +78,7 @@ fn f32_export_reloads_to_the_same_model_and_llama3_scaling_becomes_rope_freqs() 
             .map(|n| (n.clone(), oqt_export::SourceTensor::Float(w.get(n).unwrap().clone())))
             .collect(),
         activations: None,
+        palettized: Vec::new(),
     };
     let out = dir.path().join("f32.gguf");
     let opts = GgufOptions {

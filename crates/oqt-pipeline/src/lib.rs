@@ -188,6 +188,15 @@ fn run_step(
             outcome.writer.write(output)?;
             Ok(StepOutcome::Written)
         }
+        Step::Cluster(c) => {
+            let mut pruned = None;
+            let model = start_model(job, input, float, &mut pruned)?;
+            let (writer, _) =
+                oqt_compress::cluster::cluster_to_bundle(model, job.recipe, c, job.created_by, observer.ptq())
+                    .map_err(|e| err(format!("steps[{index}]: {e}")))?;
+            writer.write(output)?;
+            Ok(StepOutcome::Written)
+        }
         Step::Quantize(q) => {
             let mut pruned = None;
             let model = start_model(job, input, float, &mut pruned)?;

@@ -157,3 +157,31 @@ fn w4a8_auto_mixed_plan_runtime_matches_simulation() {
     let planned = apply(&recipe, &p);
     check_recipe(&planned, "w4a8-auto (synthetic plan)");
 }
+
+#[test]
+fn lut4_dynamic_runtime_matches_simulation() {
+    // k-means palettes (no calibration, to keep the test short), int8 dynamic inputs:
+    // each table on its int8 grid, as the runtime and the simulation both multiply it.
+    let m = model();
+    let recipe = load_recipe("lut4-a8-dyn").unwrap();
+    let step = oqt_core::quant::ClusterStep {
+        importance: false,
+        iterations: 10,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lut.oqt");
+    let (w, report) =
+        oqt_compress::cluster::cluster_to_bundle(&m, &recipe, &step, "oqt tests", &mut oqt_compress::ptq::Silent)
+            .unwrap();
+    w.write(&path).unwrap();
+    assert!(report.linear_bits_per_weight < 4.1, "{}", report.linear_bits_per_weight);
+    let b = Bundle::open(&path).unwrap();
+    assert_eq!(b.manifest.format_version, 4);
+    let (mean, max) = log_prob_gap(&b);
+    eprintln!("lut4-a8-dyn: runtime vs simulation, next-token log-prob |Δ| mean {mean:.2e}, max {max:.2e}");
+    assert!(
+        mean <= 1e-4 && max <= 1e-3,
+        "lut4-a8-dyn: |Δ log-prob| mean {mean}, max {max}"
+    );
+}

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod cluster;
 pub mod eval;
 pub mod eval_recipe;
 pub mod export;

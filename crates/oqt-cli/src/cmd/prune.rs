@@ -39,14 +39,18 @@ pub struct PruneArgs {
     /// DSnoT on gate/up/down too (the authors' default leaves the MLP on its base mask).
     #[arg(long)]
     pub dsnot_mlp: bool,
-    /// DSnoT: require the pruned weight's expected contribution to oppose the
-    /// row's error on unstructured masks too (N:M always does).
+    /// DSnoT: stop a row rather than flip the sign of its expected error, on
+    /// unstructured masks too (N:M always does).
     #[arg(long)]
     pub dsnot_sign_check: bool,
     /// DSnoT: take the inputs' means and variances over unit-length token rows
     /// (robust to the few tokens of huge norm) instead of raw.
     #[arg(long)]
     pub dsnot_unit_rows: bool,
+    /// DSnoT: judge swaps by `expectation` (the paper's expected error) or
+    /// `exact` (the squared output error on the calibration inputs).
+    #[arg(long, value_name = "CRITERION", default_value = "expectation")]
+    pub dsnot_criterion: String,
     /// Calibration dataset (a training-role name or a text file).
     #[arg(long, value_name = "DATASET", default_value = "tinyshakespeare")]
     pub calib_data: String,
@@ -94,6 +98,7 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
         dsnot_mlp: a.dsnot_mlp,
         dsnot_sign_check: a.dsnot_sign_check,
         dsnot_unit_rows: a.dsnot_unit_rows,
+        dsnot_criterion: a.dsnot_criterion.clone(),
     };
     let opts = PruneOptions::from_step(&step, |f| format!("--{}", f.replace('_', "-")))?;
     if a.calib_samples == 0 || a.calib_seq_len < 2 {

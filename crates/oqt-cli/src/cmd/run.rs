@@ -73,6 +73,13 @@ impl PipelineObserver for Observer {
                     if p.dsnot { ", DSnoT" } else { "" }
                 )
             }
+            Step::Cluster(c) => {
+                self.bars.label = "cluster".into();
+                format!(
+                    "cluster ({}, {} bits, {} channels a table)",
+                    c.method, c.bits, c.group_channels
+                )
+            }
         };
         if let Step::Quantize(q) = step {
             self.bars.label = q.method.clone().unwrap_or_else(|| "quantize".into());

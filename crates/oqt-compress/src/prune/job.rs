@@ -1,7 +1,7 @@
 //! One pruning run, from a float model to a float bundle whose pruned
 //! linears are stored sparse (`oqt prune` and the recipes' `prune` step).
 
-use super::dsnot::DsnotOptions;
+use super::dsnot::{DsnotCriterion, DsnotOptions};
 use super::mask::Pattern;
 use super::model::{PruneMethod, PruneOptions, PrunedLinear, prune_model};
 use crate::ptq::Progress;
@@ -37,6 +37,10 @@ impl PruneOptions {
                 skip_mlp: !step.dsnot_mlp,
                 sign_check: step.dsnot_sign_check,
                 unit_token_rows: step.dsnot_unit_rows,
+                criterion: match step.dsnot_criterion.as_str() {
+                    "exact" => DsnotCriterion::Exact,
+                    _ => DsnotCriterion::Expectation,
+                },
             }),
             sparsegpt: Default::default(),
         })

@@ -15,7 +15,7 @@ pub mod mask;
 pub mod model;
 pub mod sparsegpt;
 
-pub use dsnot::DsnotOptions;
+pub use dsnot::{DsnotCriterion, DsnotOptions};
 pub use job::{PruneOutcome, PruneReport, prune_to_bundle};
 pub use mask::Pattern;
 pub use model::{PruneMethod, PruneOptions, PrunedLinear, prune_model};

@@ -108,6 +108,8 @@ struct Moments {
     /// The same over token rows scaled to unit length (DSnoT's robust moments).
     unit_sum: Vec<f64>,
     unit_sum_sq: Vec<f64>,
+    /// `XᵀX` over unit-length token rows (DSnoT's exact criterion on `unit_rows`).
+    unit_gram: Vec<f64>,
     gram: Vec<f64>,
     tokens: usize,
 }
@@ -121,11 +123,15 @@ impl ForwardHooks for LayerInputs {
             let sum = to_vec(rows.clone().sum_dim(0));
             let sum_sq = to_vec(rows.clone().powi_scalar(2).sum_dim(0));
             // Unit-row moments only for DSnoT's `unit_token_rows` (zeros otherwise).
-            let (unit_sum, unit_sum_sq) = if self.unit_rows {
+            let (unit_sum, unit_sum_sq, unit_gram) = if self.unit_rows {
                 let unit = rows.clone() / rows.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-30);
-                (to_vec(unit.clone().sum_dim(0)), to_vec(unit.powi_scalar(2).sum_dim(0)))
+                (
+                    to_vec(unit.clone().sum_dim(0)),
+                    to_vec(unit.clone().powi_scalar(2).sum_dim(0)),
+                    to_vec(unit.clone().transpose().matmul(unit)),
+                )
             } else {
-                (vec![0.0; d], vec![0.0; d])
+                (vec![0.0; d], vec![0.0; d], Vec::new())
             };
             let gram = to_vec(rows.clone().transpose().matmul(rows));
             let mut all = self.stats.borrow_mut();
@@ -134,6 +140,7 @@ impl ForwardHooks for LayerInputs {
                 sum_sq: vec![0.0; d],
                 unit_sum: vec![0.0; d],
                 unit_sum_sq: vec![0.0; d],
+                unit_gram: vec![0.0; if self.unit_rows { d * d } else { 0 }],
                 gram: vec![0.0; d * d],
                 tokens: 0,
             });
@@ -147,6 +154,9 @@ impl ForwardHooks for LayerInputs {
                 *a += v as f64;
             }
             for (a, v) in st.unit_sum_sq.iter_mut().zip(unit_sum_sq) {
+                *a += v as f64;
+            }
+            for (a, v) in st.unit_gram.iter_mut().zip(unit_gram) {
                 *a += v as f64;
             }
             for (a, v) in st.gram.iter_mut().zip(gram) {
@@ -250,10 +260,10 @@ pub fn prune_model(
                 .filter(|d| !(d.skip_mlp && matches!(p, Proj::Gate | Proj::Up | Proj::Down)))
             {
                 let n = st.tokens as f64;
-                let (sum, sum_sq) = if d.unit_token_rows {
-                    (&st.unit_sum, &st.unit_sum_sq)
+                let (sum, sum_sq, gram) = if d.unit_token_rows {
+                    (&st.unit_sum, &st.unit_sum_sq, &st.unit_gram)
                 } else {
-                    (&st.sum, &st.sum_sq)
+                    (&st.sum, &st.sum_sq, &st.gram)
                 };
                 // E[x_j] on the authors' scale: a 2048-token sequence's sum.
                 let mean: Vec<f64> = sum.iter().map(|s| s / n * DSNOT_SEQUENCE).collect();
@@ -266,6 +276,7 @@ pub fn prune_model(
                     mean: &mean,
                     var: &var,
                     norm: &norm,
+                    gram: Some(gram),
                 };
                 let swaps = dsnot_refine(&dense, &mut keep, cols, opts.pattern, &moments, &d);
                 values = dense.clone();

@@ -161,6 +161,7 @@ mod tests {
             width,
             abs_max,
             abs_sum: vec![0.0; width],
+            unit_sq_sum: vec![0.0; width],
             tokens: 1,
             sample: Vec::new(),
             gram: None,

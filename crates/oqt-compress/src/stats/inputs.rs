@@ -32,6 +32,9 @@ pub struct InputStats {
     pub abs_max: Vec<f32>,
     /// `Σ_t |x_tj|` per channel (divide by `tokens`).
     pub abs_sum: Vec<f64>,
+    /// `Σ_t x_tj² / ‖x_t‖²` per channel: each channel's share of the input
+    /// energy, every token counted once (see [`Gather::gram_unit_rows`]).
+    pub unit_sq_sum: Vec<f64>,
     pub tokens: usize,
     /// Sampled rows (`[sample_rows, width]` row-major), for searches that replay the input.
     pub sample: Vec<f32>,
@@ -45,6 +48,7 @@ impl InputStats {
             width,
             abs_max: vec![0.0; width],
             abs_sum: vec![0.0; width],
+            unit_sq_sum: vec![0.0; width],
             tokens: 0,
             sample: Vec::new(),
             gram: gram.then(|| vec![0.0; width * width]),
@@ -91,6 +95,8 @@ impl ForwardHooks for InputObserver {
             let abs = rows.clone().abs();
             let max = to_vec(abs.clone().max_dim(0));
             let sum = to_vec(abs.sum_dim(0));
+            let sq = rows.clone().powf_scalar(2.0);
+            let unit_sq = to_vec((sq.clone() / sq.sum_dim(1).clamp_min(1e-30)).sum_dim(0));
             let gram = self.gather.gram.then(|| {
                 // Each token's row scaled to unit length: every token counts
                 // once, not by its squared norm (see `Gather::gram_unit_rows`).
@@ -107,6 +113,7 @@ impl ForwardHooks for InputObserver {
             for j in 0..d {
                 st.abs_max[j] = st.abs_max[j].max(max[j]);
                 st.abs_sum[j] += sum[j] as f64;
+                st.unit_sq_sum[j] += unit_sq[j] as f64;
             }
             st.tokens += b * s;
             if let (Some(acc), Some(gram)) = (st.gram.as_mut(), gram) {

@@ -31,10 +31,15 @@ use std::collections::BTreeMap;
 
 /// The newest manifest version this oqt reads. Version 1 (the recipe
 /// embedded, read by every consumer) is upgraded on open; version 3 adds the
-/// `sparse` encoding, and only bundles holding one are written as 3, so an
-/// older oqt reads every other bundle and says "upgrade" for a sparse one.
-pub const BUNDLE_FORMAT_VERSION: u32 = 3;
-/// The version of bundles without sparse tensors.
+/// `sparse` encoding, version 4 the `lut` encoding. A bundle is written as the
+/// oldest version holding its encodings, so an older oqt reads every bundle
+/// it can and says "upgrade" for the others.
+pub const BUNDLE_FORMAT_VERSION: u32 = LUT_FORMAT_VERSION;
+/// The version of bundles with a `lut` tensor.
+pub const LUT_FORMAT_VERSION: u32 = 4;
+/// The version of bundles with a `sparse` tensor (and no `lut` one).
+pub const SPARSE_FORMAT_VERSION: u32 = 3;
+/// The version of bundles without sparse or LUT tensors.
 pub const DENSE_FORMAT_VERSION: u32 = 2;
 pub const MANIFEST_KEY: &str = "oqt.manifest";
 

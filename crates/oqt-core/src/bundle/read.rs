@@ -100,7 +100,7 @@ impl Bundle {
 
     fn check_tensors(&self) -> Result<()> {
         for (name, encoding) in &self.manifest.deployment.tensors {
-            if let Some(reason) = encoding.sparse_problems() {
+            if let Some(reason) = encoding.field_problems() {
                 return Err(CoreError::Malformed {
                     path: self.path.clone(),
                     format: "oqt bundle manifest",
@@ -257,6 +257,9 @@ impl Bundle {
                 name: name.into(),
             });
         };
+        if let TensorEncoding::Lut { .. } = encoding {
+            return Ok(self.palettized(name)?.kernel_view());
+        }
         let TensorEncoding::Sparse {
             rows,
             cols,
@@ -290,6 +293,54 @@ impl Bundle {
         dense.q =
             crate::sparse::scatter_n_of_m(&kept, &pos, rows, cols, n, m, |i| crate::encoding::zero_code(&dense, i));
         Ok(dense)
+    }
+
+    /// A palettized weight (`lut` encoding): its indices unpacked and its f16
+    /// tables, checked.
+    pub fn palettized(&self, name: &str) -> Result<crate::lut::Palettized> {
+        let found = self.manifest.deployment.tensors.get(name);
+        let Some(&TensorEncoding::Lut {
+            rows,
+            cols,
+            bits,
+            group_rows,
+        }) = found
+        else {
+            return Err(CoreError::Missing {
+                path: self.path.clone(),
+                what: "palettized tensor",
+                name: name.into(),
+            });
+        };
+        let bad = |field: String, expected: String, found: String| CoreError::BadField {
+            path: self.path.clone(),
+            field,
+            expected,
+            found,
+        };
+        let field = TensorEncoding::lut_indices_name(name);
+        let raw = self.tensor(&field).expect("checked at open");
+        let indices = crate::lut::unpack_indices(raw.bytes, rows, cols, bits)
+            .map_err(|expected| bad(field.clone(), expected, format!("{} bytes", raw.bytes.len())))?;
+        let field = TensorEncoding::lut_table_name(name);
+        let raw = self.tensor(&field).expect("checked at open");
+        let tables: Vec<half::f16> = raw
+            .bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        let p = crate::lut::Palettized {
+            rows,
+            cols,
+            bits,
+            group_rows,
+            tables,
+            indices,
+        };
+        if let Some(problem) = p.problems() {
+            return Err(bad(field, "a well-formed palette".into(), problem));
+        }
+        Ok(p)
     }
 
     /// A quantized weight stored as `encoding` (not sparse) under `name`.

@@ -1,4 +1,6 @@
-use super::{BUNDLE_FORMAT_VERSION, DENSE_FORMAT_VERSION, MANIFEST_KEY, Manifest};
+use super::{
+    BUNDLE_FORMAT_VERSION, DENSE_FORMAT_VERSION, LUT_FORMAT_VERSION, MANIFEST_KEY, Manifest, SPARSE_FORMAT_VERSION,
+};
 use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
 use crate::quant::QuantizedWeight;
@@ -76,6 +78,15 @@ impl BundleWriter {
         Ok(())
     }
 
+    /// Add a palettized weight ([`TensorEncoding::store_lut`]); a malformed
+    /// palette is an error naming the tensor.
+    pub fn add_lut(&mut self, name: &str, p: &crate::lut::Palettized) -> Result<()> {
+        let (encoding, stored) =
+            TensorEncoding::store_lut(name, p).map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
+        self.push(name, encoding, stored);
+        Ok(())
+    }
+
     fn push(&mut self, name: &str, encoding: TensorEncoding, stored: Vec<crate::encoding::StoredTensor>) {
         for t in stored {
             self.tensors.push((t.name, t.dtype, t.shape, t.bytes));
@@ -86,16 +97,19 @@ impl BundleWriter {
     /// Write atomically (temporary file + rename): a failed write leaves nothing behind.
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut manifest = self.manifest.clone();
-        let sparse = manifest
+        // The oldest version that holds every encoding used, so older oqt
+        // releases keep reading what they can.
+        manifest.format_version = manifest
             .deployment
             .tensors
             .values()
-            .any(|e| matches!(e, TensorEncoding::Sparse { .. }));
-        manifest.format_version = if sparse {
-            BUNDLE_FORMAT_VERSION
-        } else {
-            DENSE_FORMAT_VERSION
-        };
+            .map(|e| match e {
+                TensorEncoding::Lut { .. } => LUT_FORMAT_VERSION,
+                TensorEncoding::Sparse { .. } => SPARSE_FORMAT_VERSION,
+                _ => DENSE_FORMAT_VERSION,
+            })
+            .max()
+            .unwrap_or(DENSE_FORMAT_VERSION);
         let json = serde_json::to_string(&manifest).map_err(|e| CoreError::Other(format!("manifest: {e}")))?;
         let metadata = HashMap::from([
             (MANIFEST_KEY.to_string(), json),

@@ -190,6 +190,9 @@ pub enum Step {
     Qat(QatStep),
     /// Pruning of the float model (before `quantize`, which keeps its zeros).
     Prune(PruneStep),
+    /// Palettization of the decoder linears (the `lut` encoding) of the float
+    /// (or pruned) model; embedding, head and activations as the recipe's spec says.
+    Cluster(ClusterStep),
 }
 
 impl Step {
@@ -198,12 +201,16 @@ impl Step {
             Self::Quantize(_) => "quantize",
             Self::Qat(_) => "qat",
             Self::Prune(_) => "prune",
+            Self::Cluster(_) => "cluster",
         }
     }
 }
 
 /// The `prune` step's methods (`oqt_compress::prune::PruneMethod` names).
 pub const PRUNE_METHODS: &[&str] = &["magnitude", "wanda", "sparsegpt"];
+
+/// What DSnoT's swaps are judged by (`oqt_compress::prune::dsnot::DsnotCriterion`).
+pub const DSNOT_CRITERIA: &[&str] = &["expectation", "exact"];
 
 /// `[[steps]] kind = "prune"`: the options of `oqt prune`, same names in
 /// snake case, same defaults. Exactly one of `sparsity` and `nm`.
@@ -224,11 +231,15 @@ pub struct PruneStep {
     pub dsnot_threshold: f64,
     /// DSnoT on the MLP linears too (the authors leave them on the base mask).
     pub dsnot_mlp: bool,
-    /// DSnoT: check the sign of the pruned weight on unstructured masks too.
+    /// DSnoT: stop a row rather than flip its error's sign, on unstructured
+    /// masks too (N:M always does).
     pub dsnot_sign_check: bool,
     /// DSnoT: input moments over unit-length token rows (robust to the few
     /// huge-norm tokens), not raw.
     pub dsnot_unit_rows: bool,
+    /// DSnoT: `expectation` (the paper's first-moment error) or `exact` (the
+    /// squared output error on the calibration inputs).
+    pub dsnot_criterion: String,
 }
 
 impl Default for PruneStep {
@@ -243,6 +254,7 @@ impl Default for PruneStep {
             dsnot_mlp: false,
             dsnot_sign_check: false,
             dsnot_unit_rows: false,
+            dsnot_criterion: "expectation".into(),
         }
     }
 }
@@ -293,12 +305,75 @@ impl PruneStep {
             }
             _ => {}
         }
+        if !DSNOT_CRITERIA.contains(&self.dsnot_criterion.as_str()) {
+            out.push(format!(
+                "{}: unknown criterion `{}`; expected one of {}",
+                name("dsnot_criterion"),
+                self.dsnot_criterion,
+                DSNOT_CRITERIA.join(", ")
+            ));
+        }
         if !(self.dsnot_threshold >= 0.0 && self.dsnot_threshold.is_finite()) {
             out.push(format!(
                 "{}: expected a number ≥ 0, found {}",
                 name("dsnot_threshold"),
                 self.dsnot_threshold
             ));
+        }
+        out
+    }
+}
+
+/// The `cluster` step's methods.
+pub const CLUSTER_METHODS: &[&str] = &["kmeans"];
+
+/// `[[steps]] kind = "cluster"`: the options of `oqt cluster`, same names in
+/// snake case, same defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterStep {
+    /// `kmeans` (post-training).
+    pub method: String,
+    /// Index width: `2^bits` table entries (1–8).
+    pub bits: u8,
+    /// Output channels sharing one table; 0 for one table per tensor.
+    pub group_channels: usize,
+    /// k-means: Lloyd iterations at most.
+    pub iterations: usize,
+    /// Weigh each weight by its input channel's calibration energy `E[x²]`
+    /// (over unit-length token rows); `false`: every weight counts the same.
+    pub importance: bool,
+}
+
+impl Default for ClusterStep {
+    fn default() -> Self {
+        Self {
+            method: "kmeans".into(),
+            bits: 4,
+            group_channels: 16,
+            iterations: 50,
+            importance: true,
+        }
+    }
+}
+
+impl ClusterStep {
+    /// Problems with the options, each naming its field as `name(field)` renders it.
+    pub fn problems(&self, name: impl Fn(&str) -> String) -> Vec<String> {
+        let mut out = Vec::new();
+        if !CLUSTER_METHODS.contains(&self.method.as_str()) {
+            out.push(format!(
+                "{}: unknown method `{}`; expected one of {}",
+                name("method"),
+                self.method,
+                CLUSTER_METHODS.join(", ")
+            ));
+        }
+        if !crate::lut::LUT_BITS.contains(&self.bits) {
+            out.push(format!("{}: expected 1–8, found {}", name("bits"), self.bits));
+        }
+        if self.iterations == 0 {
+            out.push(format!("{}: expected at least 1", name("iterations")));
         }
         out
     }
@@ -473,6 +548,7 @@ const BUILTIN: &[(&str, &str)] = &[
         "sparse-2of4-w4a8-dyn",
         include_str!("../../../../recipes/sparse-2of4-w4a8-dyn.toml"),
     ),
+    ("lut4-a8-dyn", include_str!("../../../../recipes/lut4-a8-dyn.toml")),
 ];
 
 pub fn builtin_recipe_names() -> Vec<&'static str> {
@@ -504,6 +580,7 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
         problems.push("calibration: samples must be ≥ 1 and seq_len ≥ 2".into());
     }
     let first_non_prune = recipe.steps.iter().position(|s| !matches!(s, Step::Prune(_)));
+    let weights_step = |s: &Step| matches!(s, Step::Quantize(_) | Step::Cluster(_));
     for (i, step) in recipe.steps.iter().enumerate() {
         match step {
             Step::Prune(p) => {
@@ -514,6 +591,14 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
                     ));
                 }
                 problems.extend(p.problems(|f| format!("steps[{i}].{f}")));
+            }
+            Step::Cluster(c) => {
+                if Some(i) != first_non_prune {
+                    problems.push(format!(
+                        "steps[{i}]: a `cluster` step starts from the float (or pruned) model, so it comes first or right after the `prune` steps"
+                    ));
+                }
+                problems.extend(c.problems(|f| format!("steps[{i}].{f}")));
             }
             Step::Quantize(q) => {
                 if Some(i) != first_non_prune {
@@ -531,7 +616,11 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
                 }
             }
             Step::Qat(q) => {
-                if !recipe.steps[..i].iter().any(|s| matches!(s, Step::Quantize(_))) {
+                if recipe.steps[..i].iter().any(|s| matches!(s, Step::Cluster(_))) {
+                    problems.push(format!(
+                        "steps[{i}]: a `qat` step trains integer grids, not palettes; it cannot follow a `cluster` step"
+                    ));
+                } else if !recipe.steps[..i].iter().any(weights_step) {
                     problems.push(format!(
                         "steps[{i}]: a `qat` step trains a quantized bundle; put a `quantize` step before it"
                     ));
@@ -698,6 +787,39 @@ mod tests {
         );
         let e = err(good.replace("lr = 1e-3", "lr = -1.0"));
         assert!(e.contains("steps[1].lr"), "{e}");
+    }
+
+    #[test]
+    fn cluster_steps_are_checked_like_the_others() {
+        let good = include_str!("../../../../recipes/lut4-a8-dyn.toml");
+        let p = Path::new("lut.toml");
+        let lut = parse(good, p).unwrap();
+        let Step::Cluster(c) = &lut.steps[0] else {
+            panic!("a cluster step")
+        };
+        assert_eq!((c.method.as_str(), c.bits, c.group_channels), ("kmeans", 4, 16));
+        assert!(c.importance && c.iterations == 50);
+        let err = |text: String| parse(&text, p).unwrap_err().to_string();
+        let e = err(good.replace("bits = 4\ngroup", "bits = 9\ngroup"));
+        assert!(e.contains("steps[0].bits: expected 1–8, found 9"), "{e}");
+        let e = err(good.replace("method = \"kmeans\"", "method = \"gmm\""));
+        assert!(e.contains("steps[0].method: unknown method `gmm`"), "{e}");
+        let e = err(good.replace("group_channels = 16", "group_channels = 16\ntau = 1"));
+        assert!(e.contains("tau"), "{e}");
+        // Quantize and cluster both start from the float model; qat does not train palettes.
+        let e = err(good.to_string() + "\n[[steps]]\nkind = \"quantize\"\n");
+        assert!(e.contains("steps[1]: a `quantize` step starts from the float"), "{e}");
+        let e = err(good.to_string() + "\n[[steps]]\nkind = \"qat\"\n");
+        assert!(
+            e.contains("steps[1]: a `qat` step trains integer grids, not palettes"),
+            "{e}"
+        );
+        // Prune first is fine.
+        let pruned = good.replace(
+            "[[steps]]\nkind = \"cluster\"",
+            "[[steps]]\nkind = \"prune\"\nnm = \"2:4\"\n\n[[steps]]\nkind = \"cluster\"",
+        );
+        assert_eq!(parse(&pruned, p).unwrap().steps.len(), 2);
     }
 
     #[test]

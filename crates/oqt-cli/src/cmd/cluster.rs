@@ -1,0 +1,156 @@
+//! `oqt cluster`: palettize every decoder linear (each weight a `bits`-bit
+//! index into a table shared by a group of output channels) into a `lut`
+//! bundle, embedding, head and activations on a recipe's grids; then score it
+//! on WikiText-2 in the runtime.
+
+use super::load;
+use super::quantize::Bars;
+use crate::output::{mib, print_json};
+use anyhow::Context;
+use clap::Args;
+use oqt_compress::cluster::{ClusterReport, cluster_to_bundle};
+use oqt_core::quant::ClusterStep;
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Model alias, GGUF file, HF directory or hub id (or a pruned float bundle).
+    pub model: String,
+    /// `kmeans`: post-training weighted k-means, k-means++ initialised.
+    #[arg(long, default_value = "kmeans")]
+    pub method: String,
+    /// Index width: 2^B table entries (1–8).
+    #[arg(long, default_value_t = 4, value_name = "B")]
+    pub bits: u8,
+    /// Output channels sharing one table (0: one table per tensor); must
+    /// divide every decoder linear's output channels.
+    #[arg(long, default_value_t = 16, value_name = "G")]
+    pub group_channels: usize,
+    /// k-means: Lloyd iterations at most.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub iterations: usize,
+    /// Count every weight the same (no calibration), instead of by its input
+    /// channel's energy on calibration text.
+    #[arg(long)]
+    pub no_importance: bool,
+    /// The recipe whose activations, embedding/head grids and calibration the
+    /// bundle takes (dynamic or float activations).
+    #[arg(long, default_value = "lut4-a8-dyn")]
+    pub recipe: String,
+    /// WikiText-2 chunks (ctx 512) to evaluate the bundle on, in the runtime.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub eval_chunks: usize,
+    /// Skip the evaluation (just write the bundle).
+    #[arg(long)]
+    pub no_eval: bool,
+    /// Where to write the bundle (default: exports/<model>-lut<B>-g<G>.oqt).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Print JSON (every linear's error included).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Output {
+    model: String,
+    bundle: PathBuf,
+    bundle_bytes: u64,
+    #[serde(flatten)]
+    report: ClusterReport,
+    /// WikiText-2 perplexity of the bundle in the runtime, when evaluated.
+    perplexity: Option<f64>,
+    eval_chunks: Option<usize>,
+    peak_rss_mib: Option<f64>,
+}
+
+pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
+    let step = ClusterStep {
+        method: a.method.clone(),
+        bits: a.bits,
+        group_channels: a.group_channels,
+        iterations: a.iterations,
+        importance: !a.no_importance,
+    };
+    let problems = step.problems(|f| format!("--{}", f.replace('_', "-")));
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
+    let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
+    let model = load(&a.model)?;
+    let output = a.output.clone().unwrap_or_else(|| {
+        let stem = a.model.replace(['/', '\\'], "_");
+        PathBuf::from("exports").join(format!("{stem}-lut{}-g{}.oqt", a.bits, a.group_channels))
+    });
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let created_by = format!("oqt {}", env!("CARGO_PKG_VERSION"));
+    let (writer, report) = {
+        let mut bars = Bars {
+            label: "cluster".into(),
+            pb: None,
+        };
+        cluster_to_bundle(&model, &recipe, &step, &created_by, &mut bars).context("clustering")?
+    };
+    writer
+        .write(&output)
+        .with_context(|| format!("writing {}", output.display()))?;
+    let perplexity = if a.no_eval {
+        None
+    } else {
+        let (rt, _) = super::load_runtime(&output)?;
+        let (_, tokens) = super::eval::dataset_tokens(&model.tokenizer, "wikitext2")?;
+        let opts = oqt_eval::PerplexityOptions {
+            ctx: 512,
+            max_chunks: Some(a.eval_chunks),
+            bos: model.tokenizer.document_bos(),
+        };
+        let pb = crate::output::bar(a.eval_chunks as u64, "evaluating the bundle (runtime)");
+        let r = oqt_eval::perplexity(&rt, &tokens, &opts, |p| pb.set_position(p.chunk as u64))?;
+        pb.finish_and_clear();
+        Some(r.perplexity)
+    };
+    let out = Output {
+        model: model.name.clone(),
+        bundle_bytes: std::fs::metadata(&output)?.len(),
+        bundle: output,
+        report,
+        perplexity,
+        eval_chunks: perplexity.map(|_| a.eval_chunks),
+        peak_rss_mib: oqt_core::sys::peak_rss_mib(),
+    };
+    if a.json {
+        return print_json(&out);
+    }
+    let r = &out.report;
+    println!(
+        "{} · {} {} bits, {} · mean weighted weight error {:.5}",
+        out.model,
+        r.method,
+        r.bits,
+        if r.group_channels == 0 {
+            "one table per tensor".to_string()
+        } else {
+            format!("{} channels a table", r.group_channels)
+        },
+        r.mean_relative_error
+    );
+    println!(
+        "decoder linears {:.3} bits/weight (tables included); stored {} ({:.2} bits/weight over the model); bundle {} ({}) · clustered in {:.0} s",
+        r.linear_bits_per_weight,
+        mib(r.stored_bytes),
+        r.bits_per_weight,
+        out.bundle.display(),
+        mib(out.bundle_bytes),
+        r.seconds
+    );
+    if let Some(p) = out.perplexity {
+        println!(
+            "WikiText-2 perplexity (runtime, ctx 512, {} chunks): {p:.4}",
+            a.eval_chunks
+        );
+    }
+    Ok(())
+}

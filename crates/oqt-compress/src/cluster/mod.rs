@@ -1,0 +1,13 @@
+//! Weight clustering (palettization): every weight an index into a small
+//! table of values, stored as the `lut` encoding (`oqt_core::lut`).
+//!
+//! * [`kmeans`] — post-training k-means per tensor or per group of output
+//!   channels, importance-weighted by calibration (coremltools' baseline);
+//! * [`job`] — a whole model into a bundle (the `cluster` recipe step).
+
+pub mod kmeans;
+
+pub use kmeans::{KmeansOptions, palettize};
+pub mod job;
+
+pub use job::{ClusterReport, cluster_to_bundle};
