@@ -3,8 +3,11 @@
 //!
 //! * [`kmeans`] — post-training k-means per tensor or per group of output
 //!   channels, importance-weighted by calibration (coremltools' baseline);
+//! * [`dkm`] — DKM's differentiable soft assignment, naive and in eDKM's
+//!   uniquified form (`[U, K]` tables in place of `[N, K]`, same gradients);
 //! * [`job`] — a whole model into a bundle (the `cluster` recipe step).
 
+pub mod dkm;
 pub mod kmeans;
 
 pub use kmeans::{KmeansOptions, palettize};
