@@ -1621,6 +1621,34 @@ fn cluster_palettizes_into_a_lut_bundle_that_runs_as_simulated_and_refuses_bad_s
     assert!(err < 0.05 * var, "3-bit palette error {err} vs weight energy {var}");
     drop(b);
     assert_runs_as_simulated(&out, &text, "lut3 g32");
+    // GGUF has no palette type: the LUT linears go out as F16, which holds
+    // their f16 table values exactly, and the export says so.
+    let gguf_out = d.join("lut3.gguf");
+    let v = json_of(
+        oqt()
+            .args(["export", "--format", "gguf", "--allow-requantize", "--json"])
+            .arg(&out)
+            .arg("--output")
+            .arg(&gguf_out),
+    );
+    let notes = v["notes"].to_string();
+    assert!(
+        notes.contains("14 palettized (LUT) tensors were dequantized"),
+        "{notes}"
+    );
+    let down = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "blk.1.ffn_down.weight")
+        .unwrap();
+    assert_eq!(down["type"], "F16");
+    let back = oqt_core::load_model(&gguf_out).unwrap();
+    assert_eq!(
+        back.weights.get(name).unwrap().data,
+        deq,
+        "F16 holds the palette exactly"
+    );
 
     // Pruned first: the zeros keep an exact zero entry of their table.
     let p24 = d.join("p24.oqt");
