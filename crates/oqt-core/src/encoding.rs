@@ -12,7 +12,7 @@
 //!
 //! | `sparse` | a pruned weight ([`crate::sparse`]): its kept values in an inner encoding — `f32` `[nnz]` after a `NAME.mask` U8 bitmap `[rows, ⌈cols/8⌉]`, or (`n-of-m`) `f32` / `int4` / `int8` over the compacted `[rows, cols·n/m]` (groups shrink by `n/m`, scales unchanged) with `NAME.indices` U8 positions (2 bits each for `m ≤ 4`, else 4) | as its inner encoding on the dense weight | as the dense weight it expands to on load (zeros exact; the kernels run it dense) |
 //!
-//! | `lut`    | a palettized weight ([`crate::lut`]): `NAME.indices` U8, every row's `bits`-bit indices as a bit stream (`⌈cols·bits/8⌉` bytes a row), `NAME.lut` F16 `[rows / group_rows, 2^bits]` | as `int8` per-channel, on each table's int8 grid ([`crate::lut::Palettized::kernel_view`]) | as that int8 weight ([`KernelChoice::Int8Input`] with `weight_bits` 8); float inputs: the f16 table values dequantized |
+//! | `lut`    | a palettized weight ([`crate::lut`]): `NAME.indices` U8, every row's `bits`-bit indices as a bit stream (`⌈cols·bits/8⌉` bytes a row), `NAME.lut` F16 `[rows / group_rows, 2^bits]` | as `int8` per-channel, on each table's int8 grid ([`crate::lut::Palettized::kernel_view`]) | as that int8 weight ([`KernelChoice::Int8Input`] with `weight_bits` 8; float inputs: [`KernelChoice::Dequantized`] on it) |
 //!
 //! (`k_pad` is the row padded to whole blocks of 32.) Later encodings —
 //! shared-block references, adapters — join as variants with their own rows

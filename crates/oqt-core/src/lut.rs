@@ -8,13 +8,13 @@
 //! the low bit of each byte, rows padded to whole bytes — and `NAME.lut` F16
 //! `[rows / group_rows, 2^bits]`.
 //!
-//! **Deployed arithmetic.** With float inputs a weight is its f16 table value.
-//! With integer inputs the kernels multiply an int8 weight: each table is
-//! rounded once, at load, onto a symmetric 8-bit grid of its own scale
-//! (`max |t| / 127`, half to even), so a LUT weight runs as the per-channel
-//! int8 weight [`Palettized::kernel_view`] returns, whose values the LUT
-//! kernel looks up in registers from the packed indices. The simulation
-//! multiplies the same view, so runtime = simulation holds by construction.
+//! **Deployed arithmetic.** Each table is rounded once, at load, onto a
+//! symmetric 8-bit grid of its own scale (`max |t| / 127`, half to even), so a
+//! LUT weight runs as the per-channel int8 weight [`Palettized::kernel_view`]
+//! returns: on the int8 kernels with integer inputs, dequantized (each weight
+//! within half an int8 step of its f16 value) with float inputs. The
+//! simulation multiplies the same view, so runtime = simulation holds by
+//! construction; GGUF and HF export write the f16 values themselves.
 
 use crate::quant::{Granularity, QuantizedWeight, WeightSpec};
 use half::f16;
