@@ -131,6 +131,79 @@ pub fn dkm_uniquified(w: Tensor<1>, uq: &Uniquified, c0: Tensor<1>, opts: &DkmOp
     (table.select(0, idx) + own, c)
 }
 
+/// A weight's rows in groups of `group_rows`, each group's distinct values
+/// (eDKM's uniquification per table): `values`/`counts` are `[groups, u_max]`
+/// (padding entries count 0), `index` maps each weight to its group's entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupedUnique {
+    pub groups: usize,
+    pub u_max: usize,
+    pub values: Vec<f32>,
+    pub counts: Vec<f32>,
+    pub index: Vec<i64>,
+}
+
+/// [`uniquify`] per group of `group_rows` rows of `w` (`[rows, cols]`).
+pub fn uniquify_groups(w: &[f32], cols: usize, group_rows: usize) -> GroupedUnique {
+    let parts: Vec<Uniquified> = w.chunks(group_rows * cols).map(uniquify).collect();
+    let u_max = parts.iter().map(|p| p.values.len()).max().unwrap_or(0);
+    let groups = parts.len();
+    let mut values = vec![0f32; groups * u_max];
+    let mut counts = vec![0f32; groups * u_max];
+    let mut index = Vec::with_capacity(w.len());
+    for (g, p) in parts.iter().enumerate() {
+        values[g * u_max..g * u_max + p.values.len()].copy_from_slice(&p.values);
+        counts[g * u_max..g * u_max + p.counts.len()].copy_from_slice(&p.counts);
+        index.extend(p.index.iter().map(|&i| (g * u_max) as i64 + i as i64));
+    }
+    GroupedUnique {
+        groups,
+        u_max,
+        values,
+        counts,
+        index,
+    }
+}
+
+/// Uniquified DKM with one table per group of rows: `w` `[N]` (row-major,
+/// the values of `gu`), starting centroids `c0` `[groups, K]`; returns `ŵ`
+/// and the centroids. Per group it is [`dkm_uniquified`], all groups at once.
+pub fn dkm_grouped(w: Tensor<1>, gu: &GroupedUnique, c0: Tensor<2>, opts: &DkmOptions) -> (Tensor<1>, Tensor<2>) {
+    let device = w.device();
+    let [groups, k] = c0.dims();
+    assert_eq!(groups, gu.groups, "one centroid row per group");
+    let (g, u) = (groups, gu.u_max);
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(gu.index.clone(), [gu.index.len()]), &device);
+    let counts = tensor1(&gu.counts, &device);
+    let u_tracked =
+        Tensor::<1>::zeros([g * u], &device).select_assign(0, idx.clone(), w.clone(), IndexingUpdateOp::Add)
+            / counts.clone().clamp_min(1.0);
+    let u3 = u_tracked.reshape([g, u, 1]);
+    let cnt3 = counts.reshape([g, u, 1]);
+    let assign = |x: Tensor<3>, c: Tensor<2>| {
+        let d = (x - c.reshape([g, 1, k])).powi_scalar(2);
+        softmax(d.div_scalar(-opts.tau), 2)
+    };
+    let mut c = c0;
+    for _ in 0..opts.iterations {
+        let a = assign(u3.clone(), c) * cnt3.clone();
+        let num = (a.clone() * u3.clone()).sum_dim(1).reshape([g, k]);
+        let den = a.sum_dim(1).reshape([g, k]).clamp_min(1e-30);
+        c = num / den;
+    }
+    let u_fixed = tensor1(&gu.values, &device).reshape([g, u, 1]);
+    let a = assign(u_fixed.clone(), c.clone());
+    let c3 = c.clone().reshape([g, 1, k]);
+    let table = (a.clone() * c3.clone()).sum_dim(2).reshape([g * u]);
+    let a = a.detach();
+    let cd = c3.detach();
+    let s = (u_fixed - cd.clone()).mul_scalar(-2.0 / opts.tau);
+    let as_ = a * s;
+    let jac = (as_.clone() * cd).sum_dim(2).reshape([g * u]) - table.clone().detach() * as_.sum_dim(2).reshape([g * u]);
+    let own = jac.select(0, idx.clone()) * (w.clone() - w.detach());
+    (table.select(0, idx) + own, c)
+}
+
 fn tensor1(v: &[f32], device: &Device) -> Tensor<1> {
     Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
 }
@@ -199,5 +272,50 @@ mod tests {
         // The soft assignment does something: ŵ is near the centroids, not w.
         assert!(naive.0.iter().zip(&w).any(|(a, b)| (a - b).abs() > 1e-3));
         assert!(naive.2.iter().any(|g| g.abs() > 1e-3));
+    }
+
+    #[test]
+    fn grouped_dkm_is_per_group_dkm_all_at_once() {
+        let (w, c0, g) = fixture();
+        // 600 weights as [12, 50], tables per 4 rows: three groups, each its own centroids.
+        let (cols, group_rows) = (50, 4);
+        let device = Device::flex().autodiff();
+        let opts = DkmOptions {
+            tau: 2e-4,
+            iterations: 3,
+        };
+        let shifted: Vec<f32> = (0..3)
+            .flat_map(|j| c0.iter().map(move |c| c + 0.01 * j as f32))
+            .collect();
+        let wt = tensor1(&w, &device).require_grad();
+        let ct = Tensor::<2>::from_data(TensorData::new(shifted.clone(), [3, c0.len()]), &device).require_grad();
+        let gu = uniquify_groups(&w, cols, group_rows);
+        assert_eq!(gu.groups, 3);
+        let (w_hat, c) = dkm_grouped(wt.clone(), &gu, ct.clone(), &opts);
+        let grads = (w_hat.clone() * tensor1(&g, &device)).sum().backward();
+        let (w_hat, c, gw) = (
+            to_vec(w_hat.detach()),
+            to_vec(c.detach()),
+            to_vec(wt.grad(&grads).unwrap()),
+        );
+        let k = c0.len();
+        for grp in 0..3 {
+            let span = grp * group_rows * cols..(grp + 1) * group_rows * cols;
+            let wg = tensor1(&w[span.clone()], &device).require_grad();
+            let cg = tensor1(&shifted[grp * k..(grp + 1) * k], &device).require_grad();
+            let (hat, cc) = dkm_uniquified(wg.clone(), &uniquify(&w[span.clone()]), cg, &opts);
+            let grads = (hat.clone() * tensor1(&g[span.clone()], &device)).sum().backward();
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "group {grp} {what}: {x} vs {y}"
+                    );
+                }
+            };
+            close(&w_hat[span.clone()], &to_vec(hat.detach()), "ŵ");
+            close(&c[grp * k..(grp + 1) * k], &to_vec(cc.detach()), "centroids");
+            close(&gw[span.clone()], &to_vec(wg.grad(&grads).unwrap()), "∂L/∂w");
+        }
     }
 }
