@@ -1685,6 +1685,40 @@ fn cluster_palettizes_into_a_lut_bundle_that_runs_as_simulated_and_refuses_bad_s
         assert!(*a != 0.0 || *b == 0.0, "a pruned weight moved off zero: {b}");
     }
 
+    // eDKM: DKM training layer by layer from the k-means palettes, then the same bundle kind.
+    let edkm = d.join("edkm.oqt");
+    let report = json_of(
+        oqt()
+            .arg("cluster")
+            .arg(&gguf)
+            .args([
+                "--method",
+                "edkm",
+                "--bits",
+                "2",
+                "--group-channels",
+                "32",
+                "--steps",
+                "3",
+                "--lr",
+                "1e-3",
+            ])
+            .arg("--calib-data")
+            .arg(&text)
+            .args([
+                "--calib-samples",
+                "2",
+                "--calib-seq-len",
+                "32",
+                "--no-eval",
+                "--json",
+                "--output",
+            ])
+            .arg(&edkm),
+    );
+    assert_eq!(report["method"], "edkm");
+    assert_runs_as_simulated(&edkm, &text, "edkm lut2 g32");
+
     // Bad input: bits outside 1–8, a group not dividing the output channels; nothing written.
     let bad = d.join("bad.oqt");
     cluster(&["--bits", "9"], &bad)

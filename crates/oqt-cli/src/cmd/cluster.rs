@@ -17,7 +17,8 @@ use std::path::PathBuf;
 pub struct ClusterArgs {
     /// Model alias, GGUF file, HF directory or hub id (or a pruned float bundle).
     pub model: String,
-    /// `kmeans`: post-training weighted k-means, k-means++ initialised.
+    /// `kmeans` (post-training weighted k-means, k-means++ initialised) or
+    /// `edkm` (DKM training layer by layer, uniquified, from the k-means palettes).
     #[arg(long, default_value = "kmeans")]
     pub method: String,
     /// Index width: 2^B table entries (1–8).
@@ -34,10 +35,28 @@ pub struct ClusterArgs {
     /// channel's energy on calibration text.
     #[arg(long)]
     pub no_importance: bool,
+    /// eDKM: Adam steps per layer (each over every calibration window).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub steps: usize,
+    /// eDKM: Adam learning rate on weights and centroids.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f32,
+    /// eDKM: DKM's temperature relative to each linear's mean squared weight.
+    #[arg(long, default_value_t = 0.01)]
+    pub tau: f32,
     /// The recipe whose activations, embedding/head grids and calibration the
     /// bundle takes (dynamic or float activations).
     #[arg(long, default_value = "lut4-a8-dyn")]
     pub recipe: String,
+    /// Calibration dataset (a training-role name or a text file), instead of the recipe's.
+    #[arg(long, value_name = "DATASET")]
+    pub calib_data: Option<String>,
+    /// Calibration windows, instead of the recipe's.
+    #[arg(long, value_name = "N")]
+    pub calib_samples: Option<usize>,
+    /// Tokens per calibration window, instead of the recipe's.
+    #[arg(long, value_name = "N")]
+    pub calib_seq_len: Option<usize>,
     /// WikiText-2 chunks (ctx 512) to evaluate the bundle on, in the runtime.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub eval_chunks: usize,
@@ -72,12 +91,23 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         group_channels: a.group_channels,
         iterations: a.iterations,
         importance: !a.no_importance,
+        steps: a.steps,
+        lr: a.lr,
+        tau: a.tau,
     };
     let problems = step.problems(|f| format!("--{}", f.replace('_', "-")));
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("; "));
     }
-    let recipe = oqt_core::quant::load_recipe(&a.recipe)?;
+    let mut recipe = oqt_core::quant::load_recipe(&a.recipe)?;
+    if let Some(d) = &a.calib_data {
+        recipe.calibration.dataset = d.clone();
+    }
+    recipe.calibration.samples = a.calib_samples.unwrap_or(recipe.calibration.samples);
+    recipe.calibration.seq_len = a.calib_seq_len.unwrap_or(recipe.calibration.seq_len);
+    if recipe.calibration.samples == 0 || recipe.calibration.seq_len < 2 {
+        anyhow::bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
+    }
     let model = load(&a.model)?;
     let output = a.output.clone().unwrap_or_else(|| {
         let stem = a.model.replace(['/', '\\'], "_");

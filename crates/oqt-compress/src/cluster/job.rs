@@ -109,7 +109,53 @@ pub fn cluster_to_bundle(
     };
     let mut writer = BundleWriter::new(manifest);
     let total = cfg.num_layers * Proj::PER_LAYER.len();
-    progress.phase(&format!("k-means {} bits", step.bits), total);
+    let importance: Option<Vec<[Vec<f32>; 4]>> = importance.map(|s| {
+        s.iter()
+            .map(|groups| {
+                groups
+                    .clone()
+                    .map(|st| st.unit_sq_sum.iter().map(|&v| v as f32).collect())
+            })
+            .collect()
+    });
+    // eDKM trains every layer first (the palettes come out whole).
+    let mut trained: std::collections::BTreeMap<String, oqt_core::lut::Palettized> = Default::default();
+    if step.method == "edkm" {
+        if !model.sparsity.is_empty() {
+            return Err(CoreError::Other(
+                "eDKM on a pruned model is not supported yet (k-means keeps the zeros)".into(),
+            ));
+        }
+        if step.group_channels == 0 {
+            return Err(CoreError::Other(
+                "eDKM needs a group of output channels (group_channels > 0)".into(),
+            ));
+        }
+        let (_, windows) = load_windows(&model.tokenizer, &recipe.calibration)?;
+        progress.phase(&format!("eDKM {} bits", step.bits), cfg.num_layers);
+        let opts = super::edkm::EdkmOptions {
+            bits: step.bits,
+            group_rows: step.group_channels,
+            steps: step.steps,
+            lr: step.lr,
+            tau_rel: step.tau,
+            iterations: 3,
+        };
+        let (palettes, layers) =
+            super::edkm::edkm_model(cfg, &model.weights, &windows, importance.as_deref(), &opts, |d, _| {
+                progress.set(d)
+            })?;
+        for l in &layers {
+            tracing::info!(
+                layer = l.layer,
+                kmeans = l.kmeans_error,
+                edkm = l.edkm_error,
+                "eDKM layer error"
+            );
+        }
+        trained = palettes.into_iter().collect();
+    }
+    progress.phase(&format!("{} {} bits", step.method, step.bits), total);
     let mut linears = Vec::with_capacity(total);
     let mut palettized = std::collections::BTreeSet::new();
     for layer in 0..cfg.num_layers {
@@ -117,10 +163,9 @@ pub fn cluster_to_bundle(
             let name = p.weight_name(layer);
             let t = model.weights.get(&name).expect("checked above");
             let (rows, cols) = (t.shape[0], t.shape[1]);
-            let imp: Option<Vec<f32>> = importance.as_ref().map(|s| {
-                let st = &s[layer][group_index(p).expect("decoder linear")];
-                st.unit_sq_sum.iter().map(|&v| v as f32).collect()
-            });
+            let imp: Option<&[f32]> = importance
+                .as_ref()
+                .map(|s| s[layer][group_index(p).expect("decoder linear")].as_slice());
             let opts = KmeansOptions {
                 bits: step.bits,
                 group_rows: resolve_group(step.group_channels, rows),
@@ -128,12 +173,16 @@ pub fn cluster_to_bundle(
                 keep_zeros: model.sparsity.contains_key(&name),
                 seed: layer as u64 * 16 + p as u64,
             };
-            let pal = palettize(&t.data, rows, cols, imp.as_deref(), &opts)
-                .map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
+            let pal = match trained.remove(&name) {
+                Some(pal) => pal,
+                None => {
+                    palettize(&t.data, rows, cols, imp, &opts).map_err(|e| CoreError::Other(format!("{name}: {e}")))?
+                }
+            };
             let deq = pal.dequantize();
             let (mut num, mut den) = (0f64, 0f64);
             for (i, (&w, &q)) in t.data.iter().zip(&deq).enumerate() {
-                let a = imp.as_ref().map_or(1.0, |v| v[i % cols] as f64);
+                let a = imp.map_or(1.0, |v| v[i % cols] as f64);
                 num += a * ((w - q) as f64).powi(2);
                 den += a * (w as f64).powi(2);
             }

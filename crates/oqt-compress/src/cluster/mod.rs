@@ -8,6 +8,7 @@
 //! * [`job`] — a whole model into a bundle (the `cluster` recipe step).
 
 pub mod dkm;
+pub mod edkm;
 pub mod kmeans;
 
 pub use kmeans::{KmeansOptions, palettize};

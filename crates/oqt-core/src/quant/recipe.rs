@@ -325,14 +325,15 @@ impl PruneStep {
 }
 
 /// The `cluster` step's methods.
-pub const CLUSTER_METHODS: &[&str] = &["kmeans"];
+pub const CLUSTER_METHODS: &[&str] = &["kmeans", "edkm"];
 
 /// `[[steps]] kind = "cluster"`: the options of `oqt cluster`, same names in
 /// snake case, same defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterStep {
-    /// `kmeans` (post-training).
+    /// `kmeans` (post-training) or `edkm` (DKM training layer by layer,
+    /// uniquified, from the k-means palettes).
     pub method: String,
     /// Index width: `2^bits` table entries (1–8).
     pub bits: u8,
@@ -343,6 +344,12 @@ pub struct ClusterStep {
     /// Weigh each weight by its input channel's calibration energy `E[x²]`
     /// (over unit-length token rows); `false`: every weight counts the same.
     pub importance: bool,
+    /// eDKM: Adam steps per layer (each over every calibration window).
+    pub steps: usize,
+    /// eDKM: Adam learning rate on the weights and centroids.
+    pub lr: f32,
+    /// eDKM: DKM's temperature relative to each linear's mean squared weight.
+    pub tau: f32,
 }
 
 impl Default for ClusterStep {
@@ -353,6 +360,9 @@ impl Default for ClusterStep {
             group_channels: 16,
             iterations: 50,
             importance: true,
+            steps: 20,
+            lr: 1e-4,
+            tau: 0.01,
         }
     }
 }
@@ -374,6 +384,16 @@ impl ClusterStep {
         }
         if self.iterations == 0 {
             out.push(format!("{}: expected at least 1", name("iterations")));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            out.push(format!("{}: expected a positive number, found {}", name("lr"), self.lr));
+        }
+        if !(self.tau > 0.0 && self.tau.is_finite()) {
+            out.push(format!(
+                "{}: expected a positive number, found {}",
+                name("tau"),
+                self.tau
+            ));
         }
         out
     }

@@ -1,0 +1,368 @@
+//! eDKM training, layer by layer: each decoder layer's seven linears are
+//! trained through DKM's soft assignment ([`super::dkm::dkm_grouped`], the
+//! uniquified form, one table per group of output channels) to reproduce the
+//! float layer's output on the calibration hidden states, then snapped to
+//! palettes. Only one layer's activations are live at a time; the inputs of
+//! the next layer come through the layers already clustered.
+//!
+//! Weights train on f16 values (rounded after every step, so the tables of
+//! distinct values stay ≤ 65,536 a group); the centroids start from weighted
+//! k-means ([`super::kmeans`]), and τ is relative to each linear's weight
+//! energy (`τ = tau_rel · E[w²]`). Optimiser: Adam on weights and centroids.
+
+use super::dkm::{DkmOptions, dkm_grouped, uniquify_groups};
+use super::kmeans::{KmeansOptions, assign, palettize};
+use crate::stats::inputs::{group_index, to_vec};
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use half::f16;
+use oqt_core::lut::Palettized;
+use oqt_core::{CoreError, LlamaConfig, ModelWeights, Result};
+use oqt_model::hooks::{ForwardHooks, Proj};
+
+/// Options of eDKM training.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct EdkmOptions {
+    pub bits: u8,
+    pub group_rows: usize,
+    /// Adam steps per layer (each over every calibration window).
+    pub steps: usize,
+    pub lr: f32,
+    /// τ relative to the linear's mean squared weight.
+    pub tau_rel: f32,
+    /// DKM centroid iterations per forward.
+    pub iterations: usize,
+}
+
+impl Default for EdkmOptions {
+    fn default() -> Self {
+        Self {
+            bits: 4,
+            group_rows: 16,
+            steps: 20,
+            lr: 1e-4,
+            tau_rel: 0.01,
+            iterations: 3,
+        }
+    }
+}
+
+/// One layer's linears as trainable `ŵ` (`[cols, rows]`, the model's layout).
+struct LayerWeights {
+    layer: usize,
+    w_hat: Vec<Tensor<2>>,
+}
+
+impl ForwardHooks for LayerWeights {
+    fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        let Some(i) = Proj::PER_LAYER
+            .iter()
+            .position(|&p| p == proj)
+            .filter(|_| layer == self.layer)
+        else {
+            return float(x);
+        };
+        let [b, s, d] = x.dims();
+        let w = self.w_hat[i].clone();
+        let [_, rows] = w.dims();
+        x.reshape([b * s, d]).matmul(w).reshape([b, s, rows])
+    }
+}
+
+/// Per layer: the mean squared output error of the k-means start and of the trained palettes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EdkmLayer {
+    pub layer: usize,
+    pub kmeans_error: f64,
+    pub edkm_error: f64,
+}
+
+/// Palettes by tensor name, in model order.
+pub type NamedPalettes = Vec<(String, Palettized)>;
+
+/// Train and snap every decoder linear of `weights`; returns the palettes by
+/// tensor name and each layer's output error before (k-means) and after.
+pub fn edkm_model(
+    cfg: &LlamaConfig,
+    weights: &ModelWeights,
+    windows: &[Vec<u32>],
+    importance: Option<&[[Vec<f32>; 4]]>,
+    opts: &EdkmOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(NamedPalettes, Vec<EdkmLayer>)> {
+    if windows.is_empty() {
+        return Err(CoreError::Other("eDKM needs calibration windows".into()));
+    }
+    let plain = Device::flex();
+    let device = plain.clone().autodiff();
+    let mut model = oqt_model::llama_from_weights(cfg, weights.clone(), &plain);
+    // The float model on the autodiff device: each layer's norms and attention
+    // around the trained linears (the hooks replace all seven).
+    let frozen = oqt_model::llama_from_weights(cfg, weights.clone(), &device).freeze();
+    let positions_ad: Vec<_> = windows.iter().map(|w| frozen.positions(w.len(), &device)).collect();
+    let positions: Vec<_> = windows.iter().map(|w| model.positions(w.len(), &plain)).collect();
+    let mut hidden: Vec<Tensor<3>> = windows
+        .iter()
+        .map(|w| model.embed_with(model.tokens_tensor(w), &oqt_model::NoHooks))
+        .collect();
+    let mut out = Vec::new();
+    let mut report = Vec::new();
+    for layer in 0..cfg.num_layers {
+        let targets: Vec<Tensor<3>> = hidden
+            .iter()
+            .zip(&positions)
+            .map(|(x, p)| model.layer_with(layer, x.clone(), p, &oqt_model::NoHooks))
+            .collect();
+        // Start: weighted k-means palettes, weights on f16 values.
+        let mut params = Vec::new();
+        for (i, p) in Proj::PER_LAYER.iter().enumerate() {
+            let name = p.weight_name(layer);
+            let t = weights
+                .get(&name)
+                .ok_or_else(|| CoreError::Other(format!("{name}: missing")))?;
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let imp = importance.map(|s| s[layer][group_index(*p).expect("decoder linear")].as_slice());
+            let km = palettize(
+                &t.data,
+                rows,
+                cols,
+                imp,
+                &KmeansOptions {
+                    bits: opts.bits,
+                    group_rows: opts.group_rows,
+                    seed: (layer * 7 + i) as u64,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
+            let w16: Vec<f32> = t.data.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+            let energy = w16.iter().map(|v| (v * v) as f64).sum::<f64>() / w16.len() as f64;
+            let centroids: Vec<f32> = km.tables.iter().map(|v| v.to_f32()).collect();
+            params.push(Trainable::new(
+                name,
+                rows,
+                cols,
+                w16,
+                centroids,
+                km,
+                energy as f32 * opts.tau_rel,
+                &device,
+            ));
+        }
+        // The loss on every window, and the (weights, centroids) tensors tracked per linear.
+        type Tracked = Vec<Option<(Tensor<1>, Tensor<2>)>>;
+        let loss_of = |params: &[Trainable], track: bool| -> (Tensor<1>, f64, Tracked) {
+            let (w_hat, tracked): (Vec<_>, Vec<_>) = params.iter().map(|p| p.w_hat(opts, track)).unzip();
+            let hooks = LayerWeights { layer, w_hat };
+            let mut total: Option<Tensor<1>> = None;
+            for ((x, t), pos) in hidden.iter().zip(&targets).zip(&positions_ad) {
+                let y = frozen.layer_with(layer, x.clone().autodiff(), pos, &hooks);
+                let l = (y - t.clone().autodiff()).powi_scalar(2).mean().reshape([1]);
+                total = Some(match total {
+                    Some(s) => s + l,
+                    None => l,
+                });
+            }
+            let total = total.expect("windows").div_scalar(windows.len() as f32);
+            let value = to_vec(total.clone().detach())[0] as f64;
+            (total, value, tracked)
+        };
+        let kmeans_error = loss_of(&snapped(&params), false).1;
+        for step in 0..opts.steps {
+            let (loss, _, tracked) = loss_of(&params, true);
+            let grads = loss.backward();
+            for (p, t) in params.iter_mut().zip(tracked) {
+                let (w, c) = t.expect("tracked");
+                p.adam(
+                    w.grad(&grads).map(to_vec),
+                    c.grad(&grads).map(to_vec),
+                    opts.lr,
+                    step + 1,
+                );
+            }
+        }
+        let snapped = snapped(&params);
+        let edkm_error = loss_of(&snapped, false).1;
+        tracing::info!(layer, kmeans_error, edkm_error, "layer clustered");
+        for (p, proj) in snapped.iter().zip(Proj::PER_LAYER) {
+            let pal = p.palette();
+            oqt_model::set_decoder_weight(&mut model, layer, proj, &pal.dequantize());
+            out.push((p.name.clone(), pal));
+        }
+        report.push(EdkmLayer {
+            layer,
+            kmeans_error,
+            edkm_error,
+        });
+        if layer + 1 < cfg.num_layers {
+            hidden = hidden
+                .into_iter()
+                .zip(&positions)
+                .map(|(x, pos)| model.layer_with(layer, x, pos, &oqt_model::NoHooks))
+                .collect();
+        }
+        progress(layer + 1, cfg.num_layers);
+    }
+    Ok((out, report))
+}
+
+/// One linear under training: f16-valued weights, one centroid row per group, Adam state.
+#[derive(Clone)]
+struct Trainable {
+    name: String,
+    rows: usize,
+    cols: usize,
+    w: Vec<f32>,
+    c: Vec<f32>,
+    km: Palettized,
+    tau: f32,
+    moments: [Vec<f32>; 4],
+    device: Device,
+}
+
+impl Trainable {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: String,
+        rows: usize,
+        cols: usize,
+        w: Vec<f32>,
+        c: Vec<f32>,
+        km: Palettized,
+        tau: f32,
+        device: &Device,
+    ) -> Self {
+        let (nw, nc) = (w.len(), c.len());
+        Self {
+            name,
+            rows,
+            cols,
+            w,
+            c,
+            km,
+            tau,
+            moments: [vec![0.0; nw], vec![0.0; nw], vec![0.0; nc], vec![0.0; nc]],
+            device: device.clone(),
+        }
+    }
+
+    fn groups(&self) -> usize {
+        self.rows / self.km.group_rows
+    }
+
+    /// `ŵ` in the model's layout `[cols, rows]`: DKM's soft weights when
+    /// training (with the weights and centroids tensors to read gradients
+    /// from), else the weights as they are (already snapped).
+    fn w_hat(&self, opts: &EdkmOptions, track: bool) -> (Tensor<2>, Option<(Tensor<1>, Tensor<2>)>) {
+        let w = tensor(&self.w, [self.w.len()], &self.device);
+        let (flat, tracked) = if track {
+            let gu = uniquify_groups(&self.w, self.cols, self.km.group_rows);
+            let c = tensor(&self.c, [self.groups(), self.km.entries()], &self.device).require_grad();
+            let w = w.require_grad();
+            let dkm = DkmOptions {
+                tau: self.tau,
+                iterations: opts.iterations,
+            };
+            (dkm_grouped(w.clone(), &gu, c.clone(), &dkm).0, Some((w, c)))
+        } else {
+            (w, None)
+        };
+        (flat.reshape([self.rows, self.cols]).transpose(), tracked)
+    }
+
+    /// One Adam step on weights and centroids (no gradient: no move).
+    fn adam(&mut self, gw: Option<Vec<f32>>, gc: Option<Vec<f32>>, lr: f32, t: usize) {
+        let gw = gw.unwrap_or_else(|| vec![0.0; self.w.len()]);
+        let gc = gc.unwrap_or_else(|| vec![0.0; self.c.len()]);
+        let [mw, vw, mc, vc] = &mut self.moments;
+        adam_update(&mut self.w, &gw, mw, vw, lr, t);
+        adam_update(&mut self.c, &gc, mc, vc, lr, t);
+        // Back onto f16 values: the uniquified tables stay small.
+        self.w.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+    }
+
+    /// Hard assignment to the current centroids (rounded to f16, sorted).
+    fn palette(&self) -> Palettized {
+        let k = self.km.entries();
+        let mut tables = Vec::with_capacity(self.c.len());
+        let mut indices = Vec::with_capacity(self.w.len());
+        for (g, c) in self.c.chunks(k).enumerate() {
+            let mut t: Vec<f16> = c.iter().map(|&v| f16::from_f32(v)).collect();
+            t.sort_by(|a, b| a.total_cmp(b));
+            let span = g * self.km.group_rows * self.cols..(g + 1) * self.km.group_rows * self.cols;
+            indices.extend(assign(&self.w[span], &t));
+            tables.extend(t);
+        }
+        Palettized {
+            tables,
+            indices,
+            ..self.km.clone()
+        }
+    }
+}
+
+/// Copies of `params` whose weights are their palettes' values.
+fn snapped(params: &[Trainable]) -> Vec<Trainable> {
+    params
+        .iter()
+        .map(|p| {
+            let mut s = p.clone();
+            s.w = p.palette().dequantize();
+            s
+        })
+        .collect()
+}
+
+fn adam_update(x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, t: usize) {
+    let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+    let (c1, c2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
+    for i in 0..x.len() {
+        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+        x[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+    }
+}
+
+fn tensor<const D: usize>(v: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oqt_core::testing::{random_weights, tiny_config};
+
+    #[test]
+    fn edkm_lowers_each_layers_error_below_its_kmeans_start() {
+        let cfg = tiny_config();
+        let weights = random_weights(&cfg, 9);
+        let windows: Vec<Vec<u32>> = (0..3)
+            .map(|s| (0..24).map(|i| ((i * 7 + s * 13) % 300) as u32).collect())
+            .collect();
+        let opts = EdkmOptions {
+            bits: 2,
+            group_rows: 16,
+            steps: 15,
+            lr: 2e-3,
+            ..Default::default()
+        };
+        let (palettes, report) = edkm_model(&cfg, &weights, &windows, None, &opts, |_, _| {}).unwrap();
+        assert_eq!(palettes.len(), 2 * 7);
+        for (name, p) in &palettes {
+            assert_eq!(p.problems(), None, "{name}");
+        }
+        for l in &report {
+            eprintln!(
+                "layer {}: k-means {:.4e} → eDKM {:.4e}",
+                l.layer, l.kmeans_error, l.edkm_error
+            );
+            assert!(
+                l.edkm_error < l.kmeans_error,
+                "layer {}: k-means {} → eDKM {}",
+                l.layer,
+                l.kmeans_error,
+                l.edkm_error
+            );
+        }
+    }
+}
