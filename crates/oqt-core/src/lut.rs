@@ -42,6 +42,9 @@ pub fn shape_problems(rows: usize, bits: u8, group_rows: usize) -> Option<String
     if !LUT_BITS.contains(&bits) {
         return Some(format!("bits: expected 1–8, found {bits}"));
     }
+    if rows == 0 {
+        return Some("rows: expected at least 1".into());
+    }
     if group_rows == 0 || !rows.is_multiple_of(group_rows) {
         return Some(format!(
             "group of output channels: expected a divisor of the {rows} output channels, found {group_rows}"
@@ -85,7 +88,13 @@ impl Palettized {
         if let Some(t) = self.tables.iter().find(|t| !t.is_finite()) {
             return Some(format!("tables: expected finite values, found {t}"));
         }
-        if self.indices.len() != self.rows * self.cols {
+        if self.cols == 0 {
+            return Some("cols: expected at least 1".into());
+        }
+        if let Some(i) = self.indices.iter().find(|&&i| i as usize >= self.entries()) {
+            return Some(format!("indices: expected values below {}, found {i}", self.entries()));
+        }
+        if Some(self.indices.len()) != self.rows.checked_mul(self.cols) {
             return Some(format!(
                 "indices: expected {} ([{}, {}]), found {}",
                 self.rows * self.cols,
@@ -182,10 +191,20 @@ pub fn pack_indices(indices: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u
     out
 }
 
-/// Unpack [`pack_indices`]'s bytes; `Err` says what size was expected.
+/// Unpack [`pack_indices`]'s bytes; `Err` says what size was expected (also
+/// for shapes whose sizes overflow: a hostile manifest).
 pub fn unpack_indices(bytes: &[u8], rows: usize, cols: usize, bits: u8) -> Result<Vec<u8>, String> {
+    let sizes = cols
+        .checked_mul(bits as usize)
+        .and_then(|b| rows.checked_mul(b.div_ceil(8)))
+        .zip(rows.checked_mul(cols));
+    let Some((total, _)) = sizes.filter(|_| cols > 0 && (1..=8).contains(&bits)) else {
+        return Err(format!(
+            "a [{rows}, {cols}] shape of {bits}-bit indices that fits in memory"
+        ));
+    };
     let rb = index_row_bytes(cols, bits);
-    if bytes.len() != rows * rb {
+    if bytes.len() != total {
         return Err(format!("{} bytes ({bits}-bit indices of [{rows}, {cols}])", rows * rb));
     }
     let mask = (1u16 << bits) - 1;
@@ -237,6 +256,15 @@ mod tests {
         assert_eq!(qw.q, vec![64, -127, -127, 64, 127, 127, 0, 0]);
         assert_eq!(qw.scales, vec![1.0 / 127.0, 1.0 / 127.0, 0.25 / 127.0, 0.25 / 127.0]);
         assert!(shape_problems(4, 0, 2).unwrap().contains("1–8"));
+        // Hostile shapes and values are errors, not panics.
+        assert!(unpack_indices(&[], 1, 1 << 61, 8).is_err());
+        assert!(unpack_indices(&[], 1, 0, 4).is_err());
+        let mut bad = p.clone();
+        bad.indices[0] = 2;
+        assert!(bad.problems().unwrap().contains("below 2"));
+        bad.indices[0] = 0;
+        bad.cols = 0;
+        assert!(bad.problems().unwrap().contains("cols"));
         assert!(shape_problems(4, 4, 3).unwrap().contains("divisor"));
     }
 }

@@ -63,7 +63,7 @@ pub struct ClusterArgs {
     /// Skip the evaluation (just write the bundle).
     #[arg(long)]
     pub no_eval: bool,
-    /// Where to write the bundle (default: exports/<model>-lut<B>-g<G>.oqt).
+    /// Where to write the bundle (default: exports/<model>-<method>-lut<B>-g<G>.oqt).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
     /// Print JSON (every linear's error included).
@@ -110,12 +110,13 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
     }
     let model = load(&a.model)?;
     let output = a.output.clone().unwrap_or_else(|| {
-        let stem = a.model.replace(['/', '\\'], "_");
-        PathBuf::from("exports").join(format!("{stem}-lut{}-g{}.oqt", a.bits, a.group_channels))
+        let path = std::path::Path::new(&a.model);
+        let stem = match path.file_stem() {
+            Some(s) if path.exists() => s.to_string_lossy().into_owned(),
+            _ => a.model.replace(['/', '\\'], "_"),
+        };
+        PathBuf::from("exports").join(format!("{stem}-{}-lut{}-g{}.oqt", a.method, a.bits, a.group_channels))
     });
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     let created_by = format!("oqt {}", env!("CARGO_PKG_VERSION"));
     let (writer, report) = {
         let mut bars = Bars {
@@ -124,6 +125,9 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         };
         cluster_to_bundle(&model, &recipe, &step, &created_by, &mut bars).context("clustering")?
     };
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     writer
         .write(&output)
         .with_context(|| format!("writing {}", output.display()))?;

@@ -32,6 +32,8 @@ pub struct EdkmOptions {
     pub tau_rel: f32,
     /// DKM centroid iterations per forward.
     pub iterations: usize,
+    /// The k-means start's Lloyd iterations (as `oqt cluster --method kmeans`).
+    pub kmeans_iterations: usize,
 }
 
 impl Default for EdkmOptions {
@@ -43,6 +45,7 @@ impl Default for EdkmOptions {
             lr: 1e-4,
             tau_rel: 0.01,
             iterations: 3,
+            kmeans_iterations: 50,
         }
     }
 }
@@ -115,7 +118,7 @@ pub fn edkm_model(
             .collect();
         // Start: weighted k-means palettes, weights on f16 values.
         let mut params = Vec::new();
-        for (i, p) in Proj::PER_LAYER.iter().enumerate() {
+        for p in Proj::PER_LAYER.iter() {
             let name = p.weight_name(layer);
             let t = weights
                 .get(&name)
@@ -130,8 +133,10 @@ pub fn edkm_model(
                 &KmeansOptions {
                     bits: opts.bits,
                     group_rows: opts.group_rows,
-                    seed: (layer * 7 + i) as u64,
-                    ..Default::default()
+                    iterations: opts.kmeans_iterations,
+                    keep_zeros: false,
+                    // The k-means path's seed: zero steps reproduce it.
+                    seed: layer as u64 * 16 + *p as u64,
                 },
             )
             .map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
@@ -206,7 +211,10 @@ pub fn edkm_model(
     Ok((out, report))
 }
 
-/// One linear under training: f16-valued weights, one centroid row per group, Adam state.
+/// One linear under training: f32 master weights (DKM sees them rounded to
+/// f16, so its tables of distinct values stay small, and the gradient updates
+/// the master copy: small steps are not lost to f16 rounding), one centroid
+/// row per group, Adam state.
 #[derive(Clone)]
 struct Trainable {
     name: String,
@@ -254,9 +262,10 @@ impl Trainable {
     /// training (with the weights and centroids tensors to read gradients
     /// from), else the weights as they are (already snapped).
     fn w_hat(&self, opts: &EdkmOptions, track: bool) -> (Tensor<2>, Option<(Tensor<1>, Tensor<2>)>) {
-        let w = tensor(&self.w, [self.w.len()], &self.device);
+        let w16: Vec<f32> = self.w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let w = tensor(&w16, [w16.len()], &self.device);
         let (flat, tracked) = if track {
-            let gu = uniquify_groups(&self.w, self.cols, self.km.group_rows);
+            let gu = uniquify_groups(&w16, self.cols, self.km.group_rows);
             let c = tensor(&self.c, [self.groups(), self.km.entries()], &self.device).require_grad();
             let w = w.require_grad();
             let dkm = DkmOptions {
@@ -277,8 +286,6 @@ impl Trainable {
         let [mw, vw, mc, vc] = &mut self.moments;
         adam_update(&mut self.w, &gw, mw, vw, lr, t);
         adam_update(&mut self.c, &gc, mc, vc, lr, t);
-        // Back onto f16 values: the uniquified tables stay small.
-        self.w.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
     }
 
     /// Hard assignment to the current centroids (rounded to f16, sorted).

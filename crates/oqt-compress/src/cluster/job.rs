@@ -61,6 +61,16 @@ pub fn cluster_to_bundle(
             recipe.name
         )));
     }
+    if step.method == "edkm" && !model.sparsity.is_empty() {
+        return Err(CoreError::Other(
+            "method edkm: a pruned model is not supported yet (kmeans keeps its zeros)".into(),
+        ));
+    }
+    if step.method == "edkm" && step.group_channels == 0 {
+        return Err(CoreError::Other(
+            "method edkm: needs a group of output channels (group_channels > 0)".into(),
+        ));
+    }
     let cfg = &model.config;
     // Check every linear's grouping before any work.
     for layer in 0..cfg.num_layers {
@@ -121,16 +131,6 @@ pub fn cluster_to_bundle(
     // eDKM trains every layer first (the palettes come out whole).
     let mut trained: std::collections::BTreeMap<String, oqt_core::lut::Palettized> = Default::default();
     if step.method == "edkm" {
-        if !model.sparsity.is_empty() {
-            return Err(CoreError::Other(
-                "eDKM on a pruned model is not supported yet (k-means keeps the zeros)".into(),
-            ));
-        }
-        if step.group_channels == 0 {
-            return Err(CoreError::Other(
-                "eDKM needs a group of output channels (group_channels > 0)".into(),
-            ));
-        }
         let (_, windows) = load_windows(&model.tokenizer, &recipe.calibration)?;
         progress.phase(&format!("eDKM {} bits", step.bits), cfg.num_layers);
         let opts = super::edkm::EdkmOptions {
@@ -140,6 +140,7 @@ pub fn cluster_to_bundle(
             lr: step.lr,
             tau_rel: step.tau,
             iterations: 3,
+            kmeans_iterations: step.iterations,
         };
         let (palettes, layers) =
             super::edkm::edkm_model(cfg, &model.weights, &windows, importance.as_deref(), &opts, |d, _| {

@@ -169,7 +169,7 @@ fn refine_row(w: &[f32], kept: &mut [bool], pattern: Pattern, x: &InputMoments, 
             }
         };
         let next = r - m[j] + m[k];
-        if same_sign && next.signum() != initial_sign {
+        if same_sign && next * initial_sign < 0.0 {
             break;
         }
         if r > 0.0 {

@@ -98,6 +98,8 @@ pub struct PrunedLinear {
 struct LayerInputs {
     layer: usize,
     unit_rows: bool,
+    /// Also `XᵀX` over unit rows (DSnoT's exact criterion on unit rows).
+    unit_gram: bool,
     stats: RefCell<[Option<Moments>; 4]>,
 }
 
@@ -128,7 +130,11 @@ impl ForwardHooks for LayerInputs {
                 (
                     to_vec(unit.clone().sum_dim(0)),
                     to_vec(unit.clone().powi_scalar(2).sum_dim(0)),
-                    to_vec(unit.clone().transpose().matmul(unit)),
+                    if self.unit_gram {
+                        to_vec(unit.clone().transpose().matmul(unit))
+                    } else {
+                        Vec::new()
+                    },
                 )
             } else {
                 (vec![0.0; d], vec![0.0; d], Vec::new())
@@ -140,7 +146,7 @@ impl ForwardHooks for LayerInputs {
                 sum_sq: vec![0.0; d],
                 unit_sum: vec![0.0; d],
                 unit_sum_sq: vec![0.0; d],
-                unit_gram: vec![0.0; if self.unit_rows { d * d } else { 0 }],
+                unit_gram: vec![0.0; if self.unit_gram { d * d } else { 0 }],
                 gram: vec![0.0; d * d],
                 tokens: 0,
             });
@@ -204,6 +210,9 @@ pub fn prune_model(
         let inputs = LayerInputs {
             layer,
             unit_rows: opts.dsnot.is_some_and(|d| d.unit_token_rows),
+            unit_gram: opts
+                .dsnot
+                .is_some_and(|d| d.unit_token_rows && d.criterion == super::dsnot::DsnotCriterion::Exact),
             stats: RefCell::new([None, None, None, None]),
         };
         for (x, pos) in hidden.iter().zip(&positions) {

@@ -120,6 +120,19 @@ fn planned_recipe(bundle: &Bundle, recipe: &Recipe) -> Result<Option<Recipe>> {
 pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport> {
     let s = job.options;
     let bundle = job.from.map(Bundle::open).transpose()?;
+    if let Some(b) = &bundle
+        && let Some(name) = b
+            .manifest
+            .deployment
+            .tensors
+            .iter()
+            .find_map(|(n, e)| matches!(e, oqt_core::encoding::TensorEncoding::Lut { .. }).then_some(n))
+    {
+        return Err(CoreError::Other(format!(
+            "{}: tensor `{name}` is palettized (lut); QAT trains integer grids, not palettes — start from the float model or a quantized bundle",
+            b.path.display()
+        )));
+    }
     // A start bundle made under a size budget carries its planned recipe (the
     // per-layer grids the plan chose): train on those grids.
     let planned = bundle
