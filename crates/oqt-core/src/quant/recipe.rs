@@ -824,8 +824,8 @@ mod tests {
         assert!(e.contains("steps[0].bits: expected 1–8, found 9"), "{e}");
         let e = err(good.replace("method = \"kmeans\"", "method = \"gmm\""));
         assert!(e.contains("steps[0].method: unknown method `gmm`"), "{e}");
-        let e = err(good.replace("group_channels = 16", "group_channels = 16\ntau = 1"));
-        assert!(e.contains("tau"), "{e}");
+        let e = err(good.replace("group_channels = 16", "group_channels = 16\ntemperature = 1"));
+        assert!(e.contains("temperature"), "{e}");
         // Quantize and cluster both start from the float model; qat does not train palettes.
         let e = err(good.to_string() + "\n[[steps]]\nkind = \"quantize\"\n");
         assert!(e.contains("steps[1]: a `quantize` step starts from the float"), "{e}");
