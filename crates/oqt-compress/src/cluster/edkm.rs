@@ -140,19 +140,10 @@ pub fn edkm_model(
                 },
             )
             .map_err(|e| CoreError::Other(format!("{name}: {e}")))?;
-            let w16: Vec<f32> = t.data.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
-            let energy = w16.iter().map(|v| (v * v) as f64).sum::<f64>() / w16.len() as f64;
-            let centroids: Vec<f32> = km.tables.iter().map(|v| v.to_f32()).collect();
-            params.push(Trainable::new(
-                name,
-                rows,
-                cols,
-                w16,
-                centroids,
-                km,
-                energy as f32 * opts.tau_rel,
-                &device,
-            ));
+            let energy = t.data.iter().map(|v| (v * v) as f64).sum::<f64>() / t.data.len().max(1) as f64;
+            // A floor keeps τ positive for an all-zero weight.
+            let tau = (energy as f32 * opts.tau_rel).max(1e-12);
+            params.push(Trainable::new(name, t.data.clone(), km, tau, &device));
         }
         // The loss on every window, and the (weights, centroids) tensors tracked per linear.
         type Tracked = Vec<Option<(Tensor<1>, Tensor<2>)>>;
@@ -229,22 +220,14 @@ struct Trainable {
 }
 
 impl Trainable {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        name: String,
-        rows: usize,
-        cols: usize,
-        w: Vec<f32>,
-        c: Vec<f32>,
-        km: Palettized,
-        tau: f32,
-        device: &Device,
-    ) -> Self {
+    /// From the f32 weights and their k-means palette (the starting centroids).
+    fn new(name: String, w: Vec<f32>, km: Palettized, tau: f32, device: &Device) -> Self {
+        let c: Vec<f32> = km.tables.iter().map(|v| v.to_f32()).collect();
         let (nw, nc) = (w.len(), c.len());
         Self {
             name,
-            rows,
-            cols,
+            rows: km.rows,
+            cols: km.cols,
             w,
             c,
             km,
