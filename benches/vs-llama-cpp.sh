@@ -5,7 +5,8 @@
 # llama-cpp-python==0.3.36 (cached under $OQT_BENCH_CACHE), requantizes the
 # default model (SmolLM2-135M-Instruct, shipped as Q4_1) to Q4_0 with
 # llama-quantize, runs `llama-bench -p 512 -n 128` (and at depth 512), then
-# `oqt bench` on w4a8-dyn and w4a8 bundles at the same thread count, and prints
+# `oqt bench` on w4a8-dyn, w4a8 and lut4-a8-dyn (k-means palettes, the LUT
+# kernel) bundles at the same thread count, and prints
 # one table with ratios. A benchmark, not a test: .ci/run never runs it.
 #
 # usage: benches/vs-llama-cpp.sh [--threads N] [--repeats N] [--model GGUF_OR_ALIAS] [--skip-build]
@@ -37,11 +38,18 @@ mkdir -p "$CACHE" "$WORK"
 export OQT_DATA=${OQT_DATA:-$ROOT/../shared/datasets}
 
 # --- llama.cpp, built once into the cache --------------------------------------
-# Every x86 SIMD level this machine has except AMX: with GGML_NATIVE the AMX
+# Every x86 SIMD level this CPU reports except AMX: with GGML_NATIVE the AMX
 # matmul is compiled in and segfaults here (the sandbox's kernel does not grant
-# AMX tile state), so the flags are spelled out instead.
+# AMX tile state), so each level is switched on from /proc/cpuinfo instead (a
+# level the CPU lacks, e.g. AVX-VNNI on AMD Zen 4, dies with SIGILL). The build
+# is redone when the levels differ from the cached build's.
+has() { grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -qx "$1" && echo ON || echo OFF; }
+LEVELS="-DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c)
+  -DGGML_AVX_VNNI=$(has avx_vnni) -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VBMI=$(has avx512vbmi)
+  -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16)"
+LEVELS=$(echo $LEVELS)
 BIN=$CACHE/build/bin
-if [[ ! -x $BIN/llama-bench || ! -x $BIN/llama-quantize || ! -f $CACHE/build/.no-amx ]]; then
+if [[ ! -x $BIN/llama-bench || ! -x $BIN/llama-quantize || "$(cat "$CACHE/build/.levels" 2>/dev/null)" != "$LEVELS" ]]; then
   command -v cmake >/dev/null || python3 -m pip install -q cmake
   SDIST=$CACHE/src/llama_cpp_python-$LCP_VERSION.tar.gz
   if [[ ! -f $SDIST ]]; then
@@ -49,15 +57,14 @@ if [[ ! -x $BIN/llama-bench || ! -x $BIN/llama-quantize || ! -f $CACHE/build/.no
     python3 -m pip install -q scikit-build-core
     python3 -m pip download --no-deps --no-build-isolation "llama-cpp-python==$LCP_VERSION" -d "$CACHE/src"
   fi
-  rm -rf "$CACHE/tree" && mkdir -p "$CACHE/tree"
+  rm -rf "$CACHE/tree" "$CACHE/build" && mkdir -p "$CACHE/tree"
   tar -xzf "$SDIST" -C "$CACHE/tree" --strip-components=1
-  cmake -S "$CACHE/tree/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON \
-    -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+  # shellcheck disable=SC2086 # LEVELS is a list of flags
+  cmake -S "$CACHE/tree/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF $LEVELS \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >"$CACHE/cmake.log"
   cmake --build "$CACHE/build" --target llama-bench llama-quantize -j "$(nproc)" >"$CACHE/build.log"
-  touch "$CACHE/build/.no-amx"
+  echo "$LEVELS" >"$CACHE/build/.levels"
 fi
 
 # --- oqt, release build ---------------------------------------------------------
@@ -78,6 +85,9 @@ Q4_0=$WORK/$TAG.Q4_0.gguf
 for r in w4a8-dyn w4a8; do
   [[ -f $WORK/$TAG.$r.oqt ]] || "$OQT" quantize --recipe "$r" "$SRC" --method rtn --no-eval --calib-samples 8 --output "$WORK/$TAG.$r.oqt" >/dev/null 2>&1
 done
+# Palettized 4-bit (k-means, 16 rows a table, int8 dynamic activations): the LUT kernel.
+[[ -f $WORK/$TAG.lut4-a8-dyn.oqt ]] || "$OQT" cluster "$SRC" --method kmeans --bits 4 --group-channels 16 --no-importance \
+  --no-eval --output "$WORK/$TAG.lut4-a8-dyn.oqt" >/dev/null 2>&1
 
 # --- the runs (peak RSS from GNU time) ------------------------------------------
 rss() { # rss FILE → max resident KiB
@@ -91,12 +101,15 @@ run_timed() { # run_timed NAME CMD... → $WORK/NAME.out, $WORK/NAME.time
     echo "$name crashed: $(head -1 "$WORK/$name.time") (see $WORK/$name.err)" >&2; exit 1
   fi
 }
+rm -f "$WORK"/*.out "$WORK"/*.time "$WORK"/*.err # no stale figures in the table
 echo "llama-bench (threads $THREADS)…" >&2
 run_timed llama "$BIN/llama-bench" -m "$Q4_0" -t "$THREADS" -p 512 -n 128 -r "$REPEATS" -o json
-if "$BIN/llama-bench" --help 2>&1 | grep -q -- "-d, --n-depth"; then
+# (grep reads the whole help: with -q it may exit first, and pipefail would
+# then count llama-bench's SIGPIPE as "no depth option".)
+if "$BIN/llama-bench" --help 2>&1 | grep -- "-d, --n-depth" >/dev/null; then
   run_timed llama_d512 "$BIN/llama-bench" -m "$Q4_0" -t "$THREADS" -p 0 -n 128 -d 512 -r "$REPEATS" -o json
 fi
-for r in w4a8-dyn w4a8; do
+for r in w4a8-dyn w4a8 lut4-a8-dyn; do
   echo "oqt bench $r…" >&2
   RAYON_NUM_THREADS=$THREADS run_timed "oqt_${r}_empty" "$OQT" bench --bundle "$WORK/$TAG.$r.oqt" \
     --threads "$THREADS" --prompt-tokens 1 --decode-tokens 128 --repeats "$REPEATS" --json
@@ -132,7 +145,7 @@ print("|---|---|---|---|---|")
 d = deep.get("tg", float("nan"))
 print(f"| llama.cpp Q4_0 | {base['pp']:.1f} | {base['tg']:.1f} | {d:.1f} | {base_rss:.0f}"
       f"{'' if ctx_rss == 'llama_d512' else ' (context 512)'} |")
-for r in ["w4a8-dyn", "w4a8"]:
+for r in ["w4a8-dyn", "w4a8", "lut4-a8-dyn"]:
     e = json.load(open(f"{w}/oqt_{r}_empty.out"))
     p = json.load(open(f"{w}/oqt_{r}_p512.out"))
     peak = rss(f"oqt_{r}_p512")

@@ -1718,6 +1718,58 @@ fn cluster_palettizes_into_a_lut_bundle_that_runs_as_simulated_and_refuses_bad_s
     );
     assert_eq!(report["method"], "edkm");
     assert_runs_as_simulated(&edkm, &text, "edkm lut2 g32");
+    // Naive DKM (the paper's [N, K] form), with TensorBoard scalars; its
+    // per-layer checkpoint is gone once the bundle is written.
+    let dkm = d.join("dkm.oqt");
+    let tb = d.join("tb");
+    let report = json_of(
+        oqt()
+            .arg("cluster")
+            .arg(&gguf)
+            .args([
+                "--method",
+                "dkm",
+                "--bits",
+                "2",
+                "--group-channels",
+                "32",
+                "--steps",
+                "2",
+            ])
+            .arg("--calib-data")
+            .arg(&text)
+            .args(["--calib-samples", "2", "--calib-seq-len", "32", "--no-eval", "--json"])
+            .arg("--tensorboard")
+            .arg(&tb)
+            .arg("--output")
+            .arg(&dkm),
+    );
+    assert_eq!(report["method"], "dkm");
+    let events: Vec<_> = std::fs::read_dir(&tb).unwrap().collect();
+    assert_eq!(events.len(), 1, "one event file");
+    assert!(
+        !dkm.with_extension("ckpt").exists(),
+        "checkpoint removed after the bundle is written"
+    );
+    assert_runs_as_simulated(&dkm, &text, "dkm lut2 g32");
+    // A resume needs a checkpoint that exists, and a training method.
+    let missing = d.join("none.ckpt");
+    oqt()
+        .arg("cluster")
+        .arg(&gguf)
+        .args(["--method", "edkm", "--calib-data"])
+        .arg(&text)
+        .args(["--calib-samples", "2", "--calib-seq-len", "32", "--no-eval", "--resume"])
+        .arg(&missing)
+        .arg("--output")
+        .arg(d.join("bad.oqt"))
+        .assert()
+        .failure()
+        .stderr(contains("none.ckpt").and(contains("state.json")));
+    cluster(&["--resume", missing.to_str().unwrap()], &d.join("bad.oqt"))
+        .assert()
+        .failure()
+        .stderr(contains("are for --method dkm or edkm"));
 
     // Bad input: bits outside 1–8, a group not dividing the output channels; nothing written.
     let bad = d.join("bad.oqt");

@@ -4,7 +4,11 @@
 //! down): the weight matmuls of one forward position, without attention,
 //! norms or the LM head.
 
-use oqt_kernels::{Isa, PackedInt4, PackedInt8, matmul_int4, matmul_int8, quantize_rows};
+use oqt_kernels::panels::has_panel_kernel;
+use oqt_kernels::{
+    Int4Panels, Isa, PackedInt4, PackedInt8, has_lut_kernel, matmul_int4, matmul_int4_panels, matmul_int8,
+    quantize_rows, repack_int4, repack_lut,
+};
 use std::time::Instant;
 
 const LAYERS: usize = 30;
@@ -30,6 +34,15 @@ fn int8(n: usize, k: usize) -> PackedInt8 {
         .map(|v| v as i8)
         .collect();
     PackedInt8::pack(&w, n, k, None, vec![0.01; n])
+}
+
+/// 4-bit palettes, one table of 16 int8 codes per 16 rows (`lut4 g16`).
+fn lut4(n: usize, k: usize) -> Int4Panels {
+    let idx: Vec<u8> = (0..n * k).map(|i| ((i * 7 + 3) % 16) as u8).collect();
+    let codes: Vec<Vec<i8>> = (0..n / 16)
+        .map(|t| (0..16).map(|e| (e as i32 * 15 - 120 + t as i32 % 7) as i8).collect())
+        .collect();
+    repack_lut(&idx, n, k, 16, &codes, &vec![0.01; n / 16])
 }
 
 fn time(mut f: impl FnMut(), reps: usize) -> f64 {
@@ -85,6 +98,30 @@ fn main() {
                 t8 * 1e3,
                 m as f64 / t8
             );
+            // The runtime's x86 layouts: int4 panels, and LUT panels where the ISA has them.
+            let panel_sets: Vec<(&str, Vec<Int4Panels>)> = [
+                has_panel_kernel(isa).then(|| ("int4 g32 panels", w4.iter().map(repack_int4).collect())),
+                has_lut_kernel(isa).then(|| ("lut4 g16 panels", SHAPES.iter().map(|&(n, k)| lut4(n, k)).collect())),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            for (label, ws) in &panel_sets {
+                let t = time(
+                    || {
+                        for ((a, w), o) in acts.iter().zip(ws).zip(outs.iter_mut()) {
+                            matmul_int4_panels(isa, a, w, o);
+                        }
+                    },
+                    reps,
+                ) * LAYERS as f64;
+                println!(
+                    "m={m:<4} {:<12} {label}: {:8.2} ms/forward ({:7.0} tok/s)",
+                    isa.name(),
+                    t * 1e3,
+                    m as f64 / t
+                );
+            }
         }
     }
 }

@@ -32,7 +32,10 @@ pub use act_quant::{QuantizedRows, quantize_row, quantize_rows, quantize_rows_q8
 pub use dot::{ActRow, WeightRow, dot_wide};
 pub use gemm::{by_weight_rows, matmul_int4, matmul_int8};
 pub use pack::{BLOCK, PackedInt4, PackedInt8};
-pub use panels::{Int4Panels, concat_panels, matmul_int4_panels, repack_int4, repack_int4_lpbq};
+pub use panels::{
+    Int4Panels, concat_panels, has_lut_kernel, lut_panel_problem, matmul_int4_panels, repack_int4, repack_int4_lpbq,
+    repack_lut,
+};
 
 /// Instruction-set paths, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

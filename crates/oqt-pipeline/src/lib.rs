@@ -191,8 +191,13 @@ fn run_step(
         Step::Cluster(c) => {
             let mut pruned = None;
             let model = start_model(job, input, float, &mut pruned)?;
+            let run = oqt_compress::cluster::ClusterRun {
+                checkpoint: None,
+                resume: false,
+                observer: &mut oqt_compress::cluster::edkm::Quiet,
+            };
             let (writer, _) =
-                oqt_compress::cluster::cluster_to_bundle(model, job.recipe, c, job.created_by, observer.ptq())
+                oqt_compress::cluster::cluster_to_bundle(model, job.recipe, c, job.created_by, observer.ptq(), run)
                     .map_err(|e| err(format!("steps[{index}]: {e}")))?;
             writer.write(output)?;
             Ok(StepOutcome::Written)

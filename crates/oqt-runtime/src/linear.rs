@@ -1,11 +1,13 @@
 //! A linear layer as the runtime stores it, and how its input is quantized.
 
 use oqt_core::encoding::{ActInput, KernelChoice, TensorEncoding, choose_kernel};
+use oqt_core::lut::Palettized;
 use oqt_core::quant::{ActGrid, QuantizedWeight, dequantize_weight};
 use oqt_kernels::panels::has_panel_kernel;
 use oqt_kernels::{
-    Int4Panels, Isa, PackedInt4, PackedInt8, by_weight_rows, concat_panels, dot_wide, matmul_int4, matmul_int4_panels,
-    matmul_int8, quantize_row, quantize_rows, quantize_rows_q8_0, quantize_rows_static, repack_int4, repack_int4_lpbq,
+    Int4Panels, Isa, PackedInt4, PackedInt8, by_weight_rows, concat_panels, dot_wide, has_lut_kernel,
+    lut_panel_problem, matmul_int4, matmul_int4_panels, matmul_int8, quantize_row, quantize_rows, quantize_rows_q8_0,
+    quantize_rows_static, repack_int4, repack_int4_lpbq, repack_lut,
 };
 
 /// The weights and the kernel that multiplies them.
@@ -15,7 +17,8 @@ pub enum Kernel {
     /// Int8 activations × int4 weights, row kernels (the scalar and NEON paths).
     Int4(PackedInt4),
     /// Int8 activations × int4 weights repacked into panels at load
-    /// ([`repack_int4`]): the register-tiled x86 kernels.
+    /// ([`repack_int4`]), or palettized weights as LUT panels
+    /// ([`repack_lut`]): the register-tiled x86 kernels.
     Int4Panels(Int4Panels),
     /// Int8 activations × int8 weights.
     Int8(PackedInt8),
@@ -182,6 +185,33 @@ impl Linear {
             },
         };
         Self { kernel, input }
+    }
+
+    /// From a palettized (`lut`) weight: with integer inputs on an ISA with
+    /// LUT panels ([`repack_lut`]) and a palette they fit (≤ 16 entries,
+    /// tables shared by multiples of four rows, whole 32-column blocks), the
+    /// indices stay 4-bit and are looked up in register; otherwise the int8
+    /// kernel view runs as any quantized weight. Both compute the kernel
+    /// view's int8 per-channel arithmetic, bit for bit.
+    pub fn from_palettized(p: &Palettized, input: InputQuant, isa: Isa) -> Self {
+        let view = p.kernel_view();
+        let integer_input = matches!(
+            choose_kernel(&TensorEncoding::of_quantized(&view), input),
+            KernelChoice::Int8Input { .. }
+        );
+        if integer_input
+            && input != InputQuant::Q8Blocks
+            && has_lut_kernel(isa)
+            && lut_panel_problem(p.rows, p.cols, p.entries(), p.group_rows).is_none()
+        {
+            let (scales, codes): (Vec<f32>, Vec<Vec<i8>>) = p.int8_tables().into_iter().unzip();
+            let panels = repack_lut(&p.indices, p.rows, p.cols, p.group_rows, &codes, &scales);
+            return Self {
+                kernel: Kernel::Int4Panels(panels),
+                input,
+            };
+        }
+        Self::from_quantized(&view, input, isa)
     }
 
     /// `x` `[m, in]` → `[m, out]`.

@@ -4,8 +4,10 @@ use crate::attention::{HeadCache, Scratch, attend};
 use crate::linear::{InputQuant, Linear, Projections};
 use crate::reference::{rms_norm, silu_mul};
 use oqt_core::bundle::Bundle;
+use oqt_core::encoding::TensorEncoding;
 use oqt_core::gguf::GgufFile;
 use oqt_core::gguf::encode::decode_quantized;
+use oqt_core::lut::Palettized;
 use oqt_core::quant::{ActMode, ActSite, QuantizedWeight, SiteGrids, dequantize_weight};
 use oqt_core::scoring::{CausalLm, WindowScores, log_softmax_row};
 use oqt_core::weights::{names, rotary_hf_order};
@@ -98,6 +100,8 @@ impl KvCache {
 /// A weight as a source provides it.
 enum SourceWeight {
     Quantized(QuantizedWeight),
+    /// A `lut` weight: indices and tables (LUT panels where the ISA has them).
+    Palettized(Palettized),
     /// Row-major values and shape.
     F32(Vec<f32>, Vec<usize>),
 }
@@ -133,6 +137,7 @@ impl RuntimeModel {
             grids: bundle.site_grids()?,
             tensor: Box::new(|name| {
                 let weight = match m.deployment.tensors.get(name) {
+                    Some(TensorEncoding::Lut { .. }) => Some(SourceWeight::Palettized(bundle.palettized(name)?)),
                     Some(e) if e.int_grid().is_some() => Some(SourceWeight::Quantized(bundle.quantized(name)?)),
                     Some(e) => Some(SourceWeight::F32(bundle.f32_tensor(name)?, e.shape())),
                     None => None,
@@ -219,6 +224,15 @@ impl RuntimeModel {
                         isa,
                     ))
                 }
+                Some(SourceWeight::Palettized(p)) => {
+                    // Stored size: the packed indices and the f16 tables.
+                    weight_bytes += p.rows * oqt_core::lut::index_row_bytes(p.cols, p.bits) + p.tables.len() * 2;
+                    Ok(Linear::from_palettized(
+                        &p,
+                        InputQuant::resolve(acts, grid(layer, input)),
+                        isa,
+                    ))
+                }
                 Some(SourceWeight::F32(w, shape)) => {
                     weight_bytes += w.len() * 4;
                     Ok(Linear::float(w, shape[0], shape[1]))
@@ -230,6 +244,7 @@ impl RuntimeModel {
             match tensor(name)? {
                 Some(SourceWeight::F32(w, _)) => Ok(w),
                 Some(SourceWeight::Quantized(qw)) => Ok(dequantize_weight(&qw)),
+                Some(SourceWeight::Palettized(p)) => Ok(dequantize_weight(&p.kernel_view())),
                 None => Err(missing(name)),
             }
         };

@@ -171,8 +171,13 @@ fn lut4_dynamic_runtime_matches_simulation() {
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lut.oqt");
+    let run = oqt_compress::cluster::ClusterRun {
+        checkpoint: None,
+        resume: false,
+        observer: &mut oqt_compress::cluster::edkm::Quiet,
+    };
     let (w, report) =
-        oqt_compress::cluster::cluster_to_bundle(&m, &recipe, &step, "oqt tests", &mut oqt_compress::ptq::Silent)
+        oqt_compress::cluster::cluster_to_bundle(&m, &recipe, &step, "oqt tests", &mut oqt_compress::ptq::Silent, run)
             .unwrap();
     w.write(&path).unwrap();
     assert!(report.linear_bits_per_weight < 4.1, "{}", report.linear_bits_per_weight);

@@ -8,8 +8,11 @@ use super::quantize::Bars;
 use crate::output::{mib, print_json};
 use anyhow::Context;
 use clap::Args;
-use oqt_compress::cluster::{ClusterReport, cluster_to_bundle};
+use oqt_compress::cluster::edkm::{EdkmLayer, EdkmObserver};
+use oqt_compress::cluster::{ClusterReport, ClusterRun, cluster_to_bundle};
+use oqt_core::lut::Palettized;
 use oqt_core::quant::ClusterStep;
+use oqt_core::tensorboard::TbWriter;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -17,8 +20,10 @@ use std::path::PathBuf;
 pub struct ClusterArgs {
     /// Model alias, GGUF file, HF directory or hub id (or a pruned float bundle).
     pub model: String,
-    /// `kmeans` (post-training weighted k-means, k-means++ initialised) or
-    /// `edkm` (DKM training layer by layer, uniquified, from the k-means palettes).
+    /// `kmeans` (post-training weighted k-means, k-means++ initialised),
+    /// `edkm` (DKM training layer by layer, uniquified, from the k-means
+    /// palettes) or `dkm` (the same training with DKM's naive `[N, K]` soft
+    /// assignment: the same numbers, far more memory).
     #[arg(long, default_value = "kmeans")]
     pub method: String,
     /// Index width: 2^B table entries (1–8).
@@ -63,12 +68,57 @@ pub struct ClusterArgs {
     /// Skip the evaluation (just write the bundle).
     #[arg(long)]
     pub no_eval: bool,
+    /// dkm/edkm: checkpoint directory, rewritten after every layer (default:
+    /// the output path with `.ckpt`); removed once the bundle is written.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// dkm/edkm: continue a stopped run from its checkpoint directory (same
+    /// options, model and calibration; the result equals an uninterrupted run).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// dkm/edkm: write TensorBoard scalars here (each layer's loss per step,
+    /// its k-means and trained output errors).
+    #[arg(long, value_name = "DIR")]
+    pub tensorboard: Option<PathBuf>,
     /// Where to write the bundle (default: exports/<model>-<method>-lut<B>-g<G>.oqt).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
     /// Print JSON (every linear's error included).
     #[arg(long)]
     pub json: bool,
+}
+
+/// TensorBoard scalars of a DKM/eDKM run: `dkm/loss` at step
+/// `layer · steps + step`, `dkm/kmeans_error` and `dkm/trained_error` per layer.
+struct Scalars {
+    tb: Option<TbWriter>,
+    steps: usize,
+    /// The first write that failed (training goes on; a warning at the end).
+    error: Option<String>,
+}
+
+impl Scalars {
+    fn write(&mut self, tag: &str, step: usize, value: f64) {
+        if let Some(tb) = &mut self.tb
+            && let Err(e) = tb.scalar(tag, step as u64, value as f32)
+        {
+            self.error.get_or_insert(e.to_string());
+        }
+    }
+}
+
+impl EdkmObserver for Scalars {
+    fn step(&mut self, layer: usize, step: usize, loss: f64) {
+        self.write("dkm/loss", layer * self.steps + step, loss);
+    }
+
+    fn layer_done(&mut self, _: &[(String, Palettized)], layers: &[EdkmLayer]) -> oqt_core::Result<()> {
+        if let Some(l) = layers.last() {
+            self.write("dkm/kmeans_error", l.layer, l.kmeans_error);
+            self.write("dkm/trained_error", l.layer, l.edkm_error);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -118,19 +168,48 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         PathBuf::from("exports").join(format!("{stem}-{}-lut{}-g{}.oqt", a.method, a.bits, a.group_channels))
     });
     let created_by = format!("oqt {}", env!("CARGO_PKG_VERSION"));
+    let trains = step.method != "kmeans";
+    if !trains && (a.resume.is_some() || a.checkpoint_dir.is_some() || a.tensorboard.is_some()) {
+        anyhow::bail!(
+            "--resume, --checkpoint-dir and --tensorboard are for --method dkm or edkm (k-means does not train)"
+        );
+    }
+    let checkpoint = trains.then(|| {
+        a.resume
+            .clone()
+            .or_else(|| a.checkpoint_dir.clone())
+            .unwrap_or_else(|| output.with_extension("ckpt"))
+    });
+    let mut scalars = Scalars {
+        tb: a.tensorboard.as_deref().map(TbWriter::create).transpose()?,
+        steps: step.steps,
+        error: None,
+    };
     let (writer, report) = {
         let mut bars = Bars {
             label: "cluster".into(),
             pb: None,
         };
-        cluster_to_bundle(&model, &recipe, &step, &created_by, &mut bars).context("clustering")?
+        let run = ClusterRun {
+            checkpoint: checkpoint.as_deref(),
+            resume: a.resume.is_some(),
+            observer: &mut scalars,
+        };
+        cluster_to_bundle(&model, &recipe, &step, &created_by, &mut bars, run).context("clustering")?
     };
+    if let Some(e) = scalars.error {
+        tracing::warn!("TensorBoard scalars were not all written: {e}");
+    }
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     writer
         .write(&output)
         .with_context(|| format!("writing {}", output.display()))?;
+    if let Some(dir) = checkpoint.filter(|d| d.is_dir()) {
+        // The bundle holds everything the checkpoint did.
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing the checkpoint {}", dir.display()))?;
+    }
     let perplexity = if a.no_eval {
         None
     } else {

@@ -204,6 +204,31 @@ pub fn dkm_grouped(w: Tensor<1>, gu: &GroupedUnique, c0: Tensor<2>, opts: &DkmOp
     (table.select(0, idx) + own, c)
 }
 
+/// Naive DKM with one table per group of rows, all groups at once: `w`
+/// `[N]` row-major in `groups` equal spans, `c0` `[groups, K]`. The
+/// `[groups, N / groups, K]` soft assignments of every iteration are kept for
+/// the backward pass (`oqt cluster --method dkm`: the paper's DKM, whose
+/// memory eDKM's uniquified form removes).
+pub fn dkm_naive_grouped(w: Tensor<1>, c0: Tensor<2>, opts: &DkmOptions) -> (Tensor<1>, Tensor<2>) {
+    let [n] = w.dims();
+    let [g, k] = c0.dims();
+    assert!(g > 0 && n.is_multiple_of(g), "{n} weights do not split into {g} groups");
+    let w3 = w.reshape([g, n / g, 1]);
+    let assign = |c: Tensor<2>| {
+        let d = (w3.clone() - c.reshape([g, 1, k])).powi_scalar(2);
+        softmax(d.div_scalar(-opts.tau), 2)
+    };
+    let mut c = c0;
+    for _ in 0..opts.iterations {
+        let a = assign(c);
+        let num = (a.clone() * w3.clone()).sum_dim(1).reshape([g, k]);
+        let den = a.sum_dim(1).reshape([g, k]).clamp_min(1e-30);
+        c = num / den;
+    }
+    let a = assign(c.clone());
+    ((a * c.clone().reshape([g, 1, k])).sum_dim(2).reshape([n]), c)
+}
+
 fn tensor1(v: &[f32], device: &Device) -> Tensor<1> {
     Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
 }
@@ -317,5 +342,28 @@ mod tests {
             close(&c[grp * k..(grp + 1) * k], &to_vec(cc.detach()), "centroids");
             close(&gw[span.clone()], &to_vec(wg.grad(&grads).unwrap()), "∂L/∂w");
         }
+        // The naive grouped form (`--method dkm`): the same ŵ, centroids and
+        // both gradients as the uniquified one.
+        let wn = tensor1(&w, &device).require_grad();
+        let cn = Tensor::<2>::from_data(TensorData::new(shifted.clone(), [3, k]), &device).require_grad();
+        let (hat_n, c_n) = dkm_naive_grouped(wn.clone(), cn.clone(), &opts);
+        let grads_n = (hat_n.clone() * tensor1(&g, &device)).sum().backward();
+        let grads = {
+            let wt = tensor1(&w, &device).require_grad();
+            let ct = Tensor::<2>::from_data(TensorData::new(shifted.clone(), [3, k]), &device).require_grad();
+            let (hat, _) = dkm_grouped(wt.clone(), &gu, ct.clone(), &opts);
+            let gr = (hat * tensor1(&g, &device)).sum().backward();
+            (to_vec(wt.grad(&gr).unwrap()), to_vec(ct.grad(&gr).unwrap()))
+        };
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + scale), "naive {what}: {x} vs {y}");
+            }
+        };
+        close(&to_vec(hat_n.detach()), &w_hat, "ŵ");
+        close(&to_vec(c_n.detach()), &c, "centroids");
+        close(&to_vec(wn.grad(&grads_n).unwrap()), &grads.0, "∂L/∂w");
+        close(&to_vec(cn.grad(&grads_n).unwrap()), &grads.1, "∂L/∂c");
     }
 }

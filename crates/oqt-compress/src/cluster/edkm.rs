@@ -10,7 +10,7 @@
 //! k-means ([`super::kmeans`]), and τ is relative to each linear's weight
 //! energy (`τ = tau_rel · E[w²]`). Optimiser: Adam on weights and centroids.
 
-use super::dkm::{DkmOptions, dkm_grouped, uniquify_groups};
+use super::dkm::{DkmOptions, dkm_grouped, dkm_naive_grouped, uniquify_groups};
 use super::kmeans::{KmeansOptions, assign, palettize};
 use crate::stats::inputs::{group_index, to_vec};
 use burn::module::Module;
@@ -20,8 +20,17 @@ use oqt_core::lut::Palettized;
 use oqt_core::{CoreError, LlamaConfig, ModelWeights, Result};
 use oqt_model::hooks::{ForwardHooks, Proj};
 
+/// How DKM's soft assignment is computed: the paper's `[N, K]` tensors, or
+/// eDKM's tables of distinct values (the same numbers, far less memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DkmForm {
+    Naive,
+    Uniquified,
+}
+
 /// Options of eDKM training.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EdkmOptions {
     pub bits: u8,
     pub group_rows: usize,
@@ -34,7 +43,24 @@ pub struct EdkmOptions {
     pub iterations: usize,
     /// The k-means start's Lloyd iterations (as `oqt cluster --method kmeans`).
     pub kmeans_iterations: usize,
+    /// `dkm` (naive) or `edkm` (uniquified).
+    pub form: DkmForm,
 }
+
+/// What a training run reports as it goes (TensorBoard, progress, checkpoints).
+pub trait EdkmObserver {
+    /// After Adam step `step` (from 0) of `layer`, with the loss it was taken on.
+    fn step(&mut self, _layer: usize, _step: usize, _loss: f64) {}
+    /// After each layer: every palette so far (model order) and every layer's
+    /// report. An error stops the run (a checkpoint that cannot be written).
+    fn layer_done(&mut self, _palettes: &[(String, Palettized)], _layers: &[EdkmLayer]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An observer that does nothing.
+pub struct Quiet;
+impl EdkmObserver for Quiet {}
 
 impl Default for EdkmOptions {
     fn default() -> Self {
@@ -46,6 +72,7 @@ impl Default for EdkmOptions {
             tau_rel: 0.01,
             iterations: 3,
             kmeans_iterations: 50,
+            form: DkmForm::Uniquified,
         }
     }
 }
@@ -73,7 +100,7 @@ impl ForwardHooks for LayerWeights {
 }
 
 /// Per layer: the mean squared output error of the k-means start and of the trained palettes.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EdkmLayer {
     pub layer: usize,
     pub kmeans_error: f64,
@@ -85,13 +112,17 @@ pub type NamedPalettes = Vec<(String, Palettized)>;
 
 /// Train and snap every decoder linear of `weights`; returns the palettes by
 /// tensor name and each layer's output error before (k-means) and after.
+/// `done`: the palettes and reports of the first layers from a checkpoint
+/// (a resumed run): those layers are not trained again, and the next layer's
+/// inputs come through them exactly as in a run that never stopped.
 pub fn edkm_model(
     cfg: &LlamaConfig,
     weights: &ModelWeights,
     windows: &[Vec<u32>],
     importance: Option<&[[Vec<f32>; 4]]>,
     opts: &EdkmOptions,
-    mut progress: impl FnMut(usize, usize),
+    done: (NamedPalettes, Vec<EdkmLayer>),
+    obs: &mut dyn EdkmObserver,
 ) -> Result<(NamedPalettes, Vec<EdkmLayer>)> {
     if windows.is_empty() {
         return Err(CoreError::Other("eDKM needs calibration windows".into()));
@@ -108,9 +139,34 @@ pub fn edkm_model(
         .iter()
         .map(|w| model.embed_with(model.tokens_tensor(w), &oqt_model::NoHooks))
         .collect();
-    let mut out = Vec::new();
-    let mut report = Vec::new();
-    for layer in 0..cfg.num_layers {
+    let (mut out, mut report) = done;
+    let per_layer = Proj::PER_LAYER.len();
+    if out.len() != report.len() * per_layer || report.len() > cfg.num_layers {
+        return Err(CoreError::Other(format!(
+            "eDKM resume: {} palettes for {} layers done (expected {per_layer} a layer, at most {} layers)",
+            out.len(),
+            report.len(),
+            cfg.num_layers
+        )));
+    }
+    for (layer, chunk) in out.chunks(per_layer).enumerate() {
+        for ((name, pal), proj) in chunk.iter().zip(Proj::PER_LAYER) {
+            if *name != proj.weight_name(layer) {
+                return Err(CoreError::Other(format!(
+                    "eDKM resume: expected {} in place {}, found {name}",
+                    proj.weight_name(layer),
+                    layer * per_layer + proj as usize
+                )));
+            }
+            oqt_model::set_decoder_weight(&mut model, layer, proj, &pal.dequantize());
+        }
+        hidden = hidden
+            .into_iter()
+            .zip(&positions)
+            .map(|(x, pos)| model.layer_with(layer, x, pos, &oqt_model::NoHooks))
+            .collect();
+    }
+    for layer in report.len()..cfg.num_layers {
         let targets: Vec<Tensor<3>> = hidden
             .iter()
             .zip(&positions)
@@ -165,7 +221,8 @@ pub fn edkm_model(
         };
         let kmeans_error = loss_of(&snapped(&params), false).1;
         for step in 0..opts.steps {
-            let (loss, _, tracked) = loss_of(&params, true);
+            let (loss, value, tracked) = loss_of(&params, true);
+            obs.step(layer, step, value);
             let grads = loss.backward();
             for (p, t) in params.iter_mut().zip(tracked) {
                 let (w, c) = t.expect("tracked");
@@ -197,7 +254,7 @@ pub fn edkm_model(
                 .map(|(x, pos)| model.layer_with(layer, x, pos, &oqt_model::NoHooks))
                 .collect();
         }
-        progress(layer + 1, cfg.num_layers);
+        obs.layer_done(&out, &report)?;
     }
     Ok((out, report))
 }
@@ -248,14 +305,20 @@ impl Trainable {
         let w16: Vec<f32> = self.w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
         let w = tensor(&w16, [w16.len()], &self.device);
         let (flat, tracked) = if track {
-            let gu = uniquify_groups(&w16, self.cols, self.km.group_rows);
             let c = tensor(&self.c, [self.groups(), self.km.entries()], &self.device).require_grad();
             let w = w.require_grad();
             let dkm = DkmOptions {
                 tau: self.tau,
                 iterations: opts.iterations,
             };
-            (dkm_grouped(w.clone(), &gu, c.clone(), &dkm).0, Some((w, c)))
+            let w_hat = match opts.form {
+                DkmForm::Uniquified => {
+                    let gu = uniquify_groups(&w16, self.cols, self.km.group_rows);
+                    dkm_grouped(w.clone(), &gu, c.clone(), &dkm).0
+                }
+                DkmForm::Naive => dkm_naive_grouped(w.clone(), c.clone(), &dkm).0,
+            };
+            (w_hat, Some((w, c)))
         } else {
             (w, None)
         };
@@ -336,7 +399,8 @@ mod tests {
             lr: 2e-3,
             ..Default::default()
         };
-        let (palettes, report) = edkm_model(&cfg, &weights, &windows, None, &opts, |_, _| {}).unwrap();
+        let (palettes, report) =
+            edkm_model(&cfg, &weights, &windows, None, &opts, Default::default(), &mut Quiet).unwrap();
         assert_eq!(palettes.len(), 2 * 7);
         for (name, p) in &palettes {
             assert_eq!(p.problems(), None, "{name}");
@@ -352,6 +416,60 @@ mod tests {
                 l.layer,
                 l.kmeans_error,
                 l.edkm_error
+            );
+        }
+    }
+
+    /// Stopped after its first layer (the observer fails, as a full disk
+    /// would) and resumed from that layer's palettes, a run ends on exactly
+    /// the palettes and reports of a run that never stopped; the naive form
+    /// (`--method dkm`) trains to the same errors within f32 noise.
+    #[test]
+    fn a_resumed_run_equals_one_that_never_stopped() {
+        let cfg = tiny_config();
+        let weights = random_weights(&cfg, 4);
+        let windows: Vec<Vec<u32>> = (0..2)
+            .map(|s| (0..16).map(|i| ((i * 5 + s * 11) % 300) as u32).collect())
+            .collect();
+        let opts = EdkmOptions {
+            bits: 2,
+            group_rows: 16,
+            steps: 3,
+            lr: 2e-3,
+            ..Default::default()
+        };
+        let whole = edkm_model(&cfg, &weights, &windows, None, &opts, Default::default(), &mut Quiet).unwrap();
+        struct StopAfterOne(Option<(NamedPalettes, Vec<EdkmLayer>)>);
+        impl EdkmObserver for StopAfterOne {
+            fn layer_done(&mut self, p: &[(String, Palettized)], l: &[EdkmLayer]) -> Result<()> {
+                self.0 = Some((p.to_vec(), l.to_vec()));
+                Err(CoreError::Other("disk full".into()))
+            }
+        }
+        let mut stop = StopAfterOne(None);
+        let e = edkm_model(&cfg, &weights, &windows, None, &opts, Default::default(), &mut stop).unwrap_err();
+        assert!(e.to_string().contains("disk full"));
+        let first = stop.0.expect("the first layer finished");
+        assert_eq!(first.1.len(), 1);
+        let resumed = edkm_model(&cfg, &weights, &windows, None, &opts, first.clone(), &mut Quiet).unwrap();
+        assert_eq!(resumed, whole);
+        // A checkpoint whose names are out of place is refused.
+        let mut shuffled = first;
+        shuffled.0.swap(0, 1);
+        let e = edkm_model(&cfg, &weights, &windows, None, &opts, shuffled, &mut Quiet).unwrap_err();
+        assert!(e.to_string().contains("expected"), "{e}");
+        let naive = EdkmOptions {
+            form: DkmForm::Naive,
+            ..opts
+        };
+        let (_, report) = edkm_model(&cfg, &weights, &windows, None, &naive, Default::default(), &mut Quiet).unwrap();
+        for (a, b) in report.iter().zip(&whole.1) {
+            assert!(
+                (a.edkm_error - b.edkm_error).abs() <= 1e-3 * b.edkm_error,
+                "layer {}: naive {} vs uniquified {}",
+                a.layer,
+                a.edkm_error,
+                b.edkm_error
             );
         }
     }

@@ -3,15 +3,19 @@
 //! (the embedding and head on their grids, norms f32) and whose activations
 //! are the recipe's.
 
+use super::checkpoint::{self, ClusterCheckpoint};
+use super::edkm::{DkmForm, EdkmLayer, EdkmObserver, EdkmOptions};
 use super::kmeans::{KmeansOptions, palettize};
 use crate::ptq::Progress;
 use crate::stats::calibrate::load_windows;
 use crate::stats::inputs::{Gather, gather_inputs, group_index};
 use oqt_core::bundle::{BundleWriter, InputRecord, Manifest};
+use oqt_core::lut::Palettized;
 use oqt_core::quant::{ActMode, ClusterStep, Recipe, quantize_weight};
 use oqt_core::{CoreError, LoadedModel, Result};
 use oqt_model::hooks::Proj;
 use serde::Serialize;
+use std::path::Path;
 
 /// One palettized linear.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +36,8 @@ pub struct ClusterReport {
     pub group_channels: usize,
     pub importance: bool,
     pub linears: Vec<ClusteredLinear>,
+    /// dkm/edkm: each layer's output error from its k-means start and after training.
+    pub trained_layers: Vec<EdkmLayer>,
     pub mean_relative_error: f64,
     /// Stored bits per decoder-linear weight, tables included.
     pub linear_bits_per_weight: f64,
@@ -39,6 +45,15 @@ pub struct ClusterReport {
     pub stored_bytes: u64,
     pub bits_per_weight: f64,
     pub seconds: f64,
+}
+
+/// A DKM/eDKM run's side outputs: a checkpoint rewritten after every layer
+/// (and read first, with `resume`), and an observer of the training
+/// (TensorBoard scalars). k-means runs ignore them.
+pub struct ClusterRun<'a> {
+    pub checkpoint: Option<&'a Path>,
+    pub resume: bool,
+    pub observer: &'a mut dyn EdkmObserver,
 }
 
 /// Palettize `model`'s decoder linears as `step` says into a bundle (not yet
@@ -49,6 +64,7 @@ pub fn cluster_to_bundle(
     step: &ClusterStep,
     created_by: &str,
     progress: &mut dyn Progress,
+    run: ClusterRun<'_>,
 ) -> Result<(BundleWriter, ClusterReport)> {
     let t0 = std::time::Instant::now();
     let problems = step.problems(|f| f.to_string());
@@ -61,14 +77,22 @@ pub fn cluster_to_bundle(
             recipe.name
         )));
     }
-    if step.method == "edkm" && !model.sparsity.is_empty() {
-        return Err(CoreError::Other(
-            "method edkm: a pruned model is not supported yet (kmeans keeps its zeros)".into(),
-        ));
+    let trains = step.method != "kmeans";
+    if trains && !model.sparsity.is_empty() {
+        return Err(CoreError::Other(format!(
+            "method {}: a pruned model is not supported yet (kmeans keeps its zeros)",
+            step.method
+        )));
     }
-    if step.method == "edkm" && step.group_channels == 0 {
+    if trains && step.group_channels == 0 {
+        return Err(CoreError::Other(format!(
+            "method {}: needs a group of output channels (group_channels > 0)",
+            step.method
+        )));
+    }
+    if run.resume && (run.checkpoint.is_none() || !trains) {
         return Err(CoreError::Other(
-            "method edkm: needs a group of output channels (group_channels > 0)".into(),
+            "resume: needs a checkpoint directory and method dkm or edkm".into(),
         ));
     }
     let cfg = &model.config;
@@ -90,13 +114,17 @@ pub fn cluster_to_bundle(
     let mut manifest = Manifest::for_model(model, created_by)?;
     manifest.set_recipe(recipe, &Default::default())?;
     manifest.provenance.method = Some(format!("cluster-{}", step.method));
-    if model.path.is_file() {
+    let model_identity = if model.path.is_file() {
+        let sha256 = oqt_core::datasets::sha256_file(&model.path)?;
         manifest.inputs.push(InputRecord {
             role: "model".into(),
             path: model.path.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(&model.path)?,
+            sha256: sha256.clone(),
         });
-    }
+        sha256
+    } else {
+        model.name.clone()
+    };
     // Importance: each input channel's share of the energy on calibration text.
     let importance = if step.importance {
         let (data, windows) = load_windows(&model.tokenizer, &recipe.calibration)?;
@@ -130,10 +158,10 @@ pub fn cluster_to_bundle(
     });
     // eDKM trains every layer first (the palettes come out whole).
     let mut trained: std::collections::BTreeMap<String, oqt_core::lut::Palettized> = Default::default();
-    if step.method == "edkm" {
+    let mut trained_layers = Vec::new();
+    if trains {
         let (_, windows) = load_windows(&model.tokenizer, &recipe.calibration)?;
-        progress.phase(&format!("eDKM {} bits", step.bits), cfg.num_layers);
-        let opts = super::edkm::EdkmOptions {
+        let opts = EdkmOptions {
             bits: step.bits,
             group_rows: step.group_channels,
             steps: step.steps,
@@ -141,11 +169,54 @@ pub fn cluster_to_bundle(
             tau_rel: step.tau,
             iterations: 3,
             kmeans_iterations: step.iterations,
+            form: if step.method == "dkm" {
+                DkmForm::Naive
+            } else {
+                DkmForm::Uniquified
+            },
         };
-        let (palettes, layers) =
-            super::edkm::edkm_model(cfg, &model.weights, &windows, importance.as_deref(), &opts, |d, _| {
-                progress.set(d)
-            })?;
+        let state = ClusterCheckpoint {
+            method: step.method.clone(),
+            options: opts,
+            importance: step.importance,
+            model: model_identity,
+            calibration: checkpoint::windows_fingerprint(&windows),
+            layers: Vec::new(),
+        };
+        let done = match run.checkpoint.filter(|_| run.resume) {
+            Some(dir) => {
+                let names: Vec<String> = (0..cfg.num_layers)
+                    .flat_map(|l| Proj::PER_LAYER.map(|p| p.weight_name(l)))
+                    .collect();
+                let shape_of = |name: &str| {
+                    model
+                        .weights
+                        .get(name)
+                        .map(|t| (t.shape[0], t.shape[1], step.group_channels))
+                };
+                let (saved, palettes) = checkpoint::load(dir, &state, shape_of, &names)?;
+                tracing::info!(layers = saved.layers.len(), "resuming from {}", dir.display());
+                (palettes, saved.layers)
+            }
+            None => Default::default(),
+        };
+        progress.phase(&format!("{} {} bits", step.method, step.bits), cfg.num_layers);
+        progress.set(done.1.len());
+        let mut obs = Checkpointing {
+            dir: run.checkpoint,
+            state,
+            inner: run.observer,
+            progress,
+        };
+        let (palettes, layers) = super::edkm::edkm_model(
+            cfg,
+            &model.weights,
+            &windows,
+            importance.as_deref(),
+            &opts,
+            done,
+            &mut obs,
+        )?;
         for l in &layers {
             tracing::info!(
                 layer = l.layer,
@@ -155,6 +226,7 @@ pub fn cluster_to_bundle(
             );
         }
         trained = palettes.into_iter().collect();
+        trained_layers = layers;
     }
     progress.phase(&format!("{} {} bits", step.method, step.bits), total);
     let mut linears = Vec::with_capacity(total);
@@ -224,12 +296,36 @@ pub fn cluster_to_bundle(
         importance: step.importance,
         mean_relative_error: linears.iter().map(|l| l.relative_error).sum::<f64>() / linears.len().max(1) as f64,
         linears,
+        trained_layers,
         linear_bits_per_weight: lut_bytes as f64 * 8.0 / linear_params,
         stored_bytes,
         bits_per_weight: stored_bytes as f64 * 8.0 / cfg.n_params() as f64,
         seconds: t0.elapsed().as_secs_f64(),
     };
     Ok((writer, report))
+}
+
+/// Writes the checkpoint after each layer, then passes events on.
+struct Checkpointing<'a, 'b> {
+    dir: Option<&'a Path>,
+    state: ClusterCheckpoint,
+    inner: &'a mut dyn EdkmObserver,
+    progress: &'b mut dyn Progress,
+}
+
+impl EdkmObserver for Checkpointing<'_, '_> {
+    fn step(&mut self, layer: usize, step: usize, loss: f64) {
+        self.inner.step(layer, step, loss);
+    }
+
+    fn layer_done(&mut self, palettes: &[(String, Palettized)], layers: &[EdkmLayer]) -> Result<()> {
+        if let Some(dir) = self.dir {
+            self.state.layers = layers.to_vec();
+            checkpoint::save(dir, &self.state, palettes)?;
+        }
+        self.progress.set(layers.len());
+        self.inner.layer_done(palettes, layers)
+    }
 }
 
 /// Rows per table: `group_channels`, or the whole tensor for 0.

@@ -5,8 +5,10 @@
 //!   channels, importance-weighted by calibration (coremltools' baseline);
 //! * [`dkm`] — DKM's differentiable soft assignment, naive and in eDKM's
 //!   uniquified form (`[U, K]` tables in place of `[N, K]`, same gradients);
+//! * [`edkm`] — DKM/eDKM training layer by layer, with [`checkpoint`]s;
 //! * [`job`] — a whole model into a bundle (the `cluster` recipe step).
 
+pub mod checkpoint;
 pub mod dkm;
 pub mod edkm;
 pub mod kmeans;
@@ -14,4 +16,4 @@ pub mod kmeans;
 pub use kmeans::{KmeansOptions, palettize};
 pub mod job;
 
-pub use job::{ClusterReport, cluster_to_bundle};
+pub use job::{ClusterReport, ClusterRun, cluster_to_bundle};

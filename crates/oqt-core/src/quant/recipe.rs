@@ -325,15 +325,16 @@ impl PruneStep {
 }
 
 /// The `cluster` step's methods.
-pub const CLUSTER_METHODS: &[&str] = &["kmeans", "edkm"];
+pub const CLUSTER_METHODS: &[&str] = &["kmeans", "dkm", "edkm"];
 
 /// `[[steps]] kind = "cluster"`: the options of `oqt cluster`, same names in
 /// snake case, same defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterStep {
-    /// `kmeans` (post-training) or `edkm` (DKM training layer by layer,
-    /// uniquified, from the k-means palettes).
+    /// `kmeans` (post-training), `edkm` (DKM training layer by layer,
+    /// uniquified, from the k-means palettes) or `dkm` (the same training
+    /// with the paper's `[N, K]` soft assignment: the memory eDKM removes).
     pub method: String,
     /// Index width: `2^bits` table entries (1–8).
     pub bits: u8,

@@ -19,6 +19,15 @@
 //! Per panel and block the 256 data bytes are four vectors `P_j` (`j < 4`, 64
 //! bytes each): the low nibble of byte `4r + t` of `P_j` is row `r`, column
 //! `4j + t` of the block (stored `+ 8`), its high nibble column `4(j + 4) + t`.
+//!
+//! **Palettized (LUT) weights** ([`repack_lut`]) use the same layout with the
+//! nibble an index into a table of sixteen int8 codes (a `lut` weight's
+//! kernel view, `oqt_core::lut`). Each 128-bit lane of a panel vector holds
+//! four rows, so one `vpshufb` against a vector of four 16-byte tables (one a
+//! lane, stored `code + 128`) turns sixteen rows' indices into their codes in
+//! register; the dot then runs as for int4 with the offset 128 in place of 8.
+//! The result is the int8 per-channel kernel's on the kernel view, bit for
+//! bit: the same exact i32 dot and the same one-group epilogue.
 
 use crate::Isa;
 use crate::act_quant::QuantizedRows;
@@ -49,6 +58,10 @@ pub struct Int4Panels {
     /// the row's scale (every group's `scales` entry): the int8 per-channel
     /// contract on the expanded weights `q · m`, bit for bit.
     pub multipliers: Option<Vec<i32>>,
+    /// LUT: `panels × 64` bytes, per panel four 16-entry tables (one per
+    /// 128-bit lane of four rows), each entry an int8 code stored `+ 128`.
+    /// The nibbles are then indices into these tables, not values.
+    pub tables: Option<Vec<u8>>,
 }
 
 impl Int4Panels {
@@ -64,6 +77,11 @@ impl Int4Panels {
     /// The signed weight at (`row`, `col`) (`col < k`), read back from the
     /// panel layout: a gather, e.g. an embedding row looked up from tied weights.
     pub fn value(&self, row: usize, col: usize) -> i8 {
+        self.nibble(row, col) as i8 - 8
+    }
+
+    /// The stored nibble at (`row`, `col`).
+    fn nibble(&self, row: usize, col: usize) -> u8 {
         let (p, r) = (row / PANEL, row % PANEL);
         let (b, c) = (col / BLOCK, col % BLOCK);
         let (j, t, high) = if c < 16 {
@@ -72,13 +90,21 @@ impl Int4Panels {
             ((c - 16) / 4, c % 4, true)
         };
         let byte = self.data[(p * self.blocks() + b) * PANEL_BLOCK_BYTES + j * 4 * PANEL + 4 * r + t];
-        let nibble = if high { byte >> 4 } else { byte & 0x0F };
-        nibble as i8 - 8
+        if high { byte >> 4 } else { byte & 0x0F }
+    }
+
+    /// The offset the stored weights carry (the kernels remove `offset · Σ q_a`).
+    pub fn offset(&self) -> i32 {
+        if self.tables.is_some() { 128 } else { 8 }
     }
 
     /// The weight the arithmetic uses at (`row`, `col`): the stored value times
     /// its LPBQ multiplier (1 for plain int4 panels).
     pub fn weight(&self, row: usize, col: usize) -> i32 {
+        if let Some(t) = &self.tables {
+            let (p, r) = (row / PANEL, row % PANEL);
+            return t[p * LUT_TABLE_BYTES + (r / 4) * 16 + self.nibble(row, col) as usize] as i32 - 128;
+        }
         let m = self.multipliers.as_ref().map_or(1, |m| {
             let (p, r) = (row / PANEL, row % PANEL);
             m[(p * self.groups() + col / self.group) * PANEL + r]
@@ -98,6 +124,7 @@ impl Int4Panels {
             + self.scales.len() * 4
             + self.sums.len() * 4
             + self.multipliers.as_ref().map_or(0, |m| m.len() * 4)
+            + self.tables.as_ref().map_or(0, Vec::len)
     }
 }
 
@@ -109,8 +136,14 @@ impl Int4Panels {
 pub fn concat_panels(parts: &[&Int4Panels]) -> Option<Int4Panels> {
     let first = parts.first()?;
     if parts.iter().any(|p| {
-        (p.k, p.k_pad, p.group, p.multipliers.is_some())
-            != (first.k, first.k_pad, first.group, first.multipliers.is_some())
+        (p.k, p.k_pad, p.group, p.multipliers.is_some(), p.tables.is_some())
+            != (
+                first.k,
+                first.k_pad,
+                first.group,
+                first.multipliers.is_some(),
+                first.tables.is_some(),
+            )
     }) {
         return None;
     }
@@ -128,6 +161,10 @@ pub fn concat_panels(parts: &[&Int4Panels]) -> Option<Int4Panels> {
                 .flat_map(|p| p.multipliers.iter().flatten().copied())
                 .collect()
         }),
+        tables: first
+            .tables
+            .as_ref()
+            .map(|_| parts.iter().flat_map(|p| p.tables.iter().flatten().copied()).collect()),
     })
 }
 
@@ -172,6 +209,7 @@ pub fn repack_int4(w: &PackedInt4) -> Int4Panels {
         scales,
         sums,
         multipliers: None,
+        tables: None,
     }
 }
 
@@ -196,6 +234,110 @@ pub fn repack_int4_lpbq(w: &PackedInt4, multipliers: &[u8]) -> Int4Panels {
 /// Whether this ISA has a panel kernel (otherwise the row kernels run).
 pub fn has_panel_kernel(isa: Isa) -> bool {
     matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+}
+
+/// Table bytes of one LUT panel: four lanes × 16 entries.
+pub const LUT_TABLE_BYTES: usize = 64;
+
+/// Whether this ISA runs LUT panels ([`repack_lut`]). AVX2's `vpmaddubsw`
+/// would saturate on `code + 128` bytes, so there (and on the scalar and NEON
+/// paths) a LUT weight runs its int8 kernel view on the int8 kernels.
+pub fn has_lut_kernel(isa: Isa) -> bool {
+    isa == Isa::Avx512Vnni
+}
+
+/// Why a palette cannot run as LUT panels, or `None` when it can: at most 16
+/// entries, tables shared by whole lanes of four rows, and a width of whole
+/// 32-column blocks (padding columns would read a table entry, not a zero).
+pub fn lut_panel_problem(rows: usize, k: usize, entries: usize, group_rows: usize) -> Option<String> {
+    if entries > 16 {
+        return Some(format!("{entries} table entries (a lane table holds 16)"));
+    }
+    if group_rows == 0 || !group_rows.is_multiple_of(4) || !rows.is_multiple_of(group_rows) {
+        return Some(format!(
+            "tables shared by {group_rows} rows (a multiple of 4 dividing {rows} is needed)"
+        ));
+    }
+    if k == 0 || !k.is_multiple_of(BLOCK) {
+        return Some(format!("width {k} (a multiple of {BLOCK} is needed)"));
+    }
+    None
+}
+
+/// Palettized weights `[rows, k]` as LUT panels: `indices` one per byte
+/// (each below `codes[t].len() ≤ 16`), rows `t · group_rows ..` reading table
+/// `t`, whose int8 codes are `codes[t]` and scale `scales[t]`. The outputs are
+/// the int8 per-channel kernel's on the weights `codes[t][index]` with row
+/// scales `scales[t]`, bit for bit. Panics on shapes [`lut_panel_problem`]
+/// refuses (the caller checks first).
+pub fn repack_lut(
+    indices: &[u8],
+    rows: usize,
+    k: usize,
+    group_rows: usize,
+    codes: &[Vec<i8>],
+    scales: &[f32],
+) -> Int4Panels {
+    let entries = codes.iter().map(Vec::len).max().unwrap_or(0);
+    if let Some(p) = lut_panel_problem(rows, k, entries, group_rows) {
+        panic!("not a LUT panel shape: {p}");
+    }
+    assert_eq!(indices.len(), rows * k);
+    assert_eq!(codes.len(), rows / group_rows);
+    assert_eq!(scales.len(), codes.len());
+    let (panels, blocks) = (rows.div_ceil(PANEL), k / BLOCK);
+    let mut data = vec![0u8; panels * blocks * PANEL_BLOCK_BYTES];
+    let mut tables = vec![128u8; panels * LUT_TABLE_BYTES];
+    let mut row_scales = vec![0f32; panels * PANEL];
+    let mut sums = vec![0i32; panels * PANEL];
+    let nib = |r: usize, c: usize| -> u8 { if r < rows { indices[r * k + c] } else { 0 } };
+    for p in 0..panels {
+        for b in 0..blocks {
+            let out = &mut data[(p * blocks + b) * PANEL_BLOCK_BYTES..][..PANEL_BLOCK_BYTES];
+            for j in 0..4 {
+                for r in 0..PANEL {
+                    for t in 0..4 {
+                        let row = p * PANEL + r;
+                        let lo = nib(row, b * BLOCK + 4 * j + t);
+                        let hi = nib(row, b * BLOCK + 4 * (j + 4) + t);
+                        out[j * 4 * PANEL + 4 * r + t] = lo | (hi << 4);
+                    }
+                }
+            }
+        }
+        for lane in 0..PANEL / 4 {
+            let first = p * PANEL + 4 * lane;
+            if first >= rows {
+                continue; // padding rows: a table of zeros, never written out
+            }
+            let table = &codes[first / group_rows];
+            for (e, &c) in table.iter().enumerate() {
+                tables[p * LUT_TABLE_BYTES + lane * 16 + e] = (c as i32 + 128) as u8;
+            }
+        }
+        for r in 0..PANEL {
+            let row = p * PANEL + r;
+            if row < rows {
+                let table = &codes[row / group_rows];
+                row_scales[p * PANEL + r] = scales[row / group_rows];
+                sums[p * PANEL + r] = indices[row * k..(row + 1) * k]
+                    .iter()
+                    .map(|&i| table[i as usize] as i32)
+                    .sum();
+            }
+        }
+    }
+    Int4Panels {
+        rows,
+        k,
+        k_pad: k,
+        group: k,
+        data,
+        scales: row_scales,
+        sums,
+        multipliers: None,
+        tables: Some(tables),
+    }
 }
 
 /// What one task computes: activation rows against panels `panels`, written
@@ -235,9 +377,15 @@ pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut
         a.block_scales.is_none() || w.multipliers.is_none(),
         "LPBQ weights take per-row activation scales, not Q8_0 blocks"
     );
+    assert!(
+        w.tables.is_none() || (has_lut_kernel(isa) && a.block_scales.is_none()),
+        "LUT panels run on AVX-512 VNNI with per-row activation scales"
+    );
     let groups = w.groups();
     let per = w.group / BLOCK;
-    let paired = w.group <= PAIRED_MAX_GROUP;
+    // LUT sums of int8 codes need not fit in i16.
+    let paired = w.group <= PAIRED_MAX_GROUP && w.tables.is_none();
+    let offset = w.offset();
     // The per-(row, group) scalars of the epilogue, once for every panel.
     let mut act_corr = Vec::with_capacity(a.rows * groups);
     let mut act_scale = Vec::with_capacity(a.rows * groups);
@@ -247,7 +395,7 @@ pub fn matmul_int4_panels(isa: Isa, a: &QuantizedRows, w: &Int4Panels, out: &mut
             act_corr.push(if paired {
                 (a.zero_point[i] & 0xFFFF) | (sum << 16)
             } else {
-                8 * sum
+                offset * sum
             });
             act_scale.push(match &a.block_scales {
                 Some(s) => s[i * groups + g],
@@ -354,6 +502,91 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// LUT panels against the int8 per-channel kernel on the looked-up codes:
+    /// the same outputs bit for bit, for tables shared by 4 to 16 rows (rows
+    /// off the panel size), 2 to 16 entries with the extreme codes ±127 and
+    /// −128, dynamic and static activations, 1 to 15 activation rows; fused
+    /// LUT parts give each part its own outputs.
+    #[test]
+    fn lut_panels_equal_the_int8_per_channel_kernel_on_the_codes() {
+        use crate::{PackedInt8, matmul_int8, quantize_rows_static};
+        let isa = crate::Isa::detect();
+        if !has_lut_kernel(isa) {
+            return;
+        }
+        let lut = |rows: usize, k: usize, group_rows: usize, entries: usize, seed: usize| {
+            let tables = rows / group_rows;
+            let codes: Vec<Vec<i8>> = (0..tables)
+                .map(|t| {
+                    (0..entries)
+                        .map(|e| match (e + t + seed) % 7 {
+                            0 => 127,
+                            1 => -128,
+                            2 => -127,
+                            v => (v as i32 * 37 - 90 + e as i32) as i8,
+                        })
+                        .collect()
+                })
+                .collect();
+            let scales: Vec<f32> = (0..tables).map(|t| 0.003 + t as f32 * 1e-4).collect();
+            let indices: Vec<u8> = (0..rows * k).map(|i| ((i * 11 + seed * 5) % entries) as u8).collect();
+            let q8: Vec<i8> = (0..rows * k)
+                .map(|i| codes[(i / k) / group_rows][indices[i] as usize])
+                .collect();
+            let row_scales: Vec<f32> = (0..rows).map(|r| scales[r / group_rows]).collect();
+            let panels = repack_lut(&indices, rows, k, group_rows, &codes, &scales);
+            (panels, PackedInt8::pack(&q8, rows, k, None, row_scales), q8)
+        };
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (rows, k, group_rows, entries) in [
+            (32, 64, 16, 16),
+            (20, 96, 4, 8),
+            (48, 128, 8, 16),
+            (16, 32, 16, 2),
+            (12, 576, 12, 16),
+        ] {
+            let (panels, int8, q8) = lut(rows, k, group_rows, entries, rows);
+            for r in 0..rows {
+                for c in 0..k {
+                    assert_eq!(panels.weight(r, c), q8[r * k + c] as i32, "({r}, {c})");
+                }
+            }
+            // Tiles of 8, 4, 2 and 1 rows; an all-zero row (a zero activation scale).
+            for mr in [1, 2, 3, 4, 5, 6, 8, 9, 15] {
+                let mut x: Vec<f32> = (0..mr * k).map(|i| ((i * 31) % 23) as f32 / 7.0 - 1.5).collect();
+                x[..k].fill(0.0);
+                for a in [
+                    quantize_rows(isa, &x, mr, k),
+                    quantize_rows_static(isa, &x, mr, k, 0.013, 117),
+                ] {
+                    let (mut y_lut, mut y_int8) = (vec![0f32; mr * rows], vec![0f32; mr * rows]);
+                    matmul_int4_panels(isa, &a, &panels, &mut y_lut);
+                    matmul_int8(isa, &a, &int8, &mut y_int8);
+                    assert_eq!(
+                        bits(&y_lut),
+                        bits(&y_int8),
+                        "{rows}×{k}, {group_rows} rows a table, {mr} rows"
+                    );
+                }
+            }
+        }
+        let parts = [lut(16, 64, 16, 16, 1).0, lut(8, 64, 4, 16, 2).0];
+        let fused = concat_panels(&[&parts[0], &parts[1]]).expect("same widths");
+        assert!(concat_panels(&[&parts[0], &repack_int4(&weights(16, 64, 1))]).is_none());
+        let x: Vec<f32> = (0..3 * 64).map(|i| ((i * 13) % 19) as f32 / 6.0 - 1.4).collect();
+        let a = quantize_rows(isa, &x, 3, 64);
+        let mut y = vec![0f32; 3 * fused.rows];
+        matmul_int4_panels(isa, &a, &fused, &mut y);
+        let mut own = vec![0f32; 3 * 8];
+        matmul_int4_panels(isa, &a, &parts[1], &mut own);
+        for i in 0..3 {
+            assert_eq!(bits(&y[i * fused.rows + 16..][..8]), bits(&own[i * 8..(i + 1) * 8]));
+        }
+        assert!(lut_panel_problem(16, 64, 32, 16).is_some(), "32 entries");
+        assert!(lut_panel_problem(16, 64, 16, 2).is_some(), "tables of 2 rows");
+        assert!(lut_panel_problem(16, 70, 16, 16).is_some(), "a width off the blocks");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! activation rows against one panel (half), every group's exact i32 dot,
 //! then the contract's epilogue per (row, group) lane by lane.
 
-use super::{PANEL, PANEL_BLOCK_BYTES, PanelTask};
+use super::{LUT_TABLE_BYTES, PANEL, PANEL_BLOCK_BYTES, PanelTask};
 use crate::pack::BLOCK;
 use std::arch::x86_64::*;
 
@@ -25,6 +25,9 @@ macro_rules! finish_partials {
 /// AVX-512 VNNI: one task's panels, sixteen output columns per vector.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn panels_int4_vnni(t: &PanelTask<'_>) {
+    if t.w.tables.is_some() {
+        return panels_lut_vnni(t);
+    }
     // Tiles of MR rows, the last one shorter: each size its own compiled loop.
     let mut i0 = 0;
     while i0 < t.a.rows {
@@ -36,6 +39,76 @@ pub(super) unsafe fn panels_int4_vnni(t: &PanelTask<'_>) {
             _ => tile_vnni::<1>(t, i0),
         }
         i0 += rows;
+    }
+}
+
+/// Activation rows per register tile of LUT panels: the table lookups of a
+/// block are paid once per tile, and one group a row leaves the registers
+/// for more rows.
+const MR_LUT: usize = 8;
+
+/// AVX-512 VNNI over LUT panels: tiles of [`MR_LUT`] rows, then 4, 2, 1.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn panels_lut_vnni(t: &PanelTask<'_>) {
+    let mut i0 = 0;
+    while i0 < t.a.rows {
+        let left = t.a.rows - i0;
+        let rows = [MR_LUT, 4, 2, 1].into_iter().find(|&r| r <= left).expect("1 fits");
+        match rows {
+            MR_LUT => tile_lut_vnni::<MR_LUT>(t, i0),
+            4 => tile_lut_vnni::<4>(t, i0),
+            2 => tile_lut_vnni::<2>(t, i0),
+            _ => tile_lut_vnni::<1>(t, i0),
+        }
+        i0 += rows;
+    }
+}
+
+/// LUT panels (one group a row, per channel), rows `i0..i0 + R`: per block
+/// the nibbles become `code + 128` through one `vpshufb` against the panel's
+/// lane tables, then the int4 tile's `vpdpbusd`s. The epilogue is the
+/// contract's for one group, `0 + (s_a · s_w) · dot` (the eight partial sums
+/// of one group finish to exactly that).
+#[inline(always)]
+unsafe fn tile_lut_vnni<const R: usize>(t: &PanelTask<'_>, i0: usize) {
+    let (a, w) = (t.a, t.w);
+    debug_assert_eq!(w.groups(), 1, "LUT panels are per channel");
+    let blocks = w.blocks();
+    let tables = w.tables.as_ref().expect("LUT panels").as_ptr();
+    let nibble = _mm512_set1_epi8(0x0F);
+    let q: [*const i32; R] = std::array::from_fn(|r| a.q.as_ptr().add((i0 + r) * a.k_pad) as *const i32);
+    for p in t.panels.clone() {
+        let pdata = w.data.as_ptr().add(p * blocks * PANEL_BLOCK_BYTES);
+        let lut = _mm512_loadu_si512(tables.add(p * LUT_TABLE_BYTES) as *const _);
+        let mut acc = [_mm512_setzero_si512(); R];
+        for b in 0..blocks {
+            let mut wv = [_mm512_setzero_si512(); 8];
+            for j in 0..4 {
+                let v = _mm512_loadu_si512(pdata.add(b * PANEL_BLOCK_BYTES + 64 * j) as *const _);
+                wv[j] = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, nibble));
+                wv[j + 4] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let aq = q[r].add(b * BLOCK / 4);
+                for (c, wc) in wv.iter().enumerate() {
+                    *acc = _mm512_dpbusd_epi32(*acc, *wc, _mm512_set1_epi32(aq.add(c).read_unaligned()));
+                }
+            }
+        }
+        let at = p * PANEL;
+        let wsum = _mm512_loadu_si512(w.sums.as_ptr().add(at) as *const _);
+        let ws = _mm512_loadu_ps(w.scales.as_ptr().add(at));
+        let col = p * PANEL;
+        let valid: __mmask16 = if col + PANEL <= t.n { !0 } else { (1 << (t.n - col)) - 1 };
+        for (r, acc) in acc.iter().enumerate() {
+            // Raw sums are Σ (code + 128) q_a: subtract 128 Σ q_a + zp Σ code.
+            let zp = _mm512_set1_epi32(a.zero_point[i0 + r]);
+            let correction = _mm512_add_epi32(_mm512_set1_epi32(t.act_corr[i0 + r]), _mm512_mullo_epi32(zp, wsum));
+            let dot = _mm512_sub_epi32(*acc, correction);
+            let s = _mm512_mul_ps(_mm512_set1_ps(t.act_scale[i0 + r]), ws);
+            let y = _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot)));
+            _mm512_mask_storeu_ps(t.out.get().add((i0 + r) * t.n + col), valid, y);
+        }
     }
 }
 
