@@ -40,7 +40,7 @@ fn int8(n: usize, k: usize) -> PackedInt8 {
 fn lut4(n: usize, k: usize) -> Int4Panels {
     let idx: Vec<u8> = (0..n * k).map(|i| ((i * 7 + 3) % 16) as u8).collect();
     let codes: Vec<Vec<i8>> = (0..n / 16)
-        .map(|t| (0..16).map(|e| (e as i32 * 15 - 120 + t as i32 % 7) as i8).collect())
+        .map(|t| (0..16i32).map(|e| (e * 15 - 120 + t as i32 % 7) as i8).collect())
         .collect();
     repack_lut(&idx, n, k, 16, &codes, &vec![0.01; n / 16])
 }

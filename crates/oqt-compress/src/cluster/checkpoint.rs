@@ -1,7 +1,10 @@
-//! DKM/eDKM checkpoints: after every layer, the palettes trained so far and
-//! what the run was started with, in a directory replaced atomically
-//! (`state.json` + `palettes.safetensors`: per linear `NAME.indices` U8
-//! `[rows, cols]`, one index a byte, and `NAME.lut` F16 `[tables, 2^bits]`).
+//! DKM/eDKM checkpoints: after every layer, that layer's palettes and what
+//! the run was started with, in a directory: `layer-NNN.safetensors` per
+//! finished layer (per linear `NAME.indices` U8 `[rows, cols]`, one index a
+//! byte, and `NAME.lut` F16 `[tables, 2^bits]`), then `state.json` listing
+//! the finished layers. Each file is written beside its place and renamed
+//! into it, the state last, so a stop at any moment leaves the last finished
+//! layer readable, and a save costs one layer, not every layer so far.
 //! A resumed run checks that its options, model and calibration are the
 //! checkpoint's, then trains the remaining layers only; layer-by-layer
 //! training makes the result the same as a run that never stopped.
@@ -15,7 +18,44 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 const STATE_FILE: &str = "state.json";
-const PALETTES_FILE: &str = "palettes.safetensors";
+
+fn layer_file(layer: usize) -> String {
+    format!("layer-{layer:03}.safetensors")
+}
+
+/// Make `dir` ready for a fresh run: an old checkpoint there is removed; a
+/// directory that is not a checkpoint is refused (nothing of the user's is deleted).
+pub fn start_fresh(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e));
+    }
+    let entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| CoreError::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .collect();
+    let ours = |n: &str| n == STATE_FILE || (n.starts_with("layer-") && n.ends_with(".safetensors"));
+    if let Some(other) = entries.iter().find(|e| !ours(&e.file_name().to_string_lossy())) {
+        return Err(CoreError::Other(format!(
+            "{}: not a cluster checkpoint (it holds {}); choose another --checkpoint-dir",
+            dir.display(),
+            other.file_name().to_string_lossy()
+        )));
+    }
+    for e in entries {
+        std::fs::remove_file(e.path()).map_err(|err| CoreError::io(e.path(), err))?;
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `path` through a temporary file beside it and a rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| CoreError::io(dir, e))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| CoreError::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| CoreError::io(path, e))?;
+    tmp.persist(path).map_err(|e| CoreError::io(path, e.error))?;
+    Ok(())
+}
 
 /// What a run was started with and how far it got.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,40 +85,43 @@ pub fn windows_fingerprint(windows: &[Vec<u32>]) -> String {
     format!("{:x}", h.finalize())
 }
 
-/// Replace the checkpoint at `dir` with `state` and `palettes`.
-pub fn save(dir: &Path, state: &ClusterCheckpoint, palettes: &[(String, Palettized)]) -> Result<()> {
-    oqt_core::fs::write_dir_atomically(dir, |tmp| {
-        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(2 * palettes.len());
-        for (name, p) in palettes {
-            owned.push((
-                format!("{name}.indices"),
-                Dtype::U8,
-                vec![p.rows, p.cols],
-                p.indices.clone(),
-            ));
-            let bytes = p.tables.iter().flat_map(|v| v.to_le_bytes()).collect();
-            owned.push((
-                format!("{name}.lut"),
-                Dtype::F16,
-                vec![p.table_count(), p.entries()],
-                bytes,
-            ));
-        }
-        let views = owned
-            .iter()
-            .map(|(n, dt, shape, data)| {
-                let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
-                    .map_err(|e| CoreError::Other(format!("{n}: {e}")))?;
-                Ok((n.clone(), view))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let path = tmp.join(PALETTES_FILE);
-        safetensors::serialize_to_file(views, None, &path)
-            .map_err(|e| CoreError::Other(format!("{}: {e}", path.display())))?;
-        let state_path = tmp.join(STATE_FILE);
-        std::fs::write(&state_path, serde_json::to_string_pretty(state).expect("serializable"))
-            .map_err(|e| CoreError::io(&state_path, e))
-    })
+/// Add `state`'s last layer to the checkpoint at `dir` (made ready by
+/// [`start_fresh`] or read by [`load`]): its palettes (`layer_palettes`, the
+/// layer's linears), then the state.
+pub fn save_layer(dir: &Path, state: &ClusterCheckpoint, layer_palettes: &[(String, Palettized)]) -> Result<()> {
+    let layer = state.layers.len().checked_sub(1).expect("a finished layer");
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(2 * layer_palettes.len());
+    for (name, p) in layer_palettes {
+        owned.push((
+            format!("{name}.indices"),
+            Dtype::U8,
+            vec![p.rows, p.cols],
+            p.indices.clone(),
+        ));
+        let bytes = p.tables.iter().flat_map(|v| v.to_le_bytes()).collect();
+        owned.push((
+            format!("{name}.lut"),
+            Dtype::F16,
+            vec![p.table_count(), p.entries()],
+            bytes,
+        ));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, dt, shape, data)| {
+            let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
+                .map_err(|e| CoreError::Other(format!("{n}: {e}")))?;
+            Ok((n.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let path = dir.join(layer_file(layer));
+    let bytes =
+        safetensors::serialize(views, None).map_err(|e| CoreError::Other(format!("{}: {e}", path.display())))?;
+    write_atomically(&path, &bytes)?;
+    write_atomically(
+        &dir.join(STATE_FILE),
+        serde_json::to_string_pretty(state).expect("serializable").as_bytes(),
+    )
 }
 
 /// Read the checkpoint at `dir` and check it against the run that resumes it
@@ -139,25 +182,40 @@ pub fn load(
             format!("at most {}", names.len() / per_layer),
         ));
     }
-    let path = dir.join(PALETTES_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| CoreError::io(&path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| CoreError::Malformed {
-        path: path.clone(),
+    let mut out = Vec::with_capacity(count);
+    for (layer, layer_names) in names[..count].chunks(per_layer).enumerate() {
+        let path = dir.join(layer_file(layer));
+        let bytes = std::fs::read(&path).map_err(|e| CoreError::io(&path, e))?;
+        out.extend(read_layer(&path, &bytes, layer_names, &state, &shape_of)?);
+    }
+    Ok((state, out))
+}
+
+/// One layer file's palettes, checked against the model's shapes.
+fn read_layer(
+    path: &Path,
+    bytes: &[u8],
+    names: &[String],
+    state: &ClusterCheckpoint,
+    shape_of: &impl Fn(&str) -> Option<(usize, usize, usize)>,
+) -> Result<NamedPalettes> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| CoreError::Malformed {
+        path: path.into(),
         format: "safetensors",
         reason: e.to_string(),
     })?;
     let bad = |field: String, expected: String, found: String| CoreError::BadField {
-        path: path.clone(),
+        path: path.into(),
         field,
         expected,
         found,
     };
-    let mut out = Vec::with_capacity(count);
-    for name in &names[..count] {
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
         let get = |suffix: &str, dtype: Dtype| {
             let key = format!("{name}.{suffix}");
             let t = st.tensor(&key).map_err(|_| CoreError::Missing {
-                path: path.clone(),
+                path: path.into(),
                 what: "checkpoint tensor",
                 name: key.clone(),
             })?;
@@ -201,7 +259,7 @@ pub fn load(
         }
         out.push((name.clone(), pal));
     }
-    Ok((state, out))
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -250,17 +308,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("run.ckpt");
         let names: Vec<String> = (0..14).map(|i| format!("t{i}")).collect();
-        let pals: NamedPalettes = names[..7]
+        let pals: NamedPalettes = names
             .iter()
             .enumerate()
             .map(|(i, n)| (n.clone(), palette(4, 3, i as u8)))
             .collect();
-        save(&ckpt, &state(1), &pals).unwrap();
+        start_fresh(&ckpt).unwrap();
+        save_layer(&ckpt, &state(1), &pals[..7]).unwrap();
         let shape = |_: &str| Some((4, 3, 2));
         let (s, back) = load(&ckpt, &state(0), shape, &names).unwrap();
-        assert_eq!((s, back), (state(1), pals.clone()));
+        assert_eq!((s, back), (state(1), pals[..7].to_vec()));
+        save_layer(&ckpt, &state(2), &pals[7..]).unwrap();
+        let (s, back) = load(&ckpt, &state(0), shape, &names).unwrap();
+        assert_eq!((s, back), (state(2), pals.clone()));
 
-        let refused = |expected: ClusterCheckpoint, shape: &dyn Fn(&str) -> Option<(usize, usize, usize)>| {
+        type Shapes<'a> = &'a dyn Fn(&str) -> Option<(usize, usize, usize)>;
+        let refused = |expected: ClusterCheckpoint, shape: Shapes<'_>| {
             load(&ckpt, &expected, shape, &names).unwrap_err().to_string()
         };
         let mut other = state(0);
@@ -277,13 +340,31 @@ mod tests {
 
         let mut broken = pals.clone();
         broken[3].1.indices[0] = 9;
-        save(&ckpt, &state(1), &broken).unwrap();
+        save_layer(&ckpt, &state(1), &broken[..7]).unwrap();
         let e = refused(state(0), &shape);
         assert!(e.contains("t3") && e.contains("indices"), "{e}");
 
-        std::fs::remove_file(ckpt.join(PALETTES_FILE)).unwrap();
-        assert!(refused(state(0), &shape).contains(PALETTES_FILE));
+        save_layer(&ckpt, &state(1), &pals[..7]).unwrap();
+        save_layer(&ckpt, &state(2), &pals[7..]).unwrap();
+        std::fs::remove_file(ckpt.join(layer_file(1))).unwrap();
+        assert!(refused(state(0), &shape).contains(&layer_file(1)));
+        std::fs::write(ckpt.join(layer_file(0)), b"not safetensors").unwrap();
+        assert!(refused(state(0), &shape).contains(&layer_file(0)));
         std::fs::write(ckpt.join(STATE_FILE), "{").unwrap();
         assert!(refused(state(0), &shape).contains("checkpoint state"));
+
+        // A fresh run clears an old checkpoint, and refuses a directory that is not one.
+        start_fresh(&ckpt).unwrap();
+        assert_eq!(std::fs::read_dir(&ckpt).unwrap().count(), 0);
+        let mine = dir.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::write(mine.join("notes.txt"), "keep").unwrap();
+        assert!(
+            start_fresh(&mine)
+                .unwrap_err()
+                .to_string()
+                .contains("not a cluster checkpoint")
+        );
+        assert!(mine.join("notes.txt").exists());
     }
 }

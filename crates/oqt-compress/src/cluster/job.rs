@@ -183,6 +183,9 @@ pub fn cluster_to_bundle(
             calibration: checkpoint::windows_fingerprint(&windows),
             layers: Vec::new(),
         };
+        if let Some(dir) = run.checkpoint.filter(|_| !run.resume) {
+            checkpoint::start_fresh(dir)?;
+        }
         let done = match run.checkpoint.filter(|_| run.resume) {
             Some(dir) => {
                 let names: Vec<String> = (0..cfg.num_layers)
@@ -321,7 +324,8 @@ impl EdkmObserver for Checkpointing<'_, '_> {
     fn layer_done(&mut self, palettes: &[(String, Palettized)], layers: &[EdkmLayer]) -> Result<()> {
         if let Some(dir) = self.dir {
             self.state.layers = layers.to_vec();
-            checkpoint::save(dir, &self.state, palettes)?;
+            let per_layer = Proj::PER_LAYER.len();
+            checkpoint::save_layer(dir, &self.state, &palettes[palettes.len() - per_layer..])?;
         }
         self.progress.set(layers.len());
         self.inner.layer_done(palettes, layers)
