@@ -81,6 +81,9 @@ impl Default for EdkmOptions {
 struct LayerWeights {
     layer: usize,
     w_hat: Vec<Tensor<2>>,
+    /// The model's linears carry biases (q/k/v with attention bias): added
+    /// as the float linear gives them (its output on a zero input).
+    bias: bool,
 }
 
 impl ForwardHooks for LayerWeights {
@@ -95,7 +98,8 @@ impl ForwardHooks for LayerWeights {
         let [b, s, d] = x.dims();
         let w = self.w_hat[i].clone();
         let [_, rows] = w.dims();
-        x.reshape([b * s, d]).matmul(w).reshape([b, s, rows])
+        let y = x.clone().reshape([b * s, d]).matmul(w).reshape([b, s, rows]);
+        if self.bias { y + float(x.zeros_like()) } else { y }
     }
 }
 
@@ -127,18 +131,31 @@ pub fn edkm_model(
     if windows.is_empty() {
         return Err(CoreError::Other("eDKM needs calibration windows".into()));
     }
-    let plain = Device::flex();
-    let device = plain.clone().autodiff();
-    let mut model = oqt_model::llama_from_weights(cfg, weights.clone(), &plain);
-    // The float model on the autodiff device: each layer's norms and attention
-    // around the trained linears (the hooks replace all seven).
+    let device = Device::flex().autodiff();
+    // One model, float and frozen, on the autodiff device: it gives each
+    // layer's float targets, and its norms and attention run around the
+    // trained linears (the hooks replace all seven) — and around the
+    // clustered ones, to carry the hidden states on. One copy of the model
+    // besides `weights` (a 1B model's 5 GB, not 10).
     let frozen = oqt_model::llama_from_weights(cfg, weights.clone(), &device).freeze();
-    let positions_ad: Vec<_> = windows.iter().map(|w| frozen.positions(w.len(), &device)).collect();
-    let positions: Vec<_> = windows.iter().map(|w| model.positions(w.len(), &plain)).collect();
+    let positions: Vec<_> = windows.iter().map(|w| frozen.positions(w.len(), &device)).collect();
     let mut hidden: Vec<Tensor<3>> = windows
         .iter()
-        .map(|w| model.embed_with(model.tokens_tensor(w), &oqt_model::NoHooks))
+        .map(|w| frozen.embed_with(frozen.tokens_tensor(w), &oqt_model::NoHooks).detach())
         .collect();
+    // Through layer `layer` with its linears as `w_hat` (clustered weights).
+    let advance = |hidden: Vec<Tensor<3>>, layer: usize, w_hat: Vec<Tensor<2>>| -> Vec<Tensor<3>> {
+        let hooks = LayerWeights {
+            layer,
+            w_hat,
+            bias: cfg.attention_bias,
+        };
+        hidden
+            .into_iter()
+            .zip(&positions)
+            .map(|(x, pos)| frozen.layer_with(layer, x, pos, &hooks).detach())
+            .collect()
+    };
     let (mut out, mut report) = done;
     let per_layer = Proj::PER_LAYER.len();
     if out.len() != report.len() * per_layer || report.len() > cfg.num_layers {
@@ -150,6 +167,7 @@ pub fn edkm_model(
         )));
     }
     for (layer, chunk) in out.chunks(per_layer).enumerate() {
+        let mut w_hat = Vec::with_capacity(per_layer);
         for ((name, pal), proj) in chunk.iter().zip(Proj::PER_LAYER) {
             if *name != proj.weight_name(layer) {
                 return Err(CoreError::Other(format!(
@@ -158,19 +176,15 @@ pub fn edkm_model(
                     layer * per_layer + proj as usize
                 )));
             }
-            oqt_model::set_decoder_weight(&mut model, layer, proj, &pal.dequantize());
+            w_hat.push(model_layout(&pal.dequantize(), pal.rows, pal.cols, &device));
         }
-        hidden = hidden
-            .into_iter()
-            .zip(&positions)
-            .map(|(x, pos)| model.layer_with(layer, x, pos, &oqt_model::NoHooks))
-            .collect();
+        hidden = advance(hidden, layer, w_hat);
     }
     for layer in report.len()..cfg.num_layers {
         let targets: Vec<Tensor<3>> = hidden
             .iter()
             .zip(&positions)
-            .map(|(x, p)| model.layer_with(layer, x.clone(), p, &oqt_model::NoHooks))
+            .map(|(x, p)| frozen.layer_with(layer, x.clone(), p, &oqt_model::NoHooks).detach())
             .collect();
         // Start: weighted k-means palettes, weights on f16 values.
         let mut params = Vec::new();
@@ -201,15 +215,17 @@ pub fn edkm_model(
             let tau = (energy as f32 * opts.tau_rel).max(1e-12);
             params.push(Trainable::new(name, t.data.clone(), km, tau, &device));
         }
-        // The loss on every window, and the (weights, centroids) tensors tracked per linear.
-        type Tracked = Vec<Option<(Tensor<1>, Tensor<2>)>>;
-        let loss_of = |params: &[Trainable], track: bool| -> (Tensor<1>, f64, Tracked) {
-            let (w_hat, tracked): (Vec<_>, Vec<_>) = params.iter().map(|p| p.w_hat(opts, track)).unzip();
-            let hooks = LayerWeights { layer, w_hat };
+        // The layer's loss on every window with its linears as `w_hat`.
+        let loss_with = |w_hat: Vec<Tensor<2>>| -> (Tensor<1>, f64) {
+            let hooks = LayerWeights {
+                layer,
+                w_hat,
+                bias: cfg.attention_bias,
+            };
             let mut total: Option<Tensor<1>> = None;
-            for ((x, t), pos) in hidden.iter().zip(&targets).zip(&positions_ad) {
-                let y = frozen.layer_with(layer, x.clone().autodiff(), pos, &hooks);
-                let l = (y - t.clone().autodiff()).powi_scalar(2).mean().reshape([1]);
+            for ((x, t), pos) in hidden.iter().zip(&targets).zip(&positions) {
+                let y = frozen.layer_with(layer, x.clone(), pos, &hooks);
+                let l = (y - t.clone()).powi_scalar(2).mean().reshape([1]);
                 total = Some(match total {
                     Some(s) => s + l,
                     None => l,
@@ -217,30 +233,42 @@ pub fn edkm_model(
             }
             let total = total.expect("windows").div_scalar(windows.len() as f32);
             let value = to_vec(total.clone().detach())[0] as f64;
-            (total, value, tracked)
+            (total, value)
         };
-        let kmeans_error = loss_of(&snapped(&params), false).1;
+        let hard = |params: &[Trainable]| params.iter().map(|p| p.w_hat(opts, Soft::Hard).0).collect();
+        let kmeans_error = loss_with(hard(&snapped(&params))).1;
         for step in 0..opts.steps {
-            let (loss, value, tracked) = loss_of(&params, true);
+            // The layer's gradient at each soft weight ŵ (held as a leaf),
+            // then each linear's DKM graph alone, fed that gradient: one
+            // linear's `[U, K]` tensors are live at a time, not seven (a 1B
+            // model's MLP linears hold gigabytes of them).
+            let leaves: Vec<Tensor<2>> = params
+                .iter()
+                .map(|p| p.w_hat(opts, Soft::Untracked).0.require_grad())
+                .collect();
+            let (loss, value) = loss_with(leaves.clone());
             obs.step(layer, step, value);
             let grads = loss.backward();
-            for (p, t) in params.iter_mut().zip(tracked) {
-                let (w, c) = t.expect("tracked");
-                p.adam(
-                    w.grad(&grads).map(to_vec),
-                    c.grad(&grads).map(to_vec),
-                    opts.lr,
-                    step + 1,
-                );
+            let upstream: Vec<_> = leaves.iter().map(|l| l.grad(&grads)).collect();
+            drop((grads, leaves));
+            for (p, g) in params.iter_mut().zip(upstream) {
+                let (gw, gc) = match g {
+                    Some(g) => {
+                        let (w_hat, tracked) = p.w_hat(opts, Soft::Tracked);
+                        let (w, c) = tracked.expect("tracked");
+                        let grads = (w_hat * g).sum().backward();
+                        (w.grad(&grads).map(to_vec), c.grad(&grads).map(to_vec))
+                    }
+                    None => (None, None),
+                };
+                p.adam(gw, gc, opts.lr, step + 1);
             }
         }
         let snapped = snapped(&params);
-        let edkm_error = loss_of(&snapped, false).1;
+        let edkm_error = loss_with(hard(&snapped)).1;
         tracing::info!(layer, kmeans_error, edkm_error, "layer clustered");
-        for (p, proj) in snapped.iter().zip(Proj::PER_LAYER) {
-            let pal = p.palette();
-            oqt_model::set_decoder_weight(&mut model, layer, proj, &pal.dequantize());
-            out.push((p.name.clone(), pal));
+        for p in &snapped {
+            out.push((p.name.clone(), p.palette()));
         }
         report.push(EdkmLayer {
             layer,
@@ -248,15 +276,22 @@ pub fn edkm_model(
             edkm_error,
         });
         if layer + 1 < cfg.num_layers {
-            hidden = hidden
-                .into_iter()
-                .zip(&positions)
-                .map(|(x, pos)| model.layer_with(layer, x, pos, &oqt_model::NoHooks))
-                .collect();
+            hidden = advance(hidden, layer, hard(&snapped));
         }
         obs.layer_done(&out, &report)?;
     }
     Ok((out, report))
+}
+
+/// Which `ŵ` a linear gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Soft {
+    /// The weights as they are (snapped: their palette's values).
+    Hard,
+    /// DKM's soft weights, no graph kept.
+    Untracked,
+    /// DKM's soft weights with the graph back to weights and centroids.
+    Tracked,
 }
 
 /// One linear under training: f32 master weights (DKM sees them rounded to
@@ -298,15 +333,20 @@ impl Trainable {
         self.rows / self.km.group_rows
     }
 
-    /// `ŵ` in the model's layout `[cols, rows]`: DKM's soft weights when
-    /// training (with the weights and centroids tensors to read gradients
-    /// from), else the weights as they are (already snapped).
-    fn w_hat(&self, opts: &EdkmOptions, track: bool) -> (Tensor<2>, Option<(Tensor<1>, Tensor<2>)>) {
+    /// `ŵ` in the model's layout `[cols, rows]`: DKM's soft weights (with
+    /// the weights and centroids tensors to read gradients from, when
+    /// tracked), or the weights as they are (already snapped).
+    fn w_hat(&self, opts: &EdkmOptions, soft: Soft) -> (Tensor<2>, Option<(Tensor<1>, Tensor<2>)>) {
         let w16: Vec<f32> = self.w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
         let w = tensor(&w16, [w16.len()], &self.device);
-        let (flat, tracked) = if track {
-            let c = tensor(&self.c, [self.groups(), self.km.entries()], &self.device).require_grad();
-            let w = w.require_grad();
+        let (flat, tracked) = if soft != Soft::Hard {
+            let c = tensor(&self.c, [self.groups(), self.km.entries()], &self.device);
+            let track = soft == Soft::Tracked;
+            let (w, c) = if track {
+                (w.require_grad(), c.require_grad())
+            } else {
+                (w, c)
+            };
             let dkm = DkmOptions {
                 tau: self.tau,
                 iterations: opts.iterations,
@@ -318,7 +358,11 @@ impl Trainable {
                 }
                 DkmForm::Naive => dkm_naive_grouped(w.clone(), c.clone(), &dkm).0,
             };
-            (w_hat, Some((w, c)))
+            if track {
+                (w_hat, Some((w, c)))
+            } else {
+                (w_hat.detach(), None)
+            }
         } else {
             (w, None)
         };
@@ -374,6 +418,11 @@ fn adam_update(x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, 
         v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
         x[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
     }
+}
+
+/// `[rows, cols]` row-major values as the model's `[cols, rows]` weight.
+fn model_layout(w: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    tensor(w, [rows, cols], device).transpose()
 }
 
 fn tensor<const D: usize>(v: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
