@@ -41,7 +41,7 @@ pub struct ClusterArgs {
     #[arg(long)]
     pub no_importance: bool,
     /// eDKM: Adam steps per layer (each over every calibration window).
-    #[arg(long, default_value_t = 20, value_name = "N")]
+    #[arg(long, default_value_t = 4, value_name = "N")]
     pub steps: usize,
     /// eDKM: Adam learning rate on weights and centroids.
     #[arg(long, default_value_t = 1e-4)]

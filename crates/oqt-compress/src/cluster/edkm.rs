@@ -67,7 +67,7 @@ impl Default for EdkmOptions {
         Self {
             bits: 4,
             group_rows: 16,
-            steps: 20,
+            steps: 4,
             lr: 1e-4,
             tau_rel: 0.01,
             iterations: 3,

@@ -361,7 +361,7 @@ impl Default for ClusterStep {
             group_channels: 16,
             iterations: 50,
             importance: true,
-            steps: 20,
+            steps: 4,
             lr: 1e-4,
             tau: 0.01,
         }
