@@ -295,6 +295,7 @@ mod tests {
                     layer,
                     kmeans_error: 1.0,
                     edkm_error: 0.5,
+                    kept_kmeans: false,
                 })
                 .collect(),
         }

@@ -109,6 +109,10 @@ pub struct EdkmLayer {
     pub layer: usize,
     pub kmeans_error: f64,
     pub edkm_error: f64,
+    /// Training did not lower the layer's error, so its k-means palettes
+    /// were kept (a layer never ends worse than its start).
+    #[serde(default)]
+    pub kept_kmeans: bool,
 }
 
 /// Palettes by tensor name, in model order.
@@ -236,7 +240,8 @@ pub fn edkm_model(
             (total, value)
         };
         let hard = |params: &[Trainable]| params.iter().map(|p| p.w_hat(opts, Soft::Hard).0).collect();
-        let kmeans_error = loss_with(hard(&snapped(&params))).1;
+        let start = snapped(&params);
+        let kmeans_error = loss_with(hard(&start)).1;
         for step in 0..opts.steps {
             // The layer's gradient at each soft weight ŵ (held as a leaf),
             // then each linear's DKM graph alone, fed that gradient: one
@@ -264,9 +269,11 @@ pub fn edkm_model(
                 p.adam(gw, gc, opts.lr, step + 1);
             }
         }
-        let snapped = snapped(&params);
-        let edkm_error = loss_with(hard(&snapped)).1;
-        tracing::info!(layer, kmeans_error, edkm_error, "layer clustered");
+        let trained = snapped(&params);
+        let edkm_error = loss_with(hard(&trained)).1;
+        let kept_kmeans = edkm_error > kmeans_error;
+        tracing::info!(layer, kmeans_error, edkm_error, kept_kmeans, "layer clustered");
+        let snapped = if kept_kmeans { start } else { trained };
         for p in &snapped {
             out.push((p.name.clone(), p.palette()));
         }
@@ -274,6 +281,7 @@ pub fn edkm_model(
             layer,
             kmeans_error,
             edkm_error,
+            kept_kmeans,
         });
         if layer + 1 < cfg.num_layers {
             hidden = advance(hidden, layer, hard(&snapped));
@@ -466,7 +474,24 @@ mod tests {
                 l.kmeans_error,
                 l.edkm_error
             );
+            assert!(!l.kept_kmeans);
         }
+        // Training that makes a layer worse (a learning rate far too large)
+        // keeps that layer's k-means palettes: the run equals zero steps.
+        let wild = EdkmOptions {
+            steps: 1,
+            lr: 0.5,
+            ..opts
+        };
+        let (palettes, report) =
+            edkm_model(&cfg, &weights, &windows, None, &wild, Default::default(), &mut Quiet).unwrap();
+        assert!(
+            report.iter().all(|l| l.kept_kmeans && l.edkm_error > l.kmeans_error),
+            "{report:?}"
+        );
+        let none = EdkmOptions { steps: 0, ..opts };
+        let (kmeans, _) = edkm_model(&cfg, &weights, &windows, None, &none, Default::default(), &mut Quiet).unwrap();
+        assert_eq!(palettes, kmeans);
     }
 
     /// Stopped after its first layer (the observer fails, as a full disk
