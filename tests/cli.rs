@@ -1770,6 +1770,12 @@ fn cluster_palettizes_into_a_lut_bundle_that_runs_as_simulated_and_refuses_bad_s
         .assert()
         .failure()
         .stderr(contains("are for --method dkm or edkm"));
+    // Training on wgpu needs a build with the feature: a clear error, nothing written.
+    cluster(&["--method", "edkm", "--device", "wgpu"], &d.join("bad.oqt"))
+        .assert()
+        .failure()
+        .stderr(contains("--features wgpu"));
+    assert!(!d.join("bad.oqt").exists());
 
     // Bad input: bits outside 1–8, a group not dividing the output channels; nothing written.
     let bad = d.join("bad.oqt");

@@ -192,6 +192,7 @@ fn run_step(
             let mut pruned = None;
             let model = start_model(job, input, float, &mut pruned)?;
             let run = oqt_compress::cluster::ClusterRun {
+                device: None,
                 checkpoint: None,
                 resume: false,
                 observer: &mut oqt_compress::cluster::edkm::Quiet,

@@ -172,6 +172,7 @@ fn lut4_dynamic_runtime_matches_simulation() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lut.oqt");
     let run = oqt_compress::cluster::ClusterRun {
+        device: None,
         checkpoint: None,
         resume: false,
         observer: &mut oqt_compress::cluster::edkm::Quiet,

@@ -80,6 +80,9 @@ pub struct ClusterArgs {
     /// its k-means and trained output errors).
     #[arg(long, value_name = "DIR")]
     pub tensorboard: Option<PathBuf>,
+    /// dkm/edkm: where the training runs.
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
     /// Where to write the bundle (default: exports/<model>-<method>-lut<B>-g<G>.oqt).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -191,6 +194,9 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
             pb: None,
         };
         let run = ClusterRun {
+            device: trains
+                .then(|| oqt_model::select_device(a.device.device, true))
+                .transpose()?,
             checkpoint: checkpoint.as_deref(),
             resume: a.resume.is_some(),
             observer: &mut scalars,

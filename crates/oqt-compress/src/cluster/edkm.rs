@@ -118,6 +118,14 @@ pub struct EdkmLayer {
 /// Palettes by tensor name, in model order.
 pub type NamedPalettes = Vec<(String, Palettized)>;
 
+/// What eDKM trains on: token windows, and each decoder linear's input-channel
+/// importance (`[layer][group]`) for the k-means start.
+#[derive(Debug, Clone, Copy)]
+pub struct Calibration<'a> {
+    pub windows: &'a [Vec<u32>],
+    pub importance: Option<&'a [[Vec<f32>; 4]]>,
+}
+
 /// Train and snap every decoder linear of `weights`; returns the palettes by
 /// tensor name and each layer's output error before (k-means) and after.
 /// `done`: the palettes and reports of the first layers from a checkpoint
@@ -126,23 +134,23 @@ pub type NamedPalettes = Vec<(String, Palettized)>;
 pub fn edkm_model(
     cfg: &LlamaConfig,
     weights: &ModelWeights,
-    windows: &[Vec<u32>],
-    importance: Option<&[[Vec<f32>; 4]]>,
+    data: Calibration<'_>,
     opts: &EdkmOptions,
     done: (NamedPalettes, Vec<EdkmLayer>),
+    device: &Device,
     obs: &mut dyn EdkmObserver,
 ) -> Result<(NamedPalettes, Vec<EdkmLayer>)> {
+    let Calibration { windows, importance } = data;
     if windows.is_empty() {
         return Err(CoreError::Other("eDKM needs calibration windows".into()));
     }
-    let device = Device::flex().autodiff();
     // One model, float and frozen, on the autodiff device: it gives each
     // layer's float targets, and its norms and attention run around the
     // trained linears (the hooks replace all seven) — and around the
     // clustered ones, to carry the hidden states on. One copy of the model
     // besides `weights` (a 1B model's 5 GB, not 10).
-    let frozen = oqt_model::llama_from_weights(cfg, weights.clone(), &device).freeze();
-    let positions: Vec<_> = windows.iter().map(|w| frozen.positions(w.len(), &device)).collect();
+    let frozen = oqt_model::llama_from_weights(cfg, weights.clone(), device).freeze();
+    let positions: Vec<_> = windows.iter().map(|w| frozen.positions(w.len(), device)).collect();
     let mut hidden: Vec<Tensor<3>> = windows
         .iter()
         .map(|w| frozen.embed_with(frozen.tokens_tensor(w), &oqt_model::NoHooks).detach())
@@ -180,7 +188,7 @@ pub fn edkm_model(
                     layer * per_layer + proj as usize
                 )));
             }
-            w_hat.push(model_layout(&pal.dequantize(), pal.rows, pal.cols, &device));
+            w_hat.push(model_layout(&pal.dequantize(), pal.rows, pal.cols, device));
         }
         hidden = advance(hidden, layer, w_hat);
     }
@@ -217,7 +225,7 @@ pub fn edkm_model(
             let energy = t.data.iter().map(|v| (v * v) as f64).sum::<f64>() / t.data.len().max(1) as f64;
             // A floor keeps τ positive for an all-zero weight.
             let tau = (energy as f32 * opts.tau_rel).max(1e-12);
-            params.push(Trainable::new(name, t.data.clone(), km, tau, &device));
+            params.push(Trainable::new(name, t.data.clone(), km, tau, device));
         }
         // The layer's loss on every window with its linears as `w_hat`.
         let loss_with = |w_hat: Vec<Tensor<2>>| -> (Tensor<1>, f64) {
@@ -442,6 +450,17 @@ mod tests {
     use super::*;
     use oqt_core::testing::{random_weights, tiny_config};
 
+    fn ad() -> Device {
+        Device::flex().autodiff()
+    }
+
+    fn cal(windows: &[Vec<u32>]) -> Calibration<'_> {
+        Calibration {
+            windows,
+            importance: None,
+        }
+    }
+
     #[test]
     fn edkm_lowers_each_layers_error_below_its_kmeans_start() {
         let cfg = tiny_config();
@@ -456,8 +475,16 @@ mod tests {
             lr: 2e-3,
             ..Default::default()
         };
-        let (palettes, report) =
-            edkm_model(&cfg, &weights, &windows, None, &opts, Default::default(), &mut Quiet).unwrap();
+        let (palettes, report) = edkm_model(
+            &cfg,
+            &weights,
+            cal(&windows),
+            &opts,
+            Default::default(),
+            &ad(),
+            &mut Quiet,
+        )
+        .unwrap();
         assert_eq!(palettes.len(), 2 * 7);
         for (name, p) in &palettes {
             assert_eq!(p.problems(), None, "{name}");
@@ -483,14 +510,31 @@ mod tests {
             lr: 0.5,
             ..opts
         };
-        let (palettes, report) =
-            edkm_model(&cfg, &weights, &windows, None, &wild, Default::default(), &mut Quiet).unwrap();
+        let (palettes, report) = edkm_model(
+            &cfg,
+            &weights,
+            cal(&windows),
+            &wild,
+            Default::default(),
+            &ad(),
+            &mut Quiet,
+        )
+        .unwrap();
         assert!(
             report.iter().all(|l| l.kept_kmeans && l.edkm_error > l.kmeans_error),
             "{report:?}"
         );
         let none = EdkmOptions { steps: 0, ..opts };
-        let (kmeans, _) = edkm_model(&cfg, &weights, &windows, None, &none, Default::default(), &mut Quiet).unwrap();
+        let (kmeans, _) = edkm_model(
+            &cfg,
+            &weights,
+            cal(&windows),
+            &none,
+            Default::default(),
+            &ad(),
+            &mut Quiet,
+        )
+        .unwrap();
         assert_eq!(palettes, kmeans);
     }
 
@@ -512,7 +556,16 @@ mod tests {
             lr: 2e-3,
             ..Default::default()
         };
-        let whole = edkm_model(&cfg, &weights, &windows, None, &opts, Default::default(), &mut Quiet).unwrap();
+        let whole = edkm_model(
+            &cfg,
+            &weights,
+            cal(&windows),
+            &opts,
+            Default::default(),
+            &ad(),
+            &mut Quiet,
+        )
+        .unwrap();
         struct StopAfterOne(Option<(NamedPalettes, Vec<EdkmLayer>)>);
         impl EdkmObserver for StopAfterOne {
             fn layer_done(&mut self, p: &[(String, Palettized)], l: &[EdkmLayer]) -> Result<()> {
@@ -521,22 +574,40 @@ mod tests {
             }
         }
         let mut stop = StopAfterOne(None);
-        let e = edkm_model(&cfg, &weights, &windows, None, &opts, Default::default(), &mut stop).unwrap_err();
+        let e = edkm_model(
+            &cfg,
+            &weights,
+            cal(&windows),
+            &opts,
+            Default::default(),
+            &ad(),
+            &mut stop,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("disk full"));
         let first = stop.0.expect("the first layer finished");
         assert_eq!(first.1.len(), 1);
-        let resumed = edkm_model(&cfg, &weights, &windows, None, &opts, first.clone(), &mut Quiet).unwrap();
+        let resumed = edkm_model(&cfg, &weights, cal(&windows), &opts, first.clone(), &ad(), &mut Quiet).unwrap();
         assert_eq!(resumed, whole);
         // A checkpoint whose names are out of place is refused.
         let mut shuffled = first;
         shuffled.0.swap(0, 1);
-        let e = edkm_model(&cfg, &weights, &windows, None, &opts, shuffled, &mut Quiet).unwrap_err();
+        let e = edkm_model(&cfg, &weights, cal(&windows), &opts, shuffled, &ad(), &mut Quiet).unwrap_err();
         assert!(e.to_string().contains("expected"), "{e}");
         let naive = EdkmOptions {
             form: DkmForm::Naive,
             ..opts
         };
-        let (_, report) = edkm_model(&cfg, &weights, &windows, None, &naive, Default::default(), &mut Quiet).unwrap();
+        let (_, report) = edkm_model(
+            &cfg,
+            &weights,
+            cal(&windows),
+            &naive,
+            Default::default(),
+            &ad(),
+            &mut Quiet,
+        )
+        .unwrap();
         for (a, b) in report.iter().zip(&whole.1) {
             assert!(
                 (a.edkm_error - b.edkm_error).abs() <= 1e-3 * b.edkm_error,

@@ -51,6 +51,9 @@ pub struct ClusterReport {
 /// (and read first, with `resume`), and an observer of the training
 /// (TensorBoard scalars). k-means runs ignore them.
 pub struct ClusterRun<'a> {
+    /// Where DKM trains (an autodiff device: wgpu when built with it);
+    /// `None`: Flex on the CPU.
+    pub device: Option<burn::tensor::Device>,
     pub checkpoint: Option<&'a Path>,
     pub resume: bool,
     pub observer: &'a mut dyn EdkmObserver,
@@ -214,10 +217,15 @@ pub fn cluster_to_bundle(
         let (palettes, layers) = super::edkm::edkm_model(
             cfg,
             &model.weights,
-            &windows,
-            importance.as_deref(),
+            super::edkm::Calibration {
+                windows: &windows,
+                importance: importance.as_deref(),
+            },
             &opts,
             done,
+            &run.device
+                .clone()
+                .unwrap_or_else(|| burn::tensor::Device::flex().autodiff()),
             &mut obs,
         )?;
         for l in &layers {
