@@ -68,8 +68,8 @@ pub struct ClusterArgs {
     /// Skip the evaluation (just write the bundle).
     #[arg(long)]
     pub no_eval: bool,
-    /// dkm/edkm: checkpoint directory, rewritten after every layer (default:
-    /// the output path with `.ckpt`); removed once the bundle is written.
+    /// dkm/edkm: checkpoint directory, one file added after every layer
+    /// (default: the output path with `.ckpt`); removed once the bundle is written.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// dkm/edkm: continue a stopped run from its checkpoint directory (same
