@@ -8,7 +8,8 @@
 //!   and one run from start to bundle ([`qat::job`]);
 //! * [`stats`] — calibration statistics shared by the methods (activation
 //!   ranges, input statistics and Hessians, sensitivity);
-//! * [`distill`] — the float teacher's targets.
+//! * [`distill`] — the float teacher's targets;
+//! * [`fold`] — depth compression (Block Influence so far).
 //!
 //! Methods never print or parse arguments; they report progress through a
 //! callback. The pipeline that chains them (`oqt-pipeline`) registers each
@@ -16,6 +17,7 @@
 
 pub mod cluster;
 pub mod distill;
+pub mod fold;
 pub mod prune;
 pub mod ptq;
 pub mod qat;
