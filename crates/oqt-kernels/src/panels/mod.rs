@@ -168,14 +168,10 @@ pub fn concat_panels(parts: &[&Int4Panels]) -> Option<Int4Panels> {
     })
 }
 
-/// The load-time repack of row-major packed int4 weights into panels.
-pub fn repack_int4(w: &PackedInt4) -> Int4Panels {
-    let (panels, blocks, groups) = (w.rows.div_ceil(PANEL), w.k_pad / BLOCK, w.groups());
+/// The panel bytes of `panels × blocks` blocks (the module docs' layout):
+/// `nibble(row, col)` gives each stored nibble, padding rows included.
+fn interleave_nibbles(panels: usize, blocks: usize, nibble: impl Fn(usize, usize) -> u8) -> Vec<u8> {
     let mut data = vec![0u8; panels * blocks * PANEL_BLOCK_BYTES];
-    let mut scales = vec![0f32; panels * groups * PANEL];
-    let mut sums = vec![0i32; panels * groups * PANEL];
-    // Stored nibble (`q + 8`) of (row, col); padding rows hold zeros (8).
-    let nib = |r: usize, c: usize| -> u8 { if r < w.rows { (w.value(r, c) + 8) as u8 } else { 8 } };
     for p in 0..panels {
         for b in 0..blocks {
             let out = &mut data[(p * blocks + b) * PANEL_BLOCK_BYTES..][..PANEL_BLOCK_BYTES];
@@ -183,13 +179,31 @@ pub fn repack_int4(w: &PackedInt4) -> Int4Panels {
                 for r in 0..PANEL {
                     for t in 0..4 {
                         let row = p * PANEL + r;
-                        let lo = nib(row, b * BLOCK + 4 * j + t);
-                        let hi = nib(row, b * BLOCK + 4 * (j + 4) + t);
+                        let lo = nibble(row, b * BLOCK + 4 * j + t);
+                        let hi = nibble(row, b * BLOCK + 4 * (j + 4) + t);
                         out[j * 4 * PANEL + 4 * r + t] = lo | (hi << 4);
                     }
                 }
             }
         }
+    }
+    data
+}
+
+/// The load-time repack of row-major packed int4 weights into panels.
+pub fn repack_int4(w: &PackedInt4) -> Int4Panels {
+    let (panels, blocks, groups) = (w.rows.div_ceil(PANEL), w.k_pad / BLOCK, w.groups());
+    let mut scales = vec![0f32; panels * groups * PANEL];
+    let mut sums = vec![0i32; panels * groups * PANEL];
+    // Stored nibble (`q + 8`) of (row, col); padding rows hold zeros (8).
+    let data = interleave_nibbles(
+        panels,
+        blocks,
+        |r, c| {
+            if r < w.rows { (w.value(r, c) + 8) as u8 } else { 8 }
+        },
+    );
+    for p in 0..panels {
         for g in 0..groups {
             for r in 0..PANEL {
                 let row = p * PANEL + r;
@@ -286,25 +300,11 @@ pub fn repack_lut(
     assert_eq!(codes.len(), rows / group_rows);
     assert_eq!(scales.len(), codes.len());
     let (panels, blocks) = (rows.div_ceil(PANEL), k / BLOCK);
-    let mut data = vec![0u8; panels * blocks * PANEL_BLOCK_BYTES];
     let mut tables = vec![128u8; panels * LUT_TABLE_BYTES];
     let mut row_scales = vec![0f32; panels * PANEL];
     let mut sums = vec![0i32; panels * PANEL];
-    let nib = |r: usize, c: usize| -> u8 { if r < rows { indices[r * k + c] } else { 0 } };
+    let data = interleave_nibbles(panels, blocks, |r, c| if r < rows { indices[r * k + c] } else { 0 });
     for p in 0..panels {
-        for b in 0..blocks {
-            let out = &mut data[(p * blocks + b) * PANEL_BLOCK_BYTES..][..PANEL_BLOCK_BYTES];
-            for j in 0..4 {
-                for r in 0..PANEL {
-                    for t in 0..4 {
-                        let row = p * PANEL + r;
-                        let lo = nib(row, b * BLOCK + 4 * j + t);
-                        let hi = nib(row, b * BLOCK + 4 * (j + 4) + t);
-                        out[j * 4 * PANEL + 4 * r + t] = lo | (hi << 4);
-                    }
-                }
-            }
-        }
         for lane in 0..PANEL / 4 {
             let first = p * PANEL + 4 * lane;
             if first >= rows {
