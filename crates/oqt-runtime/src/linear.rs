@@ -194,11 +194,15 @@ impl Linear {
     /// kernel view runs as any quantized weight. Both compute the kernel
     /// view's int8 per-channel arithmetic, bit for bit.
     pub fn from_palettized(p: &Palettized, input: InputQuant, isa: Isa) -> Self {
-        let view = p.kernel_view();
-        let integer_input = matches!(
-            choose_kernel(&TensorEncoding::of_quantized(&view), input),
-            KernelChoice::Int8Input { .. }
-        );
+        // The encoding table decides, as for the simulation (a `lut` encoding's
+        // grid is its int8 view); the view itself is built only when it runs.
+        let encoding = TensorEncoding::Lut {
+            rows: p.rows,
+            cols: p.cols,
+            bits: p.bits,
+            group_rows: p.group_rows,
+        };
+        let integer_input = matches!(choose_kernel(&encoding, input), KernelChoice::Int8Input { .. });
         if integer_input
             && input != InputQuant::Q8Blocks
             && has_lut_kernel(isa)
@@ -211,7 +215,7 @@ impl Linear {
                 input,
             };
         }
-        Self::from_quantized(&view, input, isa)
+        Self::from_quantized(&p.kernel_view(), input, isa)
     }
 
     /// `x` `[m, in]` → `[m, out]`.
