@@ -461,6 +461,16 @@ mod tests {
         }
     }
 
+    /// A whole run from the start, on the CPU, observed by no one.
+    fn train(
+        cfg: &LlamaConfig,
+        weights: &ModelWeights,
+        windows: &[Vec<u32>],
+        opts: &EdkmOptions,
+    ) -> Result<(NamedPalettes, Vec<EdkmLayer>)> {
+        edkm_model(cfg, weights, cal(windows), opts, Default::default(), &ad(), &mut Quiet)
+    }
+
     #[test]
     fn edkm_lowers_each_layers_error_below_its_kmeans_start() {
         let cfg = tiny_config();
@@ -475,16 +485,7 @@ mod tests {
             lr: 2e-3,
             ..Default::default()
         };
-        let (palettes, report) = edkm_model(
-            &cfg,
-            &weights,
-            cal(&windows),
-            &opts,
-            Default::default(),
-            &ad(),
-            &mut Quiet,
-        )
-        .unwrap();
+        let (palettes, report) = train(&cfg, &weights, &windows, &opts).unwrap();
         assert_eq!(palettes.len(), 2 * 7);
         for (name, p) in &palettes {
             assert_eq!(p.problems(), None, "{name}");
@@ -510,31 +511,13 @@ mod tests {
             lr: 0.5,
             ..opts
         };
-        let (palettes, report) = edkm_model(
-            &cfg,
-            &weights,
-            cal(&windows),
-            &wild,
-            Default::default(),
-            &ad(),
-            &mut Quiet,
-        )
-        .unwrap();
+        let (palettes, report) = train(&cfg, &weights, &windows, &wild).unwrap();
         assert!(
             report.iter().all(|l| l.kept_kmeans && l.edkm_error > l.kmeans_error),
             "{report:?}"
         );
         let none = EdkmOptions { steps: 0, ..opts };
-        let (kmeans, _) = edkm_model(
-            &cfg,
-            &weights,
-            cal(&windows),
-            &none,
-            Default::default(),
-            &ad(),
-            &mut Quiet,
-        )
-        .unwrap();
+        let (kmeans, _) = train(&cfg, &weights, &windows, &none).unwrap();
         assert_eq!(palettes, kmeans);
     }
 
@@ -556,16 +539,7 @@ mod tests {
             lr: 2e-3,
             ..Default::default()
         };
-        let whole = edkm_model(
-            &cfg,
-            &weights,
-            cal(&windows),
-            &opts,
-            Default::default(),
-            &ad(),
-            &mut Quiet,
-        )
-        .unwrap();
+        let whole = train(&cfg, &weights, &windows, &opts).unwrap();
         struct StopAfterOne(Option<(NamedPalettes, Vec<EdkmLayer>)>);
         impl EdkmObserver for StopAfterOne {
             fn layer_done(&mut self, p: &[(String, Palettized)], l: &[EdkmLayer]) -> Result<()> {
@@ -598,16 +572,7 @@ mod tests {
             form: DkmForm::Naive,
             ..opts
         };
-        let (_, report) = edkm_model(
-            &cfg,
-            &weights,
-            cal(&windows),
-            &naive,
-            Default::default(),
-            &ad(),
-            &mut Quiet,
-        )
-        .unwrap();
+        let (_, report) = train(&cfg, &weights, &windows, &naive).unwrap();
         for (a, b) in report.iter().zip(&whole.1) {
             assert!(
                 (a.edkm_error - b.edkm_error).abs() <= 1e-3 * b.edkm_error,
