@@ -53,15 +53,8 @@ pub struct ClusterArgs {
     /// bundle takes (dynamic or float activations).
     #[arg(long, default_value = "lut4-a8-dyn")]
     pub recipe: String,
-    /// Calibration dataset (a training-role name or a text file), instead of the recipe's.
-    #[arg(long, value_name = "DATASET")]
-    pub calib_data: Option<String>,
-    /// Calibration windows, instead of the recipe's.
-    #[arg(long, value_name = "N")]
-    pub calib_samples: Option<usize>,
-    /// Tokens per calibration window, instead of the recipe's.
-    #[arg(long, value_name = "N")]
-    pub calib_seq_len: Option<usize>,
+    #[command(flatten)]
+    pub calib: super::CalibOverrides,
     /// WikiText-2 chunks (ctx 512) to evaluate the bundle on, in the runtime.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub eval_chunks: usize,
@@ -153,11 +146,7 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         anyhow::bail!("{}", problems.join("; "));
     }
     let mut recipe = oqt_core::quant::load_recipe(&a.recipe)?;
-    if let Some(d) = &a.calib_data {
-        recipe.calibration.dataset = d.clone();
-    }
-    recipe.calibration.samples = a.calib_samples.unwrap_or(recipe.calibration.samples);
-    recipe.calibration.seq_len = a.calib_seq_len.unwrap_or(recipe.calibration.seq_len);
+    a.calib.apply(&mut recipe.calibration);
     if recipe.calibration.samples == 0 || recipe.calibration.seq_len < 2 {
         anyhow::bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
     }

@@ -17,6 +17,31 @@ use clap::Args;
 use oqt_core::LoadedModel;
 use oqt_model::{DeviceKind, Llama};
 
+/// Calibration options that override a recipe's `[calibration]` (quantize, cluster).
+#[derive(Args, Debug, Clone)]
+pub struct CalibOverrides {
+    /// Calibration dataset (a training-role name or a text file) instead of the recipe's.
+    #[arg(long, value_name = "DATASET")]
+    pub calib_data: Option<String>,
+    /// Number of calibration windows instead of the recipe's.
+    #[arg(long, value_name = "N")]
+    pub calib_samples: Option<usize>,
+    /// Tokens per calibration window instead of the recipe's.
+    #[arg(long, value_name = "N")]
+    pub calib_seq_len: Option<usize>,
+}
+
+impl CalibOverrides {
+    /// `c` with the options given on the command line in place of its own.
+    pub fn apply(&self, c: &mut oqt_core::quant::CalibrationSpec) {
+        if let Some(d) = &self.calib_data {
+            c.dataset = d.clone();
+        }
+        c.samples = self.calib_samples.unwrap_or(c.samples);
+        c.seq_len = self.calib_seq_len.unwrap_or(c.seq_len);
+    }
+}
+
 /// Where tensor math runs.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {

@@ -25,15 +25,8 @@ pub struct QuantizeArgs {
     /// RTN: search each row's clip ratio for the lowest weight MSE.
     #[arg(long)]
     pub clip_search: bool,
-    /// Calibration dataset (a training-role name or a text file) instead of the recipe's.
-    #[arg(long, value_name = "DATASET")]
-    pub calib_data: Option<String>,
-    /// Number of calibration windows instead of the recipe's.
-    #[arg(long, value_name = "N")]
-    pub calib_samples: Option<usize>,
-    /// Tokens per calibration window instead of the recipe's.
-    #[arg(long, value_name = "N")]
-    pub calib_seq_len: Option<usize>,
+    #[command(flatten)]
+    pub calib: super::CalibOverrides,
     /// How static activation ranges are taken: `minmax`, `percentile` or `search` (instead of the recipe's).
     #[arg(long, value_name = "RULE")]
     pub act_range: Option<oqt_core::quant::ActRange>,
@@ -170,11 +163,7 @@ fn default_method(recipe: &Recipe) -> anyhow::Result<Method> {
 fn options(a: &QuantizeArgs, recipe: &Recipe) -> anyhow::Result<PtqOptions> {
     let mut o = PtqOptions::for_recipe(recipe);
     let c = &mut o.calibration;
-    if let Some(d) = &a.calib_data {
-        c.dataset = d.clone();
-    }
-    c.samples = a.calib_samples.unwrap_or(c.samples);
-    c.seq_len = a.calib_seq_len.unwrap_or(c.seq_len);
+    a.calib.apply(c);
     c.act_range = a.act_range.unwrap_or(c.act_range);
     c.percentile = a.percentile.unwrap_or(c.percentile);
     if !(50.0..=100.0).contains(&c.percentile) {
