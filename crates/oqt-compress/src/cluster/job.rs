@@ -128,14 +128,20 @@ pub fn cluster_to_bundle(
     } else {
         model.name.clone()
     };
-    // Importance: each input channel's share of the energy on calibration text.
-    let importance = if step.importance {
+    // Calibration windows, read once: the importance's and the training's.
+    let windows = if step.importance || trains {
         let (data, windows) = load_windows(&model.tokenizer, &recipe.calibration)?;
         manifest.inputs.push(InputRecord {
             role: "calibration".into(),
             path: data.path.display().to_string(),
             sha256: oqt_core::datasets::sha256_file(&data.path)?,
         });
+        windows
+    } else {
+        Vec::new()
+    };
+    // Importance: each input channel's share of the energy on calibration text.
+    let importance = if step.importance {
         progress.phase("calibration", windows.len());
         let llama = oqt_model::llama_from_weights(cfg, model.weights.clone(), &burn::tensor::Device::flex());
         let gather = Gather {
@@ -163,7 +169,6 @@ pub fn cluster_to_bundle(
     let mut trained: std::collections::BTreeMap<String, oqt_core::lut::Palettized> = Default::default();
     let mut trained_layers = Vec::new();
     if trains {
-        let (_, windows) = load_windows(&model.tokenizer, &recipe.calibration)?;
         let opts = EdkmOptions {
             bits: step.bits,
             group_rows: step.group_channels,
