@@ -45,6 +45,10 @@ enum Command {
     Prune(cmd::prune::PruneArgs),
     /// Palettize every decoder linear (k-means LUT, tables per group of channels) into a `lut` bundle.
     Cluster(cmd::cluster::ClusterArgs),
+    /// Remove decoder blocks under a budget (FoldGPT gates, ShortGPT, last-N) into a float bundle.
+    Fold(cmd::fold::FoldArgs),
+    /// Teach a student (float, folded or quantized) a teacher's distribution; first- or zeroth-order.
+    Distill(cmd::distill::DistillArgs),
     /// Measure prefill/decode speed, time to first token and memory of a bundle or model.
     Bench(cmd::bench::BenchArgs),
     /// Per-layer quantization sensitivity: the output error when only one layer is quantized.
@@ -107,6 +111,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Prune(a) => cmd::prune::run(a),
         Command::Cluster(a) => cmd::cluster::run(a),
+        Command::Fold(a) => cmd::fold::run(a),
+        Command::Distill(a) => cmd::distill::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Sensitivity(a) => cmd::sensitivity::run(a),
         Command::Export(a) => cmd::export::run(a),

@@ -18,6 +18,9 @@
 
 mod state;
 
+use oqt_compress::distill::job::DistillJob;
+use oqt_compress::fold::gates::GateOptions;
+use oqt_compress::fold::job::{FoldBudget, FoldOptions};
 use oqt_compress::ptq::{Method, Progress, PtqOptions};
 use oqt_compress::qat::QatObserver;
 use oqt_compress::qat::job::QatJob;
@@ -187,6 +190,65 @@ fn run_step(
             )?;
             outcome.writer.write(output)?;
             Ok(StepOutcome::Written)
+        }
+        Step::Fold(f) => {
+            let mut loaded = None;
+            let model = start_model(job, input, float, &mut loaded)?;
+            let budget = match (f.remove, f.budget) {
+                (Some(n), _) => FoldBudget::Blocks(n),
+                (None, Some(b)) => FoldBudget::Fraction(b),
+                (None, None) => return Err(err(format!("steps[{index}]: a fold step needs `remove` or `budget`"))),
+            };
+            let opts = FoldOptions {
+                method: f
+                    .method
+                    .parse()
+                    .map_err(|e| err(format!("steps[{index}].method: {e}")))?,
+                budget,
+                gates: GateOptions {
+                    rounds: f.gate_rounds,
+                    proposals: f.gate_proposals,
+                    grad_windows: f.gate_windows,
+                    ..GateOptions::default()
+                },
+            };
+            let outcome = oqt_compress::fold::job::fold_to_bundle(
+                model,
+                &opts,
+                &job.recipe.calibration,
+                job.created_by,
+                observer.ptq(),
+            )
+            .map_err(|e| err(format!("steps[{index}]: {e}")))?;
+            outcome.writer.write(output)?;
+            Ok(StepOutcome::Written)
+        }
+        Step::Distill(q) => {
+            let student = input.ok_or_else(|| {
+                err(format!(
+                    "steps[{index}]: a `distill` step trains the previous step's bundle; put a `fold` or `quantize` step before it"
+                ))
+            })?;
+            let ckpt = output.with_extension("ckpt");
+            let resume =
+                (q.zeroth_order && oqt_compress::qat::read_checkpoint_state(&ckpt).is_ok()).then_some(ckpt.as_path());
+            let name = |f: &str| format!("steps[{index}].{f}");
+            let distill = DistillJob {
+                teacher: job.model_path,
+                student,
+                training: q,
+                option_name: &name,
+                output,
+                checkpoint_dir: Some(ckpt.clone()),
+                resume,
+                created_by: job.created_by,
+            };
+            let report = oqt_compress::distill::job::run(&distill, observer.qat(q))?;
+            Ok(if report.interrupted {
+                StepOutcome::Interrupted
+            } else {
+                StepOutcome::Written
+            })
         }
         Step::Cluster(c) => {
             let mut pruned = None;

@@ -81,6 +81,25 @@ fn scorer(a: &EvalArgs) -> anyhow::Result<Scorer> {
 }
 
 /// A dataset (name or text file) and its tokens, without BOS.
+/// WikiText-2 perplexity (ctx 512, the first `chunks` chunks) of a float
+/// model or float bundle on Burn in f32: what prune, fold and distill report.
+pub fn float_wikitext_perplexity(path: &std::path::Path, chunks: usize, label: &str) -> anyhow::Result<f64> {
+    let model = oqt_core::load_model(path)?;
+    let (_, tokens) = dataset_tokens(&model.tokenizer, "wikitext2")?;
+    let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)?;
+    let bos = model.tokenizer.document_bos();
+    let llama = oqt_model::llama_from_weights(&model.config, model.weights, &device);
+    let opts = oqt_eval::PerplexityOptions {
+        ctx: 512,
+        max_chunks: Some(chunks),
+        bos,
+    };
+    let pb = crate::output::bar(chunks as u64, label);
+    let r = oqt_eval::perplexity(&llama, &tokens, &opts, |p| pb.set_position(p.chunk as u64))?;
+    pb.finish_and_clear();
+    Ok(r.perplexity)
+}
+
 pub fn dataset_tokens(
     tokenizer: &oqt_core::Tokenizer,
     dataset: &str,

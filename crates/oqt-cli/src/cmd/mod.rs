@@ -1,9 +1,11 @@
 pub mod bench;
 pub mod cluster;
+pub mod distill;
 pub mod eval;
 pub mod eval_recipe;
 pub mod export;
 pub mod fetch;
+pub mod fold;
 pub mod generate;
 pub mod inspect;
 pub mod prune;

@@ -136,19 +136,11 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
     let perplexity = if a.no_eval {
         None
     } else {
-        let (_, tokens) = super::eval::dataset_tokens(&model.tokenizer, "wikitext2")?;
-        let pruned = oqt_core::load_model(&output)?;
-        let device = oqt_model::select_device(oqt_model::DeviceKind::Cpu, false)?;
-        let llama = oqt_model::llama_from_weights(&pruned.config, pruned.weights, &device);
-        let opts = oqt_eval::PerplexityOptions {
-            ctx: 512,
-            max_chunks: Some(a.eval_chunks),
-            bos: model.tokenizer.document_bos(),
-        };
-        let pb = crate::output::bar(a.eval_chunks as u64, "evaluating the pruned model");
-        let r = oqt_eval::perplexity(&llama, &tokens, &opts, |p| pb.set_position(p.chunk as u64))?;
-        pb.finish_and_clear();
-        Some(r.perplexity)
+        Some(super::eval::float_wikitext_perplexity(
+            &output,
+            a.eval_chunks,
+            "evaluating the pruned model",
+        )?)
     };
     let out = Output {
         model: model.name.clone(),

@@ -39,6 +39,29 @@ pub struct QatArgs {
     /// Start from this bundle's weights (a PTQ result) instead of the float model's.
     #[arg(long)]
     pub from: Option<PathBuf>,
+    /// Add logit distillation from the float model with this weight:
+    /// loss = (1 − w)·cross-entropy + w·KL(teacher ‖ student). The teacher's
+    /// top-k targets for every batch are computed before training and the
+    /// teacher dropped, so memory stays at inference size.
+    #[arg(long, default_value_t = 0.0)]
+    pub distill: f32,
+    /// Teacher tokens kept per position for --distill.
+    #[arg(long, default_value_t = 32)]
+    pub distill_top_k: usize,
+    #[command(flatten)]
+    pub training: TrainingArgs,
+    /// Where to write the trained bundle (the runtime runs it like a PTQ bundle).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Print one JSON object (held-out curve, timing, peak memory) instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Training options shared by `oqt qat` and `oqt distill` (one schema: a
+/// recipe's `qat` step).
+#[derive(Args, Debug)]
+pub struct TrainingArgs {
     /// Training text: a dataset name (training role), a text file, or
     /// instruction data as a `.jsonl` file (`text`, `messages`, or
     /// prompt/instruction + response/output per line).
@@ -67,15 +90,6 @@ pub struct QatArgs {
     /// latent weight).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Add logit distillation from the float model with this weight:
-    /// loss = (1 − w)·cross-entropy + w·KL(teacher ‖ student). The teacher's
-    /// top-k targets for every batch are computed before training and the
-    /// teacher dropped, so memory stays at inference size.
-    #[arg(long, default_value_t = 0.0)]
-    pub distill: f32,
-    /// Teacher tokens kept per position for --distill.
-    #[arg(long, default_value_t = 32)]
-    pub distill_top_k: usize,
     /// Perturbation size ε.
     #[arg(long, default_value_t = 1e-2)]
     pub eps: f32,
@@ -122,18 +136,16 @@ pub struct QatArgs {
     /// for --resume. The manifest records which step was kept.
     #[arg(long)]
     pub keep_best: bool,
+    /// Which decoder layers train: `all`, `last:N` (the tail) or a list such
+    /// as `20,21,22`. The final norm always trains.
+    #[arg(long, default_value = "all")]
+    pub train: String,
     /// Continue a run from its checkpoint (same options; bit-identical to not stopping).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Write TensorBoard scalars (loss, lr, projected gradient, held-out perplexity) here.
     #[arg(long)]
     pub tensorboard: Option<PathBuf>,
-    /// Where to write the trained bundle (the runtime runs it like a PTQ bundle).
-    #[arg(short, long)]
-    pub output: PathBuf,
-    /// Print one JSON object (held-out curve, timing, peak memory) instead of a summary.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Progress bars, logs, TensorBoard scalars and Ctrl-C for a QAT run (also
@@ -236,19 +248,19 @@ impl Drop for Reporter {
     }
 }
 
-impl QatArgs {
+impl TrainingArgs {
     /// The options as a recipe's `qat` step holds them (one schema, one validation).
-    pub fn step(&self) -> QatStep {
+    pub fn step(&self, zeroth_order: bool, distill: f32, distill_top_k: usize) -> QatStep {
         QatStep {
-            zeroth_order: self.zeroth_order,
+            zeroth_order,
             dataset: self.dataset.clone(),
             prompt_template: self.prompt_template.clone(),
             held_out: self.held_out,
             steps: self.steps,
             lightweight: self.lightweight,
             lr: self.lr,
-            distill: self.distill,
-            distill_top_k: self.distill_top_k,
+            distill,
+            distill_top_k,
             eps: self.eps,
             n_spsa: self.n_spsa,
             grad_clip: self.grad_clip,
@@ -261,12 +273,13 @@ impl QatArgs {
             eval_windows: self.eval_windows,
             checkpoint_every: self.checkpoint_every,
             keep_best: self.keep_best,
+            train: self.train.clone(),
         }
     }
 }
 
 pub fn run(a: QatArgs) -> anyhow::Result<()> {
-    let step = a.step();
+    let step = a.training.step(a.zeroth_order, a.distill, a.distill_top_k);
     if let Some(p) = step.problems(|f| format!("--{}", f.replace('_', "-"))).first() {
         bail!("{p}");
     }
@@ -280,11 +293,11 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
         model_label: &a.model,
         from: a.from.as_deref(),
         output: &a.output,
-        checkpoint_dir: a.checkpoint_dir.clone(),
-        resume: a.resume.as_deref(),
+        checkpoint_dir: a.training.checkpoint_dir.clone(),
+        resume: a.training.resume.as_deref(),
         created_by,
     };
-    let mut reporter = Reporter::new(a.zeroth_order, a.tensorboard.as_deref())?;
+    let mut reporter = Reporter::new(a.zeroth_order, a.training.tensorboard.as_deref())?;
     let t0 = std::time::Instant::now();
     let report = qat_job::run(&job, &mut reporter)?;
     drop(reporter);

@@ -80,6 +80,19 @@ impl PipelineObserver for Observer {
                     c.method, c.bits, c.group_channels
                 )
             }
+            Step::Fold(f) => {
+                self.bars.label = "fold".into();
+                let budget = match (f.remove, f.budget) {
+                    (Some(n), _) => format!("{n} blocks"),
+                    (None, b) => format!("{:.0}% of decoder parameters", b.unwrap_or(0.0) * 100.0),
+                };
+                format!("fold ({}, {budget})", f.method)
+            }
+            Step::Distill(q) => format!(
+                "distill ({}, layers {})",
+                if q.zeroth_order { "zeroth-order" } else { "first-order" },
+                q.train
+            ),
         };
         if let Step::Quantize(q) = step {
             self.bars.label = q.method.clone().unwrap_or_else(|| "quantize".into());

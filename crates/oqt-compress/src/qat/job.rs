@@ -116,6 +116,34 @@ fn planned_recipe(bundle: &Bundle, recipe: &Recipe) -> Result<Option<Recipe>> {
     Ok(Some(planned))
 }
 
+/// The training text of `s` (a dataset, text file or instruction JSONL)
+/// tokenized by `tokenizer`, its tail held out.
+pub fn training_tokens(
+    tokenizer: &oqt_core::tokenizer::Tokenizer,
+    s: &QatStep,
+) -> Result<(oqt_core::datasets::ResolvedDataset, TrainTokens)> {
+    let data = oqt_core::datasets::resolve(&s.dataset)?;
+    if data.is_eval_set() {
+        return Err(err(format!(
+            "--dataset {}: an evaluation set cannot be trained on",
+            data.name
+        )));
+    }
+    let tokens = if crate::qat::data::is_jsonl(&data.path) {
+        crate::qat::data::jsonl_tokens(tokenizer, &data.path, s.prompt_template.as_deref())?
+    } else {
+        if s.prompt_template.is_some() {
+            return Err(err(format!(
+                "--prompt-template applies to .jsonl instruction data, not {}",
+                data.path.display()
+            )));
+        }
+        tokenizer.encode(&data.read_text()?, false)?
+    };
+    let tokens = TrainTokens::split(tokens, s.held_out);
+    Ok((data, tokens))
+}
+
 /// Train as `job` says and write the bundle (unless interrupted).
 pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport> {
     let s = job.options;
@@ -192,25 +220,7 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
         oqt_core::load::load_model_meta(job.model_path)?
     };
     let static_grids = recipe.spec.activations.mode == ActMode::Static;
-    let data = oqt_core::datasets::resolve(&s.dataset)?;
-    if data.is_eval_set() {
-        return Err(err(format!(
-            "--dataset {}: an evaluation set cannot be trained on",
-            data.name
-        )));
-    }
-    let tokens = if crate::qat::data::is_jsonl(&data.path) {
-        crate::qat::data::jsonl_tokens(&model.tokenizer, &data.path, s.prompt_template.as_deref())?
-    } else {
-        if s.prompt_template.is_some() {
-            return Err(err(format!(
-                "--prompt-template applies to .jsonl instruction data, not {}",
-                data.path.display()
-            )));
-        }
-        model.tokenizer.encode(&data.read_text()?, false)?
-    };
-    let tokens = TrainTokens::split(tokens, s.held_out);
+    let (data, tokens) = training_tokens(&model.tokenizer, s)?;
 
     // Static recipes: the starting activation grids and where they came from.
     let mut grids = None;
@@ -310,6 +320,10 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
         Some(frozen) => QatModel::new_frozen(llama, recipe.spec.clone(), frozen, grids_ref)?,
         None => QatModel::new(llama, recipe.spec.clone(), grids_ref)?,
     };
+    let layers = s.train_layers(model.config.num_layers, |f| f.to_string())?;
+    if layers.len() < model.config.num_layers {
+        qat.train_only_layers(&layers)?;
+    }
     if let Some(r) = job.resume {
         restore_checkpoint(r, &mut qat)?;
     }

@@ -147,7 +147,9 @@ pub struct TrainedWeights {
 
 pub struct QatModel {
     pub llama: Llama,
-    pub spec: QuantSpec,
+    /// The recipe's quantizers; `None` for a float student (distillation of
+    /// a float, pruned or folded model): every linear computes in f32.
+    pub spec: Option<QuantSpec>,
     targets: Vec<Target>,
     /// `[layer][position in Proj::PER_LAYER]`: each decoder linear's weight grid.
     specs: Vec<Vec<WeightSpec>>,
@@ -180,9 +182,12 @@ impl QatHooks<'_> {
 }
 
 impl ForwardHooks for QatHooks<'_> {
-    fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, _float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+    fn linear(&self, layer: usize, proj: Proj, x: Tensor<3>, float: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         let m = self.m;
-        let x = match m.spec.activations.mode {
+        let Some(spec) = &m.spec else {
+            return float(x);
+        };
+        let x = match spec.activations.mode {
             ActMode::Dynamic => fake_quant_dynamic_rows(x),
             ActMode::LlamaCppQ8_0 => fake_quant_q8_0_blocks(x),
             ActMode::Static => self.site(layer, proj.input_site(), x),
@@ -230,7 +235,13 @@ impl QatModel {
     /// `grids`: the static sites' starting grids (a PTQ bundle's `act_grids`
     /// or a calibration), required by static recipes and ignored otherwise.
     pub fn new(llama: Llama, spec: QuantSpec, grids: Option<&BTreeMap<String, ActGrid>>) -> Result<Self> {
-        Self::build(llama, spec, None, grids)
+        Self::build(llama, Some(spec), None, grids)
+    }
+
+    /// A float student: every decoder linear and norm gain trains, nothing is
+    /// quantized (the embedding and head stay frozen, as in QAT).
+    pub fn new_float(llama: Llama) -> Result<Self> {
+        Self::build(llama, None, None, None)
     }
 
     /// The lightweight model from decoder linears frozen beforehand
@@ -250,12 +261,12 @@ impl QatModel {
                 frozen.len()
             )));
         }
-        Self::build(llama, spec, Some(frozen), grids)
+        Self::build(llama, Some(spec), Some(frozen), grids)
     }
 
     fn build(
         llama: Llama,
-        spec: QuantSpec,
+        spec: Option<QuantSpec>,
         frozen: Option<Vec<Vec<QuantizedWeight>>>,
         grids: Option<&BTreeMap<String, ActGrid>>,
     ) -> Result<Self> {
@@ -266,14 +277,14 @@ impl QatModel {
         }
         let n = llama.layers.len();
         let device = llama.device();
-        let sites = if spec.activations.mode == ActMode::Static {
+        let sites = if let Some(spec) = spec.as_ref().filter(|s| s.activations.mode == ActMode::Static) {
             let grids = grids.ok_or_else(|| {
                 CoreError::Other(
                     "a static-activation recipe needs starting grids: start from its PTQ bundle (--from) or calibrate"
                         .into(),
                 )
             })?;
-            Some(static_sites_from(&spec, n, grids, &device)?)
+            Some(static_sites_from(spec, n, grids, &device)?)
         } else {
             None
         };
@@ -289,14 +300,17 @@ impl QatModel {
             targets.push(Target::MlpNorm(l));
         }
         targets.push(Target::FinalNorm);
-        let specs: Vec<Vec<WeightSpec>> = (0..n)
-            .map(|l| {
-                Proj::PER_LAYER
-                    .iter()
-                    .map(|p| spec.weights_for(&p.weight_name(l)))
-                    .collect()
-            })
-            .collect();
+        let specs: Vec<Vec<WeightSpec>> = match &spec {
+            Some(spec) => (0..n)
+                .map(|l| {
+                    Proj::PER_LAYER
+                        .iter()
+                        .map(|p| spec.weights_for(&p.weight_name(l)))
+                        .collect()
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let channel_scales = frozen.as_ref().map(|f| {
             let mut log_scale = Vec::with_capacity(n * Proj::PER_LAYER.len());
             for (l, row) in f.iter().enumerate() {
@@ -317,26 +331,13 @@ impl QatModel {
         }
 
         let mut llama = llama;
-        // Embedding and head: on their grids once, never trained. The
-        // embedding (the largest tensor) is rounded in place on the host, a
-        // block of rows at a time, so it is never held twice.
-        let embed = std::mem::replace(
-            &mut llama.embed_tokens.weight,
-            Param::from_tensor(Tensor::zeros([1, 1], &device)),
-        )
-        .into_value();
-        let [vocab, hidden] = embed.dims();
-        let mut values = to_vec(embed);
-        let embed_spec = spec.weights_for(names::EMBED);
-        for rows in values.chunks_mut(4096 * hidden) {
-            let q = quantize_weight(rows, rows.len() / hidden, hidden, &embed_spec, 1.0);
-            rows.copy_from_slice(&dequantize_weight(&q));
-        }
-        let q_embed = Tensor::<2>::from_data(TensorData::new(values, [vocab, hidden]), &device);
-        llama.embed_tokens.weight = Param::from_tensor(q_embed).set_require_grad(false);
-        if let Some(h) = &mut llama.lm_head {
-            let q = fake_quant_weight(h.weight.val(), &spec.weights_for(names::LM_HEAD), 1.0);
-            h.weight = Param::from_tensor(q.detach()).set_require_grad(false);
+        match &spec {
+            Some(spec) => quantize_embedding_and_head(&mut llama, spec),
+            None => {
+                // A float student's embedding and head stay as they are, frozen.
+                llama.embed_tokens = llama.embed_tokens.clone().no_grad();
+                llama.lm_head = llama.lm_head.take().map(Module::no_grad);
+            }
         }
         Ok(Self {
             llama,
@@ -380,20 +381,7 @@ impl QatModel {
         let Some(d) = distill else {
             return Ok(ce);
         };
-        let k = d.targets.first().map_or(0, |t| t.k);
-        if d.targets.len() != b || d.targets.iter().any(|t| t.positions != s - 1 || t.k != k) {
-            return Err(CoreError::Other(format!(
-                "distillation targets do not match the batch ({} windows of {} positions expected)",
-                b,
-                s - 1
-            )));
-        }
-        let idx: Vec<i64> = d.targets.iter().flat_map(|t| t.tokens.iter().copied()).collect();
-        let lt: Vec<f32> = d.targets.iter().flat_map(|t| t.log_probs.iter().copied()).collect();
-        let idx = Tensor::<3, Int>::from_data(TensorData::new(idx, [b, s - 1, k]), &device);
-        let lt = Tensor::<3>::from_data(TensorData::new(lt, [b, s - 1, k]), &device);
-        let ls = lp.gather(2, idx);
-        let kl = (lt.clone().exp() * (lt - ls)).sum_dim(2).mean();
+        let kl = crate::distill::targets::kl_to_targets(lp, d.targets)?;
         Ok(ce * (1.0 - d.weight) + kl * d.weight)
     }
 
@@ -423,6 +411,43 @@ impl QatModel {
             total += v[0] as f64;
         }
         Ok((total / windows.len() as f64) as f32)
+    }
+
+    /// Train only decoder layers `layers` (with the final norm and, on static
+    /// recipes, the activation ranges): the other layers' tensors leave the
+    /// trainable set and take no gradients. Tail distillation trains the last
+    /// few blocks this way.
+    pub fn train_only_layers(&mut self, layers: &[usize]) -> Result<()> {
+        let n = self.llama.layers.len();
+        if layers.is_empty() {
+            return Err(CoreError::Other("no layer to train".into()));
+        }
+        if let Some(bad) = layers.iter().find(|&&l| l >= n) {
+            return Err(CoreError::Other(format!(
+                "layer {bad} is out of range: the model has {n} layers (0..={})",
+                n - 1
+            )));
+        }
+        let keep = |l: usize| layers.contains(&l);
+        self.targets.retain(|t| match *t {
+            Target::Linear(l, _) | Target::AttnNorm(l) | Target::MlpNorm(l) | Target::ChannelScales(l, _) => keep(l),
+            Target::FinalNorm | Target::ActRanges => true,
+        });
+        let blocks = std::mem::take(&mut self.llama.layers);
+        self.llama.layers = blocks
+            .into_iter()
+            .enumerate()
+            .map(|(l, b)| if keep(l) { b } else { b.no_grad() })
+            .collect();
+        if let Some(c) = &mut self.channel_scales {
+            for l in (0..n).filter(|&l| !keep(l)) {
+                for p in Proj::PER_LAYER {
+                    let d = c.of_mut(l, p);
+                    *d = d.clone().set_require_grad(false);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Names of the trainable tensors, in [`ZoTrainable`] order (canonical names).
@@ -644,6 +669,32 @@ impl FirstOrder {
             ranges: AdamWConfig::new().with_weight_decay(0.0).init(),
             channel_scales: AdamWConfig::new().with_weight_decay(weight_decay as f32).init(),
         }
+    }
+}
+
+/// Embedding and head: on their grids once, never trained.
+fn quantize_embedding_and_head(llama: &mut Llama, spec: &QuantSpec) {
+    let device = llama.device();
+    // Embedding and head: on their grids once, never trained. The
+    // embedding (the largest tensor) is rounded in place on the host, a
+    // block of rows at a time, so it is never held twice.
+    let embed = std::mem::replace(
+        &mut llama.embed_tokens.weight,
+        Param::from_tensor(Tensor::zeros([1, 1], &device)),
+    )
+    .into_value();
+    let [vocab, hidden] = embed.dims();
+    let mut values = to_vec(embed);
+    let embed_spec = spec.weights_for(names::EMBED);
+    for rows in values.chunks_mut(4096 * hidden) {
+        let q = quantize_weight(rows, rows.len() / hidden, hidden, &embed_spec, 1.0);
+        rows.copy_from_slice(&dequantize_weight(&q));
+    }
+    let q_embed = Tensor::<2>::from_data(TensorData::new(values, [vocab, hidden]), &device);
+    llama.embed_tokens.weight = Param::from_tensor(q_embed).set_require_grad(false);
+    if let Some(h) = &mut llama.lm_head {
+        let q = fake_quant_weight(h.weight.val(), &spec.weights_for(names::LM_HEAD), 1.0);
+        h.weight = Param::from_tensor(q.detach()).set_require_grad(false);
     }
 }
 
@@ -1009,6 +1060,63 @@ mod tests {
             m.tensor_values(i).iter().any(|&d| d != 0.0),
             "backprop reached the channel scales"
         );
+    }
+
+    /// Training only layer 1 (tail distillation): layer 0's tensors leave the
+    /// trainable set and first-order steps leave them untouched while layer 1
+    /// moves; a layer the model lacks is refused. On a float student too.
+    #[test]
+    fn training_only_some_layers_leaves_the_others_untouched() {
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        let device = Device::flex().autodiff();
+        let quantized = build_on(
+            Trainable::Full,
+            random_weights(&tiny_config(), 5),
+            spec,
+            None,
+            device.clone(),
+        );
+        let float = QatModel::new_float(oqt_model::llama_from_weights(
+            &tiny_config(),
+            random_weights(&tiny_config(), 5),
+            &device,
+        ))
+        .unwrap();
+        for mut m in [quantized, float] {
+            assert!(m.train_only_layers(&[2]).is_err());
+            m.train_only_layers(&[1]).unwrap();
+            let names = m.tensor_names();
+            assert!(names.iter().all(|n| !n.starts_with("model.layers.0.")), "{names:?}");
+            assert!(names.iter().any(|n| n.starts_with("model.layers.1.")), "{names:?}");
+            let q = |m: &QatModel, l: usize| to_vec(m.llama.decoder_linear(l, Proj::Q).weight.val());
+            let (before0, before1) = (q(&m, 0), q(&m, 1));
+            let mut opt = FirstOrder::new(0.0);
+            let data = batch();
+            let (m, _) = m.first_order_step(&data, None, 1e-2, &mut opt).unwrap();
+            assert_eq!(q(&m, 0), before0, "layer 0 is frozen");
+            assert_ne!(q(&m, 1), before1, "layer 1 trains");
+        }
+    }
+
+    /// A float student computes exactly the float model: no quantizer on any
+    /// weight or activation.
+    #[test]
+    fn a_float_student_computes_the_float_model() {
+        let llama = oqt_model::llama_from_weights(&tiny_config(), random_weights(&tiny_config(), 8), &Device::flex());
+        let data = batch();
+        let w = &data[0];
+        let plain = {
+            let logits = llama.forward(llama.tokens_tensor(w), None);
+            let lp = to_vec(log_softmax(logits, 2));
+            let v = llama.vocab_size();
+            (0..w.len() - 1)
+                .map(|i| -lp[i * v + w[i + 1] as usize] as f64)
+                .sum::<f64>()
+                / (w.len() - 1) as f64
+        };
+        let m = QatModel::new_float(llama).unwrap();
+        let loss = m.loss(std::slice::from_ref(w)).unwrap() as f64;
+        assert!((loss - plain).abs() < 1e-4, "{loss} vs {plain}");
     }
 
     #[test]

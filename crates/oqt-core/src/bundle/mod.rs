@@ -112,6 +112,9 @@ pub struct Provenance {
     /// How the weights were pruned (method, pattern, options, per-linear report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pruning: Option<serde_json::Value>,
+    /// Which decoder blocks were removed and why (`oqt fold`: method, scores, budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folding: Option<serde_json::Value>,
 }
 
 impl Manifest {

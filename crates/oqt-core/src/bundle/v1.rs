@@ -93,6 +93,7 @@ pub(super) fn upgrade(json: &str) -> Result<Manifest, String> {
             training: v1.training,
             mixed_precision: None,
             pruning: None,
+            folding: None,
         },
         inputs: v1.inputs,
         evaluation: v1.evaluation,

@@ -193,6 +193,13 @@ pub enum Step {
     /// Palettization of the decoder linears (the `lut` encoding) of the float
     /// (or pruned) model; embedding, head and activations as the recipe's spec says.
     Cluster(ClusterStep),
+    /// Removal of decoder blocks under a budget (FoldGPT, ShortGPT, last-N)
+    /// of the float model, before `quantize`.
+    Fold(FoldStep),
+    /// Distillation from the float model into the previous step's bundle
+    /// (folded, or quantized: trained through its grids); `distill` is the KL
+    /// weight and must be > 0.
+    Distill(QatStep),
 }
 
 impl Step {
@@ -202,6 +209,8 @@ impl Step {
             Self::Qat(_) => "qat",
             Self::Prune(_) => "prune",
             Self::Cluster(_) => "cluster",
+            Self::Fold(_) => "fold",
+            Self::Distill(_) => "distill",
         }
     }
 }
@@ -326,6 +335,126 @@ impl PruneStep {
 
 /// The `cluster` step's methods.
 pub const CLUSTER_METHODS: &[&str] = &["kmeans", "dkm", "edkm"];
+
+/// The `fold` step's methods (`oqt_compress::fold::job::FoldMethod` names).
+pub const FOLD_METHODS: &[&str] = &["foldgpt", "shortgpt", "last-n"];
+
+/// `[[steps]] kind = "fold"`: the options of `oqt fold`, same names in snake
+/// case, same defaults. Exactly one of `remove` (blocks) and `budget` (share
+/// of decoder parameters).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FoldStep {
+    pub method: String,
+    pub remove: Option<usize>,
+    pub budget: Option<f64>,
+    pub gate_rounds: usize,
+    pub gate_proposals: usize,
+    pub gate_windows: usize,
+}
+
+impl Default for FoldStep {
+    fn default() -> Self {
+        Self {
+            method: "foldgpt".into(),
+            remove: None,
+            budget: None,
+            gate_rounds: 8,
+            gate_proposals: 3,
+            gate_windows: 4,
+        }
+    }
+}
+
+impl FoldStep {
+    /// Problems with the options, each naming its field as `name(field)` renders it.
+    pub fn problems(&self, name: impl Fn(&str) -> String) -> Vec<String> {
+        let mut out = Vec::new();
+        if !FOLD_METHODS.contains(&self.method.as_str()) {
+            out.push(format!(
+                "{}: unknown method `{}`; expected one of {}",
+                name("method"),
+                self.method,
+                FOLD_METHODS.join(", ")
+            ));
+        }
+        match (self.remove, self.budget) {
+            (Some(_), Some(_)) | (None, None) => out.push(format!(
+                "exactly one of {} and {} (blocks, or a share of decoder parameters)",
+                name("remove"),
+                name("budget")
+            )),
+            (Some(0), _) => out.push(format!("{}: remove at least one block", name("remove"))),
+            (_, Some(b)) if !(b > 0.0 && b < 1.0) => {
+                out.push(format!("{}: expected a share in (0, 1), found {b}", name("budget")))
+            }
+            _ => {}
+        }
+        if self.gate_rounds == 0 || self.gate_proposals == 0 || self.gate_windows == 0 {
+            out.push(format!(
+                "{}, {} and {}: expected ≥ 1",
+                name("gate_rounds"),
+                name("gate_proposals"),
+                name("gate_windows")
+            ));
+        }
+        out
+    }
+}
+
+/// Which decoder layers a training run trains (its final norm always does):
+/// `all`, `last:N` (tail distillation) or a list such as `20,21,22`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrainLayers {
+    All,
+    Last(usize),
+    List(Vec<usize>),
+}
+
+impl std::str::FromStr for TrainLayers {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("`{s}`: expected `all`, `last:N` or layer indices such as `20,21,22`");
+        if s == "all" {
+            return Ok(Self::All);
+        }
+        if let Some(n) = s.strip_prefix("last:") {
+            return n.parse().map(Self::Last).map_err(|_| bad());
+        }
+        s.split(',')
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map(Self::List)
+            .map_err(|_| bad())
+    }
+}
+
+impl TrainLayers {
+    /// The layer indices of a model with `n` blocks, checked; `what` names
+    /// the option in errors (`--train`, `steps[2].train`).
+    pub fn resolve(&self, n: usize, what: &str) -> Result<Vec<usize>> {
+        let layers: Vec<usize> = match self {
+            Self::All => (0..n).collect(),
+            Self::Last(k) if *k == 0 || *k > n => {
+                return Err(CoreError::Other(format!(
+                    "{what} last:{k}: the model has {n} blocks; train 1 to {n} of them"
+                )));
+            }
+            Self::Last(k) => (n - k..n).collect(),
+            Self::List(l) => l.clone(),
+        };
+        if layers.is_empty() {
+            return Err(CoreError::Other(format!("{what}: no layer to train")));
+        }
+        if let Some(bad) = layers.iter().find(|&&l| l >= n) {
+            return Err(CoreError::Other(format!(
+                "{what}: layer {bad} is out of range: the model has {n} blocks (0..={})",
+                n - 1
+            )));
+        }
+        Ok(layers)
+    }
+}
 
 /// `[[steps]] kind = "cluster"`: the options of `oqt cluster`, same names in
 /// snake case, same defaults.
@@ -453,6 +582,8 @@ pub struct QatStep {
     pub checkpoint_every: u64,
     /// End on the weights of the lowest held-out perplexity evaluated.
     pub keep_best: bool,
+    /// Which decoder layers train ([`TrainLayers`]: `all`, `last:N`, `3,4,5`).
+    pub train: String,
 }
 
 impl Default for QatStep {
@@ -479,6 +610,7 @@ impl Default for QatStep {
             eval_windows: 8,
             checkpoint_every: 100,
             keep_best: false,
+            train: "all".into(),
         }
     }
 }
@@ -528,7 +660,20 @@ impl QatStep {
         {
             out.push(format!("{} must be a positive number, found {lr}", name("lr")));
         }
+        if let Err(e) = self.train.parse::<TrainLayers>() {
+            out.push(format!("{}: {e}", name("train")));
+        }
         out
+    }
+
+    /// The layers that train, for a model of `n` blocks.
+    pub fn train_layers(&self, n: usize, name: impl Fn(&str) -> String) -> Result<Vec<usize>> {
+        let what = name("train");
+        let layers: TrainLayers = self
+            .train
+            .parse()
+            .map_err(|e| CoreError::Other(format!("{what}: {e}")))?;
+        layers.resolve(n, &what)
     }
 }
 
@@ -600,31 +745,43 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
     if recipe.calibration.samples == 0 || recipe.calibration.seq_len < 2 {
         problems.push("calibration: samples must be ≥ 1 and seq_len ≥ 2".into());
     }
-    let first_non_prune = recipe.steps.iter().position(|s| !matches!(s, Step::Prune(_)));
+    // Float-stage steps (prune, fold, and distill before any weights step)
+    // work on the float model; `quantize`/`cluster` follow them, once.
     let weights_step = |s: &Step| matches!(s, Step::Quantize(_) | Step::Cluster(_));
+    let first_weights = recipe.steps.iter().position(weights_step);
+    let float_stage = |s: &Step| matches!(s, Step::Prune(_) | Step::Fold(_) | Step::Distill(_));
     for (i, step) in recipe.steps.iter().enumerate() {
+        let before = &recipe.steps[..i];
         match step {
             Step::Prune(p) => {
-                if first_non_prune.is_some_and(|f| f < i) {
+                if let Some(f) = first_weights.filter(|&f| f < i) {
                     problems.push(format!(
                         "steps[{i}]: a `prune` step works on the float model, so it goes before `quantize` (found after `{}`)",
-                        recipe.steps[first_non_prune.expect("checked")].kind()
+                        recipe.steps[f].kind()
                     ));
                 }
                 problems.extend(p.problems(|f| format!("steps[{i}].{f}")));
             }
-            Step::Cluster(c) => {
-                if Some(i) != first_non_prune {
+            Step::Fold(f) => {
+                if first_weights.is_some_and(|w| w < i) || before.iter().any(|s| matches!(s, Step::Prune(_))) {
                     problems.push(format!(
-                        "steps[{i}]: a `cluster` step starts from the float (or pruned) model, so it comes first or right after the `prune` steps"
+                        "steps[{i}]: a `fold` step works on the dense float model, so it goes before `prune` and `quantize`"
+                    ));
+                }
+                problems.extend(f.problems(|n| format!("steps[{i}].{n}")));
+            }
+            Step::Cluster(c) => {
+                if Some(i) != first_weights || !before.iter().all(float_stage) {
+                    problems.push(format!(
+                        "steps[{i}]: a `cluster` step starts from the float (pruned, folded) model, so it comes first or right after the float-stage steps (prune, fold, distill), once"
                     ));
                 }
                 problems.extend(c.problems(|f| format!("steps[{i}].{f}")));
             }
             Step::Quantize(q) => {
-                if Some(i) != first_non_prune {
+                if Some(i) != first_weights || !before.iter().all(float_stage) {
                     problems.push(format!(
-                        "steps[{i}]: a `quantize` step starts from the float (or pruned) model, so it comes first or right after the `prune` steps"
+                        "steps[{i}]: a `quantize` step starts from the float (pruned, folded) model, so it comes first or right after the float-stage steps (prune, fold, distill), once"
                     ));
                 }
                 if let Some(m) = &q.method
@@ -637,13 +794,31 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
                 }
             }
             Step::Qat(q) => {
-                if recipe.steps[..i].iter().any(|s| matches!(s, Step::Cluster(_))) {
+                if before.iter().any(|s| matches!(s, Step::Cluster(_))) {
                     problems.push(format!(
                         "steps[{i}]: a `qat` step trains integer grids, not palettes; it cannot follow a `cluster` step"
                     ));
-                } else if !recipe.steps[..i].iter().any(weights_step) {
+                } else if !before.iter().any(weights_step) {
                     problems.push(format!(
                         "steps[{i}]: a `qat` step trains a quantized bundle; put a `quantize` step before it"
+                    ));
+                }
+                problems.extend(q.problems(|f| format!("steps[{i}].{f}")));
+            }
+            Step::Distill(q) => {
+                if before.iter().any(|s| matches!(s, Step::Cluster(_))) {
+                    problems.push(format!(
+                        "steps[{i}]: a `distill` step trains float weights or integer grids, not palettes; it cannot follow a `cluster` step"
+                    ));
+                } else if i == 0 {
+                    problems.push(format!(
+                        "steps[{i}]: a `distill` step trains the previous step's bundle from the float model; put a `fold` or `quantize` step before it"
+                    ));
+                }
+                if !(q.distill > 0.0 && q.distill <= 1.0) {
+                    problems.push(format!(
+                        "steps[{i}].distill: a distill step needs the KL weight in (0, 1] (1: distillation alone), found {}",
+                        q.distill
                     ));
                 }
                 problems.extend(q.problems(|f| format!("steps[{i}].{f}")));
@@ -808,6 +983,61 @@ mod tests {
         );
         let e = err(good.replace("lr = 1e-3", "lr = -1.0"));
         assert!(e.contains("steps[1].lr"), "{e}");
+    }
+
+    /// `fold` goes on the dense float model (before prune and quantize),
+    /// `distill` trains the previous step's bundle with a KL weight > 0; their
+    /// bad fields are named.
+    #[test]
+    fn fold_and_distill_steps_are_checked_like_the_others() {
+        let base = include_str!("../../../../recipes/w4a8-dyn.toml");
+        let p = Path::new("fold.toml");
+        let with = |steps: &str| base.to_string() + steps;
+        let fold = "\n[[steps]]\nkind = \"fold\"\nmethod = \"shortgpt\"\nremove = 4\n";
+        let distill = "\n[[steps]]\nkind = \"distill\"\ndistill = 1.0\ntrain = \"last:4\"\n";
+        let quantize = "\n[[steps]]\nkind = \"quantize\"\n";
+        let r = parse(&with(&format!("{fold}{distill}{quantize}{distill}")), p).unwrap();
+        let kinds: Vec<_> = r.pipeline().iter().map(Step::kind).collect();
+        assert_eq!(kinds, ["fold", "distill", "quantize", "distill"]);
+        let Step::Distill(d) = &r.steps[1] else {
+            panic!("distill")
+        };
+        assert_eq!(d.train_layers(26, |f| f.to_string()).unwrap(), vec![22, 23, 24, 25]);
+        let err = |text: String| parse(&text, p).unwrap_err().to_string();
+        let e = err(with(&format!("{quantize}{fold}")));
+        assert!(
+            e.contains("steps[1]: a `fold` step works on the dense float model"),
+            "{e}"
+        );
+        let e = err(with(&format!("{distill}{quantize}")));
+        assert!(
+            e.contains("steps[0]: a `distill` step trains the previous step's bundle"),
+            "{e}"
+        );
+        let e = err(with(&format!(
+            "{fold}{}",
+            distill.replace("distill = 1.0", "distill = 0.0")
+        )));
+        assert!(
+            e.contains("steps[1].distill: a distill step needs the KL weight"),
+            "{e}"
+        );
+        let e = err(with(&format!("{fold}{}", distill.replace("last:4", "last:x"))));
+        assert!(e.contains("steps[1].train: `last:x`"), "{e}");
+        let e = err(with(&fold.replace("remove = 4", "remove = 4\nbudget = 0.25")));
+        assert!(e.contains("exactly one of steps[0].remove and steps[0].budget"), "{e}");
+        let e = err(with(&fold.replace("shortgpt", "shortgtp")));
+        assert!(e.contains("steps[0].method: unknown method `shortgtp`"), "{e}");
+        let e = err(with(&fold.replace("remove = 4", "budget = 1.5")));
+        assert!(e.contains("steps[0].budget: expected a share in (0, 1)"), "{e}");
+        let layers: TrainLayers = "3,5".parse().unwrap();
+        assert!(
+            layers
+                .resolve(4, "--train")
+                .unwrap_err()
+                .to_string()
+                .contains("layer 5 is out of range")
+        );
     }
 
     #[test]

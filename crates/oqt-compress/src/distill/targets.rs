@@ -9,6 +9,7 @@
 //! tokens and a teacher's mass sits in a few dozen of them; k = 32 keeps
 //! 32 × 12 bytes a position.
 
+use burn::tensor::{Int, Tensor, TensorData};
 use oqt_core::{CoreError, Result};
 use oqt_model::llama::Llama;
 
@@ -61,6 +62,26 @@ pub fn teacher_targets(teacher: &Llama, window: &[u32], k: usize) -> Result<Wind
         }
     }
     Ok(out)
+}
+
+/// `KL(teacher_k ‖ student)` summed over each position's k teacher tokens and
+/// averaged over positions, from the student's log-probabilities `lp`
+/// (`[windows, positions, vocab]`, on the graph when it trains).
+pub fn kl_to_targets(lp: Tensor<3>, targets: &[WindowTargets]) -> Result<Tensor<1>> {
+    let [b, s, _] = lp.dims();
+    let k = targets.first().map_or(0, |t| t.k);
+    if targets.len() != b || targets.iter().any(|t| t.positions != s || t.k != k) {
+        return Err(CoreError::Other(format!(
+            "distillation targets do not match the batch ({b} windows of {s} positions expected)"
+        )));
+    }
+    let device = lp.device();
+    let idx: Vec<i64> = targets.iter().flat_map(|t| t.tokens.iter().copied()).collect();
+    let lt: Vec<f32> = targets.iter().flat_map(|t| t.log_probs.iter().copied()).collect();
+    let idx = Tensor::<3, Int>::from_data(TensorData::new(idx, [b, s, k]), &device);
+    let lt = Tensor::<3>::from_data(TensorData::new(lt, [b, s, k]), &device);
+    let ls = lp.gather(2, idx);
+    Ok((lt.clone().exp() * (lt - ls)).sum_dim(2).mean())
 }
 
 #[cfg(test)]

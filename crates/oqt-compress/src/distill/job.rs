@@ -1,0 +1,419 @@
+//! One `oqt distill` run: a teacher (any loadable model, or a bundle,
+//! dequantized) teaches a student (a float, pruned-away-from or folded model,
+//! or a quantized bundle trained through its recipe's fake quantizers) on
+//! the teacher's top-k next-token distribution. The teacher's targets are
+//! computed first and the teacher dropped; the student then trains
+//! first-order (autodiff, AdamW) or zeroth-order (ZeroQAT's SPSA) on all its
+//! decoder layers or the ones chosen, with the checkpoints, held-out
+//! evaluation and keep-best of `oqt qat` — the same trainers.
+
+use crate::qat::job::{qat_options, training_tokens};
+use crate::qat::model::{FreezeLinears, QatModel};
+use crate::qat::{
+    BestEval, CheckpointState, QatObserver, QatOutcome, default_checkpoint_dir, precompute_teacher,
+    read_checkpoint_state, restore_checkpoint, train_first_order, train_zeroth_order,
+};
+use oqt_core::bundle::{Bundle, BundleWriter, InputRecord, Manifest};
+use oqt_core::encoding::TensorEncoding;
+use oqt_core::load::{detect_format, load_float_bundle};
+use oqt_core::quant::{ActMode, QatStep, Recipe};
+use oqt_core::{CoreError, LoadedModel, ModelFormat, Result, Tokenizer};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub struct DistillJob<'a> {
+    pub teacher: &'a Path,
+    pub student: &'a Path,
+    /// Training options as `oqt qat` takes them; `distill` is the KL weight
+    /// `w` in `(1 − w)·CE + w·KL` (1: distillation alone), `train` the layers.
+    pub training: &'a QatStep,
+    /// How an option is named in errors (`--train`, `steps[2].train`).
+    pub option_name: &'a dyn Fn(&str) -> String,
+    pub output: &'a Path,
+    /// Default: the output path with `.ckpt`.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from this checkpoint (zeroth-order only).
+    pub resume: Option<&'a Path>,
+    pub created_by: &'a str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DistillReport {
+    #[serde(skip)]
+    pub outcome: QatOutcome,
+    /// `float`, or the quantized student's recipe.
+    pub student_kind: String,
+    pub method: &'static str,
+    pub trained_layers: Vec<usize>,
+    pub student_blocks: usize,
+    pub teacher_blocks: usize,
+    pub checkpoint_dir: PathBuf,
+    pub interrupted: bool,
+}
+
+fn err(msg: String) -> CoreError {
+    CoreError::Other(msg)
+}
+
+/// The student as it is stored.
+// One value a run, moved once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Student {
+    Float(LoadedModel),
+    Quantized { bundle: Bundle, recipe: Recipe },
+}
+
+impl Student {
+    fn open(path: &Path) -> Result<Self> {
+        if detect_format(path)? != ModelFormat::Bundle {
+            return Ok(Self::Float(oqt_core::load_model(path)?));
+        }
+        let bundle = Bundle::open(path)?;
+        let tensors = &bundle.manifest.deployment.tensors;
+        if let Some(name) = tensors
+            .iter()
+            .find_map(|(n, e)| matches!(e, TensorEncoding::Lut { .. }).then_some(n))
+        {
+            return Err(err(format!(
+                "{}: tensor `{name}` is palettized (lut); distillation trains float weights or integer grids, not palettes",
+                path.display()
+            )));
+        }
+        if !tensors.values().any(|e| e.int_grid().is_some()) {
+            let model = load_float_bundle(path)?;
+            if let Some(name) = model.sparsity.keys().next() {
+                return Err(err(format!(
+                    "{}: `{name}` is pruned (sparse); training would refill its zeros — distill the dense model, then prune",
+                    path.display()
+                )));
+            }
+            return Ok(Self::Float(model));
+        }
+        let stored = bundle.manifest.provenance.recipe.clone().ok_or_else(|| {
+            err(format!(
+                "{}: a quantized bundle without its recipe (provenance.recipe); it cannot be trained through its quantizers",
+                path.display()
+            ))
+        })?;
+        let recipe: Recipe = serde_json::from_value(stored)
+            .map_err(|e| err(format!("{}: provenance.recipe: not a recipe ({e})", path.display())))?;
+        Ok(Self::Quantized { bundle, recipe })
+    }
+
+    fn config(&self) -> &oqt_core::LlamaConfig {
+        match self {
+            Self::Float(m) => &m.config,
+            Self::Quantized { bundle, .. } => &bundle.manifest.config,
+        }
+    }
+
+    fn kind(&self) -> String {
+        match self {
+            Self::Float(_) => "float".into(),
+            Self::Quantized { recipe, .. } => recipe.name.clone(),
+        }
+    }
+}
+
+/// The teacher's float weights: a model file or directory, or any bundle dequantized.
+pub fn load_teacher(path: &Path) -> Result<LoadedModel> {
+    if detect_format(path)? != ModelFormat::Bundle {
+        return oqt_core::load_model(path);
+    }
+    let b = Bundle::open(path)?;
+    Ok(LoadedModel {
+        path: path.into(),
+        format: ModelFormat::Bundle,
+        name: b.manifest.model_name.clone(),
+        config: b.manifest.config.clone(),
+        weights: b.dequantized_weights()?,
+        tokenizer: b.tokenizer()?,
+        sparsity: Default::default(),
+    })
+}
+
+/// Teacher and student must score the same tokens: same vocabulary size and
+/// the same string for every token id.
+pub fn check_same_vocabulary(teacher: (&Path, &Tokenizer, usize), student: (&Path, &Tokenizer, usize)) -> Result<()> {
+    let ((tp, tt, tv), (sp, st, sv)) = (teacher, student);
+    if tv != sv || tt.vocab_size() != st.vocab_size() {
+        return Err(err(format!(
+            "teacher {} has a vocabulary of {tv} tokens ({} in its tokenizer), student {} of {sv} ({}): distillation needs the same tokenizer",
+            tp.display(),
+            tt.vocab_size(),
+            sp.display(),
+            st.vocab_size()
+        )));
+    }
+    for id in 0..tt.vocab_size() as u32 {
+        let (a, b) = (tt.token_str(id), st.token_str(id));
+        if a != b {
+            return Err(err(format!(
+                "teacher {} and student {} have different tokenizers: token {id} is {a:?} in the teacher, {b:?} in the student",
+                tp.display(),
+                sp.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn device(autodiff: bool) -> Result<burn::tensor::Device> {
+    oqt_model::select_device(oqt_model::DeviceKind::Cpu, autodiff)
+        .map_err(|e| err(format!("selecting the CPU device: {e}")))
+}
+
+/// Distill as `job` says and write the student (unless interrupted).
+pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<DistillReport> {
+    let s = job.training;
+    if !(s.distill > 0.0 && s.distill <= 1.0) {
+        return Err(err(format!(
+            "{} {}: the KL weight must lie in (0, 1] (1: distillation alone)",
+            (job.option_name)("distill"),
+            s.distill
+        )));
+    }
+    if !s.zeroth_order && job.resume.is_some() {
+        return Err(err(
+            "--resume: first-order runs do not checkpoint (their AdamW moments are not saved); only --zeroth-order runs resume"
+                .into(),
+        ));
+    }
+    let student = Student::open(job.student)?;
+    let n_student = student.config().num_layers;
+    let layers = s.train_layers(n_student, job.option_name)?;
+    if s.lightweight && matches!(student, Student::Float(_)) {
+        return Err(err(format!(
+            "--lightweight trains a quantized student's quantizer-facing parameters; {} is a float model",
+            job.student.display()
+        )));
+    }
+    let mut options = qat_options(s)?;
+    let kind = student.kind();
+    let start = job.student.display().to_string();
+    let mut start_step = 0;
+    let mut best: Option<BestEval> = None;
+    if let Some(r) = job.resume {
+        let saved = read_checkpoint_state(r)?;
+        if saved.recipe != kind || saved.start != start {
+            return Err(err(format!(
+                "{}: checkpoint of a `{}` student from `{}`, not `{kind}` from `{start}`",
+                r.display(),
+                saved.recipe,
+                saved.start
+            )));
+        }
+        start_step = saved.next_step;
+        best = saved.best;
+        options = crate::qat::QatOptions {
+            steps: options.steps.max(saved.options.steps),
+            keep_best: saved.options.keep_best || options.keep_best,
+            ..saved.options
+        };
+    }
+
+    // The teacher first: its targets for every batch, then it is dropped.
+    let (student_tokenizer, student_path) = match &student {
+        Student::Float(m) => (m.tokenizer.clone(), m.path.clone()),
+        Student::Quantized { bundle, .. } => (bundle.tokenizer()?, bundle.path.clone()),
+    };
+    let teacher = load_teacher(job.teacher)?;
+    check_same_vocabulary(
+        (job.teacher, &teacher.tokenizer, teacher.config.vocab_size),
+        (job.student, &student_tokenizer, student.config().vocab_size),
+    )?;
+    let teacher_blocks = teacher.config.num_layers;
+    let teacher_record = job.teacher.is_file().then(|| -> Result<InputRecord> {
+        Ok(InputRecord {
+            role: "teacher".into(),
+            path: job.teacher.display().to_string(),
+            sha256: oqt_core::datasets::sha256_file(job.teacher)?,
+        })
+    });
+    let teacher_record = teacher_record.transpose()?;
+    let (data, tokens) = training_tokens(&student_tokenizer, s)?;
+    let targets = {
+        let cpu = device(false)?;
+        let llama = oqt_model::llama_from_weights(&teacher.config, teacher.weights, &cpu);
+        observer.phase("teacher targets", options.steps - start_step);
+        precompute_teacher(&llama, &tokens, &options, start_step, |d, _| observer.advance(d))?
+    };
+
+    // The student.
+    let device = device(!s.zeroth_order)?;
+    let (mut qat, meta, recipe, grids) = match student {
+        Student::Float(mut m) => {
+            let weights = std::mem::take(&mut m.weights);
+            weights.validate(&m.config, &m.path)?;
+            let llama = oqt_model::llama_from_weights(&m.config, weights, &device);
+            (QatModel::new_float(llama)?, m, None, None)
+        }
+        Student::Quantized { bundle, recipe } => {
+            let config = bundle.manifest.config.clone();
+            let grids =
+                (recipe.spec.activations.mode == ActMode::Static).then(|| bundle.manifest.deployment.act_grids.clone());
+            let qat = if s.lightweight {
+                let mut freeze = FreezeLinears::new(&recipe.spec, &config, &bundle.path);
+                bundle.for_each_dequantized(|n, t, src| freeze.add(n, t, src))?;
+                let (weights, frozen) = freeze.finish()?;
+                let llama = oqt_model::llama_from_weights(&config, weights, &device);
+                QatModel::new_frozen(llama, recipe.spec.clone(), frozen, grids.as_ref())?
+            } else {
+                let weights = bundle.dequantized_weights()?;
+                weights.validate(&config, &bundle.path)?;
+                let llama = oqt_model::llama_from_weights(&config, weights, &device);
+                QatModel::new(llama, recipe.spec.clone(), grids.as_ref())?
+            };
+            let meta = LoadedModel {
+                path: student_path.clone(),
+                format: ModelFormat::Bundle,
+                name: bundle.manifest.model_name.clone(),
+                config,
+                weights: Default::default(),
+                tokenizer: student_tokenizer.clone(),
+                sparsity: Default::default(),
+            };
+            (qat, meta, Some(recipe), grids)
+        }
+    };
+    if layers.len() < n_student {
+        qat.train_only_layers(&layers)?;
+    }
+    if let Some(r) = job.resume {
+        restore_checkpoint(r, &mut qat)?;
+    }
+    let ckpt_dir = job
+        .resume
+        .map(Path::to_path_buf)
+        .or(job.checkpoint_dir.clone())
+        .unwrap_or_else(|| default_checkpoint_dir(job.output));
+    let state = CheckpointState {
+        next_step: start_step,
+        options: options.clone(),
+        recipe: kind.clone(),
+        start,
+        best,
+    };
+    observer.phase(
+        if s.zeroth_order {
+            "distill (zeroth-order)"
+        } else {
+            "distill (first-order)"
+        },
+        options.steps,
+    );
+    observer.advance(start_step);
+    let (qat, outcome) = if s.zeroth_order {
+        let mut qat = qat;
+        let outcome = train_zeroth_order(
+            &mut qat,
+            &tokens,
+            &options,
+            start_step,
+            Some((&ckpt_dir, &state)),
+            Some(&targets),
+            observer,
+        )?;
+        (qat, outcome)
+    } else {
+        train_first_order(qat, &tokens, &options, Some(&targets), observer)?
+    };
+    drop(targets);
+    observer.phase("", 0);
+    let method = match (s.zeroth_order, s.lightweight) {
+        (true, false) => "distill-zeroth-order",
+        (true, true) => "distill-zeroth-order-lightweight",
+        (false, false) => "distill-first-order",
+        (false, true) => "distill-first-order-lightweight",
+    };
+    let report = |outcome: QatOutcome, interrupted: bool| DistillReport {
+        outcome,
+        student_kind: kind.clone(),
+        method,
+        trained_layers: layers.clone(),
+        student_blocks: n_student,
+        teacher_blocks,
+        checkpoint_dir: ckpt_dir.clone(),
+        interrupted,
+    };
+    if outcome.interrupted {
+        if !s.zeroth_order {
+            return Err(err(format!(
+                "interrupted at step {}: first-order runs keep no checkpoint, nothing written",
+                outcome.next_step
+            )));
+        }
+        return Ok(report(outcome, true));
+    }
+
+    let trained = qat.into_trained(&BTreeMap::new());
+    let training = serde_json::json!({
+        "method": method,
+        "options": options,
+        "trained_layers": layers,
+        "steps_run": outcome.next_step,
+        "held_out_perplexity": outcome.evals,
+        "kept": outcome.best,
+        "dataset": data.name,
+        "teacher": job.teacher.display().to_string(),
+    });
+    let mut writer = match recipe {
+        None => {
+            let mut manifest = Manifest::for_model(&meta, job.created_by)?;
+            manifest.provenance = Bundle::open(&meta.path)
+                .map(|b| b.manifest.provenance)
+                .unwrap_or_default();
+            manifest.provenance.method = Some(method.into());
+            let mut w = BundleWriter::new(manifest);
+            for (name, t, _) in trained.weights.into_tensors() {
+                w.add_f32(&name, t.shape.clone(), &t.data);
+            }
+            w
+        }
+        Some(recipe) => {
+            let start_record = InputRecord {
+                role: "start".into(),
+                path: meta.path.display().to_string(),
+                sha256: oqt_core::datasets::sha256_file(&meta.path)?,
+            };
+            let calibrated = match (trained.act_grids, grids) {
+                (Some(g), Some(_)) => Some(crate::ptq::rtn::Calibrated {
+                    grids: g,
+                    input: start_record.clone(),
+                }),
+                _ => None,
+            };
+            let has_start = calibrated.is_some();
+            let mut meta = meta;
+            meta.weights = trained.weights;
+            let mut w = crate::ptq::rtn::assemble(
+                &meta,
+                crate::ptq::rtn::Prepared {
+                    weights: &meta.weights,
+                    quantized: trained.quantized,
+                    method: method.into(),
+                },
+                &recipe,
+                crate::ptq::rtn::RtnOptions { clip_search: false },
+                calibrated,
+                job.created_by,
+                |_, _| {},
+            )?;
+            if !has_start {
+                w.manifest_mut().inputs.push(start_record);
+            }
+            w
+        }
+    };
+    let m = writer.manifest_mut();
+    m.inputs.push(InputRecord {
+        role: "training".into(),
+        path: data.path.display().to_string(),
+        sha256: oqt_core::datasets::sha256_file(&data.path)?,
+    });
+    m.inputs.extend(teacher_record);
+    m.provenance.training = Some(training);
+    writer.write(job.output)?;
+    Ok(report(outcome, false))
+}

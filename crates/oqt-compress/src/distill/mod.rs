@@ -1,0 +1,13 @@
+//! Distillation: a teacher's next-token distribution taught to a student.
+//!
+//! * [`targets`] — the teacher's top-k log-probabilities per position,
+//!   computed once before the student exists (ZeroQAT's `--distill` and
+//!   `oqt distill` both train on them);
+//! * [`job`] — `oqt distill --teacher T --student S`: any loadable model or
+//!   bundle as the teacher, a float, folded or quantized student, trained
+//!   first-order or zeroth-order on all of its layers or a chosen few.
+
+pub mod job;
+pub mod targets;
+
+pub use targets::{WindowTargets, kl_to_targets, teacher_targets};
