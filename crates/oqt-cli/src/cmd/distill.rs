@@ -64,9 +64,6 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
         |spec: &str, role: &str| oqt_hub::resolve_model(spec).with_context(|| format!("resolving the {role} `{spec}`"));
     let teacher = resolve(&a.teacher, "teacher")?.path;
     let student = resolve(&a.student, "student")?.path;
-    if a.output.exists() {
-        bail!("--output {}: already exists; choose a new path", a.output.display());
-    }
     let created_by = concat!("oqt ", env!("CARGO_PKG_VERSION"));
     let job = DistillJob {
         teacher: &teacher,
@@ -79,9 +76,6 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
         created_by,
     };
     let float_student = !a.no_eval && is_float(&student);
-    let before = float_student
-        .then(|| super::eval::float_wikitext_perplexity(&student, a.eval_chunks, "evaluating the student"))
-        .transpose()?;
     let mut reporter = Reporter::new(a.zeroth_order, a.training.tensorboard.as_deref())?;
     let t0 = std::time::Instant::now();
     let report = distill_job::run(&job, &mut reporter)?;
@@ -97,6 +91,11 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // Evaluated after the run, so bad inputs fail at once (a student
+    // overwritten by its own output has no "before").
+    let before = (float_student && student != a.output)
+        .then(|| super::eval::float_wikitext_perplexity(&student, a.eval_chunks, "evaluating the student"))
+        .transpose()?;
     let after = float_student
         .then(|| super::eval::float_wikitext_perplexity(&a.output, a.eval_chunks, "evaluating the distilled student"))
         .transpose()?;
@@ -109,7 +108,7 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
             "kept": outcome.best,
             "wikitext2_before": before,
             "wikitext2_after": after,
-            "eval_chunks": before.map(|_| a.eval_chunks),
+            "eval_chunks": after.map(|_| a.eval_chunks),
             "wall_s": wall_s,
             "peak_rss_mib": oqt_core::sys::peak_rss_mib(),
         }));
