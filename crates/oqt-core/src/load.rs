@@ -95,6 +95,16 @@ pub fn load_float_bundle(path: &Path) -> Result<LoadedModel> {
             ),
         });
     }
+    bundle_model(&b)
+}
+
+/// Any bundle as a model: its config, tokenizer and weights dequantized
+/// (a distillation teacher may be quantized); pruned tensors' layouts kept.
+pub fn load_dequantized_bundle(path: &Path) -> Result<LoadedModel> {
+    bundle_model(&crate::bundle::Bundle::open(path)?)
+}
+
+fn bundle_model(b: &crate::bundle::Bundle) -> Result<LoadedModel> {
     let sparsity = b
         .manifest
         .deployment
@@ -106,7 +116,7 @@ pub fn load_float_bundle(path: &Path) -> Result<LoadedModel> {
         })
         .collect();
     Ok(LoadedModel {
-        path: path.into(),
+        path: b.path.clone(),
         format: ModelFormat::Bundle,
         name: b.manifest.model_name.clone(),
         config: b.manifest.config.clone(),

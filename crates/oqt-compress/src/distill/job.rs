@@ -7,11 +7,10 @@
 //! decoder layers or the ones chosen, with the checkpoints, held-out
 //! evaluation and keep-best of `oqt qat` — the same trainers.
 
-use crate::qat::job::{qat_options, training_tokens};
+use crate::qat::job::{Resumed, qat_options, resume_run, train, training_tokens};
 use crate::qat::model::{FreezeLinears, QatModel};
 use crate::qat::{
-    BestEval, CheckpointState, QatObserver, QatOutcome, default_checkpoint_dir, precompute_teacher,
-    read_checkpoint_state, restore_checkpoint, train_first_order, train_zeroth_order,
+    CheckpointState, QatObserver, QatOutcome, default_checkpoint_dir, precompute_teacher, restore_checkpoint,
 };
 use oqt_core::bundle::{Bundle, BundleWriter, InputRecord, Manifest};
 use oqt_core::encoding::TensorEncoding;
@@ -121,16 +120,7 @@ pub fn load_teacher(path: &Path) -> Result<LoadedModel> {
     if detect_format(path)? != ModelFormat::Bundle {
         return oqt_core::load_model(path);
     }
-    let b = Bundle::open(path)?;
-    Ok(LoadedModel {
-        path: path.into(),
-        format: ModelFormat::Bundle,
-        name: b.manifest.model_name.clone(),
-        config: b.manifest.config.clone(),
-        weights: b.dequantized_weights()?,
-        tokenizer: b.tokenizer()?,
-        sparsity: Default::default(),
-    })
+    oqt_core::load::load_dequantized_bundle(path)
 }
 
 /// Teacher and student must score the same tokens: same vocabulary size and
@@ -174,12 +164,6 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
             s.distill
         )));
     }
-    if !s.zeroth_order && job.resume.is_some() {
-        return Err(err(
-            "--resume: first-order runs do not checkpoint (their AdamW moments are not saved); only --zeroth-order runs resume"
-                .into(),
-        ));
-    }
     let student = Student::open(job.student)?;
     let n_student = student.config().num_layers;
     let layers = s.train_layers(n_student, job.option_name)?;
@@ -189,13 +173,13 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
             job.student.display()
         )));
     }
-    let mut options = qat_options(s)?;
     let kind = student.kind();
     let start = job.student.display().to_string();
-    let mut start_step = 0;
-    let mut best: Option<BestEval> = None;
-    if let Some(r) = job.resume {
-        let saved = read_checkpoint_state(r)?;
+    let Resumed {
+        next_step: start_step,
+        best,
+        options,
+    } = resume_run(job.resume, qat_options(s)?, s.zeroth_order, |r, saved| {
         if saved.recipe != kind || saved.start != start {
             return Err(err(format!(
                 "{}: checkpoint of a `{}` student from `{}`, not `{kind}` from `{start}`",
@@ -204,14 +188,8 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
                 saved.start
             )));
         }
-        start_step = saved.next_step;
-        best = saved.best;
-        options = crate::qat::QatOptions {
-            steps: options.steps.max(saved.options.steps),
-            keep_best: saved.options.keep_best || options.keep_best,
-            ..saved.options
-        };
-    }
+        Ok(())
+    })?;
 
     // The teacher first: its targets for every batch, then it is dropped.
     let (student_tokenizer, student_path) = match &student {
@@ -295,32 +273,22 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
         start,
         best,
     };
-    observer.phase(
-        if s.zeroth_order {
-            "distill (zeroth-order)"
-        } else {
-            "distill (first-order)"
-        },
-        options.steps,
-    );
-    observer.advance(start_step);
-    let (qat, outcome) = if s.zeroth_order {
-        let mut qat = qat;
-        let outcome = train_zeroth_order(
-            &mut qat,
-            &tokens,
-            &options,
-            start_step,
-            Some((&ckpt_dir, &state)),
-            Some(&targets),
-            observer,
-        )?;
-        (qat, outcome)
+    let phase = if s.zeroth_order {
+        "distill (zeroth-order)"
     } else {
-        train_first_order(qat, &tokens, &options, Some(&targets), observer)?
+        "distill (first-order)"
     };
+    let (qat, outcome) = train(
+        qat,
+        &tokens,
+        &options,
+        s.zeroth_order,
+        (&ckpt_dir, &state),
+        Some(&targets),
+        phase,
+        observer,
+    )?;
     drop(targets);
-    observer.phase("", 0);
     let method = match (s.zeroth_order, s.lightweight) {
         (true, false) => "distill-zeroth-order",
         (true, true) => "distill-zeroth-order-lightweight",
@@ -338,12 +306,6 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
         interrupted,
     };
     if outcome.interrupted {
-        if !s.zeroth_order {
-            return Err(err(format!(
-                "interrupted at step {}: first-order runs keep no checkpoint, nothing written",
-                outcome.next_step
-            )));
-        }
         return Ok(report(outcome, true));
     }
 

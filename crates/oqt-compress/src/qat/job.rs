@@ -8,8 +8,9 @@
 use crate::qat::model::{FreezeLinears, QatModel, Trainable};
 use crate::qat::zeroqat::{LrSchedule, SpsaConfig};
 use crate::qat::{
-    BestEval, CheckpointState, QatObserver, QatOptions, QatOutcome, TrainTokens, default_checkpoint_dir,
-    precompute_teacher, read_checkpoint_state, restore_checkpoint, train_first_order, train_zeroth_order,
+    BestEval, CheckpointState, QatObserver, QatOptions, QatOutcome, TeacherTargets, TrainTokens,
+    default_checkpoint_dir, precompute_teacher, read_checkpoint_state, restore_checkpoint, train_first_order,
+    train_zeroth_order,
 };
 use oqt_core::bundle::{Bundle, InputRecord};
 use oqt_core::quant::{ActMode, QatStep, Recipe};
@@ -144,6 +145,91 @@ pub fn training_tokens(
     Ok((data, tokens))
 }
 
+/// Where a run starts: its first step, the best evaluation so far and the
+/// options it runs with.
+pub struct Resumed {
+    pub next_step: u64,
+    pub best: Option<BestEval>,
+    pub options: QatOptions,
+}
+
+/// A fresh run with `options`, or the checkpoint `resume` continued (after
+/// `check` accepts what it was a run of). Only zeroth-order runs resume.
+pub fn resume_run(
+    resume: Option<&Path>,
+    options: QatOptions,
+    zeroth_order: bool,
+    check: impl FnOnce(&Path, &CheckpointState) -> Result<()>,
+) -> Result<Resumed> {
+    let Some(r) = resume else {
+        return Ok(Resumed {
+            next_step: 0,
+            best: None,
+            options,
+        });
+    };
+    if !zeroth_order {
+        return Err(err(
+            "--resume: first-order runs do not checkpoint (their AdamW moments are not saved); only --zeroth-order runs resume"
+                .into(),
+        ));
+    }
+    let saved = read_checkpoint_state(r)?;
+    check(r, &saved)?;
+    // The saved options win: a resume continues the same run. Keeping
+    // the best does not change its path, so a resume may turn it on (the
+    // best is then taken over the evaluations from here on).
+    Ok(Resumed {
+        next_step: saved.next_step,
+        best: saved.best,
+        options: QatOptions {
+            steps: options.steps.max(saved.options.steps),
+            keep_best: saved.options.keep_best || options.keep_best,
+            ..saved.options
+        },
+    })
+}
+
+/// Train `qat` zeroth-order (checkpointing into `checkpoint.0` from
+/// `checkpoint.1`) or first-order, under a progress phase named `phase`. An
+/// interrupted first-order run is an error: it keeps no checkpoint.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    mut qat: QatModel,
+    tokens: &TrainTokens,
+    options: &QatOptions,
+    zeroth_order: bool,
+    checkpoint: (&Path, &CheckpointState),
+    teacher: Option<&TeacherTargets>,
+    phase: &str,
+    observer: &mut dyn QatObserver,
+) -> Result<(QatModel, QatOutcome)> {
+    observer.phase(phase, options.steps);
+    observer.advance(checkpoint.1.next_step);
+    let (qat, outcome) = if zeroth_order {
+        let outcome = train_zeroth_order(
+            &mut qat,
+            tokens,
+            options,
+            checkpoint.1.next_step,
+            Some(checkpoint),
+            teacher,
+            observer,
+        )?;
+        (qat, outcome)
+    } else {
+        train_first_order(qat, tokens, options, teacher, observer)?
+    };
+    observer.phase("", 0);
+    if outcome.interrupted && !zeroth_order {
+        return Err(err(format!(
+            "interrupted at step {}: first-order runs keep no checkpoint, nothing written",
+            outcome.next_step
+        )));
+    }
+    Ok((qat, outcome))
+}
+
 /// Train as `job` says and write the bundle (unless interrupted).
 pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport> {
     let s = job.options;
@@ -173,20 +259,14 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
         .and(bundle.as_ref())
         .and_then(|b| b.manifest.provenance.mixed_precision.clone());
     let recipe = planned.as_ref().unwrap_or(job.recipe);
-    if !s.zeroth_order && job.resume.is_some() {
-        return Err(err(
-            "--resume: first-order runs do not checkpoint (their AdamW moments are not saved); only --zeroth-order runs resume"
-                .into(),
-        ));
-    }
-    let mut options = qat_options(s)?;
     let start = job
         .from
         .map_or(job.model_label.to_string(), |b| b.display().to_string());
-    let mut start_step = 0;
-    let mut best: Option<BestEval> = None;
-    if let Some(r) = job.resume {
-        let saved = read_checkpoint_state(r)?;
+    let Resumed {
+        next_step: start_step,
+        best,
+        options,
+    } = resume_run(job.resume, qat_options(s)?, s.zeroth_order, |r, saved| {
         if saved.recipe != recipe.name || saved.start != start {
             return Err(err(format!(
                 "{}: checkpoint of recipe `{}` from `{}`, not `{}` from `{start}`",
@@ -196,17 +276,8 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
                 recipe.name
             )));
         }
-        // The saved options win: a resume continues the same run. Keeping
-        // the best does not change its path, so a resume may turn it on (the
-        // best is then taken over the evaluations from here on).
-        start_step = saved.next_step;
-        best = saved.best;
-        options = QatOptions {
-            steps: options.steps.max(saved.options.steps),
-            keep_best: saved.options.keep_best || options.keep_best,
-            ..saved.options
-        };
-    }
+        Ok(())
+    })?;
 
     // The float weights are read only when something needs them: the start
     // (no start bundle), a calibration (static recipe, no start bundle) or the teacher.
@@ -339,39 +410,24 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
         start: start.clone(),
         best,
     };
-    observer.phase(
-        if s.zeroth_order { "zeroqat" } else { "qat (first-order)" },
-        options.steps,
-    );
-    observer.advance(start_step);
-    let (qat, outcome) = if s.zeroth_order {
-        let outcome = train_zeroth_order(
-            &mut qat,
-            &tokens,
-            &options,
-            start_step,
-            Some((&ckpt_dir, &state)),
-            teacher.as_ref(),
-            observer,
-        )?;
-        (qat, outcome)
-    } else {
-        train_first_order(qat, &tokens, &options, teacher.as_ref(), observer)?
-    };
+    let phase = if s.zeroth_order { "zeroqat" } else { "qat (first-order)" };
+    let (qat, outcome) = train(
+        qat,
+        &tokens,
+        &options,
+        s.zeroth_order,
+        (&ckpt_dir, &state),
+        teacher.as_ref(),
+        phase,
+        observer,
+    )?;
     drop(teacher);
-    observer.phase("", 0);
     let method = match (s.zeroth_order, s.lightweight) {
         (true, false) => "zeroqat",
         (true, true) => "zeroqat-lightweight",
         (false, false) => "qat-first-order",
         (false, true) => "qat-first-order-lightweight",
     };
-    if outcome.interrupted && !s.zeroth_order {
-        return Err(err(format!(
-            "interrupted at step {}: first-order runs keep no checkpoint, nothing written",
-            outcome.next_step
-        )));
-    }
     if outcome.interrupted {
         return Ok(QatReport {
             outcome,
