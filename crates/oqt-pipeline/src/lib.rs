@@ -166,6 +166,23 @@ enum StepOutcome {
     Interrupted,
 }
 
+impl StepOutcome {
+    fn of(interrupted: bool) -> Self {
+        if interrupted { Self::Interrupted } else { Self::Written }
+    }
+}
+
+/// A training step's checkpoint directory beside its bundle, and whether the
+/// step resumes from it (a zeroth-order step killed mid-way continues).
+fn step_checkpoint(output: &Path, q: &QatStep, kind: &str) -> (PathBuf, bool) {
+    let ckpt = output.with_extension("ckpt");
+    let resumes = q.zeroth_order && oqt_compress::qat::read_checkpoint_state(&ckpt).is_ok();
+    if resumes {
+        tracing::info!(checkpoint = %ckpt.display(), "resuming the {kind} step from its checkpoint");
+    }
+    (ckpt, resumes)
+}
+
 /// The step registry: each kind's method, from its input to its bundle.
 fn run_step(
     job: &PipelineJob<'_>,
@@ -229,9 +246,8 @@ fn run_step(
                     "steps[{index}]: a `distill` step trains the previous step's bundle; put a `fold` or `quantize` step before it"
                 ))
             })?;
-            let ckpt = output.with_extension("ckpt");
-            let resume =
-                (q.zeroth_order && oqt_compress::qat::read_checkpoint_state(&ckpt).is_ok()).then_some(ckpt.as_path());
+            let (ckpt, resumes) = step_checkpoint(output, q, "distill");
+            let resume = resumes.then_some(ckpt.as_path());
             let name = |f: &str| format!("steps[{index}].{f}");
             let distill = DistillJob {
                 teacher: job.model_path,
@@ -244,11 +260,7 @@ fn run_step(
                 created_by: job.created_by,
             };
             let report = oqt_compress::distill::job::run(&distill, observer.qat(q))?;
-            Ok(if report.interrupted {
-                StepOutcome::Interrupted
-            } else {
-                StepOutcome::Written
-            })
+            Ok(StepOutcome::of(report.interrupted))
         }
         Step::Cluster(c) => {
             let mut pruned = None;
@@ -277,13 +289,8 @@ fn run_step(
                     "steps[{index}]: a `qat` step trains a quantized bundle; put a `quantize` step before it"
                 ))
             })?;
-            let ckpt = output.with_extension("ckpt");
-            // A zeroth-order step killed mid-way continues from its checkpoint.
-            let resume =
-                (q.zeroth_order && oqt_compress::qat::read_checkpoint_state(&ckpt).is_ok()).then_some(ckpt.as_path());
-            if resume.is_some() {
-                tracing::info!(checkpoint = %ckpt.display(), "resuming the qat step from its checkpoint");
-            }
+            let (ckpt, resumes) = step_checkpoint(output, q, "qat");
+            let resume = resumes.then_some(ckpt.as_path());
             let qat = QatJob {
                 recipe: job.recipe,
                 options: q,
@@ -296,11 +303,7 @@ fn run_step(
                 created_by: job.created_by,
             };
             let report = oqt_compress::qat::job::run(&qat, observer.qat(q))?;
-            Ok(if report.interrupted {
-                StepOutcome::Interrupted
-            } else {
-                StepOutcome::Written
-            })
+            Ok(StepOutcome::of(report.interrupted))
         }
     }
 }

@@ -151,14 +151,14 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         anyhow::bail!("--calib-samples must be ≥ 1 and --calib-seq-len ≥ 2");
     }
     let model = load(&a.model)?;
-    let output = a.output.clone().unwrap_or_else(|| {
+    let output = super::output_path(a.output.as_deref(), || {
         let path = std::path::Path::new(&a.model);
         let stem = match path.file_stem() {
             Some(s) if path.exists() => s.to_string_lossy().into_owned(),
             _ => a.model.replace(['/', '\\'], "_"),
         };
         PathBuf::from("exports").join(format!("{stem}-{}-lut{}-g{}.oqt", a.method, a.bits, a.group_channels))
-    });
+    })?;
     let created_by = format!("oqt {}", env!("CARGO_PKG_VERSION"));
     let trains = step.method != "kmeans";
     if !trains && (a.resume.is_some() || a.checkpoint_dir.is_some() || a.tensorboard.is_some()) {
@@ -194,9 +194,6 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
     };
     if let Some(e) = scalars.error {
         tracing::warn!("TensorBoard scalars were not all written: {e}");
-    }
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     writer
         .write(&output)

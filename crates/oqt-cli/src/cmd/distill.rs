@@ -83,12 +83,7 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
     let wall_s = t0.elapsed().as_secs_f64();
     let outcome = &report.outcome;
     if report.interrupted {
-        eprintln!(
-            "interrupted at step {}; checkpoint saved to {} — continue with --resume {}",
-            outcome.next_step,
-            report.checkpoint_dir.display(),
-            report.checkpoint_dir.display()
-        );
+        super::qat::print_interrupted(outcome.next_step, &report.checkpoint_dir);
         return Ok(());
     }
     // Evaluated after the run, so bad inputs fail at once (a student

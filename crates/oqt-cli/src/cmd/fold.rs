@@ -99,13 +99,9 @@ pub fn run(a: FoldArgs) -> anyhow::Result<()> {
     };
     // The budget is checked before any output path is made.
     let removed = oqt_compress::fold::job::blocks_to_remove(&model.config, budget)?;
-    let output = a.output.clone().unwrap_or_else(|| {
-        let stem = a.model.replace(['/', '\\'], "_");
-        PathBuf::from("exports").join(format!("{stem}-{}-{removed}.oqt", a.method))
-    });
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    let output = super::output_path(a.output.as_deref(), || {
+        super::exports_path(&a.model, &format!("{}-{removed}.oqt", a.method))
+    })?;
     let mut calibration = oqt_core::quant::load_recipe("w4a8")?.calibration;
     calibration.dataset = a.calib_data.clone();
     calibration.samples = a.calib_samples;

@@ -18,6 +18,7 @@ use anyhow::Context;
 use clap::Args;
 use oqt_core::LoadedModel;
 use oqt_model::{DeviceKind, Llama};
+use std::path::{Path, PathBuf};
 
 /// Calibration options that override a recipe's `[calibration]` (quantize, cluster).
 #[derive(Args, Debug, Clone)]
@@ -42,6 +43,21 @@ impl CalibOverrides {
         c.samples = self.calib_samples.unwrap_or(c.samples);
         c.seq_len = self.calib_seq_len.unwrap_or(c.seq_len);
     }
+}
+
+/// `output`, or `default()` when it is absent, with its folder created.
+pub fn output_path(output: Option<&Path>, default: impl FnOnce() -> PathBuf) -> anyhow::Result<PathBuf> {
+    let output = output.map_or_else(default, Path::to_path_buf);
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(output)
+}
+
+/// `exports/<model>-<name>`: the default output of a command on `model`
+/// (its spec with path separators replaced).
+pub fn exports_path(model: &str, name: &str) -> PathBuf {
+    PathBuf::from("exports").join(format!("{}-{name}", model.replace(['/', '\\'], "_")))
 }
 
 /// Where tensor math runs.

@@ -110,13 +110,9 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
         (None, Some(s)) => format!("{:.0}", s * 100.0),
         _ => unreachable!("checked by from_step"),
     };
-    let output = a.output.clone().unwrap_or_else(|| {
-        let stem = a.model.replace(['/', '\\'], "_");
-        PathBuf::from("exports").join(format!("{stem}-{}-{pattern}.oqt", a.method))
-    });
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    let output = super::output_path(a.output.as_deref(), || {
+        super::exports_path(&a.model, &format!("{}-{pattern}.oqt", a.method))
+    })?;
     let mut calibration = oqt_core::quant::load_recipe("w4a8")?.calibration;
     calibration.dataset = a.calib_data.clone();
     calibration.samples = a.calib_samples;

@@ -278,6 +278,15 @@ impl TrainingArgs {
     }
 }
 
+/// Where an interrupted run left its checkpoint, and how to continue.
+pub fn print_interrupted(next_step: u64, checkpoint: &Path) {
+    eprintln!(
+        "interrupted at step {next_step}; checkpoint saved to {} — continue with --resume {}",
+        checkpoint.display(),
+        checkpoint.display()
+    );
+}
+
 pub fn run(a: QatArgs) -> anyhow::Result<()> {
     let step = a.training.step(a.zeroth_order, a.distill, a.distill_top_k);
     if let Some(p) = step.problems(|f| format!("--{}", f.replace('_', "-"))).first() {
@@ -303,12 +312,7 @@ pub fn run(a: QatArgs) -> anyhow::Result<()> {
     drop(reporter);
     let outcome = &report.outcome;
     if report.interrupted {
-        eprintln!(
-            "interrupted at step {}; checkpoint saved to {} — continue with --resume {}",
-            outcome.next_step,
-            report.checkpoint_dir.display(),
-            report.checkpoint_dir.display()
-        );
+        print_interrupted(outcome.next_step, &report.checkpoint_dir);
         return Ok(());
     }
     let first = outcome.evals.first().map(|e| e.1);

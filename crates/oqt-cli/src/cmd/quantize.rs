@@ -279,13 +279,9 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     };
     let opts = options(&a, &recipe)?;
     let model = load(&a.model)?;
-    let output = a.output.clone().unwrap_or_else(|| {
-        let stem = a.model.replace(['/', '\\'], "_");
-        PathBuf::from("exports").join(format!("{stem}-{}.oqt", recipe.name))
-    });
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    let output = super::output_path(a.output.as_deref(), || {
+        super::exports_path(&a.model, &format!("{}.oqt", recipe.name))
+    })?;
     let mut methods = vec![method];
     for m in &a.compare {
         if !methods.contains(m) {

@@ -1,6 +1,5 @@
 use super::load;
 use crate::output::print_json;
-use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -98,14 +97,10 @@ fn report(
 
 /// Write the report where `--output` says (default under `exports/`).
 fn save(a: &SensitivityArgs, recipe: &str, report: &serde_json::Value) -> anyhow::Result<PathBuf> {
-    let output = a.output.clone().unwrap_or_else(|| {
-        let stem = a.model.replace(['/', '\\'], "_");
-        let kind = if a.units { "units" } else { "sensitivity" };
-        PathBuf::from("exports").join(format!("{stem}-{recipe}.{kind}.json"))
-    });
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    let kind = if a.units { "units" } else { "sensitivity" };
+    let output = super::output_path(a.output.as_deref(), || {
+        super::exports_path(&a.model, &format!("{recipe}.{kind}.json"))
+    })?;
     crate::output::write_json_atomic(&output, report)?;
     Ok(output)
 }

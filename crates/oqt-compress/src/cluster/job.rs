@@ -131,11 +131,7 @@ pub fn cluster_to_bundle(
     // Calibration windows, read once: the importance's and the training's.
     let windows = if step.importance || trains {
         let (data, windows) = load_windows(&model.tokenizer, &recipe.calibration)?;
-        manifest.inputs.push(InputRecord {
-            role: "calibration".into(),
-            path: data.path.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(&data.path)?,
-        });
+        manifest.inputs.push(InputRecord::of_file("calibration", &data.path)?);
         windows
     } else {
         Vec::new()

@@ -202,14 +202,11 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
         (job.student, &student_tokenizer, student.config().vocab_size),
     )?;
     let teacher_blocks = teacher.config.num_layers;
-    let teacher_record = job.teacher.is_file().then(|| -> Result<InputRecord> {
-        Ok(InputRecord {
-            role: "teacher".into(),
-            path: job.teacher.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(job.teacher)?,
-        })
-    });
-    let teacher_record = teacher_record.transpose()?;
+    let teacher_record = job
+        .teacher
+        .is_file()
+        .then(|| InputRecord::of_file("teacher", job.teacher))
+        .transpose()?;
     let (data, tokens) = training_tokens(&student_tokenizer, s)?;
     let targets = {
         let cpu = device(false)?;
@@ -334,11 +331,7 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
             w
         }
         Some(recipe) => {
-            let start_record = InputRecord {
-                role: "start".into(),
-                path: meta.path.display().to_string(),
-                sha256: oqt_core::datasets::sha256_file(&meta.path)?,
-            };
+            let start_record = InputRecord::of_file("start", &meta.path)?;
             let calibrated = match (trained.act_grids, grids) {
                 (Some(g), Some(_)) => Some(crate::ptq::rtn::Calibrated {
                     grids: g,
@@ -369,11 +362,7 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
         }
     };
     let m = writer.manifest_mut();
-    m.inputs.push(InputRecord {
-        role: "training".into(),
-        path: data.path.display().to_string(),
-        sha256: oqt_core::datasets::sha256_file(&data.path)?,
-    });
+    m.inputs.push(InputRecord::of_file("training", &data.path)?);
     m.inputs.extend(teacher_record);
     m.provenance.training = Some(training);
     writer.write(job.output)?;

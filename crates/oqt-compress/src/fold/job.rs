@@ -179,17 +179,9 @@ pub fn fold_to_bundle(
     };
     let mut manifest = Manifest::for_model(&folded, created_by)?;
     manifest.provenance.method = Some(format!("fold-{}", opts.method));
-    manifest.inputs.push(InputRecord {
-        role: "calibration".into(),
-        path: data.path.display().to_string(),
-        sha256: oqt_core::datasets::sha256_file(&data.path)?,
-    });
+    manifest.inputs.push(InputRecord::of_file("calibration", &data.path)?);
     if model.path.is_file() {
-        manifest.inputs.push(InputRecord {
-            role: "model".into(),
-            path: model.path.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(&model.path)?,
-        });
+        manifest.inputs.push(InputRecord::of_file("model", &model.path)?);
     }
     let mut writer = BundleWriter::new(manifest);
     for (name, t, _) in weights.into_tensors() {

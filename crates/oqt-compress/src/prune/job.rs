@@ -97,17 +97,9 @@ pub fn prune_to_bundle(
         opts.method,
         if opts.dsnot.is_some() { "+dsnot" } else { "" }
     ));
-    manifest.inputs.push(InputRecord {
-        role: "calibration".into(),
-        path: data.path.display().to_string(),
-        sha256: oqt_core::datasets::sha256_file(&data.path)?,
-    });
+    manifest.inputs.push(InputRecord::of_file("calibration", &data.path)?);
     if model.path.is_file() {
-        manifest.inputs.push(InputRecord {
-            role: "model".into(),
-            path: model.path.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(&model.path)?,
-        });
+        manifest.inputs.push(InputRecord::of_file("model", &model.path)?);
     }
     let mut writer = BundleWriter::new(manifest);
     let pruned: std::collections::BTreeSet<&str> = linears.iter().map(|l| l.name.as_str()).collect();

@@ -223,11 +223,7 @@ pub fn quantize(
     let is_static = recipe.spec.activations.mode == ActMode::Static;
     let (windows, calibration_input) = if is_static || method != Method::Rtn {
         let (data, windows) = load_windows(&model.tokenizer, &opts.calibration)?;
-        let record = InputRecord {
-            role: "calibration".into(),
-            path: data.path.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(&data.path)?,
-        };
+        let record = InputRecord::of_file("calibration", &data.path)?;
         (windows, Some(record))
     } else {
         (Vec::new(), None)

@@ -295,14 +295,7 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
 
     // Static recipes: the starting activation grids and where they came from.
     let mut grids = None;
-    let start_record = match job.from {
-        Some(b) => Some(InputRecord {
-            role: "start".into(),
-            path: b.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(b)?,
-        }),
-        None => None,
-    };
+    let start_record = job.from.map(|b| InputRecord::of_file("start", b)).transpose()?;
     if let (Some(b), Some(bundle)) = (job.from, &bundle) {
         if static_grids {
             if bundle.site_grids()?.is_none() {
@@ -461,11 +454,7 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
         |_, _| {},
     )?;
     let m = writer.manifest_mut();
-    m.inputs.push(InputRecord {
-        role: "training".into(),
-        path: data.path.display().to_string(),
-        sha256: oqt_core::datasets::sha256_file(&data.path)?,
-    });
+    m.inputs.push(InputRecord::of_file("training", &data.path)?);
     if let Some(r) = start_record.filter(|_| !start_in_grids) {
         m.inputs.push(r);
     }

@@ -381,11 +381,7 @@ pub fn calibrate_model(
     let grids = calibrate(&llama, spec, calibration, &windows, progress)?;
     Ok(crate::ptq::rtn::Calibrated {
         grids,
-        input: oqt_core::bundle::InputRecord {
-            role: "calibration".into(),
-            path: data.path.display().to_string(),
-            sha256: oqt_core::datasets::sha256_file(&data.path)?,
-        },
+        input: oqt_core::bundle::InputRecord::of_file("calibration", &data.path)?,
     })
 }
 

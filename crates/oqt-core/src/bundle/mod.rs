@@ -52,6 +52,17 @@ pub struct InputRecord {
     pub sha256: String,
 }
 
+impl InputRecord {
+    /// The record of the file at `path` in `role`, with its hash.
+    pub fn of_file(role: &str, path: &std::path::Path) -> crate::Result<Self> {
+        Ok(Self {
+            role: role.into(),
+            path: path.display().to_string(),
+            sha256: crate::datasets::sha256_file(path)?,
+        })
+    }
+}
+
 /// A figure measured when the bundle was made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
