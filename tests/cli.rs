@@ -1939,6 +1939,93 @@ fn fold_and_distill_write_runnable_bundles_and_refuse_bad_inputs() {
     assert!(!bad.exists(), "nothing written");
 }
 
+/// Sharing: the tiny model's second block uses the first's linears,
+/// row-scaled; the float bundle stores them once, quantizing keeps one
+/// integer copy, both run as simulated; shared models refuse what would
+/// silently unshare or mistrain them.
+#[test]
+fn shared_blocks_are_stored_once_quantize_with_rtn_and_refuse_training() {
+    let (dir, gguf) = tiny_model(45);
+    let d = dir.path();
+    let text = write_text(&dir, "a shared block is stored once and scaled per row. ", 60);
+    let fold = |extra: &[&str], out: &std::path::Path| {
+        let mut c = oqt();
+        c.arg("fold")
+            .arg(&gguf)
+            .args(["--calib-data"])
+            .arg(&text)
+            .args(["--calib-samples", "4", "--calib-seq-len", "32", "--no-eval", "--json"])
+            .args(extra)
+            .arg("--output")
+            .arg(out);
+        c
+    };
+    let shared = d.join("shared.oqt");
+    let v = json_of(&mut fold(&["--share", "1"], &shared));
+    assert_eq!(v["removed"], serde_json::json!([]), "{v}");
+    assert_eq!(v["shared"][0]["block"], 1, "{v}");
+    assert_eq!(v["shared"][0]["source"], 0, "{v}");
+    assert!(v["params_after"].as_u64() < v["params_before"].as_u64());
+    let b = oqt_core::bundle::Bundle::open(&shared).unwrap();
+    assert_eq!(b.manifest.config.num_layers, 2);
+    assert_eq!(
+        b.shared("model.layers.1.self_attn.q_proj.weight").unwrap().unwrap().0,
+        "model.layers.0.self_attn.q_proj.weight"
+    );
+    drop(b);
+    assert_runs_as_simulated(&shared, &text, "shared float");
+    let quantize = |extra: &[&str], out: &std::path::Path| {
+        let mut c = oqt();
+        c.args(["quantize", "--recipe", "w4a8-dyn"])
+            .arg(&shared)
+            .args(["--no-eval", "--json"])
+            .args(extra)
+            .arg("--output")
+            .arg(out);
+        c
+    };
+    let w4 = d.join("shared-w4.oqt");
+    quantize(&[], &w4).assert().success();
+    let b = oqt_core::bundle::Bundle::open(&w4).unwrap();
+    assert_eq!(b.first_shared(), Some("model.layers.1.mlp.down_proj.weight"));
+    assert!(b.quantized("model.layers.0.mlp.down_proj.weight").is_ok());
+    drop(b);
+    assert_runs_as_simulated(&w4, &text, "shared w4a8-dyn");
+
+    // Refused, nothing written: methods that change each block's weights,
+    // training a shared student, folding a shared model, too many pairs.
+    let bad = d.join("bad.oqt");
+    quantize(&["--method", "gptq"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("shares weights between blocks").and(contains("--method rtn")));
+    let mut c = oqt();
+    c.args(["distill", "--teacher"])
+        .arg(&gguf)
+        .arg("--student")
+        .arg(&w4)
+        .arg("--dataset")
+        .arg(&text)
+        .args(["--steps", "1", "--no-eval", "--output"])
+        .arg(&bad);
+    c.assert()
+        .failure()
+        .stderr(contains("shares another block's weights").and(contains("before sharing")));
+    let mut c = oqt();
+    c.args(["fold"])
+        .arg(&shared)
+        .args(["--remove", "1", "--calib-data"])
+        .arg(&text)
+        .args(["--calib-samples", "4", "--calib-seq-len", "32", "--no-eval", "--output"])
+        .arg(&bad);
+    c.assert().failure().stderr(contains("already shares blocks"));
+    fold(&["--share", "2"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("sharing 2 blocks needs 4 blocks"));
+    assert!(!bad.exists(), "nothing written");
+}
+
 /// Folding SmolLM2 by Block Influence removes 8 of its 30 blocks (the file
 /// shrinks by their bytes, the perplexity rises), and a few first-order
 /// distillation steps from the full model on the last four blocks lower the

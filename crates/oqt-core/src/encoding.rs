@@ -14,9 +14,10 @@
 //!
 //! | `lut`    | a palettized weight ([`crate::lut`]): `NAME.indices` U8, every row's `bits`-bit indices as a bit stream (`⌈cols·bits/8⌉` bytes a row), `NAME.lut` F16 `[rows / group_rows, 2^bits]` | as `int8` per-channel, on each table's int8 grid ([`crate::lut::Palettized::kernel_view`]) | as that int8 weight ([`KernelChoice::Int8Input`] with `weight_bits` 8; float inputs: [`KernelChoice::Dequantized`] on it) |
 //!
+//! | `shared` | a weight that is another weight of the same shape, each output row scaled (FoldGPT's block sharing): `NAME.row_scales` F32 `[rows]` and, in the manifest, the source's name (`of`, itself not shared) | as its source | as its source, the outputs multiplied by the row scales after the kernel (the runtime holds the source's kernel once) |
+//!
 //! (`k_pad` is the row padded to whole blocks of 32.) Later encodings —
-//! shared-block references, adapters — join as variants with their own rows
-//! in this table.
+//! adapters — join as variants with their own rows in this table.
 //!
 //! Each kernel's scalar reference and its SIMD paths live in `oqt-kernels`
 //! (`dot` for one weight row, `gemm` for a matrix, per-architecture modules
@@ -74,6 +75,10 @@ pub enum TensorEncoding {
         bits: u8,
         group_rows: usize,
     },
+    /// A shared weight `[rows, cols]`: row `r` is `row_scales[r]` times row
+    /// `r` of tensor `of` (a weight of the same shape that is not itself
+    /// shared). Only the row scales are stored under this name.
+    Shared { rows: usize, cols: usize, of: String },
 }
 
 /// One safetensors tensor of an encoded weight: name, dtype, shape, bytes.
@@ -169,6 +174,11 @@ impl TensorEncoding {
         Ok((encoding, stored))
     }
 
+    /// A shared weight's row scales tensor.
+    pub fn row_scales_name(name: &str) -> String {
+        format!("{name}.row_scales")
+    }
+
     /// The LPBQ multiplier tensor's name.
     pub fn multipliers_name(name: &str) -> String {
         format!("{name}.multipliers")
@@ -205,6 +215,7 @@ impl TensorEncoding {
             Self::Int4Lpbq { .. } => "int4-lpbq",
             Self::Sparse { .. } => "sparse",
             Self::Lut { .. } => "lut",
+            Self::Shared { .. } => "shared",
         }
     }
 
@@ -216,7 +227,8 @@ impl TensorEncoding {
             | Self::Int8 { rows, cols, .. }
             | Self::Int4Lpbq { rows, cols, .. }
             | Self::Sparse { rows, cols, .. }
-            | Self::Lut { rows, cols, .. } => {
+            | Self::Lut { rows, cols, .. }
+            | Self::Shared { rows, cols, .. } => {
                 vec![*rows, *cols]
             }
         }
@@ -227,7 +239,8 @@ impl TensorEncoding {
     pub fn int_grid(&self) -> Option<IntGrid> {
         let width = if matches!(self, Self::Int8 { .. }) { 8 } else { 4 };
         match *self {
-            Self::F32 { .. } => None,
+            // A shared weight's grid is its source's: resolve `of` first.
+            Self::F32 { .. } | Self::Shared { .. } => None,
             Self::Sparse {
                 rows,
                 cols,
@@ -281,6 +294,9 @@ impl TensorEncoding {
 
     /// A short description for reports: `f32`, `int4 g32 sym`, `int8 per-channel sym`, …
     pub fn describe(&self) -> String {
+        if let Self::Shared { of, .. } = self {
+            return format!("shared: {of} × row scales");
+        }
         if let Self::Sparse { layout, .. } = self {
             let dense = match self.int_grid() {
                 Some(g) => Self::integer(g.rows, g.cols, g.group, g.spec).describe(),
@@ -338,6 +354,9 @@ impl TensorEncoding {
         {
             return rows * crate::lut::index_row_bytes(cols, bits) + rows / group_rows.max(1) * (1 << bits) * 2;
         }
+        if let Self::Shared { rows, .. } = *self {
+            return rows * 4;
+        }
         let Some(g) = self.int_grid() else {
             return self.shape().iter().product::<usize>() * 4;
         };
@@ -360,6 +379,9 @@ impl TensorEncoding {
                 (Self::lut_indices_name(name), Dtype::U8),
                 (Self::lut_table_name(name), Dtype::F16),
             ];
+        }
+        if let Self::Shared { .. } = self {
+            return vec![(Self::row_scales_name(name), Dtype::F32)];
         }
         match self.int_grid() {
             None => vec![(name.to_string(), Dtype::F32)],
@@ -615,6 +637,10 @@ impl TensorEncoding {
     /// Problems with an encoding's own fields: a sparse one's inner encoding
     /// against its layout, a LUT's bits and row groups; `None` for the others.
     pub fn field_problems(&self) -> Option<String> {
+        if let Self::Shared { rows, cols, of } = self {
+            return (*rows == 0 || *cols == 0 || of.is_empty())
+                .then(|| "a shared weight needs rows, cols and the name of its source (`of`)".into());
+        }
         if let Self::Lut {
             rows, bits, group_rows, ..
         } = *self

@@ -17,6 +17,7 @@ pub mod lut;
 pub mod quant;
 pub mod sampling;
 pub mod scoring;
+pub mod sharing;
 pub mod sparse;
 pub mod sys;
 pub mod tensorboard;

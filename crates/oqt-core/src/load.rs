@@ -32,6 +32,9 @@ pub struct LoadedModel {
     /// Weights pruned to a layout (from a float bundle's `sparse` encodings):
     /// quantization keeps their zeros exact and stores them in that layout.
     pub sparsity: BTreeMap<String, crate::sparse::SparseLayout>,
+    /// Weights shared with another (from a bundle's `shared` encodings; their
+    /// dense values are in `weights` too): quantization keeps them shared.
+    pub sharing: BTreeMap<String, crate::sharing::SharedWeight>,
 }
 
 /// What kind of model `path` holds, judged by its contents.
@@ -115,6 +118,13 @@ fn bundle_model(b: &crate::bundle::Bundle) -> Result<LoadedModel> {
             _ => None,
         })
         .collect();
+    let mut sharing = BTreeMap::new();
+    for name in b.manifest.deployment.tensors.keys() {
+        if let Some((of, row_scales)) = b.shared(name)? {
+            let of = of.to_string();
+            sharing.insert(name.clone(), crate::sharing::SharedWeight { of, row_scales });
+        }
+    }
     Ok(LoadedModel {
         path: b.path.clone(),
         format: ModelFormat::Bundle,
@@ -123,6 +133,7 @@ fn bundle_model(b: &crate::bundle::Bundle) -> Result<LoadedModel> {
         weights: b.dequantized_weights()?,
         tokenizer: b.tokenizer()?,
         sparsity,
+        sharing,
     })
 }
 
@@ -238,6 +249,7 @@ fn gguf_model(g: &GgufFile, path: &Path, config: LlamaConfig, weights: ModelWeig
         weights,
         tokenizer: Tokenizer::from_gguf(g)?,
         sparsity: BTreeMap::new(),
+        sharing: BTreeMap::new(),
     })
 }
 
@@ -385,5 +397,6 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         weights,
         tokenizer,
         sparsity: BTreeMap::new(),
+        sharing: BTreeMap::new(),
     })
 }

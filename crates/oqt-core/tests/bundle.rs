@@ -504,10 +504,104 @@ fn lut_bundles_round_trip_are_version_4_and_refuse_hostile_palettes() {
         .to_string();
     assert!(msg.contains("w4.indices") && msg.contains("4-bit indices"), "{msg}");
     std::fs::write(&path, &clean).unwrap();
-    rewrite_manifest(&path, |m| m["format_version"] = 5.into());
+    rewrite_manifest(&path, |m| m["format_version"] = 6.into());
     let msg = Bundle::open(&path).unwrap_err().to_string();
     assert!(
         msg.contains("bundle format version") && msg.contains("upgrade"),
         "{msg}"
+    );
+}
+
+#[test]
+fn shared_weights_expand_from_their_source_are_version_5_and_refuse_hostile_references() {
+    use oqt_core::encoding::TensorEncoding;
+    use oqt_core::quant::dequantize_weight;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.oqt");
+    let m = tiny_model(dir.path(), 6);
+    let mut w = BundleWriter::new(Manifest::for_model(&m, "t").unwrap());
+    let (rows, cols) = (6, 40);
+    let data = oqt_core::testing::pseudo_random(rows * cols, 9, 1.0);
+    let spec = load_recipe("w4a8-dyn").unwrap().spec.weights_for("x");
+    let qw = quantize_weight(&data, rows, cols, &spec, 1.0);
+    w.add_f32("float", vec![rows, cols], &data);
+    w.add_quantized("int", &qw);
+    let scales: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 * 0.25).collect();
+    w.add_shared("float.twin", rows, cols, "float", &scales);
+    w.add_shared("int.twin", rows, cols, "int", &scales);
+    let expected: usize = w
+        .manifest_mut()
+        .deployment
+        .tensors
+        .values()
+        .map(TensorEncoding::stored_bytes)
+        .sum();
+    w.write(&path).unwrap();
+    let b = Bundle::open(&path).unwrap();
+    assert_eq!(b.manifest.format_version, 5);
+    // A shared weight stores only its row scales.
+    assert_eq!(b.data_bytes(), expected);
+    let scaled = |src: &[f32]| -> Vec<f32> {
+        src.chunks(cols)
+            .zip(&scales)
+            .flat_map(|(r, s)| r.iter().map(move |v| v * s))
+            .collect()
+    };
+    assert_eq!(b.dense("float.twin").unwrap(), scaled(&data));
+    assert_eq!(b.dense("int.twin").unwrap(), scaled(&dequantize_weight(&qw)));
+    assert_eq!(b.f32_tensor("float.twin").unwrap(), scaled(&data));
+    let (of, s) = b.shared("int.twin").unwrap().unwrap();
+    assert_eq!((of, s), ("int", scales.clone()));
+    assert_eq!(b.first_shared(), Some("float.twin"));
+    assert_eq!(
+        b.manifest.deployment.tensors["int.twin"].describe(),
+        "shared: int × row scales"
+    );
+    drop(b);
+
+    // Hostile: a missing source, a shared source, a source of another shape,
+    // row scales of the wrong length, an empty source name.
+    let clean = std::fs::read(&path).unwrap();
+    let refused = |edit: &dyn Fn(&mut serde_json::Value), want: &[&str]| {
+        std::fs::write(&path, &clean).unwrap();
+        rewrite_manifest(&path, edit);
+        let msg = Bundle::open(&path)
+            .and_then(|b| b.dense("int.twin"))
+            .unwrap_err()
+            .to_string();
+        for w in want {
+            assert!(msg.contains(w), "{msg} (wanted {w})");
+        }
+    };
+    let twin = |m: &mut serde_json::Value| m["deployment"]["tensors"]["int.twin"].clone();
+    refused(
+        &|m| m["deployment"]["tensors"]["int.twin"]["of"] = "nowhere".into(),
+        &["deployment.tensors.int.twin", "`nowhere` is not in the bundle"],
+    );
+    refused(
+        &|m| m["deployment"]["tensors"]["int.twin"]["of"] = "float.twin".into(),
+        &["deployment.tensors.int.twin", "itself shared"],
+    );
+    refused(
+        &|m| {
+            let mut t = twin(m);
+            t["cols"] = 41.into();
+            m["deployment"]["tensors"]["int.twin"] = t;
+        },
+        &["deployment.tensors.int.twin", "shape [6, 41]", "[6, 40]"],
+    );
+    refused(
+        &|m| {
+            let mut t = twin(m);
+            t["rows"] = 5.into();
+            t["of"] = "int".into();
+            m["deployment"]["tensors"]["int.twin"] = t;
+            m["deployment"]["tensors"]["int"]["rows"] = 5.into();
+        },
+        &["int.twin.row_scales", "5 row scales", "6 values"],
+    );
+    refused(
+        &|m| m["deployment"]["tensors"]["int.twin"]["of"] = "".into(),
+        &["deployment.tensors.int.twin", "source (`of`)"],
     );
 }

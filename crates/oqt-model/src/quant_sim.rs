@@ -52,6 +52,9 @@ enum SimWeights {
 
 struct SimLinear {
     weights: SimWeights,
+    /// A shared weight's output-row scales, applied after the multiply and
+    /// before the bias, as the runtime does.
+    row_scales: Option<Tensor<1>>,
     bias: Option<Tensor<1>>,
     input: Option<ActGrid>,
 }
@@ -180,6 +183,10 @@ impl SimLinear {
             (SimWeights::Dequantized(w), ActMode::LlamaCppQ8_0, _) => matmul3(fake_quant_q8_0_blocks(x), w),
             (SimWeights::Dequantized(w), ..) => matmul3(x, w),
         };
+        let y = match &self.row_scales {
+            Some(s) => y * s.clone().unsqueeze::<3>(),
+            None => y,
+        };
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<3>(),
             None => y,
@@ -192,6 +199,7 @@ impl SimLinear {
 pub fn simulate_linear(qw: &QuantizedWeight, mode: ActMode, input: Option<ActGrid>, x: Tensor<2>) -> Tensor<2> {
     let l = SimLinear {
         weights: sim_weights(qw, mode, input, &x.device()),
+        row_scales: None,
         bias: None,
         input,
     };
@@ -233,6 +241,14 @@ impl QuantSim {
             Ok(Some(Tensor::from_data(TensorData::new(b, [n]), device)))
         };
         let linear = |name: &str, bias: Option<Tensor<1>>, input: Option<ActGrid>| -> Result<SimLinear> {
+            // A shared weight multiplies as its source, then scales its outputs.
+            let (name, row_scales) = match bundle.shared(name)? {
+                Some((of, s)) => {
+                    let n = s.len();
+                    (of, Some(Tensor::from_data(TensorData::new(s, [n]), device)))
+                }
+                None => (name, None),
+            };
             let weights = match m.deployment.tensors.get(name) {
                 Some(e) if e.int_grid().is_some() => sim_weights(&bundle.quantized(name)?, mode, input, device),
                 Some(e) => {
@@ -247,7 +263,12 @@ impl QuantSim {
                     });
                 }
             };
-            Ok(SimLinear { weights, bias, input })
+            Ok(SimLinear {
+                weights,
+                row_scales,
+                bias,
+                input,
+            })
         };
         let grid = |layer: usize, site: ActSite| grids.as_ref().map(|g| g.get(layer, site));
         let mut layers = Vec::with_capacity(cfg.num_layers);

@@ -214,7 +214,12 @@ fn run_step(
             let budget = match (f.remove, f.budget) {
                 (Some(n), _) => FoldBudget::Blocks(n),
                 (None, Some(b)) => FoldBudget::Fraction(b),
-                (None, None) => return Err(err(format!("steps[{index}]: a fold step needs `remove` or `budget`"))),
+                (None, None) if f.share > 0 => FoldBudget::Blocks(0),
+                (None, None) => {
+                    return Err(err(format!(
+                        "steps[{index}]: a fold step needs `remove`, `budget` or `share`"
+                    )));
+                }
             };
             let opts = FoldOptions {
                 method: f
@@ -228,6 +233,7 @@ fn run_step(
                     grad_windows: f.gate_windows,
                     ..GateOptions::default()
                 },
+                share: f.share,
             };
             let outcome = oqt_compress::fold::job::fold_to_bundle(
                 model,

@@ -1,7 +1,7 @@
 //! The Llama-family forward pass over a bundle (or a GGUF file's Q4_0/Q8_0 blocks).
 
 use crate::attention::{HeadCache, Scratch, attend};
-use crate::linear::{InputQuant, Linear, Projections};
+use crate::linear::{InputQuant, Linear, ProjectedRows, Projections};
 use crate::reference::{rms_norm, silu_mul};
 use oqt_core::bundle::Bundle;
 use oqt_core::encoding::TensorEncoding;
@@ -15,19 +15,50 @@ use oqt_core::{CoreError, LlamaConfig, Result, Tokenizer};
 use oqt_kernels::Isa;
 use oqt_kernels::team::Team;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 struct Layer {
     attn_norm: Vec<f32>,
-    /// q, k and v.
-    qkv: Projections,
-    o: Linear,
+    /// q, k and v. A block that shares another block's weights holds the
+    /// same kernels (one copy in memory) and its own [`RowScales`].
+    qkv: Arc<Projections>,
+    o: Arc<Linear>,
     mlp_norm: Vec<f32>,
     /// gate and up.
-    gate_up: Projections,
-    down: Linear,
+    gate_up: Arc<Projections>,
+    down: Arc<Linear>,
     q_bias: Option<Vec<f32>>,
     k_bias: Option<Vec<f32>>,
     v_bias: Option<Vec<f32>>,
+    /// A shared block's per-output-row scales (`None`: the block's own weights).
+    row_scales: Option<RowScales>,
+}
+
+/// The output-row scales of a block whose linears are another block's
+/// (the `shared` encoding): applied to each kernel's outputs, before biases.
+struct RowScales {
+    /// q, k, v.
+    qkv: [Vec<f32>; 3],
+    o: Vec<f32>,
+    /// gate, up.
+    gate_up: [Vec<f32>; 2],
+    down: Vec<f32>,
+}
+
+/// Multiply every `width`-wide row of `y` elementwise by `scales`.
+fn scale_rows(y: &mut [f32], scales: &[f32]) {
+    for row in y.chunks_mut(scales.len()) {
+        row.iter_mut().zip(scales).for_each(|(v, s)| *v *= s);
+    }
+}
+
+/// Multiply part `p` of every projected row by `scales[p]`.
+fn scale_parts(y: &mut ProjectedRows, scales: &[Vec<f32>]) {
+    for i in 0..y.rows() {
+        for (p, s) in scales.iter().enumerate() {
+            y.row_mut(p, i).iter_mut().zip(s).for_each(|(v, s)| *v *= s);
+        }
+    }
 }
 
 pub struct RuntimeModel {
@@ -104,6 +135,11 @@ enum SourceWeight {
     Palettized(Palettized),
     /// Row-major values and shape.
     F32(Vec<f32>, Vec<usize>),
+    /// A `shared` weight: its source's name and its row scales.
+    Shared {
+        of: String,
+        row_scales: Vec<f32>,
+    },
 }
 
 /// A tensor by canonical name (`None` when the file has none).
@@ -137,6 +173,13 @@ impl RuntimeModel {
             grids: bundle.site_grids()?,
             tensor: Box::new(|name| {
                 let weight = match m.deployment.tensors.get(name) {
+                    Some(TensorEncoding::Shared { .. }) => {
+                        let (of, row_scales) = bundle.shared(name)?.expect("a shared encoding");
+                        Some(SourceWeight::Shared {
+                            of: of.to_string(),
+                            row_scales,
+                        })
+                    }
                     Some(TensorEncoding::Lut { .. }) => Some(SourceWeight::Palettized(bundle.palettized(name)?)),
                     Some(e) if e.int_grid().is_some() => Some(SourceWeight::Quantized(bundle.quantized(name)?)),
                     Some(e) => Some(SourceWeight::F32(bundle.f32_tensor(name)?, e.shape())),
@@ -209,6 +252,13 @@ impl RuntimeModel {
             what: "tensor",
             name: name.into(),
         };
+        let unshareable = |name: &str, of: &str| CoreError::Unsupported {
+            path: path.clone(),
+            what: "weight sharing",
+            detail: format!(
+                "{name} shares {of}: the runtime runs whole decoder blocks that share an earlier block's seven linears, nothing else"
+            ),
+        };
         let isa = Isa::detect();
         let mut weight_bytes = 0usize;
         let mut linear = |name: &str, input: ActSite, layer: usize| -> Result<Linear> {
@@ -237,6 +287,7 @@ impl RuntimeModel {
                     weight_bytes += w.len() * 4;
                     Ok(Linear::float(w, shape[0], shape[1]))
                 }
+                Some(SourceWeight::Shared { of, .. }) => Err(unshareable(name, &of)),
                 None => Err(missing(name)),
             }
         };
@@ -245,13 +296,15 @@ impl RuntimeModel {
                 Some(SourceWeight::F32(w, _)) => Ok(w),
                 Some(SourceWeight::Quantized(qw)) => Ok(dequantize_weight(&qw)),
                 Some(SourceWeight::Palettized(p)) => Ok(dequantize_weight(&p.kernel_view())),
+                Some(SourceWeight::Shared { of, .. }) => Err(unshareable(name, &of)),
                 None => Err(missing(name)),
             }
         };
         // One copy of the embedding, in the kernels' layout: rows are dequantized
         // on lookup (a gather, not a matmul), and a tied head multiplies it directly.
         let embed = linear(names::EMBED, ActSite::FinalIn, 0)?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        let mut layers: Vec<Layer> = Vec::with_capacity(cfg.num_layers);
+        let mut shared_bytes = 0usize;
         for i in 0..cfg.num_layers {
             let l = |s: &str| names::layer(i, s);
             let bias = |s: &str| -> Result<Option<Vec<f32>>> {
@@ -261,23 +314,79 @@ impl RuntimeModel {
                     Ok(None)
                 }
             };
+            // A shared block: every linear refers to the same earlier,
+            // unshared block; its kernels are that block's (no second copy).
+            if let Some(SourceWeight::Shared { of, .. }) = tensor(&l(names::Q))? {
+                let source = (0..i)
+                    .find(|&j| names::layer(j, names::Q) == of && layers[j].row_scales.is_none())
+                    .ok_or_else(|| unshareable(&l(names::Q), &of))?;
+                let mut scales = |suffix: &str, site: ActSite| -> Result<Vec<f32>> {
+                    let (name, want) = (l(suffix), names::layer(source, suffix));
+                    match tensor(&name)? {
+                        Some(SourceWeight::Shared { of, row_scales }) if of == want => {
+                            shared_bytes += row_scales.len() * 4;
+                            // The kernel carries its input quantizer: the source's must be this block's.
+                            if InputQuant::resolve(acts, grid(i, site)) != InputQuant::resolve(acts, grid(source, site))
+                            {
+                                return Err(CoreError::Unsupported {
+                                    path: path.clone(),
+                                    what: "weight sharing",
+                                    detail: format!("{name} shares {of}, whose input grid differs from its own"),
+                                });
+                            }
+                            Ok(row_scales)
+                        }
+                        Some(SourceWeight::Shared { of, .. }) => Err(unshareable(&name, &of)),
+                        Some(_) | None => Err(unshareable(
+                            &name,
+                            &format!("nothing (block {i} shares block {source}'s q_proj)"),
+                        )),
+                    }
+                };
+                let row_scales = RowScales {
+                    qkv: [
+                        scales(names::Q, ActSite::AttnIn)?,
+                        scales(names::K, ActSite::AttnIn)?,
+                        scales(names::V, ActSite::AttnIn)?,
+                    ],
+                    o: scales(names::O, ActSite::AttnOut)?,
+                    gate_up: [scales(names::GATE, ActSite::MlpIn)?, scales(names::UP, ActSite::MlpIn)?],
+                    down: scales(names::DOWN, ActSite::DownIn)?,
+                };
+                let src = &layers[source];
+                let layer = Layer {
+                    attn_norm: f32s(&l(names::ATTN_NORM))?,
+                    qkv: src.qkv.clone(),
+                    o: src.o.clone(),
+                    mlp_norm: f32s(&l(names::MLP_NORM))?,
+                    gate_up: src.gate_up.clone(),
+                    down: src.down.clone(),
+                    q_bias: bias(names::Q_BIAS)?,
+                    k_bias: bias(names::K_BIAS)?,
+                    v_bias: bias(names::V_BIAS)?,
+                    row_scales: Some(row_scales),
+                };
+                layers.push(layer);
+                continue;
+            }
             layers.push(Layer {
                 attn_norm: f32s(&l(names::ATTN_NORM))?,
-                qkv: Projections::new(vec![
+                qkv: Arc::new(Projections::new(vec![
                     linear(&l(names::Q), ActSite::AttnIn, i)?,
                     linear(&l(names::K), ActSite::AttnIn, i)?,
                     linear(&l(names::V), ActSite::AttnIn, i)?,
-                ]),
-                o: linear(&l(names::O), ActSite::AttnOut, i)?,
+                ])),
+                o: Arc::new(linear(&l(names::O), ActSite::AttnOut, i)?),
                 mlp_norm: f32s(&l(names::MLP_NORM))?,
-                gate_up: Projections::new(vec![
+                gate_up: Arc::new(Projections::new(vec![
                     linear(&l(names::GATE), ActSite::MlpIn, i)?,
                     linear(&l(names::UP), ActSite::MlpIn, i)?,
-                ]),
-                down: linear(&l(names::DOWN), ActSite::DownIn, i)?,
+                ])),
+                down: Arc::new(linear(&l(names::DOWN), ActSite::DownIn, i)?),
                 q_bias: bias(names::Q_BIAS)?,
                 k_bias: bias(names::K_BIAS)?,
                 v_bias: bias(names::V_BIAS)?,
+                row_scales: None,
             });
         }
         let head = if cfg.tie_word_embeddings {
@@ -294,7 +403,7 @@ impl RuntimeModel {
             norm: f32s(names::FINAL_NORM)?,
             head,
             grids,
-            weight_bytes,
+            weight_bytes: weight_bytes + shared_bytes,
             config: cfg,
         })
     }
@@ -349,6 +458,9 @@ impl RuntimeModel {
                 rms_norm(&x[first..][..out.len()], &layer.attn_norm, eps, out)
             });
             let mut qkv = layer.qkv.forward(self.isa, &normed, s);
+            if let Some(r) = &layer.row_scales {
+                scale_parts(&mut qkv, &r.qkv);
+            }
             for (p, b) in [&layer.q_bias, &layer.k_bias, &layer.v_bias].into_iter().enumerate() {
                 if let Some(b) = b {
                     for i in 0..s {
@@ -409,6 +521,9 @@ impl RuntimeModel {
                 }
             });
             let mut o = layer.o.forward(self.isa, &attn, s);
+            if let Some(r) = &layer.row_scales {
+                scale_rows(&mut o, &r.o);
+            }
             self.site(li, ActSite::OOut, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             self.site(li, ActSite::AttnResidual, &mut x);
@@ -416,6 +531,9 @@ impl RuntimeModel {
                 rms_norm(&x[first..][..out.len()], &layer.mlp_norm, eps, out)
             });
             let mut gate_up = layer.gate_up.forward(self.isa, &normed, s);
+            if let Some(r) = &layer.row_scales {
+                scale_parts(&mut gate_up, &r.gate_up);
+            }
             // SiLU(gate) · up in place in each row's gate part.
             let ((g_first, width), (u_first, _)) = (gate_up.parts[0], gate_up.parts[1]);
             let stride = gate_up.stride;
@@ -433,6 +551,9 @@ impl RuntimeModel {
             });
             let g = gate_up.into_first_part();
             let mut d = layer.down.forward(self.isa, &g, s);
+            if let Some(r) = &layer.row_scales {
+                scale_rows(&mut d, &r.down);
+            }
             self.site(li, ActSite::DownOut, &mut d);
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
             self.site(li, ActSite::MlpResidual, &mut x);

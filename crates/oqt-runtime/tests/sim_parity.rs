@@ -191,3 +191,34 @@ fn lut4_dynamic_runtime_matches_simulation() {
         "lut4-a8-dyn: |Δ log-prob| mean {mean}, max {max}"
     );
 }
+
+#[test]
+fn shared_blocks_hold_one_copy_and_runtime_matches_simulation() {
+    // Blocks 5 and 11 use blocks 4's and 10's linears, row-scaled (FoldGPT's
+    // sharing); quantized with w4a8-dyn RTN the bundle keeps one integer copy.
+    let mut m = model();
+    for (source, block) in [(4, 5), (10, 11)] {
+        let tied = oqt_compress::fold::share::tie_block(&mut m.weights, source, block).unwrap();
+        m.sharing.extend(tied);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = load_recipe("w4a8-dyn").unwrap();
+    let b = rtn_bundle(&m, &recipe, &dir.path().join("shared.oqt"));
+    assert_eq!(b.manifest.format_version, 5);
+    assert_eq!(b.first_shared(), Some("model.layers.11.mlp.down_proj.weight"));
+    let mut unshared = model();
+    unshared.weights = m.weights.clone();
+    let full = rtn_bundle(&unshared, &recipe, &dir.path().join("full.oqt"));
+    // Two blocks' int4 linears (≈ 1.8 MB each) are gone from the file and the runtime.
+    let saved = full.data_bytes() - b.data_bytes();
+    assert!(saved > 3_400_000, "file shrank by {saved} bytes only");
+    let (rt, rt_full) = (RuntimeModel::load(&b).unwrap(), RuntimeModel::load(&full).unwrap());
+    assert!(rt_full.weight_bytes - rt.weight_bytes > 3_400_000);
+    drop((rt, rt_full));
+    let (mean, max) = log_prob_gap(&b);
+    eprintln!("shared w4a8-dyn: runtime vs simulation, next-token log-prob |Δ| mean {mean:.2e}, max {max:.2e}");
+    assert!(
+        mean <= 1e-4 && max <= 1e-3,
+        "shared: |Δ log-prob| mean {mean}, max {max}"
+    );
+}

@@ -25,12 +25,17 @@ pub struct FoldArgs {
     #[arg(long, default_value = "foldgpt")]
     pub method: FoldMethod,
     /// Blocks to remove.
-    #[arg(long, conflicts_with = "budget", required_unless_present = "budget")]
+    #[arg(long, conflicts_with = "budget", required_unless_present_any = ["budget", "share"])]
     pub remove: Option<usize>,
     /// Share of the decoder's parameters to remove, in (0, 1): the fewest
     /// blocks that reach it.
     #[arg(long)]
     pub budget: Option<f64>,
+    /// Blocks (of those kept) that share the block before them's linears,
+    /// each output row rescaled (FoldGPT's group sharing, pairs chosen by
+    /// the KL each tie causes): the bundle stores the shared linears once.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub share: usize,
     /// FoldGPT: swap rounds at most (each: one gate gradient at the current
     /// set, then the proposed swaps' KL on validation windows).
     #[arg(long, default_value_t = 8)]
@@ -81,7 +86,7 @@ pub fn run(a: FoldArgs) -> anyhow::Result<()> {
     let budget = match (a.remove, a.budget) {
         (Some(n), _) => FoldBudget::Blocks(n),
         (None, Some(f)) => FoldBudget::Fraction(f),
-        _ => unreachable!("clap requires --remove or --budget"),
+        (None, None) => FoldBudget::Blocks(0),
     };
     if a.calib_samples < 2 || a.calib_seq_len < 2 {
         anyhow::bail!("--calib-samples must be ≥ 2 and --calib-seq-len ≥ 2");
@@ -96,11 +101,17 @@ pub fn run(a: FoldArgs) -> anyhow::Result<()> {
             grad_windows: a.gate_windows,
             ..GateOptions::default()
         },
+        share: a.share,
     };
     // The budget is checked before any output path is made.
     let removed = oqt_compress::fold::job::blocks_to_remove(&model.config, budget)?;
     let output = super::output_path(a.output.as_deref(), || {
-        super::exports_path(&a.model, &format!("{}-{removed}.oqt", a.method))
+        let shared = if a.share > 0 {
+            format!("-share{}", a.share)
+        } else {
+            String::new()
+        };
+        super::exports_path(&a.model, &format!("{}-{removed}{shared}.oqt", a.method))
     })?;
     let mut calibration = oqt_core::quant::load_recipe("w4a8")?.calibration;
     calibration.dataset = a.calib_data.clone();
@@ -156,6 +167,12 @@ pub fn run(a: FoldArgs) -> anyhow::Result<()> {
                 c.round, c.removed, c.validation_kl
             );
         }
+    }
+    for s in &r.shared {
+        println!(
+            "  block {} shares block {}'s linears (validation KL of that tie alone {:.4})",
+            s.block, s.source, s.validation_kl
+        );
     }
     println!(
         "parameters {} → {}; bundle {} ({}) in {:.0} s",

@@ -79,6 +79,12 @@ impl Student {
                 path.display()
             )));
         }
+        if let Some(name) = bundle.first_shared() {
+            return Err(err(format!(
+                "{}: `{name}` shares another block's weights; training shared blocks is not supported yet — distill the folded model before sharing (`oqt fold --share` on the healed bundle)",
+                path.display()
+            )));
+        }
         if !tensors.values().any(|e| e.int_grid().is_some()) {
             let model = load_float_bundle(path)?;
             if let Some(name) = model.sparsity.keys().next() {
@@ -248,6 +254,7 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
                 weights: Default::default(),
                 tokenizer: student_tokenizer.clone(),
                 sparsity: Default::default(),
+                sharing: Default::default(),
             };
             (qat, meta, Some(recipe), grids)
         }

@@ -3,6 +3,7 @@
 //! its scores in the provenance. Healing is `oqt distill`'s job.
 
 use crate::fold::gates::{GateOptions, GateOutcome, learn_removal};
+use crate::fold::share::{SharedBlock, choose_shared, shared_params_saved, tie_block};
 use crate::fold::{block_influence, remove::remove_blocks};
 use crate::ptq::Progress;
 use crate::stats::calibrate::load_windows;
@@ -62,6 +63,8 @@ pub struct FoldOptions {
     pub method: FoldMethod,
     pub budget: FoldBudget,
     pub gates: GateOptions,
+    /// Blocks (of those kept) that share the block before them's linears.
+    pub share: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,7 +73,11 @@ pub struct FoldReport {
     pub blocks_before: usize,
     /// Removed blocks, by their index in the model before folding.
     pub removed: Vec<usize>,
-    /// Share of the decoder blocks' parameters removed.
+    /// Blocks that use the block before them's linears (indices after removal).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared: Vec<SharedBlock>,
+    /// Share of the decoder blocks' parameters removed (removed blocks, and
+    /// shared blocks' linears less their row scales).
     pub decoder_params_removed: f64,
     pub params_before: usize,
     pub params_after: usize,
@@ -113,9 +120,6 @@ pub fn blocks_to_remove(cfg: &oqt_core::LlamaConfig, budget: FoldBudget) -> Resu
             (f * total as f64 / mean).ceil() as usize
         }
     };
-    if count == 0 {
-        return Err(CoreError::Other("the budget removes no block: nothing to fold".into()));
-    }
     if count >= n {
         return Err(CoreError::Other(format!(
             "the budget removes {count} of the model's {n} blocks: at least one must stay"
@@ -136,6 +140,17 @@ pub fn fold_to_bundle(
     let cfg = &model.config;
     let n = cfg.num_layers;
     let remove = blocks_to_remove(cfg, opts.budget)?;
+    if remove == 0 && opts.share == 0 {
+        return Err(CoreError::Other(
+            "the budget removes no block and no block is shared: nothing to fold".into(),
+        ));
+    }
+    if !model.sharing.is_empty() {
+        return Err(CoreError::Other(format!(
+            "{}: the model already shares blocks; fold the unshared model",
+            model.path.display()
+        )));
+    }
     if !model.sparsity.is_empty() {
         return Err(CoreError::Other(format!(
             "{}: a pruned (sparse) model; fold the dense model, then prune",
@@ -152,6 +167,7 @@ pub fn fold_to_bundle(
     progress.set(1);
     let mut gates = None;
     let removed = match opts.method {
+        _ if remove == 0 => Vec::new(),
         FoldMethod::LastN => (n - remove..n).collect(),
         FoldMethod::Shortgpt => crate::fold::gates::lowest(&influence, remove),
         FoldMethod::Foldgpt => {
@@ -165,8 +181,31 @@ pub fn fold_to_bundle(
         }
     };
     drop(llama);
-    let (folded_cfg, weights) = remove_blocks(cfg, model.weights.clone(), &removed)?;
-    let removed_params: usize = removed.iter().map(|&l| block_params(cfg, l)).sum();
+    let (folded_cfg, mut weights) = remove_blocks(cfg, model.weights.clone(), &removed)?;
+    let shared = if opts.share > 0 {
+        // Scored against the model as folded so far, on the validation quarter.
+        let n_val = (windows.len() / 4).max(1);
+        progress.phase("block sharing", folded_cfg.num_layers - 1);
+        choose_shared(
+            &folded_cfg,
+            &weights,
+            &windows[windows.len() - n_val..],
+            opts.share,
+            opts.gates.top_k,
+            |d, _| progress.set(d),
+        )?
+    } else {
+        Vec::new()
+    };
+    let mut sharing = std::collections::BTreeMap::new();
+    for s in &shared {
+        sharing.extend(tie_block(&mut weights, s.source, s.block)?);
+    }
+    let removed_params: usize = removed.iter().map(|&l| block_params(cfg, l)).sum::<usize>()
+        + shared
+            .iter()
+            .map(|s| shared_params_saved(&folded_cfg, s.block))
+            .sum::<usize>();
     let decoder_params: usize = (0..n).map(|l| block_params(cfg, l)).sum();
     let folded = LoadedModel {
         path: model.path.clone(),
@@ -176,6 +215,7 @@ pub fn fold_to_bundle(
         weights: Default::default(),
         tokenizer: model.tokenizer.clone(),
         sparsity: Default::default(),
+        sharing: Default::default(),
     };
     let mut manifest = Manifest::for_model(&folded, created_by)?;
     manifest.provenance.method = Some(format!("fold-{}", opts.method));
@@ -185,7 +225,10 @@ pub fn fold_to_bundle(
     }
     let mut writer = BundleWriter::new(manifest);
     for (name, t, _) in weights.into_tensors() {
-        writer.add_f32(&name, t.shape.clone(), &t.data);
+        match sharing.get(&name) {
+            Some(s) => writer.add_shared(&name, t.shape[0], t.shape[1], &s.of, &s.row_scales),
+            None => writer.add_f32(&name, t.shape.clone(), &t.data),
+        }
     }
     let report = FoldReport {
         method: opts.method,
@@ -193,7 +236,12 @@ pub fn fold_to_bundle(
         removed,
         decoder_params_removed: removed_params as f64 / decoder_params as f64,
         params_before: cfg.n_params(),
-        params_after: folded_cfg.n_params(),
+        params_after: folded_cfg.n_params()
+            - shared
+                .iter()
+                .map(|s| shared_params_saved(&folded_cfg, s.block))
+                .sum::<usize>(),
+        shared,
         influence,
         gates,
         seconds: t0.elapsed().as_secs_f64(),

@@ -212,6 +212,15 @@ pub fn quantize(
 ) -> Result<PtqOutcome> {
     // Fail before calibration, not only when the bundle is assembled.
     crate::ptq::rtn::check_model(recipe, model)?;
+    if !model.sharing.is_empty()
+        && (method != Method::Rtn || recipe.mixed_precision.is_some() || opts.split_down_ratio.is_some_and(|r| r > 0.0))
+    {
+        return Err(CoreError::Other(format!(
+            "{}: the model shares weights between blocks ({} shared weights); only round-to-nearest without a size budget or channel splitting keeps one quantized copy for every block that uses it — use `--method rtn`, or quantize before sharing",
+            model.path.display(),
+            model.sharing.len()
+        )));
+    }
     let reserved = match &recipe.mixed_precision {
         Some(mp) => {
             let reserved = mixed_precision::reserved_bytes(model)?;
@@ -364,6 +373,8 @@ fn split_outliers(
         config,
         weights,
         tokenizer: model.tokenizer.clone(),
+        // Only RTN quantizes a model with shared weights (refused before this).
+        sharing: Default::default(),
         // Split down projections no longer hold their N:M blocks.
         sparsity: model
             .sparsity

@@ -154,7 +154,10 @@ pub fn assemble(
             continue;
         }
         let t = prepared.weights.get(name).expect("listed");
-        if t.shape.len() == 2 {
+        if let Some(shared) = model.sharing.get(name) {
+            // One quantized copy, the source's: this weight keeps only its row scales.
+            w.add_shared(name, t.shape[0], t.shape[1], &shared.of, &shared.row_scales);
+        } else if t.shape.len() == 2 {
             let spec = recipe.spec.weights_for(name);
             let per_tensor = spec.granularity == oqt_core::quant::Granularity::PerTensor;
             let qw = if opts.clip_search && !per_tensor {

@@ -247,6 +247,14 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
             b.path.display()
         )));
     }
+    if let Some(b) = &bundle
+        && let Some(name) = b.first_shared()
+    {
+        return Err(CoreError::Other(format!(
+            "{}: `{name}` shares another block's weights; QAT of shared blocks is not supported yet — train before sharing",
+            b.path.display()
+        )));
+    }
     // A start bundle made under a size budget carries its planned recipe (the
     // per-layer grids the plan chose): train on those grids.
     let planned = bundle
@@ -284,6 +292,12 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
     let float_needed = job.from.is_none() || options.distill_weight > 0.0;
     let (mut model, source_types): (LoadedModel, _) = if float_needed {
         let model = oqt_core::load_model(job.model_path)?;
+        if let Some(name) = model.sharing.keys().next() {
+            return Err(CoreError::Other(format!(
+                "{}: `{name}` shares another block's weights; QAT of shared blocks is not supported yet — train before sharing",
+                job.model_path.display()
+            )));
+        }
         // Names and storage types only: the weights themselves move into the Burn model.
         let types = model.weights.source_types();
         (model, types)

@@ -31,10 +31,13 @@ use std::collections::BTreeMap;
 
 /// The newest manifest version this oqt reads. Version 1 (the recipe
 /// embedded, read by every consumer) is upgraded on open; version 3 adds the
-/// `sparse` encoding, version 4 the `lut` encoding. A bundle is written as the
+/// `sparse` encoding, version 4 the `lut` encoding, version 5 the `shared`
+/// encoding. A bundle is written as the
 /// oldest version holding its encodings, so an older oqt reads every bundle
 /// it can and says "upgrade" for the others.
-pub const BUNDLE_FORMAT_VERSION: u32 = LUT_FORMAT_VERSION;
+pub const BUNDLE_FORMAT_VERSION: u32 = SHARED_FORMAT_VERSION;
+/// The version of bundles with a `shared` tensor.
+pub const SHARED_FORMAT_VERSION: u32 = 5;
 /// The version of bundles with a `lut` tensor.
 pub const LUT_FORMAT_VERSION: u32 = 4;
 /// The version of bundles with a `sparse` tensor (and no `lut` one).

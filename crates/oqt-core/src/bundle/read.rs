@@ -107,6 +107,27 @@ impl Bundle {
                     reason: format!("deployment.tensors.{name}: {reason}"),
                 });
             }
+            if let TensorEncoding::Shared { of, .. } = encoding {
+                let problem = match self.manifest.deployment.tensors.get(of) {
+                    None => Some(format!("its source `{of}` is not in the bundle")),
+                    Some(TensorEncoding::Shared { .. }) => Some(format!(
+                        "its source `{of}` is itself shared (one level of sharing only)"
+                    )),
+                    Some(source) if source.shape() != encoding.shape() => Some(format!(
+                        "shape {:?}, but its source `{of}` has shape {:?}",
+                        encoding.shape(),
+                        source.shape()
+                    )),
+                    Some(_) => None,
+                };
+                if let Some(reason) = problem {
+                    return Err(CoreError::Malformed {
+                        path: self.path.clone(),
+                        format: "oqt bundle manifest",
+                        reason: format!("deployment.tensors.{name}: {reason}"),
+                    });
+                }
+            }
             for (n, dtype) in encoding.stored_names(name) {
                 match self.header.info(&n) {
                     None => {
@@ -176,9 +197,57 @@ impl Bundle {
         Tokenizer::from_stored(&self.manifest.tokenizer, &self.path)
     }
 
+    /// The first tensor stored as `shared` (a block using another's linears), if any.
+    pub fn first_shared(&self) -> Option<&str> {
+        self.manifest
+            .deployment
+            .tensors
+            .iter()
+            .find_map(|(n, e)| matches!(e, TensorEncoding::Shared { .. }).then_some(n.as_str()))
+    }
+
+    /// A shared weight's source and row scales (`None` for any other tensor).
+    pub fn shared(&self, name: &str) -> Result<Option<(&str, Vec<f32>)>> {
+        let Some(TensorEncoding::Shared { rows, of, .. }) = self.manifest.deployment.tensors.get(name) else {
+            return Ok(None);
+        };
+        let field = TensorEncoding::row_scales_name(name);
+        let scales = self.stored_f32(&field)?;
+        if scales.len() != *rows {
+            return Err(CoreError::BadField {
+                path: self.path.clone(),
+                field,
+                expected: format!("{rows} row scales"),
+                found: format!("{} values", scales.len()),
+            });
+        }
+        Ok(Some((of.as_str(), scales)))
+    }
+
+    /// A weight's values as f32 in canonical layout whatever its encoding
+    /// (quantized ones dequantized, shared ones expanded from their source).
+    pub fn dense(&self, name: &str) -> Result<Vec<f32>> {
+        if let Some((of, scales)) = self.shared(name)? {
+            let mut w = self.dense(of)?;
+            let cols = w.len() / scales.len();
+            for (row, s) in w.chunks_mut(cols).zip(&scales) {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+            return Ok(w);
+        }
+        match self.manifest.deployment.tensors.get(name).and_then(|e| e.int_grid()) {
+            Some(_) => Ok(crate::quant::dequantize_weight(&self.quantized(name)?)),
+            None => self.f32_tensor(name),
+        }
+    }
+
     /// A float tensor by name: a stored F32 tensor, or a manifest tensor of
-    /// encoding `sparse` with f32 values, expanded to its dense shape.
+    /// encoding `sparse` with f32 values, expanded to its dense shape (or a
+    /// shared weight, expanded from its source).
     pub fn f32_tensor(&self, name: &str) -> Result<Vec<f32>> {
+        if let Some(TensorEncoding::Shared { .. }) = self.manifest.deployment.tensors.get(name) {
+            return self.dense(name);
+        }
         if let Some(TensorEncoding::Sparse {
             rows,
             cols,
@@ -421,6 +490,14 @@ impl Bundle {
     /// never holds the whole model in float.
     pub fn for_each_dequantized(&self, mut f: impl FnMut(&str, TensorF32, String) -> Result<()>) -> Result<()> {
         for (name, encoding) in &self.manifest.deployment.tensors {
+            if let TensorEncoding::Shared { of, .. } = encoding {
+                f(
+                    name,
+                    TensorF32::new(encoding.shape(), self.dense(name)?),
+                    format!("shared({of})"),
+                )?;
+                continue;
+            }
             match encoding.int_grid() {
                 None => {
                     f(

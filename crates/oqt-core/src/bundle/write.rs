@@ -1,5 +1,6 @@
 use super::{
-    BUNDLE_FORMAT_VERSION, DENSE_FORMAT_VERSION, LUT_FORMAT_VERSION, MANIFEST_KEY, Manifest, SPARSE_FORMAT_VERSION,
+    BUNDLE_FORMAT_VERSION, DENSE_FORMAT_VERSION, LUT_FORMAT_VERSION, MANIFEST_KEY, Manifest, SHARED_FORMAT_VERSION,
+    SPARSE_FORMAT_VERSION,
 };
 use crate::encoding::TensorEncoding;
 use crate::error::{CoreError, Result};
@@ -87,6 +88,28 @@ impl BundleWriter {
         Ok(())
     }
 
+    /// Add weight `name` `[rows, cols]` as row `r` of weight `of` times
+    /// `row_scales[r]` (the `shared` encoding): only the scales are stored.
+    /// The source must be added too, under its own (unshared) encoding.
+    pub fn add_shared(&mut self, name: &str, rows: usize, cols: usize, of: &str, row_scales: &[f32]) {
+        assert_eq!(row_scales.len(), rows, "one row scale per row of {name}");
+        let encoding = TensorEncoding::Shared {
+            rows,
+            cols,
+            of: of.into(),
+        };
+        self.push(
+            name,
+            encoding,
+            vec![crate::encoding::StoredTensor {
+                name: TensorEncoding::row_scales_name(name),
+                dtype: Dtype::F32,
+                shape: vec![rows],
+                bytes: le_bytes(row_scales, f32::to_le_bytes),
+            }],
+        );
+    }
+
     fn push(&mut self, name: &str, encoding: TensorEncoding, stored: Vec<crate::encoding::StoredTensor>) {
         for t in stored {
             self.tensors.push((t.name, t.dtype, t.shape, t.bytes));
@@ -104,6 +127,7 @@ impl BundleWriter {
             .tensors
             .values()
             .map(|e| match e {
+                TensorEncoding::Shared { .. } => SHARED_FORMAT_VERSION,
                 TensorEncoding::Lut { .. } => LUT_FORMAT_VERSION,
                 TensorEncoding::Sparse { .. } => SPARSE_FORMAT_VERSION,
                 _ => DENSE_FORMAT_VERSION,

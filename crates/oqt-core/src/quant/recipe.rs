@@ -341,7 +341,8 @@ pub const FOLD_METHODS: &[&str] = &["foldgpt", "shortgpt", "last-n"];
 
 /// `[[steps]] kind = "fold"`: the options of `oqt fold`, same names in snake
 /// case, same defaults. Exactly one of `remove` (blocks) and `budget` (share
-/// of decoder parameters).
+/// of decoder parameters), or `share` alone (blocks that use the block before
+/// them's linears, row-scaled).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FoldStep {
@@ -351,6 +352,7 @@ pub struct FoldStep {
     pub gate_rounds: usize,
     pub gate_proposals: usize,
     pub gate_windows: usize,
+    pub share: usize,
 }
 
 impl Default for FoldStep {
@@ -362,6 +364,7 @@ impl Default for FoldStep {
             gate_rounds: 8,
             gate_proposals: 3,
             gate_windows: 4,
+            share: 0,
         }
     }
 }
@@ -379,12 +382,16 @@ impl FoldStep {
             ));
         }
         match (self.remove, self.budget) {
+            (None, None) if self.share > 0 => {}
             (Some(_), Some(_)) | (None, None) => out.push(format!(
-                "exactly one of {} and {} (blocks, or a share of decoder parameters)",
+                "exactly one of {} and {} (blocks, or a share of decoder parameters), or {} alone",
                 name("remove"),
-                name("budget")
+                name("budget"),
+                name("share")
             )),
-            (Some(0), _) => out.push(format!("{}: remove at least one block", name("remove"))),
+            (Some(0), _) if self.share == 0 => {
+                out.push(format!("{}: remove at least one block (or share some)", name("remove")))
+            }
             (_, Some(b)) if !(b > 0.0 && b < 1.0) => {
                 out.push(format!("{}: expected a share in (0, 1), found {b}", name("budget")))
             }
