@@ -1885,6 +1885,31 @@ fn fold_and_distill_write_runnable_bundles_and_refuse_bad_inputs() {
     assert!(b.manifest.inputs.iter().any(|i| i.role == "teacher"));
     assert_runs_as_simulated(&healed, &text, "distilled");
 
+    // With hidden-state matching: the folding record pairs the kept block with its old place.
+    let matched = d.join("matched.oqt");
+    let v = json_of(&mut distill(
+        &folded,
+        &["--train", "last:1", "--distill-weight", "0.5", "--hidden-weight", "1"],
+        &matched,
+    ));
+    let kept = oqt_core::bundle::Bundle::open(&folded)
+        .unwrap()
+        .manifest
+        .provenance
+        .folding
+        .unwrap()["removed"][0]
+        .as_u64()
+        .unwrap();
+    let teacher_block = if kept == 0 { 1 } else { 0 };
+    assert_eq!(v["report"]["layer_map"], serde_json::json!([[0, teacher_block]]), "{v}");
+    assert_eq!(v["report"]["hidden_weight"], 1.0);
+    let curve = v["held_out_perplexity"].as_array().unwrap();
+    assert!(
+        curve.last().unwrap()[1].as_f64().unwrap() < curve[0][1].as_f64().unwrap(),
+        "{curve:?}"
+    );
+    assert_runs_as_simulated(&matched, &text, "distilled with hidden states");
+
     // A quantized student trains through its grids, zeroth-order.
     let w4 = d.join("w4.oqt");
     oqt()
@@ -1926,6 +1951,22 @@ fn fold_and_distill_write_runnable_bundles_and_refuse_bad_inputs() {
         .assert()
         .failure()
         .stderr(contains("--distill-weight"));
+    distill(&folded, &["--hidden-weight", "1", "--layer-map", "0:5"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("--layer-map").and(contains("teacher block 5 is out of range")));
+    distill(&folded, &["--hidden-weight", "1", "--layer-map", "1:0"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("student block 1 is out of range"));
+    distill(&folded, &["--layer-map", "0:0"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("--hidden-weight"));
+    distill(&folded, &["--hidden-weight", "1", "--zeroth-order"], &bad)
+        .assert()
+        .failure()
+        .stderr(contains("first-order only"));
     let mut c = oqt();
     c.args(["distill", "--teacher", "smollm2-135m", "--student"])
         .arg(&folded)

@@ -332,6 +332,11 @@ impl Llama {
         x
     }
 
+    /// The final RMSNorm through `hooks` (as [`Llama::forward_hidden_with`] applies it).
+    pub fn final_norm_with(&self, hidden: Tensor<3>, hooks: &dyn ForwardHooks) -> Tensor<3> {
+        norm(&self.norm, hidden, hooks)
+    }
+
     /// The final RMSNorm alone, in float (no hooks): what the head reads.
     pub fn final_norm(&self, hidden: Tensor<3>) -> Tensor<3> {
         norm(&self.norm, hidden, &NoHooks)

@@ -256,6 +256,7 @@ fn run_step(
             let resume = resumes.then_some(ckpt.as_path());
             let name = |f: &str| format!("steps[{index}].{f}");
             let distill = DistillJob {
+                hidden: None,
                 teacher: job.model_path,
                 student,
                 training: q,

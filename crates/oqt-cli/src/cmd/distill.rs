@@ -35,6 +35,15 @@ pub struct DistillArgs {
     /// Teacher tokens kept per position (the targets are computed once, before training).
     #[arg(long, default_value_t = 32)]
     pub top_k: usize,
+    /// Also pull each student block's output toward its teacher block's
+    /// (normalized MSE, this weight; first-order only). 0: off.
+    #[arg(long, value_name = "W", default_value_t = 0.0)]
+    pub hidden_weight: f32,
+    /// Student → teacher blocks for --hidden-weight: `auto` (a folded
+    /// student's kept blocks with their places before folding; the identity
+    /// for a student as deep as the teacher) or `S:T,S:T,…` (e.g. `12:15,13:19`).
+    #[arg(long, value_name = "MAP", default_value = "auto")]
+    pub layer_map: String,
     #[command(flatten)]
     pub training: TrainingArgs,
     /// WikiText-2 chunks (ctx 512) to evaluate a float student on, before and after.
@@ -65,6 +74,19 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
     let teacher = resolve(&a.teacher, "teacher")?.path;
     let student = resolve(&a.student, "student")?.path;
     let created_by = concat!("oqt ", env!("CARGO_PKG_VERSION"));
+    let hidden = if a.hidden_weight != 0.0 {
+        let map = oqt_compress::distill::hidden::LayerMap::parse(&a.layer_map)
+            .map_err(|e| anyhow::anyhow!("--layer-map: {e}"))?;
+        Some(oqt_compress::distill::job::HiddenOptions {
+            weight: a.hidden_weight,
+            map,
+        })
+    } else {
+        if a.layer_map != "auto" {
+            anyhow::bail!("--layer-map pairs blocks for --hidden-weight: give a positive --hidden-weight too");
+        }
+        None
+    };
     let job = DistillJob {
         teacher: &teacher,
         student: &student,
@@ -74,6 +96,7 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
         checkpoint_dir: a.training.checkpoint_dir.clone(),
         resume: a.training.resume.as_deref(),
         created_by,
+        hidden,
     };
     let float_student = !a.no_eval && is_float(&student);
     let mut reporter = Reporter::new(a.zeroth_order, a.training.tensorboard.as_deref())?;

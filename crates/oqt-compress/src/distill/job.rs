@@ -7,6 +7,7 @@
 //! decoder layers or the ones chosen, with the checkpoints, held-out
 //! evaluation and keep-best of `oqt qat` — the same trainers.
 
+use crate::distill::hidden::{HiddenTeacher, LayerMap};
 use crate::qat::job::{Resumed, qat_options, resume_run, train, training_tokens};
 use crate::qat::model::{FreezeLinears, QatModel};
 use crate::qat::{
@@ -35,6 +36,17 @@ pub struct DistillJob<'a> {
     /// Continue from this checkpoint (zeroth-order only).
     pub resume: Option<&'a Path>,
     pub created_by: &'a str,
+    /// Match the student's block outputs to the teacher's too (first-order).
+    pub hidden: Option<HiddenOptions>,
+}
+
+/// Hidden-state matching: the loss term's weight and the student → teacher
+/// block map (`None`: from the student's folding record, or the identity
+/// when both have as many blocks).
+#[derive(Debug, Clone)]
+pub struct HiddenOptions {
+    pub weight: f32,
+    pub map: Option<LayerMap>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +59,11 @@ pub struct DistillReport {
     pub trained_layers: Vec<usize>,
     pub student_blocks: usize,
     pub teacher_blocks: usize,
+    /// Hidden-state matching: its weight and the (student, teacher) block pairs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden_weight: Option<f32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layer_map: Vec<(usize, usize)>,
     pub checkpoint_dir: PathBuf,
     pub interrupted: bool,
 }
@@ -155,6 +172,31 @@ pub fn check_same_vocabulary(teacher: (&Path, &Tokenizer, usize), student: (&Pat
     Ok(())
 }
 
+/// The block map of a student with no explicit one: a folded bundle's kept
+/// blocks paired with their places before folding; a student as deep as the
+/// teacher, the identity.
+fn auto_layer_map(student: &Path, student_blocks: usize, teacher_blocks: usize) -> Result<LayerMap> {
+    let folding = match detect_format(student)? {
+        ModelFormat::Bundle => Bundle::open(student)?.manifest.provenance.folding,
+        _ => None,
+    };
+    if let Some(f) = folding {
+        let removed: Vec<usize> = serde_json::from_value(f["removed"].clone())
+            .map_err(|e| err(format!("{}: provenance.folding.removed: {e}", student.display())))?;
+        let before = f["blocks_before"].as_u64().unwrap_or(0) as usize;
+        if before == teacher_blocks && before - removed.len() == student_blocks {
+            return Ok(LayerMap::folded(teacher_blocks, &removed));
+        }
+    }
+    if student_blocks == teacher_blocks {
+        return Ok(LayerMap::folded(teacher_blocks, &[]));
+    }
+    Err(err(format!(
+        "{}: {student_blocks} blocks against the teacher's {teacher_blocks}, and no folding record that pairs them: give --layer-map STUDENT:TEACHER,…",
+        student.display()
+    )))
+}
+
 fn device(autodiff: bool) -> Result<burn::tensor::Device> {
     oqt_model::select_device(oqt_model::DeviceKind::Cpu, autodiff)
         .map_err(|e| err(format!("selecting the CPU device: {e}")))
@@ -208,17 +250,43 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
         (job.student, &student_tokenizer, student.config().vocab_size),
     )?;
     let teacher_blocks = teacher.config.num_layers;
+    let layer_map = match &job.hidden {
+        None => None,
+        Some(h) => {
+            if !(h.weight > 0.0 && h.weight.is_finite()) {
+                return Err(err(format!(
+                    "{} {}: the hidden-state weight must be positive",
+                    (job.option_name)("hidden-weight"),
+                    h.weight
+                )));
+            }
+            let map = match &h.map {
+                Some(m) => m.clone(),
+                None => auto_layer_map(job.student, n_student, teacher_blocks)?,
+            };
+            map.check(n_student, teacher_blocks)
+                .map_err(|e| err(format!("{}: {e}", (job.option_name)("layer-map"))))?;
+            Some(map)
+        }
+    };
     let teacher_record = job
         .teacher
         .is_file()
         .then(|| InputRecord::of_file("teacher", job.teacher))
         .transpose()?;
     let (data, tokens) = training_tokens(&student_tokenizer, s)?;
-    let targets = {
+    let (targets, hidden_teacher) = {
         let cpu = device(false)?;
         let llama = oqt_model::llama_from_weights(&teacher.config, teacher.weights, &cpu);
         observer.phase("teacher targets", options.steps - start_step);
-        precompute_teacher(&llama, &tokens, &options, start_step, |d, _| observer.advance(d))?
+        let targets = precompute_teacher(&llama, &tokens, &options, start_step, |d, _| observer.advance(d))?;
+        // Hidden-state targets come from the teacher at every step: it stays.
+        let hidden = layer_map.clone().map(|map| HiddenTeacher {
+            model: llama,
+            map,
+            weight: job.hidden.as_ref().expect("a map only with options").weight,
+        });
+        (targets, hidden)
     };
 
     // The student.
@@ -289,10 +357,11 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
         s.zeroth_order,
         (&ckpt_dir, &state),
         Some(&targets),
+        hidden_teacher.as_ref(),
         phase,
         observer,
     )?;
-    drop(targets);
+    drop((targets, hidden_teacher));
     let method = match (s.zeroth_order, s.lightweight) {
         (true, false) => "distill-zeroth-order",
         (true, true) => "distill-zeroth-order-lightweight",
@@ -306,6 +375,8 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
         trained_layers: layers.clone(),
         student_blocks: n_student,
         teacher_blocks,
+        hidden_weight: job.hidden.as_ref().map(|h| h.weight),
+        layer_map: layer_map.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
         checkpoint_dir: ckpt_dir.clone(),
         interrupted,
     };

@@ -201,9 +201,15 @@ pub fn train(
     zeroth_order: bool,
     checkpoint: (&Path, &CheckpointState),
     teacher: Option<&TeacherTargets>,
+    hidden: Option<&crate::distill::hidden::HiddenTeacher>,
     phase: &str,
     observer: &mut dyn QatObserver,
 ) -> Result<(QatModel, QatOutcome)> {
+    if zeroth_order && hidden.is_some() {
+        return Err(err(
+            "hidden-state matching trains first-order only: drop --hidden-weight or --zeroth-order".into(),
+        ));
+    }
     observer.phase(phase, options.steps);
     observer.advance(checkpoint.1.next_step);
     let (qat, outcome) = if zeroth_order {
@@ -218,7 +224,7 @@ pub fn train(
         )?;
         (qat, outcome)
     } else {
-        train_first_order(qat, tokens, options, teacher, observer)?
+        train_first_order(qat, tokens, options, teacher, hidden, observer)?
     };
     observer.phase("", 0);
     if outcome.interrupted && !zeroth_order {
@@ -425,6 +431,7 @@ pub fn run(job: &QatJob<'_>, observer: &mut dyn QatObserver) -> Result<QatReport
         s.zeroth_order,
         (&ckpt_dir, &state),
         teacher.as_ref(),
+        None,
         phase,
         observer,
     )?;

@@ -88,6 +88,7 @@ fn distill_for<'a>(teacher: Option<&'a TeacherTargets>, opts: &QatOptions, step:
             Ok(Some(Distill {
                 targets,
                 weight: opts.distill_weight,
+                hidden: None,
             }))
         }
     }
@@ -489,11 +490,14 @@ pub fn train_zeroth_order(
 /// projected gradient of 0. With `opts.keep_best` the best evaluated
 /// trainable tensors are copied in memory (first-order memory is several
 /// times inference's already) and the model ends on them.
+/// With `hidden`, each step also matches the student's block outputs to the
+/// teacher's ([`crate::distill::hidden`]).
 pub fn train_first_order(
     mut model: QatModel,
     data: &TrainTokens,
     opts: &QatOptions,
     teacher: Option<&TeacherTargets>,
+    hidden: Option<&crate::distill::hidden::HiddenTeacher>,
     obs: &mut dyn QatObserver,
 ) -> Result<(QatModel, QatOutcome)> {
     data.check_window(opts.seq_len)?;
@@ -522,7 +526,17 @@ pub fn train_first_order(
         let windows = batch_windows(&data.train, opts.spsa.seed, step, opts.batch, opts.seq_len);
         let t0 = std::time::Instant::now();
         let lr = opts.spsa.schedule.at(opts.spsa.lr, step, opts.steps);
-        let distill = distill_for(teacher, opts, step)?;
+        let states = match hidden {
+            Some(h) => h.targets(&windows, &model.device())?,
+            None => Vec::new(),
+        };
+        let distill = distill_for(teacher, opts, step)?.map(|d| Distill {
+            hidden: hidden.map(|h| crate::qat::model::HiddenMatch {
+                states: &states,
+                weight: h.weight,
+            }),
+            ..d
+        });
         let (next, loss) = model.first_order_step(&windows, distill, lr, &mut adam)?;
         model = next;
         let s = SpsaStep {
@@ -694,7 +708,7 @@ mod tests {
         };
         let data = tokens();
         let mut quiet = Quiet { stop_at: None, seen: 0 };
-        let (_, out) = train_first_order(model, &data, &opts, None, &mut quiet).unwrap();
+        let (_, out) = train_first_order(model, &data, &opts, None, None, &mut quiet).unwrap();
         let first: f32 = out.steps[..3].iter().map(|s| s.loss_plus).sum();
         let last: f32 = out.steps[9..].iter().map(|s| s.loss_plus).sum();
         assert!(last < first - 0.03, "loss {first} → {last} (sums of 3 steps)");
@@ -830,7 +844,7 @@ mod tests {
         };
         let data = tokens();
         let mut quiet = Quiet { stop_at: None, seen: 0 };
-        let (m, out) = train_first_order(first_order_model(), &data, &opts, None, &mut quiet).unwrap();
+        let (m, out) = train_first_order(first_order_model(), &data, &opts, None, None, &mut quiet).unwrap();
         let best = out.best.expect("a best evaluation");
         let lowest = out.evals.iter().map(|e| e.1).fold(f64::INFINITY, f64::min);
         let last = out.evals.last().unwrap();

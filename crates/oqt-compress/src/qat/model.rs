@@ -78,10 +78,20 @@ enum Target {
 }
 
 /// Logit distillation for one batch: the teacher's targets (one per window)
-/// and the weight `w` of the KL term.
+/// and the weight `w` of the KL term; optionally the teacher's block outputs
+/// to match (first-order only).
 #[derive(Debug, Clone, Copy)]
 pub struct Distill<'a> {
     pub targets: &'a [WindowTargets],
+    pub weight: f32,
+    pub hidden: Option<HiddenMatch<'a>>,
+}
+
+/// The teacher's block outputs for one batch, `(student block, [b, s, d])`,
+/// and the weight of their normalized MSE ([`crate::distill::hidden`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HiddenMatch<'a> {
+    pub states: &'a [(usize, Tensor<3>)],
     pub weight: f32,
 }
 
@@ -372,7 +382,22 @@ impl QatModel {
         let ids: Vec<i64> = windows.iter().flatten().map(|&t| t as i64).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
         let hooks = QatHooks { m: self };
-        let hidden = self.llama.forward_hidden_with(tokens.clone(), None, &hooks);
+        let mut matched = Vec::new();
+        let hidden = match distill.and_then(|d| d.hidden) {
+            None => self.llama.forward_hidden_with(tokens.clone(), None, &hooks),
+            Some(h) => {
+                // Block by block, to compare each matched block's output.
+                let pos = self.llama.positions(s, &device);
+                let mut x = self.llama.embed_with(tokens.clone(), &hooks);
+                for l in 0..self.llama.n_layers() {
+                    x = self.llama.layer_with(l, x, &pos, &hooks);
+                    for (_, t) in h.states.iter().filter(|(block, _)| *block == l) {
+                        matched.push(crate::distill::hidden::normalized_mse(x.clone(), t.clone()));
+                    }
+                }
+                self.llama.final_norm_with(x, &hooks)
+            }
+        };
         let d = hidden.dims()[2];
         let hidden = hidden.slice([0..b, 0..s - 1, 0..d]);
         let lp = log_softmax(self.llama.logits_with(hidden, &hooks), 2);
@@ -382,7 +407,19 @@ impl QatModel {
             return Ok(ce);
         };
         let kl = crate::distill::targets::kl_to_targets(lp, d.targets)?;
-        Ok(ce * (1.0 - d.weight) + kl * d.weight)
+        let loss = ce * (1.0 - d.weight) + kl * d.weight;
+        match d.hidden {
+            Some(h) if !matched.is_empty() => {
+                let n = matched.len() as f32;
+                Ok(loss + Tensor::cat(matched, 0).sum() * (h.weight / n))
+            }
+            _ => Ok(loss),
+        }
+    }
+
+    /// The device the model (and its gradients) live on.
+    pub fn device(&self) -> burn::tensor::Device {
+        self.llama.device()
     }
 
     /// [`QatModel::objective`] without distillation: the held-out metric.
@@ -403,9 +440,12 @@ impl QatModel {
         }
         let mut total = 0f64;
         for (i, w) in windows.iter().enumerate() {
+            // Hidden-state matching trains first-order only; objectives (held-out
+            // losses, zeroth-order probes) are the logit terms.
             let d = distill.map(|d| Distill {
                 targets: &d.targets[i..i + 1],
                 weight: d.weight,
+                hidden: None,
             });
             let v = to_vec(self.loss_tensor(std::slice::from_ref(w), d)?.detach());
             total += v[0] as f64;
@@ -977,6 +1017,7 @@ mod tests {
         let d = Distill {
             targets: &targets,
             weight: 1.0,
+            hidden: None,
         };
         let mut m = model(Trainable::Lightweight);
         let (start, end) = spsa_train(&mut m, 3e-2, 2, 30, |m| m.objective(&data, Some(d)));
