@@ -2051,7 +2051,20 @@ fn shared_blocks_are_stored_once_quantize_with_rtn_and_refuse_training() {
         .arg(&bad);
     c.assert()
         .failure()
-        .stderr(contains("shares another block's weights").and(contains("before sharing")));
+        .stderr(contains("shares another block's weights in a quantized bundle").and(contains("before quantizing")));
+    // A float student trains only outside its sharing pairs (here: nowhere).
+    let mut c = oqt();
+    c.args(["distill", "--teacher"])
+        .arg(&gguf)
+        .arg("--student")
+        .arg(&shared)
+        .arg("--dataset")
+        .arg(&text)
+        .args(["--steps", "1", "--train", "last:1", "--no-eval", "--output"])
+        .arg(&bad);
+    c.assert()
+        .failure()
+        .stderr(contains("block 1 is in a sharing pair").and(contains("--train")));
     let mut c = oqt();
     c.args(["fold"])
         .arg(&shared)

@@ -96,13 +96,16 @@ impl Student {
                 path.display()
             )));
         }
-        if let Some(name) = bundle.first_shared() {
+        let quantized = tensors.values().any(|e| e.int_grid().is_some());
+        if let Some(name) = bundle.first_shared()
+            && quantized
+        {
             return Err(err(format!(
-                "{}: `{name}` shares another block's weights; training shared blocks is not supported yet — distill the folded model before sharing (`oqt fold --share` on the healed bundle)",
+                "{}: `{name}` shares another block's weights in a quantized bundle; its fake-quantized training copy would not be the deployed one — distill the float model before quantizing",
                 path.display()
             )));
         }
-        if !tensors.values().any(|e| e.int_grid().is_some()) {
+        if !quantized {
             let model = load_float_bundle(path)?;
             if let Some(name) = model.sparsity.keys().next() {
                 return Err(err(format!(
@@ -172,6 +175,32 @@ pub fn check_same_vocabulary(teacher: (&Path, &Tokenizer, usize), student: (&Pat
     Ok(())
 }
 
+/// A student with shared blocks trains only blocks outside every sharing
+/// pair (tying trained weights is not built): the shared weights and their
+/// sources stay as they are and are written shared again.
+fn check_shared_frozen(
+    path: &Path,
+    sharing: &BTreeMap<String, oqt_core::sharing::SharedWeight>,
+    layers: &[usize],
+    option: &str,
+) -> Result<()> {
+    use crate::fold::remove::layer_of;
+    for (name, shared) in sharing {
+        for n in [name.as_str(), shared.of.as_str()] {
+            if let Some((l, _)) = layer_of(n)
+                && layers.contains(&l)
+            {
+                return Err(err(format!(
+                    "{}: block {l} is in a sharing pair (`{name}` uses `{}`), and training shared weights is not supported yet: choose {option} without it (e.g. last:N past the shared blocks)",
+                    path.display(),
+                    shared.of
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The block map of a student with no explicit one: a folded bundle's kept
 /// blocks paired with their places before folding; a student as deep as the
 /// teacher, the identity.
@@ -215,6 +244,9 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
     let student = Student::open(job.student)?;
     let n_student = student.config().num_layers;
     let layers = s.train_layers(n_student, job.option_name)?;
+    if let Student::Float(m) = &student {
+        check_shared_frozen(&m.path, &m.sharing, &layers, &(job.option_name)("train"))?;
+    }
     if s.lightweight && matches!(student, Student::Float(_)) {
         return Err(err(format!(
             "--lightweight trains a quantized student's quantizer-facing parameters; {} is a float model",
@@ -404,7 +436,11 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
             manifest.provenance.method = Some(method.into());
             let mut w = BundleWriter::new(manifest);
             for (name, t, _) in trained.weights.into_tensors() {
-                w.add_f32(&name, t.shape.clone(), &t.data);
+                // Shared blocks were frozen: they stay their source, row-scaled.
+                match meta.sharing.get(&name) {
+                    Some(s) => w.add_shared(&name, t.shape[0], t.shape[1], &s.of, &s.row_scales),
+                    None => w.add_f32(&name, t.shape.clone(), &t.data),
+                }
             }
             w
         }
@@ -445,4 +481,29 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
     m.provenance.training = Some(training);
     writer.write(job.output)?;
     Ok(report(outcome, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_student_trains_only_outside_its_pairs() {
+        let mut sharing = BTreeMap::new();
+        sharing.insert(
+            "model.layers.3.mlp.up_proj.weight".to_string(),
+            oqt_core::sharing::SharedWeight {
+                of: "model.layers.2.mlp.up_proj.weight".into(),
+                row_scales: vec![1.0],
+            },
+        );
+        let path = Path::new("s.oqt");
+        assert!(check_shared_frozen(path, &sharing, &[0, 1, 4], "--train").is_ok());
+        for trained in [vec![3], vec![2, 5]] {
+            let e = check_shared_frozen(path, &sharing, &trained, "--train")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("is in a sharing pair") && e.contains("--train"), "{e}");
+        }
+    }
 }

@@ -68,7 +68,7 @@ pub fn remove_blocks(
 }
 
 /// `model.layers.N.suffix` → `(N, suffix)`.
-fn layer_of(name: &str) -> Option<(usize, &str)> {
+pub fn layer_of(name: &str) -> Option<(usize, &str)> {
     let rest = name.strip_prefix("model.layers.")?;
     let (n, suffix) = rest.split_once('.')?;
     Some((n.parse().ok()?, suffix))
