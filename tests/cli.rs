@@ -2080,6 +2080,54 @@ fn shared_blocks_are_stored_once_quantize_with_rtn_and_refuse_training() {
     assert!(!bad.exists(), "nothing written");
 }
 
+/// The teacher's targets are cached per teacher, text and batch options:
+/// a second run reads them and trains exactly as the first; a damaged cache
+/// file is computed again and replaced.
+#[test]
+fn distillation_caches_the_teachers_targets_and_survives_a_damaged_cache() {
+    let (dir, gguf) = tiny_model(46);
+    let d = dir.path();
+    let text = write_text(&dir, "cached targets train the same student the same way. ", 60);
+    let student = d.join("student.gguf");
+    oqt_core::testing::write_tiny_gguf(
+        &student,
+        &oqt_core::testing::tiny_config(),
+        &oqt_core::testing::random_weights(&oqt_core::testing::tiny_config(), 47),
+    )
+    .unwrap();
+    let cache = d.join("cache");
+    let run = |extra: &[&str]| -> Value {
+        let mut c = oqt();
+        c.env("OQT_CACHE", &cache)
+            .args(["distill", "--teacher"])
+            .arg(&gguf)
+            .arg("--student")
+            .arg(&student)
+            .arg("--dataset")
+            .arg(&text)
+            .args(["--steps", "4", "--batch", "2", "--seq-len", "32", "--eval-every", "2"])
+            .args(["--eval-windows", "2", "--lr", "3e-3", "--no-eval", "--json", "--output"])
+            .arg(d.join("out.oqt"))
+            .args(extra);
+        json_of(&mut c)["held_out_perplexity"].clone()
+    };
+    let files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(cache.join("teacher-targets"))
+            .map(|r| r.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    let first = run(&[]);
+    let cached = files();
+    assert_eq!(cached.len(), 1, "one cache file: {cached:?}");
+    let size = std::fs::metadata(&cached[0]).unwrap().len();
+    assert_eq!(run(&[]), first, "cached targets train identically");
+    std::fs::write(&cached[0], b"not targets").unwrap();
+    assert_eq!(run(&[]), first, "a damaged cache is recomputed");
+    assert_eq!(std::fs::metadata(&cached[0]).unwrap().len(), size, "and replaced");
+    assert_eq!(run(&["--no-targets-cache"]), first);
+    assert_eq!(files().len(), 1);
+}
+
 /// Folding SmolLM2 by Block Influence removes 8 of its 30 blocks (the file
 /// shrinks by their bytes, the perplexity rises), and a few first-order
 /// distillation steps from the full model on the last four blocks lower the

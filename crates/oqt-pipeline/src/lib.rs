@@ -257,6 +257,8 @@ fn run_step(
             let name = |f: &str| format!("steps[{index}].{f}");
             let distill = DistillJob {
                 hidden: None,
+                // A recipe's distill step computes its targets each run (no cache root here yet).
+                targets_cache: None,
                 teacher: job.model_path,
                 student,
                 training: q,

@@ -44,6 +44,10 @@ pub struct DistillArgs {
     /// for a student as deep as the teacher) or `S:T,S:T,…` (e.g. `12:15,13:19`).
     #[arg(long, value_name = "MAP", default_value = "auto")]
     pub layer_map: String,
+    /// Do not read or write the teacher-targets cache (`$OQT_CACHE/teacher-targets`:
+    /// one file per teacher, training text and batch options).
+    #[arg(long)]
+    pub no_targets_cache: bool,
     #[command(flatten)]
     pub training: TrainingArgs,
     /// WikiText-2 chunks (ctx 512) to evaluate a float student on, before and after.
@@ -97,6 +101,7 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
         resume: a.training.resume.as_deref(),
         created_by,
         hidden,
+        targets_cache: (!a.no_targets_cache).then(|| oqt_compress::distill::cache::dir_in(&oqt_hub::oqt_cache_dir())),
     };
     let float_student = !a.no_eval && is_float(&student);
     let mut reporter = Reporter::new(a.zeroth_order, a.training.tensorboard.as_deref())?;

@@ -36,6 +36,8 @@ pub struct DistillJob<'a> {
     /// Continue from this checkpoint (zeroth-order only).
     pub resume: Option<&'a Path>,
     pub created_by: &'a str,
+    /// Where the teacher's targets are cached (`None`: not cached).
+    pub targets_cache: Option<PathBuf>,
     /// Match the student's block outputs to the teacher's too (first-order).
     pub hidden: Option<HiddenOptions>,
 }
@@ -310,8 +312,44 @@ pub fn run(job: &DistillJob<'_>, observer: &mut dyn QatObserver) -> Result<Disti
     let (targets, hidden_teacher) = {
         let cpu = device(false)?;
         let llama = oqt_model::llama_from_weights(&teacher.config, teacher.weights, &cpu);
-        observer.phase("teacher targets", options.steps - start_step);
-        let targets = precompute_teacher(&llama, &tokens, &options, start_step, |d, _| observer.advance(d))?;
+        let key = teacher_record.as_ref().map(|r| crate::distill::cache::TargetsKey {
+            teacher_sha256: r.sha256.clone(),
+            tokens_sha256: crate::distill::cache::TargetsKey::tokens_sha256(&tokens.train),
+            seed: options.spsa.seed,
+            batch: options.batch,
+            seq_len: options.seq_len,
+            top_k: options.distill_top_k,
+            vocab_size: teacher.config.vocab_size,
+        });
+        let cached = match (&job.targets_cache, &key) {
+            (Some(dir), Some(key)) => {
+                let path = key.path_in(dir);
+                match crate::distill::cache::load(&path, key, start_step..options.steps) {
+                    Ok(t) => t.map(|t| (t, path)),
+                    Err(e) => {
+                        tracing::warn!(%e, "teacher targets cache unreadable: computing them again");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let targets = match cached {
+            Some((t, path)) => {
+                tracing::info!(path = %path.display(), "teacher targets from the cache");
+                t
+            }
+            None => {
+                observer.phase("teacher targets", options.steps - start_step);
+                let t = precompute_teacher(&llama, &tokens, &options, start_step, |d, _| observer.advance(d))?;
+                if let (Some(dir), Some(key)) = (&job.targets_cache, &key)
+                    && let Err(e) = crate::distill::cache::store(&key.path_in(dir), key, &t)
+                {
+                    tracing::warn!(%e, "teacher targets not cached");
+                }
+                t
+            }
+        };
         // Hidden-state targets come from the teacher at every step: it stays.
         let hidden = layer_map.clone().map(|map| HiddenTeacher {
             model: llama,
