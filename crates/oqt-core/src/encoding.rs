@@ -294,8 +294,10 @@ impl TensorEncoding {
 
     /// A short description for reports: `f32`, `int4 g32 sym`, `int8 per-channel sym`, …
     pub fn describe(&self) -> String {
-        if let Self::Shared { of, .. } = self {
-            return format!("shared: {of} × row scales");
+        // One description for every shared weight (reports group by it); the
+        // source is the manifest's `of`.
+        if let Self::Shared { .. } = self {
+            return "shared × row scales".into();
         }
         if let Self::Sparse { layout, .. } = self {
             let dense = match self.int_grid() {

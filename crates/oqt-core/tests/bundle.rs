@@ -555,7 +555,7 @@ fn shared_weights_expand_from_their_source_are_version_5_and_refuse_hostile_refe
     assert_eq!(b.first_shared(), Some("float.twin"));
     assert_eq!(
         b.manifest.deployment.tensors["int.twin"].describe(),
-        "shared: int × row scales"
+        "shared × row scales"
     );
     drop(b);
 
