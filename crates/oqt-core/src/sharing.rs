@@ -14,12 +14,17 @@ pub struct SharedWeight {
 impl SharedWeight {
     /// The dense weight it stands for, from its source's values `[rows, cols]`.
     pub fn expand(&self, source: &[f32]) -> Vec<f32> {
-        let cols = source.len() / self.row_scales.len().max(1);
-        source
-            .chunks(cols)
-            .zip(&self.row_scales)
-            .flat_map(|(row, &s)| row.iter().map(move |v| v * s))
-            .collect()
+        let mut w = source.to_vec();
+        scale_rows(&mut w, &self.row_scales);
+        w
+    }
+}
+
+/// Multiply row `r` of `w` (`row_scales.len()` rows, row-major) by `row_scales[r]`, in place.
+pub fn scale_rows(w: &mut [f32], row_scales: &[f32]) {
+    let cols = w.len() / row_scales.len().max(1);
+    for (row, s) in w.chunks_mut(cols.max(1)).zip(row_scales) {
+        row.iter_mut().for_each(|v| *v *= s);
     }
 }
 

@@ -261,8 +261,10 @@ impl RuntimeModel {
         };
         let isa = Isa::detect();
         let mut weight_bytes = 0usize;
-        let mut linear = |name: &str, input: ActSite, layer: usize| -> Result<Linear> {
-            match tensor(name)? {
+        // `weight`: tensor `name` as the source gave it (fetched by the caller,
+        // which may have looked at it first: a shared block's q_proj).
+        let mut linear = |name: &str, weight: Option<SourceWeight>, input: ActSite, layer: usize| -> Result<Linear> {
+            match weight {
                 Some(SourceWeight::Quantized(qw)) => {
                     // Nominal stored size: values at their bit width, f32 scales, LPBQ's u8 multipliers.
                     weight_bytes += qw.q.len() * qw.spec.bits as usize / 8
@@ -302,7 +304,7 @@ impl RuntimeModel {
         };
         // One copy of the embedding, in the kernels' layout: rows are dequantized
         // on lookup (a gather, not a matmul), and a tied head multiplies it directly.
-        let embed = linear(names::EMBED, ActSite::FinalIn, 0)?;
+        let embed = linear(names::EMBED, tensor(names::EMBED)?, ActSite::FinalIn, 0)?;
         let mut layers: Vec<Layer> = Vec::with_capacity(cfg.num_layers);
         let mut shared_bytes = 0usize;
         for i in 0..cfg.num_layers {
@@ -316,7 +318,9 @@ impl RuntimeModel {
             };
             // A shared block: every linear refers to the same earlier,
             // unshared block; its kernels are that block's (no second copy).
-            if let Some(SourceWeight::Shared { of, .. }) = tensor(&l(names::Q))? {
+            let q = tensor(&l(names::Q))?;
+            if let Some(SourceWeight::Shared { of, .. }) = &q {
+                let of = of.clone();
                 let source = (0..i)
                     .find(|&j| names::layer(j, names::Q) == of && layers[j].row_scales.is_none())
                     .ok_or_else(|| unshareable(&l(names::Q), &of))?;
@@ -372,17 +376,17 @@ impl RuntimeModel {
             layers.push(Layer {
                 attn_norm: f32s(&l(names::ATTN_NORM))?,
                 qkv: Arc::new(Projections::new(vec![
-                    linear(&l(names::Q), ActSite::AttnIn, i)?,
-                    linear(&l(names::K), ActSite::AttnIn, i)?,
-                    linear(&l(names::V), ActSite::AttnIn, i)?,
+                    linear(&l(names::Q), q, ActSite::AttnIn, i)?,
+                    linear(&l(names::K), tensor(&l(names::K))?, ActSite::AttnIn, i)?,
+                    linear(&l(names::V), tensor(&l(names::V))?, ActSite::AttnIn, i)?,
                 ])),
-                o: Arc::new(linear(&l(names::O), ActSite::AttnOut, i)?),
+                o: Arc::new(linear(&l(names::O), tensor(&l(names::O))?, ActSite::AttnOut, i)?),
                 mlp_norm: f32s(&l(names::MLP_NORM))?,
                 gate_up: Arc::new(Projections::new(vec![
-                    linear(&l(names::GATE), ActSite::MlpIn, i)?,
-                    linear(&l(names::UP), ActSite::MlpIn, i)?,
+                    linear(&l(names::GATE), tensor(&l(names::GATE))?, ActSite::MlpIn, i)?,
+                    linear(&l(names::UP), tensor(&l(names::UP))?, ActSite::MlpIn, i)?,
                 ])),
-                down: Arc::new(linear(&l(names::DOWN), ActSite::DownIn, i)?),
+                down: Arc::new(linear(&l(names::DOWN), tensor(&l(names::DOWN))?, ActSite::DownIn, i)?),
                 q_bias: bias(names::Q_BIAS)?,
                 k_bias: bias(names::K_BIAS)?,
                 v_bias: bias(names::V_BIAS)?,
@@ -392,7 +396,7 @@ impl RuntimeModel {
         let head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(linear(names::LM_HEAD, ActSite::FinalIn, 0)?)
+            Some(linear(names::LM_HEAD, tensor(names::LM_HEAD)?, ActSite::FinalIn, 0)?)
         };
         Ok(Self {
             rope_inv_freq: cfg.rope_inv_freq(),

@@ -201,11 +201,9 @@ pub fn fold_to_bundle(
     for s in &shared {
         sharing.extend(tie_block(&mut weights, s.source, s.block)?);
     }
-    let removed_params: usize = removed.iter().map(|&l| block_params(cfg, l)).sum::<usize>()
-        + shared
-            .iter()
-            .map(|s| shared_params_saved(&folded_cfg, s.block))
-            .sum::<usize>();
+    // Shared blocks' linears are gone too (their row scales stay).
+    let shared_saved: usize = shared.iter().map(|s| shared_params_saved(&folded_cfg, s.block)).sum();
+    let removed_params: usize = removed.iter().map(|&l| block_params(cfg, l)).sum::<usize>() + shared_saved;
     let decoder_params: usize = (0..n).map(|l| block_params(cfg, l)).sum();
     let folded = LoadedModel {
         path: model.path.clone(),
@@ -236,11 +234,7 @@ pub fn fold_to_bundle(
         removed,
         decoder_params_removed: removed_params as f64 / decoder_params as f64,
         params_before: cfg.n_params(),
-        params_after: folded_cfg.n_params()
-            - shared
-                .iter()
-                .map(|s| shared_params_saved(&folded_cfg, s.block))
-                .sum::<usize>(),
+        params_after: folded_cfg.n_params() - shared_saved,
         shared,
         influence,
         gates,

@@ -229,10 +229,7 @@ impl Bundle {
     pub fn dense(&self, name: &str) -> Result<Vec<f32>> {
         if let Some((of, scales)) = self.shared(name)? {
             let mut w = self.dense(of)?;
-            let cols = w.len() / scales.len();
-            for (row, s) in w.chunks_mut(cols).zip(&scales) {
-                row.iter_mut().for_each(|v| *v *= s);
-            }
+            crate::sharing::scale_rows(&mut w, &scales);
             return Ok(w);
         }
         match self.manifest.deployment.tensors.get(name).and_then(|e| e.int_grid()) {
