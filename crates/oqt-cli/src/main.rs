@@ -57,6 +57,8 @@ enum Command {
     Export(cmd::export::ExportArgs),
     /// Quantization-aware training; `--zeroth-order`: forward passes only (SPSA), at inference memory.
     Qat(cmd::qat::QatArgs),
+    /// Train a LoRA adapter on a frozen quantized base (first- or zeroth-order); PEFT and GGUF adapter files.
+    Finetune(cmd::finetune::FinetuneArgs),
     /// Run a recipe's pipeline (`[[steps]]`: quantize, then qat, …) from one command, resumable between steps.
     Run(cmd::run::RunArgs),
 }
@@ -117,6 +119,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Sensitivity(a) => cmd::sensitivity::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Qat(a) => cmd::qat::run(a),
+        Command::Finetune(a) => cmd::finetune::run(a),
         Command::Run(a) => cmd::run::run(a),
     }
 }

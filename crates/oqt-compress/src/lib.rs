@@ -18,6 +18,7 @@
 pub mod cluster;
 pub mod distill;
 pub mod fold;
+pub mod lora;
 pub mod prune;
 pub mod ptq;
 pub mod qat;

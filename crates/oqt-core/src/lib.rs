@@ -13,6 +13,7 @@ pub mod generation;
 pub mod gguf;
 pub mod inspect;
 pub mod load;
+pub mod lora;
 pub mod lut;
 pub mod quant;
 pub mod sampling;

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod hooks;
 pub mod import;
 pub mod llama;
+pub mod lora;
 pub mod quant_sim;
 pub mod reference_ops;
 pub mod scoring;

@@ -7,6 +7,7 @@ use oqt_core::bundle::Bundle;
 use oqt_core::encoding::TensorEncoding;
 use oqt_core::gguf::GgufFile;
 use oqt_core::gguf::encode::decode_quantized;
+use oqt_core::lora::{LoraAdapter, LoraModule};
 use oqt_core::lut::Palettized;
 use oqt_core::quant::{ActMode, ActSite, QuantizedWeight, SiteGrids, dequantize_weight};
 use oqt_core::scoring::{CausalLm, WindowScores, log_softmax_row};
@@ -438,6 +439,26 @@ impl RuntimeModel {
 
     /// Final hidden states `[s, hidden]` for `tokens`, continuing `cache`.
     pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_hidden_adapted(tokens, cache, None)
+    }
+
+    /// Whether `adapter` fits this model (layers, shapes); errors name `path`.
+    pub fn check_adapter(&self, adapter: &LoraAdapter, path: &std::path::Path) -> Result<()> {
+        adapter.check_base(&self.config, path)
+    }
+
+    /// [`Self::forward_hidden`] with a LoRA adapter applied unmerged: each
+    /// adapted linear adds `s·(x·Aᵀ)·Bᵀ` in f32 on its float input to the
+    /// integer kernel's output (after a shared block's row scales, before
+    /// biases). The base's weights are untouched, so one loaded model serves
+    /// any number of adapters, chosen per call. Check the adapter against
+    /// the model first ([`Self::check_adapter`]).
+    pub fn forward_hidden_adapted(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let (h, s) = (cfg.hidden_size, tokens.len());
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -464,6 +485,16 @@ impl RuntimeModel {
             let mut qkv = layer.qkv.forward(self.isa, &normed, s);
             if let Some(r) = &layer.row_scales {
                 scale_parts(&mut qkv, &r.qkv);
+            }
+            if let Some(a) = adapter {
+                add_lora_parts(
+                    &mut qkv,
+                    a,
+                    li,
+                    &[LoraModule::Q, LoraModule::K, LoraModule::V],
+                    &normed,
+                    s,
+                );
             }
             for (p, b) in [&layer.q_bias, &layer.k_bias, &layer.v_bias].into_iter().enumerate() {
                 if let Some(b) = b {
@@ -528,6 +559,9 @@ impl RuntimeModel {
             if let Some(r) = &layer.row_scales {
                 scale_rows(&mut o, &r.o);
             }
+            if let Some(d) = adapter.and_then(|a| a.delta(li, LoraModule::O, &attn, s)) {
+                o.iter_mut().zip(&d).for_each(|(y, d)| *y += d);
+            }
             self.site(li, ActSite::OOut, &mut o);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             self.site(li, ActSite::AttnResidual, &mut x);
@@ -537,6 +571,9 @@ impl RuntimeModel {
             let mut gate_up = layer.gate_up.forward(self.isa, &normed, s);
             if let Some(r) = &layer.row_scales {
                 scale_parts(&mut gate_up, &r.gate_up);
+            }
+            if let Some(a) = adapter {
+                add_lora_parts(&mut gate_up, a, li, &[LoraModule::Gate, LoraModule::Up], &normed, s);
             }
             // SiLU(gate) · up in place in each row's gate part.
             let ((g_first, width), (u_first, _)) = (gate_up.parts[0], gate_up.parts[1]);
@@ -558,6 +595,9 @@ impl RuntimeModel {
             if let Some(r) = &layer.row_scales {
                 scale_rows(&mut d, &r.down);
             }
+            if let Some(delta) = adapter.and_then(|a| a.delta(li, LoraModule::Down, &g, s)) {
+                d.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
+            }
             self.site(li, ActSite::DownOut, &mut d);
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
             self.site(li, ActSite::MlpResidual, &mut x);
@@ -577,7 +617,46 @@ impl RuntimeModel {
     }
 }
 
+/// Add each of `modules`' LoRA update (from input rows `x`) to its part of `y`.
+fn add_lora_parts(y: &mut ProjectedRows, a: &LoraAdapter, layer: usize, modules: &[LoraModule], x: &[f32], s: usize) {
+    for (p, &m) in modules.iter().enumerate() {
+        if let Some(d) = a.delta(layer, m, x, s) {
+            let w = d.len() / s.max(1);
+            for i in 0..s {
+                y.row_mut(p, i)
+                    .iter_mut()
+                    .zip(&d[i * w..(i + 1) * w])
+                    .for_each(|(y, d)| *y += d);
+            }
+        }
+    }
+}
+
+/// A runtime model with a LoRA adapter applied (unmerged) to every call: what
+/// evaluation and generation score. Borrow as many as wanted over one model.
+pub struct Adapted<'a> {
+    pub model: &'a RuntimeModel,
+    pub adapter: Option<&'a LoraAdapter>,
+}
+
+impl RuntimeModel {
+    /// This model with `adapter` applied (`None`: the base).
+    pub fn with_adapter<'a>(&'a self, adapter: Option<&'a LoraAdapter>) -> Adapted<'a> {
+        Adapted { model: self, adapter }
+    }
+}
+
 impl CausalLm for RuntimeModel {
+    fn score_window(&self, tokens: &[u32], first: usize) -> Result<WindowScores> {
+        self.with_adapter(None).score_window(tokens, first)
+    }
+
+    fn log_probs(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        self.with_adapter(None).log_probs(tokens)
+    }
+}
+
+impl CausalLm for Adapted<'_> {
     fn score_window(&self, tokens: &[u32], first: usize) -> Result<WindowScores> {
         let n = tokens.len();
         if n < 2 || first >= n - 1 {
@@ -585,11 +664,12 @@ impl CausalLm for RuntimeModel {
                 "cannot score positions {first}.. of a {n}-token window"
             )));
         }
-        let h = self.config.hidden_size;
-        let hidden = self.forward_hidden(tokens, &mut KvCache::with_capacity(self, tokens.len()))?;
+        let m = self.model;
+        let h = m.config.hidden_size;
+        let hidden = m.forward_hidden_adapted(tokens, &mut KvCache::with_capacity(m, tokens.len()), self.adapter)?;
         let rows = n - 1 - first;
-        let logits = self.logits(&hidden[first * h..(n - 1) * h], rows);
-        let v = self.config.vocab_size;
+        let logits = m.logits(&hidden[first * h..(n - 1) * h], rows);
+        let v = m.config.vocab_size;
         let (nll, argmax) = logits
             .par_chunks(v)
             .enumerate()
@@ -602,13 +682,10 @@ impl CausalLm for RuntimeModel {
     }
 
     fn log_probs(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let hidden = self.forward_hidden(tokens, &mut KvCache::with_capacity(self, tokens.len()))?;
-        let v = self.config.vocab_size;
-        Ok(self
-            .logits(&hidden, tokens.len())
-            .chunks(v)
-            .map(log_softmax_row)
-            .collect())
+        let m = self.model;
+        let hidden = m.forward_hidden_adapted(tokens, &mut KvCache::with_capacity(m, tokens.len()), self.adapter)?;
+        let v = m.config.vocab_size;
+        Ok(m.logits(&hidden, tokens.len()).chunks(v).map(log_softmax_row).collect())
     }
 }
 

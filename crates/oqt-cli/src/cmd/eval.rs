@@ -21,6 +21,10 @@ pub struct EvalArgs {
     /// of the runtime (what compression optimized; the two should agree).
     #[arg(long, requires = "bundle")]
     pub simulate: bool,
+    /// With --bundle: apply this LoRA adapter (a PEFT directory, e.g. from
+    /// `oqt finetune`) at load, unmerged — the base's integers untouched.
+    #[arg(long, requires = "bundle", conflicts_with = "simulate")]
+    pub adapter: Option<std::path::PathBuf>,
     /// Dataset name (wikitext2, tinyshakespeare) or a text file.
     #[arg(long, default_value = "wikitext2")]
     pub dataset: String,
@@ -50,12 +54,17 @@ fn scorer(a: &EvalArgs) -> anyhow::Result<Scorer> {
     if let Some(b) = &a.bundle {
         if !a.simulate {
             let (rt, name) = super::load_runtime(b)?;
+            let tokenizer = rt.tokenizer.clone();
+            let (lm, engine): (Box<dyn oqt_core::scoring::CausalLm>, _) = match &a.adapter {
+                Some(dir) => (Box::new(super::AdaptedRuntime::load(rt, dir)?), "runtime+lora"),
+                None => (Box::new(rt), "runtime"),
+            };
             return Ok(Scorer {
-                tokenizer: rt.tokenizer.clone(),
+                tokenizer,
                 name,
                 path: b.display().to_string(),
-                engine: "runtime",
-                lm: Box::new(rt),
+                engine,
+                lm,
             });
         }
         let bundle = oqt_core::bundle::Bundle::open(b)?;

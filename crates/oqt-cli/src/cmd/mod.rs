@@ -5,6 +5,7 @@ pub mod eval;
 pub mod eval_recipe;
 pub mod export;
 pub mod fetch;
+pub mod finetune;
 pub mod fold;
 pub mod generate;
 pub mod inspect;
@@ -88,6 +89,31 @@ pub fn load_runtime(path: &std::path::Path) -> anyhow::Result<(oqt_runtime::Runt
     let bundle = oqt_core::bundle::Bundle::open(path)?;
     let rt = oqt_runtime::RuntimeModel::load(&bundle)?;
     Ok((rt, bundle.manifest.model_name.clone()))
+}
+
+/// A runtime model that owns the LoRA adapter it applies to every call (`--adapter`).
+pub struct AdaptedRuntime {
+    pub model: oqt_runtime::RuntimeModel,
+    pub adapter: oqt_core::lora::LoraAdapter,
+}
+
+impl AdaptedRuntime {
+    /// Read the PEFT adapter in `dir` and check it fits `model`.
+    pub fn load(model: oqt_runtime::RuntimeModel, dir: &std::path::Path) -> anyhow::Result<Self> {
+        let adapter = oqt_core::lora::LoraAdapter::read_peft(dir)?;
+        model.check_adapter(&adapter, &dir.join(oqt_core::lora::PEFT_WEIGHTS_FILE))?;
+        Ok(Self { model, adapter })
+    }
+}
+
+impl oqt_core::scoring::CausalLm for AdaptedRuntime {
+    fn score_window(&self, tokens: &[u32], first: usize) -> oqt_core::Result<oqt_core::scoring::WindowScores> {
+        self.model.with_adapter(Some(&self.adapter)).score_window(tokens, first)
+    }
+
+    fn log_probs(&self, tokens: &[u32]) -> oqt_core::Result<Vec<Vec<f32>>> {
+        self.model.with_adapter(Some(&self.adapter)).log_probs(tokens)
+    }
 }
 
 /// Resolve, fetch if needed, and load a model into float weights.

@@ -45,6 +45,7 @@ use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use oqt_core::lora::{LoraAdapter, LoraModule};
 use oqt_core::quant::{
     ActGrid, ActMode, ActSite, QuantSpec, QuantizedWeight, SiteGrids, WeightSpec, dequantize_weight, quantize_weight,
     static_sites,
@@ -75,6 +76,9 @@ enum Target {
     ChannelScales(usize, Proj),
     /// Every static site's log-scale offset, as one tensor.
     ActRanges,
+    /// LoRA runs: adapter `i`'s `A` (`[r, in]`) or `B` (`[out, r]`).
+    LoraA(usize),
+    LoraB(usize),
 }
 
 /// Logit distillation for one batch: the teacher's targets (one per window)
@@ -145,6 +149,49 @@ fn fold_channel_scales(mut qw: QuantizedWeight, log_scale: &[f32]) -> QuantizedW
     qw
 }
 
+/// The LoRA factors a LoRA run trains, one `A` and one `B` per adapted linear.
+#[derive(Module, Debug)]
+pub struct LoraParams {
+    pub a: Vec<Param<Tensor<2>>>,
+    pub b: Vec<Param<Tensor<2>>>,
+}
+
+/// A LoRA run's adapter: its factors and what they adapt.
+struct Lora {
+    params: LoraParams,
+    /// `(layer, linear)` of each factor pair, in `params` order.
+    keys: Vec<(usize, Proj)>,
+    index: HashMap<(usize, Proj), usize>,
+    /// The adapter as it started (rank, α, modules, base; values replaced on export).
+    start: LoraAdapter,
+}
+
+/// The LoRA module of a decoder linear.
+pub fn lora_module(p: Proj) -> Option<LoraModule> {
+    Some(match p {
+        Proj::Q => LoraModule::Q,
+        Proj::K => LoraModule::K,
+        Proj::V => LoraModule::V,
+        Proj::O => LoraModule::O,
+        Proj::Gate => LoraModule::Gate,
+        Proj::Up => LoraModule::Up,
+        Proj::Down => LoraModule::Down,
+        Proj::Head => return None,
+    })
+}
+
+fn proj_of(m: LoraModule) -> Proj {
+    match m {
+        LoraModule::Q => Proj::Q,
+        LoraModule::K => Proj::K,
+        LoraModule::V => Proj::V,
+        LoraModule::O => Proj::O,
+        LoraModule::Gate => Proj::Gate,
+        LoraModule::Up => Proj::Up,
+        LoraModule::Down => Proj::Down,
+    }
+}
+
 /// What training ends with, ready for the bundle writer.
 pub struct TrainedWeights {
     /// Canonical float weights (everything but the frozen linears).
@@ -169,6 +216,8 @@ pub struct QatModel {
     /// Lightweight runs: their output-channel scale offsets.
     channel_scales: Option<ChannelScales>,
     sites: Option<StaticSites>,
+    /// LoRA runs: the adapter (the only trainable tensors).
+    lora: Option<Lora>,
 }
 
 fn position(p: Proj) -> usize {
@@ -197,6 +246,12 @@ impl ForwardHooks for QatHooks<'_> {
         let Some(spec) = &m.spec else {
             return float(x);
         };
+        // A LoRA update reads the linear's float input, as the runtime does.
+        let adapter = m
+            .lora
+            .as_ref()
+            .and_then(|lo| lo.index.get(&(layer, proj)).map(|&i| (lo, i)))
+            .map(|(lo, i)| (lo, i, x.clone()));
         let x = match spec.activations.mode {
             ActMode::Dynamic => fake_quant_dynamic_rows(x),
             ActMode::LlamaCppQ8_0 => fake_quant_q8_0_blocks(x),
@@ -225,7 +280,17 @@ impl ForwardHooks for QatHooks<'_> {
         };
         let [b, t, d_in] = x.dims();
         let d_out = w.dims()[1];
-        x.reshape([b * t, d_in]).matmul(w).reshape([b, t, d_out])
+        let y = x.reshape([b * t, d_in]).matmul(w);
+        let y = match adapter {
+            Some((lo, i, xf)) => {
+                let a = lo.params.a[i].val().transpose();
+                let bb = lo.params.b[i].val().transpose();
+                let u = xf.reshape([b * t, d_in]).matmul(a) * lo.start.scaling();
+                y + u.matmul(bb)
+            }
+            None => y,
+        };
+        y.reshape([b, t, d_out])
     }
 
     fn act(&self, layer: usize, site: ActSite, x: Tensor<3>) -> Tensor<3> {
@@ -357,7 +422,87 @@ impl QatModel {
             frozen: frozen.map(Arc::new),
             channel_scales,
             sites,
+            lora: None,
         })
+    }
+
+    /// LoRA on a frozen quantized base: the decoder linears as integers
+    /// (`frozen`, e.g. a bundle's own), every other tensor of `llama`, the
+    /// norm gains, channel scales and activation ranges frozen; only
+    /// `adapter`'s factors train (starting from its values).
+    pub fn new_lora(
+        llama: Llama,
+        spec: QuantSpec,
+        frozen: Vec<Vec<QuantizedWeight>>,
+        grids: Option<&BTreeMap<String, ActGrid>>,
+        adapter: &LoraAdapter,
+    ) -> Result<Self> {
+        let mut m = Self::new_frozen(llama, spec, frozen, grids)?;
+        let device = m.llama.device();
+        m.llama = m.llama.no_grad();
+        if let Some(c) = m.channel_scales.take() {
+            m.channel_scales = Some(c.no_grad());
+        }
+        if let Some(s) = &mut m.sites {
+            s.params = s.params.clone().no_grad();
+        }
+        let mut params = LoraParams {
+            a: Vec::new(),
+            b: Vec::new(),
+        };
+        let mut keys = Vec::new();
+        let r = adapter.rank;
+        for (&(l, module), pair) in &adapter.pairs {
+            let p = proj_of(module);
+            let qw = m
+                .frozen
+                .as_ref()
+                .and_then(|f| f.get(l))
+                .map(|row| &row[position(p)])
+                .ok_or_else(|| CoreError::Other(format!("the adapter adapts layer {l}, which the base lacks")))?;
+            if (qw.rows, qw.cols) != (pair.rows, pair.cols) {
+                return Err(CoreError::Other(format!(
+                    "the adapter's layers.{l}.{} updates a {} × {} weight; the base's is {} × {}",
+                    module.peft_name(),
+                    pair.rows,
+                    pair.cols,
+                    qw.rows,
+                    qw.cols
+                )));
+            }
+            let t = |v: &[f32], shape: [usize; 2]| {
+                Param::from_tensor(Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &device))
+            };
+            params.a.push(t(&pair.a, [r, pair.cols]));
+            params.b.push(t(&pair.b, [pair.rows, r]));
+            keys.push((l, p));
+        }
+        let index = keys.iter().enumerate().map(|(i, &k)| (k, i)).collect();
+        m.targets = (0..keys.len())
+            .flat_map(|i| [Target::LoraA(i), Target::LoraB(i)])
+            .collect();
+        m.lora = Some(Lora {
+            params,
+            keys,
+            index,
+            start: adapter.clone(),
+        });
+        Ok(m)
+    }
+
+    /// The adapter as trained (LoRA runs).
+    pub fn adapter(&self) -> Option<LoraAdapter> {
+        let lo = self.lora.as_ref()?;
+        let mut out = lo.start.clone();
+        for (i, &(l, p)) in lo.keys.iter().enumerate() {
+            let pair = out
+                .pairs
+                .get_mut(&(l, lora_module(p).expect("decoder linear")))
+                .expect("the adapter's own key");
+            pair.a = to_vec(lo.params.a[i].val());
+            pair.b = to_vec(lo.params.b[i].val());
+        }
+        Some(out)
     }
 
     fn head_weight(&self) -> Tensor<2> {
@@ -472,6 +617,7 @@ impl QatModel {
         self.targets.retain(|t| match *t {
             Target::Linear(l, _) | Target::AttnNorm(l) | Target::MlpNorm(l) | Target::ChannelScales(l, _) => keep(l),
             Target::FinalNorm | Target::ActRanges => true,
+            Target::LoraA(i) | Target::LoraB(i) => keep(self.lora.as_ref().expect("LoRA model").keys[i].0),
         });
         let blocks = std::mem::take(&mut self.llama.layers);
         self.llama.layers = blocks
@@ -501,6 +647,11 @@ impl QatModel {
                 Target::FinalNorm => names::FINAL_NORM.to_string(),
                 Target::ChannelScales(l, p) => format!("{}.log_scale", p.weight_name(l)),
                 Target::ActRanges => ACT_RANGES_NAME.to_string(),
+                Target::LoraA(i) | Target::LoraB(i) => {
+                    let (l, p) = self.lora.as_ref().expect("LoRA model").keys[i];
+                    let which = if matches!(t, Target::LoraA(_)) { "A" } else { "B" };
+                    format!("{}.lora_{which}.weight", p.weight_name(l).trim_end_matches(".weight"))
+                }
             })
             .collect()
     }
@@ -627,6 +778,16 @@ impl QatModel {
                 let s = self.sites.as_ref().expect("static sites");
                 Tensor::cat(s.params.sites.iter().map(|q| q.log_scale.val()).collect(), 0)
             }
+            Target::LoraA(i) | Target::LoraB(i) => {
+                let lo = self.lora.as_ref().expect("LoRA model");
+                let w = if matches!(t, Target::LoraA(_)) {
+                    lo.params.a[i].val()
+                } else {
+                    lo.params.b[i].val()
+                };
+                let n = w.shape().num_elements();
+                w.reshape([n])
+            }
         }
     }
 
@@ -648,6 +809,12 @@ impl QatModel {
                 keys: s.keys.clone(),
                 index: s.index.clone(),
                 probs: s.probs,
+            }),
+            lora: self.lora.as_ref().map(|lo| Lora {
+                params: lo.params.valid(),
+                keys: lo.keys.clone(),
+                index: lo.index.clone(),
+                start: lo.start.clone(),
             }),
         }
     }
@@ -688,6 +855,11 @@ impl QatModel {
             let g = GradientsParams::from_module(&mut grads, &c);
             self.channel_scales = Some(opt.channel_scales.step(lr, c, g));
         }
+        if let Some(mut lo) = self.lora.take() {
+            let g = GradientsParams::from_module(&mut grads, &lo.params);
+            lo.params = opt.lora.step(lr, lo.params, g);
+            self.lora = Some(lo);
+        }
         Ok((self, value))
     }
 }
@@ -700,6 +872,7 @@ pub struct FirstOrder {
     model: ModuleOptimizer,
     ranges: ModuleOptimizer,
     channel_scales: ModuleOptimizer,
+    lora: ModuleOptimizer,
 }
 
 impl FirstOrder {
@@ -708,6 +881,7 @@ impl FirstOrder {
             model: AdamWConfig::new().with_weight_decay(weight_decay as f32).init(),
             ranges: AdamWConfig::new().with_weight_decay(0.0).init(),
             channel_scales: AdamWConfig::new().with_weight_decay(weight_decay as f32).init(),
+            lora: AdamWConfig::new().with_weight_decay(weight_decay as f32).init(),
         }
     }
 }
@@ -901,6 +1075,17 @@ impl ZoTrainable for QatModel {
             Target::ChannelScales(l, p) => {
                 let g = self.channel_scales.as_mut().expect("lightweight model").of_mut(l, p);
                 *g = Param::from_tensor(times(g.val(), a) + z * b);
+            }
+            Target::LoraA(k) | Target::LoraB(k) => {
+                let lo = self.lora.as_mut().expect("LoRA model");
+                let g = if matches!(self.targets[i], Target::LoraA(_)) {
+                    &mut lo.params.a[k]
+                } else {
+                    &mut lo.params.b[k]
+                };
+                let w = g.val();
+                let dims = w.dims();
+                *g = Param::from_tensor(times(w, a) + z.reshape(dims) * b);
             }
             Target::ActRanges => unreachable!("updated above"),
         }
