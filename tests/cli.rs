@@ -2344,6 +2344,91 @@ fn lora_finetune_writes_peft_and_gguf_adapters_resumes_and_evaluates() {
         adapted["perplexity"].as_f64().unwrap(),
     );
     assert!(p1.is_finite() && p1 != p0, "base {p0}, adapted {p1}");
+
+    // The same run inside the runtime (no Burn): the same steps on the
+    // runtime's forward, so its losses follow the Burn run's; it resumes
+    // bit-identically from its own checkpoint.
+    let in_runtime = |out: &str, steps: &str, resume: Option<&str>| {
+        let mut c = oqt();
+        c.args([
+            "finetune",
+            "--lora",
+            "--zeroth-order",
+            "--engine",
+            "runtime",
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+        ])
+        .args(["--targets", "q,v,down"])
+        .arg(&base)
+        .args(["--dataset", text.to_str().unwrap(), "--steps", steps, "--batch", "2"])
+        .args([
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "2",
+            "--eval-windows",
+            "2",
+            "--lr",
+            "1e-2",
+        ])
+        .args(["--json", "--output"])
+        .arg(d.join(out));
+        if let Some(r) = resume {
+            c.arg("--resume").arg(d.join(r));
+        }
+        json_of(&mut c)
+    };
+    let rt = in_runtime("rt", "4", None);
+    assert_eq!(rt["method"], "lora-zeroth-order-runtime");
+    let losses = |v: &Value| -> Vec<f64> {
+        v["train_loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[1].as_f64().unwrap())
+            .collect()
+    };
+    let (burn, runtime) = (losses(&straight), losses(&rt));
+    eprintln!("train loss, Burn {burn:?} vs runtime {runtime:?}");
+    assert_eq!(burn.len(), 4);
+    for (b, r) in burn.iter().zip(&runtime) {
+        assert!((b - r).abs() < 1e-3, "Burn {burn:?} vs runtime {runtime:?}");
+    }
+    in_runtime("rt2", "2", None);
+    let rt2 = in_runtime("rt2", "4", Some("rt2.ckpt"));
+    assert_eq!(rt2["steps"], 4);
+    assert_eq!(
+        read("rt"),
+        read("rt2"),
+        "a resumed runtime run ends on the same adapter"
+    );
+
+    // Merged into a new bundle, re-quantized with the base's recipe: the
+    // linears the adapter does not touch keep the base's integers.
+    let merged = d.join("merged.oqt");
+    let v = json_of(
+        oqt()
+            .arg("merge")
+            .arg(&base)
+            .arg(d.join("straight"))
+            .arg("--dataset")
+            .arg(&text)
+            .args(["--ctx", "32", "--eval-chunks", "2", "--json", "--output"])
+            .arg(&merged),
+    );
+    let pct = v["perplexity"]["merge_change_pct"].as_f64().unwrap();
+    assert!(pct.is_finite(), "{v}");
+    let (b0, b1) = (
+        oqt_core::bundle::Bundle::open(&base).unwrap(),
+        oqt_core::bundle::Bundle::open(&merged).unwrap(),
+    );
+    let k = "model.layers.0.self_attn.k_proj.weight";
+    assert_eq!(b0.quantized(k).unwrap().q, b1.quantized(k).unwrap().q);
+    assert_eq!(b1.manifest.provenance.method.as_deref(), Some("lora-merge"));
+    assert!(b1.manifest.inputs.iter().any(|i| i.role == "adapter"));
 }
 
 /// Bad LoRA input: rank 0, a rank larger than a layer, an unknown target, an
@@ -2411,6 +2496,16 @@ fn lora_refuses_bad_ranks_targets_and_foreign_adapters_writing_nothing() {
                 .and(contains("v_proj"))
                 .and(contains("another model")),
         );
+    oqt()
+        .arg("merge")
+        .arg(&base)
+        .arg(&foreign)
+        .arg("--output")
+        .arg(d.join("merged.oqt"))
+        .assert()
+        .failure()
+        .stderr(contains("another model"));
+    assert!(!d.join("merged.oqt").exists(), "nothing written");
     finetune(&["--init-adapter", foreign.to_str().unwrap()])
         .assert()
         .failure()

@@ -59,6 +59,8 @@ enum Command {
     Qat(cmd::qat::QatArgs),
     /// Train a LoRA adapter on a frozen quantized base (first- or zeroth-order); PEFT and GGUF adapter files.
     Finetune(cmd::finetune::FinetuneArgs),
+    /// Merge a LoRA adapter into its quantized base as a new bundle (re-quantized with the base's recipe).
+    Merge(cmd::merge::MergeArgs),
     /// Run a recipe's pipeline (`[[steps]]`: quantize, then qat, …) from one command, resumable between steps.
     Run(cmd::run::RunArgs),
 }
@@ -120,6 +122,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Export(a) => cmd::export::run(a),
         Command::Qat(a) => cmd::qat::run(a),
         Command::Finetune(a) => cmd::finetune::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
         Command::Run(a) => cmd::run::run(a),
     }
 }

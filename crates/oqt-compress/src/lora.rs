@@ -246,6 +246,17 @@ pub fn lora_model(base: FrozenBase, adapter: &LoraAdapter, autodiff: bool) -> Re
     QatModel::new_lora(llama, base.recipe.spec, base.frozen, base.grids.as_ref(), adapter)
 }
 
+/// The trainer's options for a LoRA run: [`crate::qat::job::qat_options`]
+/// with LoRA's default learning rates (its factors start at PEFT's scale,
+/// not at a quantizer's): 1e-3 first-order (AdamW), 1e-4 zeroth-order.
+pub fn lora_options(s: &QatStep) -> Result<crate::qat::QatOptions> {
+    let mut options = crate::qat::job::qat_options(s)?;
+    if s.lr.is_none() {
+        options.spsa.lr = if s.zeroth_order { 1e-4 } else { 1e-3 };
+    }
+    Ok(options)
+}
+
 /// Train as `job` says and write the adapter (unless interrupted).
 pub fn run(job: &LoraJob<'_>, observer: &mut dyn QatObserver) -> Result<LoraReport> {
     let s = job.options;
@@ -270,11 +281,7 @@ pub fn run(job: &LoraJob<'_>, observer: &mut dyn QatObserver) -> Result<LoraRepo
             a
         }
     };
-    let mut options = crate::qat::job::qat_options(s)?;
-    // LoRA's factors start at PEFT's scale, not at a quantizer's: its own default rates.
-    if s.lr.is_none() {
-        options.spsa.lr = if s.zeroth_order { 1e-4 } else { 1e-3 };
-    }
+    let options = lora_options(s)?;
     let recipe_name = base.recipe.name.clone();
     let start = job.base_label.to_string();
     let Resumed {
@@ -356,4 +363,86 @@ pub fn run(job: &LoraJob<'_>, observer: &mut dyn QatObserver) -> Result<LoraRepo
     }
     trained.write_peft(job.output)?;
     Ok(report)
+}
+
+/// Merge `adapter` into the quantized bundle `base` as a new bundle: each
+/// adapted linear's dequantized weight plus `s·B·A`, re-quantized with the
+/// base's own recipe (RTN on its grid); every other tensor keeps the base's
+/// integers and the static grids stay the base's. What the merge costs in
+/// quality is the difference between running the adapter unmerged and
+/// running this bundle (`oqt merge` reports it).
+pub fn merge(base: &Path, adapter: &LoraAdapter, adapter_path: &Path, output: &Path, created_by: &str) -> Result<()> {
+    let b = Bundle::open(base)?;
+    if b.manifest.provenance.recipe.is_none() {
+        return Err(err(format!(
+            "{}: a float bundle; merge the adapter into float weights with a recipe instead (quantize after merging)",
+            base.display()
+        )));
+    }
+    // The same checks as training's base: plain integer grids, no shared blocks.
+    let frozen = from_bundle(&b)?;
+    let recipe = frozen.recipe;
+    let cfg = b.manifest.config.clone();
+    adapter.check_base(&cfg, adapter_path)?;
+    let adapted: std::collections::BTreeSet<String> = adapter.pairs.keys().map(|&(l, m)| m.weight_name(l)).collect();
+    let mut weights = ModelWeights::default();
+    let mut quantized = BTreeMap::new();
+    for (name, encoding) in &b.manifest.deployment.tensors {
+        let on_grid = encoding.int_grid().is_some();
+        if on_grid && !adapted.contains(name) {
+            quantized.insert(name.clone(), b.quantized(name)?);
+            continue;
+        }
+        let mut data = match on_grid {
+            true => oqt_core::quant::dequantize_weight(&b.quantized(name)?),
+            false => b.f32_tensor(name)?,
+        };
+        if let Some(&(l, m)) = adapter.pairs.keys().find(|&&(l, m)| m.weight_name(l) == *name) {
+            adapter.merge_into(l, m, &mut data);
+        }
+        weights.insert(name.clone(), TensorF32::new(encoding.shape(), data), "F32");
+    }
+    let model = oqt_core::LoadedModel {
+        path: base.to_path_buf(),
+        format: oqt_core::ModelFormat::Bundle,
+        name: b.manifest.model_name.clone(),
+        config: cfg,
+        weights: ModelWeights::default(),
+        tokenizer: b.tokenizer()?,
+        sparsity: Default::default(),
+        sharing: Default::default(),
+    };
+    let calibrated = match frozen.grids {
+        Some(grids) => Some(crate::ptq::rtn::Calibrated {
+            grids,
+            input: oqt_core::bundle::InputRecord::of_file("start", base)?,
+        }),
+        None => None,
+    };
+    let mut writer = crate::ptq::rtn::assemble(
+        &model,
+        crate::ptq::rtn::Prepared {
+            weights: &weights,
+            quantized,
+            method: "lora-merge".into(),
+        },
+        &recipe,
+        crate::ptq::rtn::RtnOptions { clip_search: false },
+        calibrated,
+        created_by,
+        |_, _| {},
+    )?;
+    let m = writer.manifest_mut();
+    if !m.inputs.iter().any(|i| i.role == "start") {
+        m.inputs.push(oqt_core::bundle::InputRecord::of_file("start", base)?);
+    }
+    m.inputs
+        .push(oqt_core::bundle::InputRecord::of_file("adapter", adapter_path)?);
+    m.provenance.training = Some(serde_json::json!({
+        "method": "lora-merge",
+        "rank": adapter.rank,
+        "alpha": adapter.alpha,
+        "targets": adapter.modules.iter().map(|m| m.peft_name()).collect::<Vec<_>>(),
+    }));
+    writer.write(output)
 }

@@ -26,6 +26,7 @@ pub mod testing;
 pub mod tokenizer;
 pub mod tokenizer_gguf;
 pub mod weights;
+pub mod zo;
 
 pub use config::LlamaConfig;
 pub use error::{CoreError, Result};

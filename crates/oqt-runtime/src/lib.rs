@@ -8,6 +8,7 @@
 //! Parallel loops run on `oqt_kernels::team` (threads that spin between ops).
 
 mod attention;
+pub mod finetune;
 pub mod generate;
 pub mod linear;
 mod model;

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use oqt_compress::lora::{AdapterStart, LoraJob};
 use oqt_core::lora::LoraModule;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 #[command(
@@ -47,6 +47,12 @@ pub struct FinetuneArgs {
     /// Forward passes only (SPSA on the adapter): inference memory.
     #[arg(long)]
     pub zeroth_order: bool,
+    /// What computes the forward passes: `burn` (training's fake-quant model)
+    /// or `runtime` (the runtime's own integer kernels, no Burn on the path —
+    /// what an app embedding only the runtime runs on a device; zeroth-order
+    /// only, the base a bundle or GGUF the runtime loads).
+    #[arg(long, default_value = "burn", value_parser = ["burn", "runtime"])]
+    pub engine: String,
     #[command(flatten)]
     pub training: TrainingArgs,
     /// The adapter directory to write (PEFT: adapter_config.json, adapter_model.safetensors).
@@ -100,6 +106,9 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
         checkpoint_dir: a.training.checkpoint_dir.clone(),
         resume: a.training.resume.as_deref(),
     };
+    if a.engine == "runtime" {
+        return run_in_runtime(&a, &step, &base_path, &job.adapter);
+    }
     let mut reporter = Reporter::new(a.zeroth_order, a.training.tensorboard.as_deref())?;
     let t0 = std::time::Instant::now();
     let report = oqt_compress::lora::run(&job, &mut reporter)?;
@@ -125,6 +134,7 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
             "steps": outcome.next_step,
             "held_out_perplexity": outcome.evals,
             "held_out_loss": outcome.evals.iter().map(|(s, p)| (*s, p.ln())).collect::<Vec<_>>(),
+            "train_loss": outcome.steps.iter().map(|s| (s.step, (s.loss_plus + s.loss_minus) / 2.0)).collect::<Vec<_>>(),
             "kept": outcome.best,
             "wall_s": t0.elapsed().as_secs_f64(),
             "peak_rss_mib": oqt_core::sys::peak_rss_mib(),
@@ -143,5 +153,188 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     if let Some(g) = &a.gguf {
         println!("wrote {} (llama.cpp: --lora {})", g.display(), g.display());
     }
+    Ok(())
+}
+
+/// A runtime run's checkpoint: the adapter (PEFT files) and where to go on.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RuntimeCheckpoint {
+    next_step: u64,
+    base: String,
+    options: oqt_compress::qat::QatOptions,
+}
+
+const RUNTIME_STATE: &str = "runtime-state.json";
+
+fn save_runtime_checkpoint(
+    dir: &Path,
+    adapter: &oqt_core::lora::LoraAdapter,
+    state: &RuntimeCheckpoint,
+) -> anyhow::Result<()> {
+    adapter.write_peft(dir)?;
+    let p = dir.join(RUNTIME_STATE);
+    std::fs::write(&p, serde_json::to_string_pretty(state)?).with_context(|| format!("writing {}", p.display()))?;
+    Ok(())
+}
+
+/// `--engine runtime`: zeroth-order LoRA on the runtime's own forward passes.
+fn run_in_runtime(
+    a: &FinetuneArgs,
+    step: &oqt_core::quant::QatStep,
+    base: &Path,
+    start: &AdapterStart<'_>,
+) -> anyhow::Result<()> {
+    use oqt_compress::qat::QatObserver;
+    if !a.zeroth_order {
+        bail!("--engine runtime trains zeroth-order only (the runtime has no backward pass): add --zeroth-order");
+    }
+    if a.recipe.is_some() {
+        bail!("--engine runtime runs a quantized bundle or GGUF as it stands: drop --recipe");
+    }
+    if a.training.keep_best || a.training.train != "all" {
+        bail!("--engine runtime: --keep-best and --train are offered by the burn engine only");
+    }
+    let (rt, name) = super::load_runtime(base)?;
+    let (_, tokens) = oqt_compress::qat::job::training_tokens(&rt.tokenizer, step)?;
+    let mut options = oqt_compress::lora::lora_options(step)?;
+    let ckpt_dir = a
+        .training
+        .checkpoint_dir
+        .clone()
+        .unwrap_or_else(|| oqt_compress::qat::default_checkpoint_dir(&a.output));
+    let (adapter, next_step, source) = match (&a.training.resume, start) {
+        (Some(r), _) => {
+            let p = r.join(RUNTIME_STATE);
+            let saved: RuntimeCheckpoint =
+                serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)
+                    .with_context(|| format!("{}: not a runtime LoRA checkpoint", p.display()))?;
+            if saved.base != a.base {
+                bail!(
+                    "{}: checkpoint of a run on `{}`, not `{}`",
+                    r.display(),
+                    saved.base,
+                    a.base
+                );
+            }
+            options = oqt_compress::qat::QatOptions {
+                steps: options.steps.max(saved.options.steps),
+                ..saved.options
+            };
+            (
+                oqt_core::lora::LoraAdapter::read_peft(r)?,
+                saved.next_step,
+                r.join(oqt_core::lora::PEFT_WEIGHTS_FILE),
+            )
+        }
+        (None, AdapterStart::From(dir)) => (
+            oqt_core::lora::LoraAdapter::read_peft(dir)?,
+            0,
+            dir.join(oqt_core::lora::PEFT_WEIGHTS_FILE),
+        ),
+        (None, AdapterStart::Fresh { rank, alpha, modules }) => (
+            oqt_core::lora::LoraAdapter::init(&rt.config, *rank, *alpha, modules, step.seed, &name)
+                .map_err(anyhow::Error::msg)?,
+            0,
+            a.output.clone(),
+        ),
+    };
+    let mut lora = oqt_runtime::finetune::RuntimeLora::new(&rt, adapter, &source)?;
+    let trainable: usize = oqt_core::zo::ZoTrainable::tensor_sizes(&lora).iter().sum();
+    let zo = oqt_runtime::finetune::ZoOptions {
+        spsa: options.spsa.clone(),
+        steps: options.steps,
+        batch: options.batch,
+        seq_len: options.seq_len,
+        eval_every: options.eval_every,
+        eval_windows: options.eval_windows,
+    };
+    let reporter = std::cell::RefCell::new(Reporter::new(true, a.training.tensorboard.as_deref())?);
+    reporter
+        .borrow_mut()
+        .phase("lora (zeroth-order, runtime)", options.steps);
+    reporter.borrow_mut().advance(next_step);
+    let t0 = std::time::Instant::now();
+    let mut losses = Vec::new();
+    let state = |next_step| RuntimeCheckpoint {
+        next_step,
+        base: a.base.clone(),
+        options: options.clone(),
+    };
+    // Checkpoints every N steps need the adapter mid-run: train in segments.
+    let every = if options.checkpoint_every > 0 {
+        options.checkpoint_every
+    } else {
+        u64::MAX
+    };
+    let mut at = next_step;
+    let mut evals = Vec::new();
+    let interrupted = {
+        let stop = reporter.borrow().stop_flag();
+        move || stop.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    loop {
+        let until = at.saturating_add(every - at % every).min(options.steps);
+        let seg = oqt_runtime::finetune::ZoOptions {
+            steps: until,
+            ..zo.clone()
+        };
+        let (next, mut e) = oqt_runtime::finetune::train_zeroth_order(
+            &mut lora,
+            &tokens.train,
+            &tokens.held_out,
+            &seg,
+            at,
+            &mut |s, tps| {
+                losses.push((s.step, (s.loss_plus + s.loss_minus) / 2.0));
+                reporter.borrow_mut().on_step(s, tps)
+            },
+            &mut |s, p| reporter.borrow_mut().on_eval(s, p),
+            &interrupted,
+        )?;
+        // A segment ends on an evaluation only where the whole run would.
+        if next < options.steps && !(options.eval_every > 0 && next.is_multiple_of(options.eval_every)) {
+            e.retain(|(s, _)| *s != next);
+        }
+        evals.extend(e);
+        at = next;
+        save_runtime_checkpoint(&ckpt_dir, &lora.adapter, &state(at))?;
+        if at >= options.steps || interrupted() {
+            break;
+        }
+    }
+    drop(reporter);
+    if at < options.steps {
+        print_interrupted(at, &ckpt_dir);
+        return Ok(());
+    }
+    if let Some(g) = &a.gguf {
+        lora.adapter.write_gguf(&rt.config, g)?;
+    }
+    lora.adapter.write_peft(&a.output)?;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "output": a.output,
+            "gguf": a.gguf,
+            "method": "lora-zeroth-order-runtime",
+            "rank": lora.adapter.rank,
+            "targets": lora.adapter.modules.iter().map(|m| m.peft_name()).collect::<Vec<_>>(),
+            "trainable_params": trainable,
+            "steps": at,
+            "held_out_perplexity": evals,
+            "held_out_loss": evals.iter().map(|(s, p)| (*s, p.ln())).collect::<Vec<_>>(),
+            "train_loss": losses,
+            "wall_s": t0.elapsed().as_secs_f64(),
+            "peak_rss_mib": oqt_core::sys::peak_rss_mib(),
+        }));
+    }
+    println!(
+        "wrote {} ({} trainable values) after {} steps on the runtime ({:.0} s); held-out loss {} → {}",
+        a.output.display(),
+        trainable,
+        at,
+        t0.elapsed().as_secs_f64(),
+        evals.first().map_or("-".into(), |e| format!("{:.4}", e.1.ln())),
+        evals.last().map_or("-".into(), |e| format!("{:.4}", e.1.ln()))
+    );
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod finetune;
 pub mod fold;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod prune;
 pub mod qat;
 pub mod quantize;

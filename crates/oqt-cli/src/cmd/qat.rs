@@ -181,6 +181,11 @@ impl Reporter {
         })
     }
 
+    /// The Ctrl-C flag (set when the run should stop at the next step).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
     fn println(&self, line: String) {
         match &self.pb {
             Some(pb) if !pb.is_hidden() => pb.println(line),

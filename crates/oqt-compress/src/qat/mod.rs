@@ -14,7 +14,6 @@ use crate::qat::model::{Distill, QatModel, Trainable};
 use crate::qat::zeroqat::{SpsaConfig, SpsaStep, ZoTrainable, spsa_step};
 use oqt_core::{CoreError, Result};
 use oqt_model::llama::Llama;
-use rand::{Rng, SeedableRng};
 use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -121,17 +120,7 @@ impl TrainTokens {
     }
 }
 
-/// The windows of `step`: `batch` random offsets into `tokens`, from `(seed, step)`.
-pub fn batch_windows(tokens: &[u32], seed: u64, step: u64, batch: usize, seq_len: usize) -> Vec<Vec<u32>> {
-    let span = tokens.len().saturating_sub(seq_len).max(1);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_BA7C ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    (0..batch)
-        .map(|_| {
-            let at = rng.random_range(0..span);
-            tokens[at..(at + seq_len).min(tokens.len())].to_vec()
-        })
-        .collect()
-}
+pub use oqt_core::zo::batch_windows;
 
 /// Perplexity of `model` on the first `windows` non-overlapping windows of `tokens`.
 pub fn held_out_perplexity(
