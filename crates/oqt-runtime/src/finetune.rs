@@ -79,7 +79,7 @@ impl ZoTrainable for RuntimeLora<'_> {
             .pairs
             .get_mut(&self.keys[i / 2])
             .expect("the adapter's own key");
-        let t = if i % 2 == 0 { &mut p.a } else { &mut p.b };
+        let t = if i.is_multiple_of(2) { &mut p.a } else { &mut p.b };
         // As Burn's update computes it: (θ·a) + (z·b), a = 0 replacing θ.
         for (t, &z) in t.iter_mut().zip(z) {
             *t = if a == 0.0 { 0.0 } else { *t * a } + z * b;
@@ -103,6 +103,7 @@ pub struct ZoOptions {
 /// `held_out`; `on_step` and `on_eval` report as the run goes, and
 /// `interrupted` stops it at a step boundary. Returns the next step and the
 /// `(step, held-out perplexity)` evaluations.
+#[allow(clippy::too_many_arguments)]
 pub fn train_zeroth_order(
     lora: &mut RuntimeLora<'_>,
     train: &[u32],
