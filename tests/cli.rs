@@ -2547,3 +2547,102 @@ fn first_order_lora_on_smollm2_lowers_the_held_out_loss() {
     assert!(last < first - 0.02, "held-out loss {first} → {last}");
     assert_eq!(v["trainable_params"], 30 * 8 * ((576 + 576) + (576 + 192)));
 }
+
+/// A recipe's `lora` step (quantize → lora, merged) equals `oqt quantize`,
+/// `oqt finetune --lora` and `oqt merge` run by hand, and keeps the adapter
+/// beside its bundle; a `lora` step without a quantized bundle before it, or
+/// with an unknown target, is refused naming the step's field.
+#[test]
+fn a_lora_recipe_step_equals_finetune_then_merge() {
+    let (dir, gguf) = tiny_model(34);
+    let d = dir.path();
+    let text = write_text(&dir, "a stitch in time saves nine; nine stitches save a time. ", 40);
+    let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes/w4a8-dyn.toml")).unwrap();
+    let with_steps = |steps: &str| {
+        let path = d.join("lora.toml");
+        std::fs::write(&path, base.replace("name = \"w4a8-dyn\"", "name = \"lora\"") + steps).unwrap();
+        path
+    };
+    let training = format!(
+        "zeroth_order = true\nsteps = 3\nbatch = 1\nseq_len = 32\neval_every = 0\neval_windows = 2\nlr = 1e-2\ndataset = \"{}\"\n",
+        text.display()
+    );
+    let recipe = with_steps(&format!(
+        "\n[[steps]]\nkind = \"quantize\"\nmethod = \"rtn\"\n\n[[steps]]\nkind = \"lora\"\nrank = 2\nalpha = 4.0\ntargets = \"q,v\"\n\n[steps.training]\n{training}"
+    ));
+    json_of(
+        oqt()
+            .arg("run")
+            .arg(&recipe)
+            .arg(&gguf)
+            .arg("-o")
+            .arg(d.join("one.oqt"))
+            .arg("--json"),
+    );
+    assert!(d.join("one.oqt.run/step-2-lora.adapter/adapter_config.json").is_file());
+
+    oqt()
+        .args(["quantize", "--recipe", "w4a8-dyn", "--method", "rtn", "--no-eval", "-o"])
+        .arg(d.join("hand1.oqt"))
+        .arg(&gguf)
+        .assert()
+        .success();
+    oqt()
+        .args([
+            "finetune",
+            "--lora",
+            "--zeroth-order",
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+            "--targets",
+            "q,v",
+        ])
+        .arg(d.join("hand1.oqt"))
+        .args([
+            "--dataset",
+            text.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--batch",
+            "1",
+            "--seq-len",
+            "32",
+        ])
+        .args(["--eval-every", "0", "--eval-windows", "2", "--lr", "1e-2", "-o"])
+        .arg(d.join("hand-ad"))
+        .assert()
+        .success();
+    oqt()
+        .arg("merge")
+        .arg(d.join("hand1.oqt"))
+        .arg(d.join("hand-ad"))
+        .args(["--eval-chunks", "0", "-o"])
+        .arg(d.join("hand2.oqt"))
+        .assert()
+        .success();
+    assert_eq!(tensors_of(&d.join("one.oqt")), tensors_of(&d.join("hand2.oqt")));
+
+    let bad = with_steps(&format!("\n[[steps]]\nkind = \"lora\"\n\n[steps.training]\n{training}"));
+    oqt()
+        .arg("run")
+        .arg(&bad)
+        .arg(&gguf)
+        .arg("-o")
+        .arg(d.join("bad.oqt"))
+        .assert()
+        .failure()
+        .stderr(contains("steps[0]").and(contains("put a `quantize` step before it")));
+    let bad = with_steps("\n[[steps]]\nkind = \"quantize\"\n\n[[steps]]\nkind = \"lora\"\ntargets = \"q,attn\"\n");
+    oqt()
+        .arg("run")
+        .arg(&bad)
+        .arg(&gguf)
+        .arg("-o")
+        .arg(d.join("bad.oqt"))
+        .assert()
+        .failure()
+        .stderr(contains("steps[1].targets").and(contains("`attn`")));
+    assert!(!d.join("bad.oqt").exists());
+}

@@ -292,6 +292,41 @@ fn run_step(
             quantize(job.recipe, q, index, model, output, job.created_by, observer.ptq())?;
             Ok(StepOutcome::Written)
         }
+        Step::Lora(l) => {
+            let from = input.ok_or_else(|| {
+                err(format!(
+                    "steps[{index}]: a `lora` step trains an adapter on a quantized bundle; put a `quantize` step before it"
+                ))
+            })?;
+            let modules = oqt_core::lora::LoraModule::parse_list(&l.targets)
+                .map_err(|e| err(format!("steps[{index}].targets: {e}")))?;
+            let adapter_dir = output.with_extension("adapter");
+            let (ckpt, resumes) = step_checkpoint(output, &l.training, "lora");
+            let label = from.display().to_string();
+            let lora = oqt_compress::lora::LoraJob {
+                base: from,
+                base_label: &label,
+                recipe: None,
+                adapter: oqt_compress::lora::AdapterStart::Fresh {
+                    rank: l.rank,
+                    alpha: l.alpha,
+                    modules: &modules,
+                },
+                options: &l.training,
+                output: &adapter_dir,
+                gguf: None,
+                checkpoint_dir: Some(ckpt.clone()),
+                resume: resumes.then_some(ckpt.as_path()),
+            };
+            let report = oqt_compress::lora::run(&lora, observer.qat(&l.training))?;
+            if report.interrupted {
+                return Ok(StepOutcome::Interrupted);
+            }
+            let adapter = oqt_core::lora::LoraAdapter::read_peft(&adapter_dir)?;
+            let weights = adapter_dir.join(oqt_core::lora::PEFT_WEIGHTS_FILE);
+            oqt_compress::lora::merge(from, &adapter, &weights, output, job.created_by)?;
+            Ok(StepOutcome::Written)
+        }
         Step::Qat(q) => {
             let from = input.ok_or_else(|| {
                 err(format!(

@@ -93,6 +93,16 @@ impl PipelineObserver for Observer {
                 if q.zeroth_order { "zeroth-order" } else { "first-order" },
                 q.train
             ),
+            Step::Lora(l) => format!(
+                "lora (rank {}, {}, {}), merged",
+                l.rank,
+                l.targets,
+                if l.training.zeroth_order {
+                    "zeroth-order"
+                } else {
+                    "first-order"
+                }
+            ),
         };
         if let Step::Quantize(q) = step {
             self.bars.label = q.method.clone().unwrap_or_else(|| "quantize".into());

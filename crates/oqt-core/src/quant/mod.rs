@@ -14,8 +14,8 @@ pub mod weights;
 pub use mixed_precision::{MixedPrecisionSpec, SizeBudget};
 pub use recipe::{
     ActRange, CLUSTER_METHODS, CalibrationSpec, Checkpointing, ClusterStep, FOLD_METHODS, FoldStep, LayerLoss,
-    MobileQuantSpec, PRUNE_METHODS, PruneStep, QUANTIZE_METHODS, QatStep, QuantizeStep, Recipe, Step, TrainLayers,
-    TransformInit, builtin_recipe, builtin_recipe_names, load_recipe,
+    LoraStep, MobileQuantSpec, PRUNE_METHODS, PruneStep, QUANTIZE_METHODS, QatStep, QuantizeStep, Recipe, Step,
+    TrainLayers, TransformInit, builtin_recipe, builtin_recipe_names, load_recipe,
 };
 pub use sites::{ActGrid, ActSite, SiteGrids, static_sites};
 pub use spec::{ActMode, ActSpec, Granularity, KvSpec, QuantSpec, Rounding, ScaleRule, TensorOverride, WeightSpec};

@@ -200,6 +200,67 @@ pub enum Step {
     /// (folded, or quantized: trained through its grids); `distill` is the KL
     /// weight and must be > 0.
     Distill(QatStep),
+    /// A LoRA adapter trained on the previous step's quantized bundle (its
+    /// integers frozen), then merged into it and re-quantized with the
+    /// recipe: quantize → lora → (export). The adapter itself is kept beside
+    /// the step's bundle (`step-N-lora.adapter/`, PEFT files).
+    Lora(LoraStep),
+}
+
+/// Options of a `lora` step: the adapter's shape and its training (a `qat`
+/// step's options under `[steps.training]`; zeroth- or first-order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraStep {
+    #[serde(default = "default_lora_rank")]
+    pub rank: usize,
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f32,
+    /// Linears adapted: `q,v`, `all`, … ([`crate::lora::LoraModule::parse_list`]).
+    #[serde(default = "default_lora_targets")]
+    pub targets: String,
+    #[serde(default)]
+    pub training: QatStep,
+}
+
+fn default_lora_rank() -> usize {
+    8
+}
+
+fn default_lora_alpha() -> f32 {
+    16.0
+}
+
+fn default_lora_targets() -> String {
+    "q,v".into()
+}
+
+impl LoraStep {
+    /// Problems with the options, each naming its field as `name(field)` renders it.
+    pub fn problems(&self, name: impl Fn(&str) -> String) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.rank == 0 {
+            out.push(format!("{}: a LoRA rank must be at least 1", name("rank")));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            out.push(format!(
+                "{}: expected a positive number, found {}",
+                name("alpha"),
+                self.alpha
+            ));
+        }
+        if let Err(e) = crate::lora::LoraModule::parse_list(&self.targets) {
+            out.push(format!("{}: {e}", name("targets")));
+        }
+        if self.training.distill != 0.0 || self.training.lightweight {
+            out.push(format!(
+                "{}: a LoRA step trains the adapter on cross-entropy only (no distill, no lightweight)",
+                name("training")
+            ));
+        }
+        out.extend(self.training.problems(|f| name(&format!("training.{f}"))));
+        out
+    }
 }
 
 impl Step {
@@ -211,6 +272,7 @@ impl Step {
             Self::Cluster(_) => "cluster",
             Self::Fold(_) => "fold",
             Self::Distill(_) => "distill",
+            Self::Lora(_) => "lora",
         }
     }
 }
@@ -829,6 +891,18 @@ fn parse(text: &str, origin: &Path) -> Result<Recipe> {
                     ));
                 }
                 problems.extend(q.problems(|f| format!("steps[{i}].{f}")));
+            }
+            Step::Lora(l) => {
+                if before.iter().any(|s| matches!(s, Step::Cluster(_))) {
+                    problems.push(format!(
+                        "steps[{i}]: a `lora` step freezes integer grids, not palettes; it cannot follow a `cluster` step"
+                    ));
+                } else if !before.iter().any(weights_step) {
+                    problems.push(format!(
+                        "steps[{i}]: a `lora` step trains an adapter on a quantized bundle; put a `quantize` step before it"
+                    ));
+                }
+                problems.extend(l.problems(|f| format!("steps[{i}].{f}")));
             }
         }
     }
