@@ -1180,6 +1180,54 @@ mod tests {
         }
     }
 
+    fn lora_model(device: Device) -> QatModel {
+        let cfg = tiny_config();
+        let spec = builtin_recipe("w4a8-dyn").unwrap().unwrap().spec;
+        let mut freeze = FreezeLinears::new(&spec, &cfg, std::path::Path::new("start.oqt"));
+        for (n, t, source) in random_weights(&cfg, 21).into_tensors() {
+            freeze.add(&n, t, source).unwrap();
+        }
+        let (start, frozen) = freeze.finish().unwrap();
+        let adapter = LoraAdapter::init(&cfg, 2, 4.0, &[LoraModule::Q, LoraModule::Down], 3, "tiny").unwrap();
+        let llama = oqt_model::llama_from_weights(&cfg, start, &device);
+        QatModel::new_lora(llama, spec, frozen, None, &adapter).unwrap()
+    }
+
+    /// A fresh adapter (B = 0) computes the frozen base; only the adapter
+    /// trains, first- and zeroth-order, and it is handed back with its values.
+    #[test]
+    fn lora_trains_only_the_adapter_and_starts_as_the_base() {
+        let data = batch();
+        let base = model(Trainable::Lightweight).loss(&data).unwrap();
+        let mut m = lora_model(Device::flex());
+        assert_eq!(m.loss(&data).unwrap(), base, "B = 0: the adapted model is the base");
+        let names = m.tensor_names();
+        assert_eq!(names.len(), 2 * 2 * 2, "{names:?}");
+        assert_eq!(names[0], "model.layers.0.self_attn.q_proj.lora_A.weight");
+        assert_eq!(names[1], "model.layers.0.self_attn.q_proj.lora_B.weight");
+        let (start, end) = spsa_train(&mut m, 3e-2, 5, 30, |m| m.loss(&data));
+        assert!(end < start - 0.01, "zeroth-order: {start} → {end}");
+
+        let mut m = lora_model(Device::flex().autodiff());
+        let mut opt = FirstOrder::new(0.0);
+        let mut losses = Vec::new();
+        for _ in 0..10 {
+            let (next, loss) = m.first_order_step(&data, None, 1e-2, &mut opt).unwrap();
+            m = next;
+            losses.push(loss);
+        }
+        assert!(losses[9] < losses[0] - 0.05, "first-order: {losses:?}");
+        let norm_before = to_vec(lora_model(Device::flex()).llama.norm.gamma.val());
+        assert_eq!(
+            to_vec(m.llama.norm.gamma.val()),
+            norm_before,
+            "the base's gains stay frozen"
+        );
+        let adapter = m.adapter().unwrap();
+        let b = &adapter.pairs[&(1, LoraModule::Down)].b;
+        assert!(b.iter().any(|&v| v != 0.0), "B trained");
+    }
+
     #[test]
     fn per_window_loss_is_the_batch_loss() {
         let m = model(Trainable::Full);
