@@ -104,6 +104,22 @@ fn runtime_equals_simulation(recipe: &str) {
         "{recipe}: runtime {adapted_nll} vs training forward {trained}"
     );
     assert_eq!(mean_nll(&rt, &w), base, "the base is untouched by an adapted call");
+
+    // Written as PEFT files and read back, the adapter computes the same logits.
+    let peft = dir.path().join("peft");
+    a.write_peft(&peft).unwrap();
+    let back = LoraAdapter::read_peft(&peft).unwrap();
+    let (x, y) = (
+        rt.with_adapter(Some(&a)).log_probs(&w).unwrap(),
+        rt.with_adapter(Some(&back)).log_probs(&w).unwrap(),
+    );
+    let gap = x
+        .iter()
+        .flatten()
+        .zip(y.iter().flatten())
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(gap <= 1e-6, "{recipe}: PEFT round trip moves log-probs by {gap}");
 }
 
 #[test]
