@@ -13,6 +13,9 @@ pub struct GenerateArgs {
     /// An oqt bundle or a GGUF file, run by the integer runtime instead.
     #[arg(long)]
     pub bundle: Option<std::path::PathBuf>,
+    /// With --bundle: apply this LoRA adapter (a PEFT directory) unmerged.
+    #[arg(long, requires = "bundle")]
+    pub adapter: Option<std::path::PathBuf>,
     /// The user's message (or the raw text with --raw).
     #[arg(short, long)]
     pub prompt: String,
@@ -43,6 +46,7 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let (tok, engine) = Engine::load(a.model.as_deref(), a.bundle.as_deref(), &a.device)?;
+    let engine = engine.with_adapter(a.adapter.as_deref())?;
     let tok = &tok;
     let prompt_ids = if a.raw {
         tok.encode_document(&a.prompt)?

@@ -141,7 +141,8 @@ pub fn load_burn(spec: &str, dev: &DeviceArgs) -> anyhow::Result<(LoadedModel, L
 pub enum Engine {
     /// The model and its f32 weight bytes.
     Burn(Box<Llama>, usize),
-    Runtime(Box<oqt_runtime::RuntimeModel>),
+    /// The runtime, with the LoRA adapter it applies (unmerged), if any.
+    Runtime(Box<oqt_runtime::RuntimeModel>, Option<Box<oqt_core::lora::LoraAdapter>>),
 }
 
 impl Engine {
@@ -154,7 +155,7 @@ impl Engine {
         match (bundle, model) {
             (Some(b), _) => {
                 let (rt, _) = load_runtime(b)?;
-                Ok((rt.tokenizer.clone(), Self::Runtime(Box::new(rt))))
+                Ok((rt.tokenizer.clone(), Self::Runtime(Box::new(rt), None)))
             }
             (None, Some(m)) => {
                 let (loaded, model) = load_burn(m, dev)?;
@@ -165,10 +166,23 @@ impl Engine {
         }
     }
 
+    /// Apply the PEFT adapter in `dir` (runtime engines only).
+    pub fn with_adapter(self, dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let Some(dir) = dir else { return Ok(self) };
+        match self {
+            Self::Runtime(rt, _) => {
+                let a = AdaptedRuntime::load(*rt, dir)?;
+                Ok(Self::Runtime(Box::new(a.model), Some(Box::new(a.adapter))))
+            }
+            Self::Burn(..) => anyhow::bail!("--adapter applies to a quantized bundle run by the runtime (--bundle)"),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Burn(..) => "burn-f32",
-            Self::Runtime(_) => "runtime",
+            Self::Runtime(_, None) => "runtime",
+            Self::Runtime(_, Some(_)) => "runtime+lora",
         }
     }
 
@@ -176,7 +190,7 @@ impl Engine {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Self::Burn(_, bytes) => *bytes,
-            Self::Runtime(rt) => rt.weight_bytes,
+            Self::Runtime(rt, _) => rt.weight_bytes,
         }
     }
 
@@ -190,7 +204,15 @@ impl Engine {
     ) -> oqt_core::Result<oqt_core::generation::GenerationStats> {
         match self {
             Self::Burn(m, _) => oqt_model::generate::generate(m, prompt, max_new, sampling, is_stop, on_token),
-            Self::Runtime(rt) => oqt_runtime::generate::generate(rt, prompt, max_new, sampling, is_stop, on_token),
+            Self::Runtime(rt, adapter) => oqt_runtime::generate::generate_adapted(
+                rt,
+                adapter.as_deref(),
+                prompt,
+                max_new,
+                sampling,
+                is_stop,
+                on_token,
+            ),
         }
     }
 }
