@@ -22,9 +22,9 @@ pub struct FinetuneArgs {
     /// The base: a quantized bundle (its integers stay frozen), or a float
     /// model (alias, GGUF, HF directory) with --recipe to freeze it on.
     pub base: String,
-    /// Train a LoRA adapter (the only fine-tuning `finetune` does; full-weight
-    /// training is `oqt qat`).
-    #[arg(long, default_value_t = true)]
+    /// Train a LoRA adapter: what `finetune` does (and the default);
+    /// full-weight training is `oqt qat`.
+    #[arg(long)]
     pub lora: bool,
     /// Adapter rank r.
     #[arg(long, default_value_t = 8)]
@@ -68,9 +68,6 @@ pub struct FinetuneArgs {
 }
 
 pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
-    if !a.lora {
-        bail!("only LoRA fine-tuning is offered here (--lora); full-weight training is `oqt qat`");
-    }
     let step = a.training.step(a.zeroth_order, 0.0, 32);
     if let Some(p) = step.problems(|f| format!("--{}", f.replace('_', "-"))).first() {
         bail!("{p}");
