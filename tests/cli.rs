@@ -2244,9 +2244,10 @@ fn tiny_lora_base(seed: u64) -> (tempfile::TempDir, std::path::PathBuf, std::pat
 fn lora_finetune_writes_peft_and_gguf_adapters_resumes_and_evaluates() {
     let (dir, base, text) = tiny_lora_base(31);
     let d = dir.path();
-    let run = |out: &str, steps: &str, resume: Option<&str>| {
+    let run_with = |out: &str, steps: &str, resume: Option<&str>, schedule: &str| {
         let mut c = oqt();
         c.args(["finetune", "--lora", "--zeroth-order", "--rank", "2", "--alpha", "4"])
+            .args(["--schedule", schedule])
             .args(["--targets", "q,v,down"])
             .arg(&base)
             .args(["--dataset", text.to_str().unwrap(), "--steps", steps, "--batch", "2"])
@@ -2269,6 +2270,7 @@ fn lora_finetune_writes_peft_and_gguf_adapters_resumes_and_evaluates() {
         }
         json_of(&mut c)
     };
+    let run = |out: &str, steps: &str, resume: Option<&str>| run_with(out, steps, resume, "constant");
     let straight = run("straight", "4", None);
     assert_eq!(straight["steps"], 4);
     assert_eq!(straight["method"], "lora-zeroth-order");
@@ -2348,7 +2350,8 @@ fn lora_finetune_writes_peft_and_gguf_adapters_resumes_and_evaluates() {
     // The same run inside the runtime (no Burn): the same steps on the
     // runtime's forward, so its losses follow the Burn run's; it resumes
     // bit-identically from its own checkpoint.
-    let in_runtime = |out: &str, steps: &str, resume: Option<&str>| {
+    // Checkpointed after every step: the run is taken in one-step pieces.
+    let in_runtime_with = |out: &str, steps: &str, resume: Option<&str>, schedule: &str| {
         let mut c = oqt();
         c.args([
             "finetune",
@@ -2374,6 +2377,7 @@ fn lora_finetune_writes_peft_and_gguf_adapters_resumes_and_evaluates() {
             "--lr",
             "1e-2",
         ])
+        .args(["--schedule", schedule, "--checkpoint-every", "1"])
         .args(["--json", "--output"])
         .arg(d.join(out));
         if let Some(r) = resume {
@@ -2381,6 +2385,7 @@ fn lora_finetune_writes_peft_and_gguf_adapters_resumes_and_evaluates() {
         }
         json_of(&mut c)
     };
+    let in_runtime = |out: &str, steps: &str, resume: Option<&str>| in_runtime_with(out, steps, resume, "constant");
     let rt = in_runtime("rt", "4", None);
     assert_eq!(rt["method"], "lora-zeroth-order-runtime");
     let losses = |v: &Value| -> Vec<f64> {
@@ -2397,6 +2402,19 @@ fn lora_finetune_writes_peft_and_gguf_adapters_resumes_and_evaluates() {
     for (b, r) in burn.iter().zip(&runtime) {
         assert!((b - r).abs() < 1e-3, "Burn {burn:?} vs runtime {runtime:?}");
     }
+    // A schedule spans the whole run, however many pieces it is taken in.
+    let (burn_cos, rt_cos) = (
+        run_with("cos", "4", None, "cosine"),
+        in_runtime_with("rt-cos", "4", None, "cosine"),
+    );
+    for (b, r) in losses(&burn_cos).iter().zip(&losses(&rt_cos)) {
+        assert!((b - r).abs() < 1e-3, "cosine: Burn {burn_cos} vs runtime {rt_cos}");
+    }
+    assert_eq!(
+        rt_cos["held_out_perplexity"].as_array().unwrap().len(),
+        3,
+        "evaluated at 0, 2 and 4 only: {rt_cos}"
+    );
     in_runtime("rt2", "2", None);
     let rt2 = in_runtime("rt2", "4", Some("rt2.ckpt"));
     assert_eq!(rt2["steps"], 4);

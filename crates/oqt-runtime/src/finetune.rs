@@ -99,21 +99,25 @@ pub struct ZoOptions {
     pub eval_windows: usize,
 }
 
-/// Steps `start..opts.steps` of zeroth-order LoRA on `train`, evaluating on
-/// `held_out`; `on_step` and `on_eval` report as the run goes, and
-/// `interrupted` stops it at a step boundary. Returns the next step and the
-/// `(step, held-out perplexity)` evaluations.
+/// Steps `steps.start..steps.end` (within `0..opts.steps`, which the
+/// learning-rate schedule spans) of zeroth-order LoRA on `train`, evaluating
+/// on `held_out` at the start of a run, every `eval_every` steps and after
+/// its last step; `on_step` and `on_eval` report as the run goes, and
+/// `interrupted` stops it at a step boundary. A run may be taken in pieces
+/// (a checkpoint after each): the pieces take the steps one whole run takes.
+/// Returns the next step and the `(step, held-out perplexity)` evaluations.
 #[allow(clippy::too_many_arguments)]
 pub fn train_zeroth_order(
     lora: &mut RuntimeLora<'_>,
     train: &[u32],
     held_out: &[u32],
     opts: &ZoOptions,
-    start: u64,
+    steps: std::ops::Range<u64>,
     on_step: &mut dyn FnMut(&SpsaStep, f64),
     on_eval: &mut dyn FnMut(u64, f64),
     interrupted: &dyn Fn() -> bool,
 ) -> Result<(u64, Vec<(u64, f64)>)> {
+    let (start, end) = (steps.start, steps.end.min(opts.steps));
     if train.len() < opts.seq_len + 1 {
         return Err(CoreError::Other(format!(
             "training text has {} tokens, fewer than one window of {}",
@@ -132,7 +136,7 @@ pub fn train_zeroth_order(
         eval(lora, 0, &mut evals)?;
     }
     let mut next = start;
-    for step in start..opts.steps {
+    for step in start..end {
         if interrupted() {
             return Ok((next, evals));
         }
@@ -148,7 +152,7 @@ pub fn train_zeroth_order(
             eval(lora, next, &mut evals)?;
         }
     }
-    if evals.last().is_none_or(|(s, _)| *s != next) {
+    if next == opts.steps && evals.last().is_none_or(|(s, _)| *s != next) {
         eval(lora, next, &mut evals)?;
     }
     Ok((next, evals))

@@ -257,7 +257,8 @@ fn run_in_runtime(
         base: a.base.clone(),
         options: options.clone(),
     };
-    // Checkpoints every N steps need the adapter mid-run: train in segments.
+    // Checkpoints every N steps need the adapter mid-run: train in pieces
+    // (the schedule spans the whole run, so the pieces take its steps).
     let every = if options.checkpoint_every > 0 {
         options.checkpoint_every
     } else {
@@ -271,16 +272,12 @@ fn run_in_runtime(
     };
     loop {
         let until = at.saturating_add(every - at % every).min(options.steps);
-        let seg = oqt_runtime::finetune::ZoOptions {
-            steps: until,
-            ..zo.clone()
-        };
-        let (next, mut e) = oqt_runtime::finetune::train_zeroth_order(
+        let (next, e) = oqt_runtime::finetune::train_zeroth_order(
             &mut lora,
             &tokens.train,
             &tokens.held_out,
-            &seg,
-            at,
+            &zo,
+            at..until,
             &mut |s, tps| {
                 losses.push((s.step, (s.loss_plus + s.loss_minus) / 2.0));
                 reporter.borrow_mut().on_step(s, tps)
@@ -288,10 +285,6 @@ fn run_in_runtime(
             &mut |s, p| reporter.borrow_mut().on_eval(s, p),
             &interrupted,
         )?;
-        // A segment ends on an evaluation only where the whole run would.
-        if next < options.steps && !(options.eval_every > 0 && next.is_multiple_of(options.eval_every)) {
-            e.retain(|(s, _)| *s != next);
-        }
         evals.extend(e);
         at = next;
         save_runtime_checkpoint(&ckpt_dir, &lora.adapter, &state(at))?;
