@@ -2288,6 +2288,36 @@ fn lora_finetune_writes_peft_and_gguf_adapters_resumes_and_evaluates() {
         read("resumed"),
         "a resumed run ends on the same adapter"
     );
+    // A resume with another adapter shape is refused, not mixed into the checkpoint.
+    oqt()
+        .args([
+            "finetune",
+            "--lora",
+            "--zeroth-order",
+            "--rank",
+            "2",
+            "--alpha",
+            "8",
+            "--targets",
+            "q,v,down",
+        ])
+        .arg(&base)
+        .args([
+            "--dataset",
+            text.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--seq-len",
+            "32",
+            "--resume",
+        ])
+        .arg(d.join("resumed.ckpt"))
+        .arg("--output")
+        .arg(d.join("other"))
+        .assert()
+        .failure()
+        .stderr(contains("alpha 8"));
+    assert!(!d.join("other").exists());
 
     let peft = peft_py_check(&d.join("straight"));
     assert_eq!(peft["config"]["r"], 2);

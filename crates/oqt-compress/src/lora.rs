@@ -283,7 +283,20 @@ pub fn run(job: &LoraJob<'_>, observer: &mut dyn QatObserver) -> Result<LoraRepo
     };
     let options = lora_options(s)?;
     let recipe_name = base.recipe.name.clone();
-    let start = job.base_label.to_string();
+    // The adapter's shape is part of what a checkpoint continues: a resume
+    // with another rank, α or target set is refused, not silently mixed.
+    let start = format!(
+        "{} (LoRA rank {}, alpha {}, {})",
+        job.base_label,
+        adapter.rank,
+        adapter.alpha,
+        adapter
+            .modules
+            .iter()
+            .map(|m| m.peft_name())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     let Resumed {
         next_step: start_step,
         best,
@@ -381,6 +394,21 @@ pub fn merge(base: &Path, adapter: &LoraAdapter, adapter_path: &Path, output: &P
     }
     // The same checks as training's base: plain integer grids, no shared blocks.
     let frozen = from_bundle(&b)?;
+    if let Some((name, _)) = b
+        .manifest
+        .deployment
+        .tensors
+        .iter()
+        .find(|(_, e)| matches!(e, oqt_core::encoding::TensorEncoding::Sparse { .. }))
+    {
+        return Err(CoreError::Unsupported {
+            path: b.path.clone(),
+            what: "merge base",
+            detail: format!(
+                "`{name}` is sparse; merging would store it dense — apply the adapter unmerged (--adapter) instead"
+            ),
+        });
+    }
     let recipe = frozen.recipe;
     let cfg = b.manifest.config.clone();
     adapter.check_base(&cfg, adapter_path)?;

@@ -311,6 +311,12 @@ impl LoraAdapter {
     /// Write the adapter as PEFT saves one: `dir/adapter_config.json` and
     /// `dir/adapter_model.safetensors` (f32), replacing `dir` atomically.
     pub fn write_peft(&self, dir: &Path) -> Result<()> {
+        crate::fs::write_dir_atomically(dir, |tmp| self.write_peft_files(tmp))
+    }
+
+    /// PEFT's two files into the existing directory `dir` (for callers that
+    /// add their own files to one atomic write, e.g. a checkpoint).
+    pub fn write_peft_files(&self, dir: &Path) -> Result<()> {
         let config = PeftConfig {
             peft_type: "LORA".into(),
             task_type: Some("CAUSAL_LM".into()),
@@ -324,37 +330,34 @@ impl LoraAdapter {
             inference_mode: true,
             use_rslora: self.rslora,
             use_dora: false,
-            init_lora_weights: true,
+            init_lora_weights: serde_json::Value::Bool(true),
             modules_to_save: None,
-            layers_to_transform: None,
+            layers_to_transform: serde_json::Value::Null,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
             revision: None,
         };
-        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         for (&(layer, m), p) in &self.pairs {
-            tensors.push((Self::peft_tensor(layer, m, 'A'), vec![self.rank, p.cols], &p.a));
-            tensors.push((Self::peft_tensor(layer, m, 'B'), vec![p.rows, self.rank], &p.b));
+            bytes.push((Self::peft_tensor(layer, m, 'A'), vec![self.rank, p.cols], le(&p.a)));
+            bytes.push((Self::peft_tensor(layer, m, 'B'), vec![p.rows, self.rank], le(&p.b)));
         }
-        crate::fs::write_dir_atomically(dir, |tmp| {
-            let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-                .iter()
-                .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-                .collect();
-            let views = bytes
-                .iter()
-                .map(|(n, s, b)| {
-                    let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                        .expect("shape matches its bytes");
-                    (n.clone(), v)
-                })
-                .collect::<Vec<_>>();
-            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-            let path = tmp.join(PEFT_WEIGHTS_FILE);
-            safetensors::serialize_to_file(views, Some(meta), &path)
-                .map_err(|e| CoreError::Other(format!("{}: {e}", path.display())))?;
-            let path = tmp.join(PEFT_CONFIG_FILE);
-            std::fs::write(&path, serde_json::to_string_pretty(&config).expect("serializable"))
-                .map_err(|e| CoreError::io(&path, e))
-        })
+        let views = bytes
+            .iter()
+            .map(|(n, s, b)| {
+                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .expect("shape matches its bytes");
+                (n.clone(), v)
+            })
+            .collect::<Vec<_>>();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let path = dir.join(PEFT_WEIGHTS_FILE);
+        safetensors::serialize_to_file(views, Some(meta), &path)
+            .map_err(|e| CoreError::Other(format!("{}: {e}", path.display())))?;
+        let path = dir.join(PEFT_CONFIG_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("serializable"))
+            .map_err(|e| CoreError::io(&path, e))
     }
 
     /// Read a PEFT LoRA adapter directory (f32, f16 or bf16 tensors). Every
@@ -394,6 +397,33 @@ impl LoraAdapter {
         }
         if config.bias != "none" {
             return Err(bad("bias", "\"none\"", format!("{:?}", config.bias)));
+        }
+        if !config.rank_pattern.is_empty() {
+            return Err(bad(
+                "rank_pattern",
+                "no per-module ranks (one r for every module)",
+                format!("{:?}", config.rank_pattern),
+            ));
+        }
+        if !config.alpha_pattern.is_empty() {
+            return Err(bad(
+                "alpha_pattern",
+                "no per-module alphas (one lora_alpha for every module)",
+                format!("{:?}", config.alpha_pattern),
+            ));
+        }
+        // Initializations that rewrite the base weights (PiSSA, OLoRA, LoftQ, …)
+        // make an adapter for a modified base; plain and gaussian ones do not.
+        match &config.init_lora_weights {
+            serde_json::Value::Bool(_) | serde_json::Value::Null => {}
+            serde_json::Value::String(s) if s == "gaussian" => {}
+            other => {
+                return Err(bad(
+                    "init_lora_weights",
+                    "true, false or \"gaussian\" (other initializations change the base weights)",
+                    other.to_string(),
+                ));
+            }
         }
         let modules = match &config.target_modules {
             TargetModules::List(l) => l
@@ -623,11 +653,16 @@ struct PeftConfig {
     #[serde(default)]
     use_dora: bool,
     #[serde(default = "yes")]
-    init_lora_weights: bool,
+    init_lora_weights: serde_json::Value,
     #[serde(default)]
     modules_to_save: Option<Vec<String>>,
+    /// A layer or a list of them (the adapter then holds only those).
     #[serde(default)]
-    layers_to_transform: Option<Vec<usize>>,
+    layers_to_transform: serde_json::Value,
+    #[serde(default)]
+    rank_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     revision: Option<String>,
 }
@@ -636,8 +671,8 @@ fn bias_none() -> String {
     "none".into()
 }
 
-fn yes() -> bool {
-    true
+fn yes() -> serde_json::Value {
+    serde_json::Value::Bool(true)
 }
 
 #[cfg(test)]
@@ -730,6 +765,16 @@ mod tests {
         assert!(e.contains(PEFT_WEIGHTS_FILE) && e.contains("lora_A"), "{e}");
         let e = edit("\"use_dora\": false", "\"use_dora\": true");
         assert!(e.contains("use_dora"), "{e}");
+        let e = edit("\"alpha_pattern\": {}", "\"alpha_pattern\": {\"q_proj\": 32}");
+        assert!(e.contains("alpha_pattern"), "{e}");
+        let e = edit("\"init_lora_weights\": true", "\"init_lora_weights\": \"pissa\"");
+        assert!(e.contains("init_lora_weights") && e.contains("pissa"), "{e}");
+        std::fs::write(
+            &cfg_path,
+            good.replace("\"init_lora_weights\": true", "\"init_lora_weights\": \"gaussian\""),
+        )
+        .unwrap();
+        LoraAdapter::read_peft(&ad).expect("a gaussian-initialized adapter is an ordinary one");
         std::fs::write(&cfg_path, "{not json").unwrap();
         let e = LoraAdapter::read_peft(&ad).unwrap_err().to_string();
         assert!(e.contains("malformed PEFT adapter config"), "{e}");

@@ -168,9 +168,13 @@ fn save_runtime_checkpoint(
     adapter: &oqt_core::lora::LoraAdapter,
     state: &RuntimeCheckpoint,
 ) -> anyhow::Result<()> {
-    adapter.write_peft(dir)?;
-    let p = dir.join(RUNTIME_STATE);
-    std::fs::write(&p, serde_json::to_string_pretty(state)?).with_context(|| format!("writing {}", p.display()))?;
+    // The adapter and the state in one atomic write: a crash leaves the previous checkpoint whole.
+    oqt_core::fs::write_dir_atomically(dir, |tmp| {
+        adapter.write_peft_files(tmp)?;
+        let p = tmp.join(RUNTIME_STATE);
+        std::fs::write(&p, serde_json::to_string_pretty(state).expect("serializable"))
+            .map_err(|e| oqt_core::CoreError::io(&p, e))
+    })?;
     Ok(())
 }
 
@@ -191,13 +195,18 @@ fn run_in_runtime(
     if a.training.keep_best || a.training.train != "all" {
         bail!("--engine runtime: --keep-best and --train are offered by the burn engine only");
     }
+    if step.lightweight {
+        bail!("--lightweight does not apply to LoRA: only the adapter trains");
+    }
     let (rt, name) = super::load_runtime(base)?;
     let (_, tokens) = oqt_compress::qat::job::training_tokens(&rt.tokenizer, step)?;
     let mut options = oqt_compress::lora::lora_options(step)?;
+    // A resumed run goes on checkpointing where it was resumed from.
     let ckpt_dir = a
         .training
-        .checkpoint_dir
+        .resume
         .clone()
+        .or_else(|| a.training.checkpoint_dir.clone())
         .unwrap_or_else(|| oqt_compress::qat::default_checkpoint_dir(&a.output));
     let (adapter, next_step, source) = match (&a.training.resume, start) {
         (Some(r), _) => {

@@ -35,15 +35,21 @@ pub struct MergeArgs {
 
 pub fn run(a: MergeArgs) -> anyhow::Result<()> {
     let adapter = oqt_core::lora::LoraAdapter::read_peft(&a.adapter)?;
+    // The report's text is checked before anything is written.
+    let report_text = if a.eval_chunks > 0 {
+        let base = oqt_core::bundle::Bundle::open(&a.base)?;
+        Some(super::eval::dataset_tokens(&base.tokenizer()?, &a.dataset)?)
+    } else {
+        None
+    };
     let weights_file = a.adapter.join(oqt_core::lora::PEFT_WEIGHTS_FILE);
     let created_by = concat!("oqt ", env!("CARGO_PKG_VERSION"));
     oqt_compress::lora::merge(&a.base, &adapter, &weights_file, &a.output, created_by)
         .with_context(|| format!("merging {} into {}", a.adapter.display(), a.base.display()))?;
     let mut report = serde_json::json!({ "output": a.output, "base": a.base, "adapter": a.adapter });
-    if a.eval_chunks > 0 {
+    if let Some((dataset, tokens)) = report_text {
         let (base, _) = super::load_runtime(&a.base)?;
         let (merged, _) = super::load_runtime(&a.output)?;
-        let (dataset, tokens) = super::eval::dataset_tokens(&base.tokenizer, &a.dataset)?;
         let opts = oqt_eval::PerplexityOptions {
             ctx: a.ctx,
             max_chunks: Some(a.eval_chunks),
