@@ -6,6 +6,7 @@
 //! ZeroQAT's machinery: checkpoints, resume, keep-best). The adapter is
 //! written in PEFT's layout and optionally as a llama.cpp GGUF adapter.
 
+use crate::qat::job::device;
 use crate::qat::job::{Resumed, resume_run, training_tokens};
 use crate::qat::model::QatModel;
 use crate::qat::{CheckpointState, QatObserver, QatOutcome, default_checkpoint_dir, restore_checkpoint};
@@ -232,11 +233,6 @@ fn from_float(path: &Path, recipe: &Recipe) -> Result<FrozenBase> {
         grids: None,
         name: model.name,
     })
-}
-
-fn device(autodiff: bool) -> Result<burn::tensor::Device> {
-    oqt_model::select_device(oqt_model::DeviceKind::Cpu, autodiff)
-        .map_err(|e| err(format!("selecting the CPU device: {e}")))
 }
 
 /// The LoRA model on `base` with `adapter` (first-order: on an autodiff device).

@@ -102,6 +102,23 @@ pub fn batch_windows(tokens: &[u32], seed: u64, step: u64, batch: usize, seq_len
         .collect()
 }
 
+/// The first `windows` non-overlapping `seq_len` windows of `tokens`: the
+/// held-out set every training run evaluates on.
+pub fn held_out_windows(tokens: &[u32], seq_len: usize, windows: usize) -> Result<Vec<Vec<u32>>> {
+    let all: Vec<Vec<u32>> = tokens
+        .chunks_exact(seq_len)
+        .take(windows)
+        .map(<[u32]>::to_vec)
+        .collect();
+    if all.is_empty() {
+        return Err(crate::CoreError::Other(format!(
+            "held-out text has {} tokens, fewer than one window of {seq_len}",
+            tokens.len()
+        )));
+    }
+    Ok(all)
+}
+
 /// SplitMix64: decorrelates the (seed, step, probe, tensor) counters.
 fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);

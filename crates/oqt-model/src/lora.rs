@@ -13,7 +13,8 @@ use oqt_core::quant::ActSite;
 use oqt_core::scoring::{CausalLm, WindowScores};
 use std::collections::HashMap;
 
-fn proj_of(m: LoraModule) -> Proj {
+/// The decoder linear a LoRA module adapts.
+pub fn proj_of(m: LoraModule) -> Proj {
     match m {
         LoraModule::Q => Proj::Q,
         LoraModule::K => Proj::K,
@@ -23,6 +24,20 @@ fn proj_of(m: LoraModule) -> Proj {
         LoraModule::Up => Proj::Up,
         LoraModule::Down => Proj::Down,
     }
+}
+
+/// The LoRA module of a decoder linear (`None` for the head).
+pub fn lora_module(p: Proj) -> Option<LoraModule> {
+    Some(match p {
+        Proj::Q => LoraModule::Q,
+        Proj::K => LoraModule::K,
+        Proj::V => LoraModule::V,
+        Proj::O => LoraModule::O,
+        Proj::Gate => LoraModule::Gate,
+        Proj::Up => LoraModule::Up,
+        Proj::Down => LoraModule::Down,
+        Proj::Head => return None,
+    })
 }
 
 /// An adapter's factors as tensors: `(Aᵀ [in, r], Bᵀ [r, out])` per linear.

@@ -47,17 +47,7 @@ impl<'a> RuntimeLora<'a> {
 
     /// Held-out perplexity on the first `windows` non-overlapping `seq_len` windows of `tokens`.
     pub fn held_out_perplexity(&self, tokens: &[u32], seq_len: usize, windows: usize) -> Result<f64> {
-        let all: Vec<Vec<u32>> = tokens
-            .chunks_exact(seq_len)
-            .take(windows)
-            .map(<[u32]>::to_vec)
-            .collect();
-        if all.is_empty() {
-            return Err(CoreError::Other(format!(
-                "held-out text has {} tokens, fewer than one window of {seq_len}",
-                tokens.len()
-            )));
-        }
+        let all = oqt_core::zo::held_out_windows(tokens, seq_len, windows)?;
         Ok((self.loss(&all)? as f64).exp())
     }
 }

@@ -8,6 +8,7 @@
 //! evaluation and keep-best of `oqt qat` — the same trainers.
 
 use crate::distill::hidden::{HiddenTeacher, LayerMap};
+use crate::qat::job::device;
 use crate::qat::job::{Resumed, qat_options, resume_run, train, training_tokens};
 use crate::qat::model::{FreezeLinears, QatModel};
 use crate::qat::{
@@ -226,11 +227,6 @@ fn auto_layer_map(student: &Path, student_blocks: usize, teacher_blocks: usize) 
         "{}: {student_blocks} blocks against the teacher's {teacher_blocks}, and no folding record that pairs them: give --layer-map STUDENT:TEACHER,…",
         student.display()
     )))
-}
-
-fn device(autodiff: bool) -> Result<burn::tensor::Device> {
-    oqt_model::select_device(oqt_model::DeviceKind::Cpu, autodiff)
-        .map_err(|e| err(format!("selecting the CPU device: {e}")))
 }
 
 /// Distill as `job` says and write the student (unless interrupted).

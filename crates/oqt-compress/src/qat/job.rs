@@ -49,7 +49,8 @@ fn err(msg: String) -> CoreError {
     CoreError::Other(msg)
 }
 
-fn device(autodiff: bool) -> Result<burn::tensor::Device> {
+/// The CPU device training runs on (autodiff for first-order runs).
+pub(crate) fn device(autodiff: bool) -> Result<burn::tensor::Device> {
     oqt_model::select_device(oqt_model::DeviceKind::Cpu, autodiff)
         .map_err(|e| err(format!("selecting the CPU device: {e}")))
 }

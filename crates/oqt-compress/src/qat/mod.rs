@@ -130,17 +130,7 @@ pub fn held_out_perplexity(
     windows: usize,
     batch: usize,
 ) -> Result<f64> {
-    let all: Vec<Vec<u32>> = tokens
-        .chunks_exact(seq_len)
-        .take(windows)
-        .map(<[u32]>::to_vec)
-        .collect();
-    if all.is_empty() {
-        return Err(CoreError::Other(format!(
-            "held-out text has {} tokens, fewer than one window of {seq_len}",
-            tokens.len()
-        )));
-    }
+    let all = oqt_core::zo::held_out_windows(tokens, seq_len, windows)?;
     let mut total = 0f64;
     for chunk in all.chunks(batch.max(1)) {
         total += model.loss(chunk)? as f64 * chunk.len() as f64;

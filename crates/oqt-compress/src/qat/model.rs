@@ -45,7 +45,7 @@ use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use oqt_core::lora::{LoraAdapter, LoraModule};
+use oqt_core::lora::LoraAdapter;
 use oqt_core::quant::{
     ActGrid, ActMode, ActSite, QuantSpec, QuantizedWeight, SiteGrids, WeightSpec, dequantize_weight, quantize_weight,
     static_sites,
@@ -55,6 +55,7 @@ use oqt_core::{CoreError, Result};
 use oqt_model::fake_quant::{ActQuantizer, fake_quant_dynamic_rows, fake_quant_q8_0_blocks, fake_quant_weight};
 use oqt_model::hooks::{ForwardHooks, Proj};
 use oqt_model::llama::Llama;
+use oqt_model::lora::{lora_module, proj_of};
 use oqt_model::quant_sim::fake_quant_static;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -164,32 +165,6 @@ struct Lora {
     index: HashMap<(usize, Proj), usize>,
     /// The adapter as it started (rank, α, modules, base; values replaced on export).
     start: LoraAdapter,
-}
-
-/// The LoRA module of a decoder linear.
-pub fn lora_module(p: Proj) -> Option<LoraModule> {
-    Some(match p {
-        Proj::Q => LoraModule::Q,
-        Proj::K => LoraModule::K,
-        Proj::V => LoraModule::V,
-        Proj::O => LoraModule::O,
-        Proj::Gate => LoraModule::Gate,
-        Proj::Up => LoraModule::Up,
-        Proj::Down => LoraModule::Down,
-        Proj::Head => return None,
-    })
-}
-
-fn proj_of(m: LoraModule) -> Proj {
-    match m {
-        LoraModule::Q => Proj::Q,
-        LoraModule::K => Proj::K,
-        LoraModule::V => Proj::V,
-        LoraModule::O => Proj::O,
-        LoraModule::Gate => Proj::Gate,
-        LoraModule::Up => Proj::Up,
-        LoraModule::Down => Proj::Down,
-    }
 }
 
 /// What training ends with, ready for the bundle writer.
@@ -1096,6 +1071,7 @@ impl ZoTrainable for QatModel {
 mod tests {
     use super::*;
     use crate::qat::zeroqat::{SpsaConfig, spsa_step};
+    use oqt_core::lora::LoraModule;
     use oqt_core::quant::builtin_recipe;
     use oqt_core::testing::{random_weights, tiny_config};
 
