@@ -9,7 +9,8 @@
 # kernel) bundles at the same thread count, and prints
 # one table with ratios. A benchmark, not a test: .ci/run never runs it.
 #
-# usage: benches/vs-llama-cpp.sh [--threads N] [--repeats N] [--model GGUF_OR_ALIAS] [--skip-build]
+# usage: benches/vs-llama-cpp.sh [--threads N] [--repeats N] [--model GGUF_OR_ALIAS] [--skip-build] [--json-out FILE]
+#   --json-out: also write the table's figures as JSON (what notebooks/runtime.ipynb plots).
 #   --model: another GGUF (e.g. the 1B-shaped one from benches/make-1b-shaped-gguf.py)
 #            instead of the default. Bundles are quantized with RTN: the method does
 #            not change what the runtime computes per token, only the values.
@@ -19,13 +20,15 @@ THREADS=2
 REPEATS=3
 MODEL=smollm2-135m
 SKIP_BUILD=0
+JSON_OUT=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --threads) THREADS=$2; shift 2 ;;
     --repeats) REPEATS=$2; shift 2 ;;
     --model) MODEL=$2; shift 2 ;;
     --skip-build) SKIP_BUILD=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --json-out) JSON_OUT=$2; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -118,9 +121,10 @@ for r in w4a8-dyn w4a8 lut4-a8-dyn; do
 done
 
 # --- one table ------------------------------------------------------------------
-WORK=$WORK THREADS=$THREADS python3 - <<'PY'
+WORK=$WORK THREADS=$THREADS JSON_OUT=$JSON_OUT MODEL_TAG=$TAG python3 - <<'PY'
 import json, os, re
 w = os.environ["WORK"]
+rows = []
 def rss(name):
     t = open(f"{w}/{name}.time").read()
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) / 1024
@@ -145,6 +149,8 @@ print("|---|---|---|---|---|")
 d = deep.get("tg", float("nan"))
 print(f"| llama.cpp Q4_0 | {base['pp']:.1f} | {base['tg']:.1f} | {d:.1f} | {base_rss:.0f}"
       f"{'' if ctx_rss == 'llama_d512' else ' (context 512)'} |")
+rows.append({"engine": "llama.cpp Q4_0", "prefill_tok_s": base["pp"], "decode_tok_s": base["tg"],
+             "decode_at_512_tok_s": d, "peak_rss_mib": base_rss})
 for r in ["w4a8-dyn", "w4a8", "lut4-a8-dyn"]:
     e = json.load(open(f"{w}/oqt_{r}_empty.out"))
     p = json.load(open(f"{w}/oqt_{r}_p512.out"))
@@ -152,4 +158,11 @@ for r in ["w4a8-dyn", "w4a8", "lut4-a8-dyn"]:
     print(f"| oqt `{r}` | {p['prefill_tok_s']:.1f} ({p['prefill_tok_s']/base['pp']:.2f}×) "
           f"| {e['decode_tok_s']:.1f} ({e['decode_tok_s']/base['tg']:.2f}×) "
           f"| {p['decode_tok_s']:.1f} ({p['decode_tok_s']/d:.2f}×) | {peak:.0f} ({peak/base_rss:.2f}×) |")
+    rows.append({"engine": f"oqt {r}", "prefill_tok_s": p["prefill_tok_s"], "decode_tok_s": e["decode_tok_s"],
+                 "decode_at_512_tok_s": p["decode_tok_s"], "peak_rss_mib": peak})
+if os.environ["JSON_OUT"]:
+    with open(os.environ["JSON_OUT"], "w") as f:
+        json.dump({"model": os.environ["MODEL_TAG"], "threads": int(os.environ["THREADS"]),
+                   "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None),
+                   "rows": rows}, f, indent=1)
 PY

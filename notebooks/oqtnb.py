@@ -64,7 +64,8 @@ def oqt(*args, json_out: bool = True, cwd: pathlib.Path | None = None):
         raise RuntimeError(
             f"`{' '.join(cmd[1:])}` exited with {proc.returncode}:\n{proc.stderr.strip()[-2000:]}"
         )
-    print(f"oqt {' '.join(map(str, args[:3]))} … ({time.time() - started:.1f} s)")
+    shown = [str(a).replace(f"{WORK}/", "") for a in args[:3]]  # no machine paths in saved outputs
+    print(f"oqt {' '.join(shown)} … ({time.time() - started:.1f} s)")
     return json.loads(proc.stdout) if json_out else proc.stdout
 
 

@@ -216,6 +216,9 @@ impl QatObserver for Reporter {
                 let _ = tb.scalar("train/projected_grad", s.step, s.projected_grad);
             }
             let _ = tb.scalar("train/tokens_per_s", s.step, tokens_per_s as f32);
+            if let Some(rss) = oqt_core::sys::rss_mib() {
+                let _ = tb.scalar("train/rss_mib", s.step, rss as f32);
+            }
         }
     }
     fn on_eval(&mut self, step: u64, ppl: f64) {
