@@ -131,6 +131,28 @@ fn truncated_bundle_is_reported() {
 }
 
 #[test]
+fn a_file_of_neither_format_names_both_and_what_each_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    // A GGUF file whose magic is wrong: not GGUF by content, so read as a bundle.
+    let p = dir.path().join("model.gguf");
+    std::fs::write(&p, b"XXXX\x03\x00\x00\x00garbage garbage garbage").unwrap();
+    let msg = Bundle::open(&p).unwrap_err().to_string();
+    for part in [
+        "model.gguf",
+        "oqt bundle",
+        "safetensors",
+        "header length",
+        "magic `GGUF`",
+        "found `XXXX`",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing from: {msg}");
+    }
+    std::fs::write(&p, [0xffu8, 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07]).unwrap();
+    let msg = Bundle::open(&p).unwrap_err().to_string();
+    assert!(msg.contains("found bytes [ff 00 01 02]"), "{msg}");
+}
+
+#[test]
 fn newer_format_version_says_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let p = tiny_bundle(dir.path());

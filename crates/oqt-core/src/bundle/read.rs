@@ -35,6 +35,17 @@ impl std::fmt::Debug for Bundle {
     }
 }
 
+/// The file's first four bytes, printable ASCII as text, anything else as hex.
+fn first_bytes(data: &[u8]) -> String {
+    let head = &data[..data.len().min(4)];
+    if !head.is_empty() && head.iter().all(|b| b.is_ascii_graphic()) {
+        format!("`{}`", String::from_utf8_lossy(head))
+    } else {
+        let hex: Vec<String> = head.iter().map(|b| format!("{b:02x}")).collect();
+        format!("bytes [{}]", hex.join(" "))
+    }
+}
+
 impl Bundle {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -51,7 +62,12 @@ impl Bundle {
                 "the file is truncated ({} bytes; its header describes more)",
                 mmap.len()
             )),
-            e => malformed(format!("not a readable safetensors file: {e}")),
+            e => malformed(format!(
+                "neither of the formats oqt reads by content: as an oqt bundle, not a readable \
+                 safetensors file ({e}; expected an 8-byte little-endian header length, then a \
+                 JSON header); as GGUF, expected the magic `GGUF` at byte 0, found {}",
+                first_bytes(&mmap)
+            )),
         })?;
         let data_start = 8 + header_len;
         if mmap.len() < data_start + header.data_len() {
