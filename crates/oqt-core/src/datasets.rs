@@ -77,7 +77,19 @@ pub fn find_shared(sub: &str) -> Option<PathBuf> {
 }
 
 fn shared_candidates(sub: &str) -> Vec<PathBuf> {
+    shared_candidates_with(std::env::var_os("OQT_DATA").map(PathBuf::from).as_deref(), sub)
+}
+
+/// `$OQT_DATA` names the shared datasets folder; the shared folder around it
+/// (its parent, which holds `fixtures/` beside `datasets/`) comes first, so a
+/// checkout far from `shared/` finds the fixtures through the same variable.
+fn shared_candidates_with(oqt_data: Option<&Path>, sub: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
+    if let Some(cand) = oqt_data.and_then(Path::parent).map(|shared| shared.join(sub))
+        && cand.is_dir()
+    {
+        found.push(cand);
+    }
     let mut starts = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {
         starts.push(cwd);
@@ -178,6 +190,18 @@ mod tests {
         for m in ms {
             assert_eq!(m.sha256.len(), 64, "{}", m.name);
         }
+    }
+
+    #[test]
+    fn fixtures_are_found_beside_the_oqt_data_folder_first() {
+        let far = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(far.path().join("datasets")).unwrap();
+        std::fs::create_dir_all(far.path().join("fixtures/m")).unwrap();
+        let found = shared_candidates_with(Some(&far.path().join("datasets")), "fixtures/m");
+        assert_eq!(found.first(), Some(&far.path().join("fixtures/m")));
+        // Without the folder there, the search falls back to `shared/` near the checkout.
+        let found = shared_candidates_with(Some(&far.path().join("datasets")), "fixtures/none");
+        assert!(found.iter().all(|p| !p.starts_with(far.path())), "{found:?}");
     }
 
     #[test]
