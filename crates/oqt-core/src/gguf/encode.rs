@@ -250,7 +250,13 @@ mod tests {
             &llama_cpp_spec(GgmlType::Q4_0).unwrap(),
             1.0,
         );
-        encode_exact(&qw, GgmlType::Q4_1).unwrap();
+        let bytes = encode_exact(&qw, GgmlType::Q4_1).unwrap();
+        // 20 bytes a block of 32 (f16 scale, f16 minimum, 16 bytes of nibbles) …
+        assert_eq!(bytes.len(), rows * cols / 32 * 20);
+        // … that ggml's Q4_1 dequantizer turns back into exactly the grid's values.
+        let mut back = vec![0f32; rows * cols];
+        crate::gguf::dequant::dequantize(GgmlType::Q4_1, &bytes, &mut back);
+        assert_eq!(back, crate::quant::weights::dequantize_weight(&qw));
     }
 
     #[test]
