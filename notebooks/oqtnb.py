@@ -50,23 +50,21 @@ def oqt_binary() -> pathlib.Path:
     raise FileNotFoundError("no oqt binary: run `cargo build --release -p oqt-cli` or set OQT_BIN")
 
 
-def oqt(*args, json_out: bool = True, cwd: pathlib.Path | None = None):
-    """Run `oqt ARGS… --json` and return the parsed JSON (or stdout text).
+def oqt(*args):
+    """Run `oqt ARGS… --json` and return the parsed JSON.
 
     A failure raises with oqt's own error message, so the notebook cell shows it.
     """
-    cmd = [str(oqt_binary()), *map(str, args)]
-    if json_out:
-        cmd.append("--json")
+    cmd = [str(oqt_binary()), *map(str, args), "--json"]
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or WORK)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=WORK)
     if proc.returncode != 0:
         raise RuntimeError(
             f"`{' '.join(cmd[1:])}` exited with {proc.returncode}:\n{proc.stderr.strip()[-2000:]}"
         )
     shown = [str(a).replace(f"{WORK}/", "") for a in args[:3]]  # no machine paths in saved outputs
     print(f"oqt {' '.join(shown)} … ({time.time() - started:.1f} s)")
-    return json.loads(proc.stdout) if json_out else proc.stdout
+    return json.loads(proc.stdout)
 
 
 def cached_json(path: pathlib.Path, make):
@@ -79,6 +77,17 @@ def cached_json(path: pathlib.Path, make):
     tmp.write_text(json.dumps(value, indent=1))
     tmp.replace(path)
     return value
+
+
+def rtn_bundle(recipe: str) -> pathlib.Path:
+    """The default model quantized with RTN on `recipe`, made once and shared by
+    the notebooks (quick mode calibrates static recipes on 4 × 128 tokens)."""
+    path = WORK / "bundles" / f"{recipe}.rtn.oqt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        calib = ["--calib-samples", "4", "--calib-seq-len", "128"] if QUICK else []
+        oqt("quantize", "--recipe", recipe, "smollm2-135m", "--method", "rtn", "--no-eval", *calib, "--output", path)
+    return path
 
 
 def workdir(notebook: str) -> pathlib.Path:
@@ -162,6 +171,7 @@ __all__ = [
     "oqt_binary",
     "pathlib",
     "plt",
+    "rtn_bundle",
     "show_figure",
     "show_table",
     "tensorboard_scalars",
